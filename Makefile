@@ -1,0 +1,32 @@
+# Everything goes through a project-local virtual environment so that a fresh clone needs nothing
+# but Python 3.11. torch is installed first from its pinned CPU wheel: a bare `torch` requirement
+# could otherwise pull a multi-GB CUDA build.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: env test demo bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[render,test,datasets]'
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+test: env
+	@start=$$(date +%s); \
+	$(BIN)/python -m pytest tests; rc=$$?; \
+	echo "test suite wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
+
+demo: env
+	$(BIN)/python jobs/demo.py
+
+bench: env
+	$(BIN)/python -m mdt.bench.models
+
+clean:
+	rm -rf $(VENV) .pytest_cache

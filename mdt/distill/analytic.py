@@ -1,0 +1,128 @@
+"""A flow whose transport map is known in closed form: a test oracle and toy problem for the objectives.
+
+Data x0 ~ N(mu, s^2) independently per element (mu may differ per sample/element, e.g. mu = condition), noise
+eps ~ N(0, 1), TRELLIS path x_t = a(t) x0 + b(t) eps with a = 1 - t, b = sigma_min + (1 - sigma_min) t. Then
+x_t ~ N(a mu, std_t^2), std_t^2 = a^2 s^2 + b^2, and (per element, derived by Gaussian conditioning):
+
+* marginal velocity  v(x, t) = E[(1 - sigma_min) eps - x0 | x_t = x] = -mu + (std_t' / std_t) (x - a mu),
+  std_t' = ((1 - sigma_min) b - a s^2) / std_t;
+* the probability-flow ODE keeps z = (x - a mu) / std_t constant, so the flow map is
+  Phi_{t->r}(x) = a(r) mu + (std_r / std_t) (x - a(t) mu);
+* the mean velocity over [r, t]  u(x, t, r) = (x - Phi_{t->r}(x)) / (t - r)  (what a one-step student learns
+  for r = 0), with partial derivatives du/dx = (1 - std_r/std_t) / (t - r) and du/dt in closed form below;
+* along the exact trajectory u = -mu + (std_t - std_r) z / (t - r), so du/dt = z (std_t' (t - r) - (std_t -
+  std_r)) / (t - r)^2, and the MeanFlow identity u = v - (t - r) du/dt holds;
+* irreducible flow-matching loss per element: Var(target | x_t) = s^2 (b + (1 - sigma_min) a)^2 / std_t^2.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+def _bt(t: Tensor, x: Tensor) -> Tensor:
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.reshape(-1, *([1] * (x.dim() - 1))) if t.dim() else t
+
+
+class GaussianFlow:
+    """Closed-form quantities of the Gaussian-data flow (t, r are [B] or scalars; mu broadcastable to x)."""
+
+    def __init__(self, s: float = 0.5, sigma_min: float = 1e-5):
+        self.s, self.sigma = float(s), float(sigma_min)
+
+    def a(self, t: Tensor) -> Tensor:
+        return 1 - t
+
+    def b(self, t: Tensor) -> Tensor:
+        return self.sigma + (1 - self.sigma) * t
+
+    def std(self, t: Tensor) -> Tensor:
+        return (self.a(t) ** 2 * self.s ** 2 + self.b(t) ** 2).sqrt()
+
+    def dstd(self, t: Tensor) -> Tensor:
+        return ((1 - self.sigma) * self.b(t) - self.a(t) * self.s ** 2) / self.std(t)
+
+    def sample_x0(self, mu: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return mu + self.s * torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+
+    def velocity(self, x: Tensor, t: Tensor, mu: Tensor) -> Tensor:
+        tb = _bt(t, x)
+        return -mu + (self.dstd(tb) / self.std(tb)) * (x - self.a(tb) * mu)
+
+    def flow_map(self, x: Tensor, t: Tensor, r: Tensor, mu: Tensor) -> Tensor:
+        tb, rb = _bt(t, x), _bt(r, x)
+        return self.a(rb) * mu + (self.std(rb) / self.std(tb)) * (x - self.a(tb) * mu)
+
+    def mean_velocity(self, x: Tensor, t: Tensor, r: Tensor, mu: Tensor) -> Tensor:
+        tb, rb = _bt(t, x), _bt(r, x)
+        return (x - self.flow_map(x, t, r, mu)) / (tb - rb)
+
+    def mean_velocity_partials(self, x: Tensor, t: Tensor, r: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+        """(du/dx, du/dt) of u(x, t, r) at fixed r (du/dx is a scalar per sample, broadcast shape)."""
+        tb, rb = _bt(t, x), _bt(r, x)
+        g = self.std(rb) / self.std(tb)
+        dg = -self.std(rb) * self.dstd(tb) / self.std(tb) ** 2
+        h = tb - rb
+        n = x - self.a(rb) * mu - g * (x - self.a(tb) * mu)
+        dn = -dg * (x - self.a(tb) * mu) - g * mu
+        return (1 - g) / h, dn / h - n / h ** 2
+
+    def mean_velocity_total_dt(self, x: Tensor, t: Tensor, r: Tensor, mu: Tensor, vel: Tensor) -> Tensor:
+        """d/dt u(x(t), t, r) along dx/dt = vel (any velocity field, e.g. a CFG'd one)."""
+        du_dx, du_dt = self.mean_velocity_partials(x, t, r, mu)
+        return du_dx * vel + du_dt
+
+    def mean_velocity_dt_on_trajectory(self, x: Tensor, t: Tensor, r: Tensor, mu: Tensor) -> Tensor:
+        """d/dt u(x(t), t, r) along the exact PF-ODE (z-form, independent of the partials above)."""
+        tb, rb = _bt(t, x), _bt(r, x)
+        z = (x - self.a(tb) * mu) / self.std(tb)
+        h = tb - rb
+        return z * (self.dstd(tb) * h - (self.std(tb) - self.std(rb))) / h ** 2
+
+    def irreducible_fm_loss(self, t: Tensor) -> Tensor:
+        """Per-element E[(target - v(x_t, t))^2] at time t."""
+        return self.s ** 2 * (self.b(t) + (1 - self.sigma) * self.a(t)) ** 2 / self.std(t) ** 2
+
+
+class AnalyticVelocity(nn.Module):
+    """'Teacher' returning the exact marginal velocity, mu = cond (so the zero condition means mu = 0).
+
+    `scale` is a parameter (exactly 1.0, requires_grad) so that tests can prove no gradient reaches a teacher.
+    """
+
+    def __init__(self, flow: GaussianFlow):
+        super().__init__()
+        self.flow = flow
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x: Tensor, tau: Tensor, cond: Tensor) -> Tensor:
+        return self.scale.to(x.dtype) * self.flow.velocity(x, tau / 1000.0, cond)
+
+
+class AnalyticMeanVelocity(nn.Module):
+    """'Student' returning the exact mean velocity over [r(t), t] (r(t) = 0 by default), mu = cond.
+
+    `offset_at_one`: an optional parameter added to the output only at t = 1 (the one-step generation call),
+    which shifts the fake samples of velocity distillation by -offset.
+    """
+
+    def __init__(self, flow: GaussianFlow, r_fn: Callable[[Tensor], Tensor] | None = None,
+                 offset_shape: tuple[int, ...] | None = None):
+        super().__init__()
+        self.flow = flow
+        self.r_fn = r_fn
+        self.offset_at_one = (nn.Parameter(torch.zeros(offset_shape, dtype=torch.float64))
+                              if offset_shape is not None else None)
+
+    def forward(self, x: Tensor, tau: Tensor, cond: Tensor) -> Tensor:
+        t = tau / 1000.0
+        r = torch.zeros_like(t) if self.r_fn is None else self.r_fn(t)
+        out = self.flow.mean_velocity(x, t, r, cond)
+        if self.offset_at_one is not None:
+            at_one = _bt((t >= 1 - 1e-9).to(x.dtype), x)
+            out = out + at_one * self.offset_at_one.to(x.dtype)
+        return out

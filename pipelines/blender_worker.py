@@ -1,0 +1,328 @@
+"""Blender (bpy) side of the render stage; runs as its own process, one asset per process.
+
+    python blender_worker.py <job.json>
+
+This file is a standalone script on purpose: it imports only the standard library, numpy and bpy, so a
+crash, hang or runaway allocation inside Blender only ever takes this process down, and the parent
+(`pipelines.render`) can kill it. The job file (JSON) says:
+
+    input            path of the asset's main file
+    format           glb gltf obj ply fbx stl blend (case-insensitive)
+    out_dir          where to write results
+    memory_limit_mb  address-space cap for this process (0 = none), applied before bpy is imported
+    threads          Cycles CPU threads (0 = Blender's choice)
+    device           "auto" (GPU when Cycles finds one, else CPU), "cpu" or "gpu"
+    samples, denoise, view_transform, bottom_light_up
+    passes[].samples overrides samples for that pass
+    export_mesh      write mesh.npz (normalised, triangulated, world coordinates)
+    passes           [{"name": str, "resolution": int, "c2w": [[4x4], ...], "fov": [rad, ...]}]
+
+Outputs under out_dir: `<pass name>/<i:03d>.png` (RGBA), `mesh.npz` (vertices float32 [V, 3], faces int32
+[F, 3]), `result.json` (scale, offset, device, timings). On a handled failure it writes `error.json`
+(`{"error": "<short reason>"}`) and exits with status 3.
+
+Safety: Python auto-execution stays off: the preference is cleared before anything is loaded and .blend
+files are opened with `use_scripts=False`, so registered text blocks, drivers with Python expressions and
+app handlers stored in the file do not run.
+
+Scene conventions (TRELLIS data toolkit, render step): Blender world, Z up. Every root object is parented to
+one empty; the empty scales the scene so the largest side of its bounding box is 1 and moves the box centre
+to the origin. Lights: point 1000 W at (4, 1, 6); area 10000 W at (0, 0, 10), scale 100; area 1000 W at
+(0, 0, -10). No world lighting. Cycles, box pixel filter of width 1, diffuse/glossy bounces 1,
+transparent/transmission bounces 3, transparent film, RGBA PNG. Camera sensor 32 mm, focal 16 / tan(fov/2).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+import traceback
+
+EXIT_HANDLED = 3
+MESH_TYPES = {"MESH", "CURVE", "SURFACE", "FONT", "META"}
+
+
+class AssetError(Exception):
+    """A failure with a short reason that is reported as is."""
+
+
+def _limit_memory(mb: int) -> None:
+    if mb and mb > 0:
+        limit = int(mb) * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _test_hang(job: dict) -> None:
+    """Fault injection for tests: sleep forever when the input's name contains $MDT_RENDER_TEST_HANG."""
+    tag = os.environ.get("MDT_RENDER_TEST_HANG")
+    if tag and tag in os.path.basename(job["input"]):
+        while True:
+            time.sleep(1)
+
+
+def _reset_scene(bpy) -> None:
+    bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+
+
+def _import(bpy, path: str, fmt: str) -> None:
+    fmt = fmt.lower().lstrip(".")
+    if fmt == "blend":
+        bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
+        bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+        # keep the file's geometry and materials, replace its cameras, lights and world by ours
+        for obj in list(bpy.data.objects):
+            if obj.type in {"CAMERA", "LIGHT", "LIGHT_PROBE", "SPEAKER"}:
+                bpy.data.objects.remove(obj, do_unlink=True)
+        return
+    if fmt in ("glb", "gltf"):
+        result = bpy.ops.import_scene.gltf(filepath=path, merge_vertices=True)
+    elif fmt == "obj":
+        result = bpy.ops.wm.obj_import(filepath=path)
+    elif fmt == "ply":
+        result = bpy.ops.wm.ply_import(filepath=path)
+    elif fmt == "stl":
+        result = bpy.ops.wm.stl_import(filepath=path)
+    elif fmt == "fbx":
+        result = bpy.ops.import_scene.fbx(filepath=path)
+    elif fmt == "dae" and hasattr(bpy.ops.wm, "collada_import"):
+        result = bpy.ops.wm.collada_import(filepath=path)
+    elif fmt in ("usd", "usda", "usdc", "usdz"):
+        result = bpy.ops.wm.usd_import(filepath=path)
+    elif fmt == "abc":
+        result = bpy.ops.wm.alembic_import(filepath=path)
+    else:
+        raise AssetError(f"unsupported format {fmt!r}")
+    if "FINISHED" not in result:
+        raise AssetError(f"{fmt} import did not finish ({', '.join(sorted(result))})")
+
+
+def _geometry(bpy, np, depsgraph, with_faces: bool):
+    """World-space vertices (and triangles) of every renderable geometry instance in the evaluated scene."""
+    verts, faces, base = [], [], 0
+    for inst in depsgraph.object_instances:
+        obj = inst.object
+        if obj.type not in MESH_TYPES:
+            continue
+        original = obj.original
+        if original is not None and original.hide_render:
+            continue
+        try:
+            mesh = obj.to_mesh()
+        except RuntimeError:
+            continue
+        if mesh is None or not len(mesh.vertices):
+            obj.to_mesh_clear()
+            continue
+        n = len(mesh.vertices)
+        co = np.empty(n * 3, np.float64)
+        mesh.vertices.foreach_get("co", co)
+        m = np.array(inst.matrix_world, np.float64)
+        co = co.reshape(n, 3) @ m[:3, :3].T + m[:3, 3]
+        tri = None
+        if with_faces:
+            mesh.calc_loop_triangles()
+            tri = np.empty(len(mesh.loop_triangles) * 3, np.int64)
+            mesh.loop_triangles.foreach_get("vertices", tri)
+            tri = tri.reshape(-1, 3) + base
+        obj.to_mesh_clear()
+        verts.append(co)
+        if tri is not None:
+            faces.append(tri)
+        base += n
+    if not verts:
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
+    return np.concatenate(verts), (np.concatenate(faces) if faces else np.zeros((0, 3), np.int64))
+
+
+def _normalise(bpy, np) -> tuple[float, list[float]]:
+    """Parent all roots to one empty that maps the scene bbox to a unit-longest-side box centred at 0."""
+    scene = bpy.context.scene
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    v, _ = _geometry(bpy, np, depsgraph, with_faces=False)
+    v = v[np.isfinite(v).all(axis=1)] if len(v) else v
+    if not len(v):
+        raise AssetError("no mesh geometry in the asset")
+    lo, hi = v.min(axis=0), v.max(axis=0)
+    extent = float((hi - lo).max())
+    if not extent > 0:
+        raise AssetError("degenerate geometry (zero extent)")
+    scale = 1.0 / extent
+    centre = (lo + hi) / 2
+    roots = [o for o in scene.objects if o.parent is None]
+    empty = bpy.data.objects.new("mdt_normaliser", None)
+    scene.collection.objects.link(empty)
+    for obj in roots:
+        world = obj.matrix_world.copy()
+        obj.parent = empty
+        obj.matrix_parent_inverse.identity()
+        obj.matrix_world = world
+    offset = (-centre * scale).tolist()
+    empty.scale = (scale, scale, scale)
+    empty.location = offset
+    bpy.context.view_layer.update()
+    return scale, offset
+
+
+def _lights(bpy, bottom_light_up: bool) -> None:
+    scene = bpy.context.scene
+    world = bpy.data.worlds.new("mdt_world")
+    world.use_nodes = True
+    bg = world.node_tree.nodes.get("Background")
+    if bg is not None:
+        bg.inputs["Strength"].default_value = 0.0
+    scene.world = world
+
+    def add(name, kind, energy, location, scale=1.0, rotation=(0.0, 0.0, 0.0)):
+        light = bpy.data.lights.new(name, type=kind)
+        light.energy = energy
+        obj = bpy.data.objects.new(name, light)
+        obj.location = location
+        obj.scale = (scale, scale, scale)
+        obj.rotation_euler = rotation
+        scene.collection.objects.link(obj)
+
+    add("mdt_point", "POINT", 1000.0, (4.0, 1.0, 6.0))
+    add("mdt_area_top", "AREA", 10000.0, (0.0, 0.0, 10.0), scale=100.0)
+    add("mdt_area_bottom", "AREA", 1000.0, (0.0, 0.0, -10.0),
+        rotation=(math.pi, 0.0, 0.0) if bottom_light_up else (0.0, 0.0, 0.0))
+
+
+def _choose_device(bpy, want: str) -> str:
+    scene = bpy.context.scene
+    scene.cycles.device = "CPU"
+    if want == "cpu":
+        return "CPU"
+    try:
+        prefs = bpy.context.preferences.addons["cycles"].preferences
+        for kind in ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL"):
+            try:
+                prefs.compute_device_type = kind
+            except TypeError:
+                continue
+            prefs.get_devices()
+            gpus = [d for d in prefs.devices if d.type == kind]
+            if gpus:
+                for d in prefs.devices:
+                    d.use = d.type == kind
+                scene.cycles.device = "GPU"
+                return f"GPU:{kind}"
+    except Exception:  # noqa: BLE001 - any trouble probing GPUs means CPU
+        pass
+    if want == "gpu":
+        raise AssetError("no GPU found by Cycles")
+    return "CPU"
+
+
+def _render_settings(bpy, job: dict) -> None:
+    scene = bpy.context.scene
+    scene.render.engine = "CYCLES"
+    c = scene.cycles
+    c.samples = int(job.get("samples", 128))
+    c.pixel_filter_type = "BOX"
+    c.filter_width = 1.0
+    c.diffuse_bounces = 1
+    c.glossy_bounces = 1
+    c.transparent_max_bounces = 3
+    c.transmission_bounces = 3
+    c.use_denoising = bool(job.get("denoise", True))
+    threads = int(job.get("threads", 0))
+    if threads > 0:
+        scene.render.threads_mode = "FIXED"
+        scene.render.threads = threads
+    scene.render.film_transparent = True
+    scene.render.image_settings.file_format = "PNG"
+    scene.render.image_settings.color_mode = "RGBA"
+    scene.render.image_settings.color_depth = "8"
+    scene.render.resolution_percentage = 100
+    vt = job.get("view_transform")
+    if vt:
+        try:
+            scene.view_settings.view_transform = vt
+        except TypeError:
+            scene.view_settings.view_transform = "Standard"
+
+
+def _camera(bpy):
+    scene = bpy.context.scene
+    cam_data = bpy.data.cameras.new("mdt_camera")
+    cam_data.sensor_fit = "AUTO"
+    cam_data.sensor_width = 32.0
+    cam_data.clip_start = 0.01
+    cam_data.clip_end = 1000.0
+    cam = bpy.data.objects.new("mdt_camera", cam_data)
+    scene.collection.objects.link(cam)
+    scene.camera = cam
+    return cam
+
+
+def main(job_path: str) -> int:
+    t0 = time.time()
+    with open(job_path) as f:
+        job = json.load(f)
+    out_dir = job["out_dir"]
+    _limit_memory(int(job.get("memory_limit_mb", 0)))
+    timings = {}
+    try:
+        import numpy as np
+        import bpy
+        from mathutils import Matrix
+
+        timings["import_bpy"] = time.time() - t0
+        _test_hang(job)
+        t = time.time()
+        _reset_scene(bpy)
+        _import(bpy, job["input"], job["format"])
+        timings["load"] = time.time() - t
+        scale, offset = _normalise(bpy, np)
+        _lights(bpy, bool(job.get("bottom_light_up", False)))
+        _render_settings(bpy, job)
+        device = _choose_device(bpy, job.get("device", "auto"))
+        if job.get("export_mesh", True):
+            t = time.time()
+            v, fcs = _geometry(bpy, np, bpy.context.evaluated_depsgraph_get(), with_faces=True)
+            if not len(fcs):
+                raise AssetError("no triangles in the asset")
+            np.savez(os.path.join(out_dir, "mesh.npz"), vertices=v.astype(np.float32), faces=fcs.astype(np.int32))
+            timings["mesh"] = time.time() - t
+        cam = _camera(bpy)
+        scene = bpy.context.scene
+        for p in job.get("passes", []):
+            t = time.time()
+            pass_dir = os.path.join(out_dir, p["name"])
+            os.makedirs(pass_dir, exist_ok=True)
+            scene.render.resolution_x = scene.render.resolution_y = int(p["resolution"])
+            scene.cycles.samples = int(p.get("samples") or job.get("samples", 128))
+            for i, (c2w, fov) in enumerate(zip(p["c2w"], p["fov"])):
+                cam.data.lens = 16.0 / math.tan(float(fov) / 2.0)
+                cam.matrix_world = Matrix(c2w)
+                scene.render.filepath = os.path.join(pass_dir, f"{i:03d}.png")
+                bpy.ops.render.render(write_still=True)
+            timings[f"render_{p['name']}"] = time.time() - t
+        timings["total"] = time.time() - t0
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump({"scale": scale, "offset": offset, "device": device, "timings": timings,
+                       "blender": bpy.app.version_string}, f)
+        return 0
+    except AssetError as e:
+        reason = str(e)
+    except MemoryError:
+        reason = f"out of memory (cap {job.get('memory_limit_mb')} MiB)"
+    except Exception as e:  # noqa: BLE001 - every failure becomes a short reason for the parent
+        traceback.print_exc()
+        msg = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {msg[-1][:300] if msg else ''}"
+    with open(os.path.join(out_dir, "error.json"), "w") as f:
+        json.dump({"error": reason, "timings": timings}, f)
+    return EXIT_HANDLED
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip Blender's atexit teardown (slow, and can crash after a failed import)

@@ -1,0 +1,385 @@
+"""Render stage: Blender (Cycles) views, cameras and the normalised mesh of one asset per row.
+
+The parent side (this module) chooses the cameras, writes the asset into a private temp directory, and runs
+`pipelines/blender_worker.py` in a child process that it can kill: a per-asset timeout (the whole process
+group is SIGKILLed), an address-space cap set inside the child with `resource.setrlimit` before bpy is
+imported, and Python auto-execution in .blend files switched off. A worker that fails, crashes, hangs or
+runs out of memory gives a failed row (`"render: <reason>"`), never an exception that kills the job.
+
+Cameras (TRELLIS data toolkit, render step / render_cond step):
+* feature views: n views on a sphere of radius 2 with FOV 40 deg, directions from a spherical Hammersley set
+  with a random per-asset offset (u_i = (i + o0)/n, v_i = radical_inverse_2(i) + o1), u remapped with
+  u' = 2u (u < 1/4) else 2u/3 + 1/3, pitch = arccos(1 - 2u') - pi/2, yaw = 2 pi v; position
+  r (cos yaw cos pitch, sin yaw cos pitch, sin pitch) in Blender's Z-up world, looking at the origin with
+  the camera's -Z forward and +Y up (OpenGL camera axes). About 3/4 of the views look from above.
+* condition views: the same directions; 1/r^2 uniform in [1/r_max^2, 1/r_min^2] with
+  r_min = (sqrt(3)/2)/sin(35 deg), r_max = (sqrt(3)/2)/sin(5 deg), and fov = 2 arcsin((sqrt(3)/2)/r): the
+  bounding sphere of the unit cube always just fills the frame.
+The per-asset offsets are drawn from a generator seeded by the asset's sha256 (and `seed`), so a re-run
+renders the same cameras.
+
+Row in: `sha256`, `mesh_bytes` (+ `mesh_format`, `mesh_name`, `mesh_bundle`, `untrusted_blend`) or
+`cache_uri`. Row out (pipelines/README.md): `views`, `views_c2w`, `views_fov`, `mesh_ply`, `cond_images`,
+`cond_c2w`, `cond_fov`, `cond_crop`, `render_info`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+WORKER = Path(__file__).with_name("blender_worker.py")
+SUPPORTED_FORMATS = ("glb", "gltf", "obj", "ply", "fbx", "stl", "blend", "usd", "usda", "usdc", "usdz", "abc")
+COND_R_MIN = (math.sqrt(3) / 2) / math.sin(math.radians(35))
+COND_R_MAX = (math.sqrt(3) / 2) / math.sin(math.radians(5))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cameras
+# ---------------------------------------------------------------------------------------------------------
+
+def radical_inverse_base2(i: int) -> float:
+    """Van der Corput sequence: the bits of i mirrored about the binary point."""
+    out, f = 0.0, 0.5
+    while i:
+        out += f * (i & 1)
+        i >>= 1
+        f *= 0.5
+    return out
+
+
+def hammersley_yaw_pitch(n: int, offset: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """yaw, pitch (radians, [n] each) of the remapped spherical Hammersley set with a random offset."""
+    yaw, pitch = np.empty(n), np.empty(n)
+    for i in range(n):
+        u = i / n + offset[0] / n
+        v = radical_inverse_base2(i) + offset[1]
+        u = 2 * u if u < 0.25 else 2 * u / 3 + 1 / 3
+        pitch[i] = math.acos(1 - 2 * u) - math.pi / 2
+        yaw[i] = 2 * math.pi * v
+    return yaw, pitch
+
+
+def look_at_origin(position: np.ndarray) -> np.ndarray:
+    """Camera-to-world 4x4 (OpenGL camera axes: -Z forward, +Y up) at `position`, looking at the origin,
+    with world +Z as the up hint (world +Y when looking straight up or down)."""
+    p = np.asarray(position, np.float64)
+    back = p / np.linalg.norm(p)  # camera +Z points away from the target
+    up = np.array([0.0, 0.0, 1.0])
+    right = np.cross(up, back)
+    if np.linalg.norm(right) < 1e-9:
+        right = np.cross(np.array([0.0, 1.0, 0.0]), back)
+    right /= np.linalg.norm(right)
+    cam_up = np.cross(back, right)
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, cam_up, back, p
+    return m
+
+
+def orbit_positions(yaw: np.ndarray, pitch: np.ndarray, radius) -> np.ndarray:
+    r = np.broadcast_to(np.asarray(radius, np.float64), yaw.shape)
+    return np.stack([r * np.cos(yaw) * np.cos(pitch), r * np.sin(yaw) * np.cos(pitch), r * np.sin(pitch)], -1)
+
+
+def feature_cameras(n: int, offset, radius: float = 2.0, fov_deg: float = 40.0) -> tuple[np.ndarray, np.ndarray]:
+    """c2w float32 [n, 4, 4] and fov float32 [n] (radians) of the feature views."""
+    yaw, pitch = hammersley_yaw_pitch(n, offset)
+    pos = orbit_positions(yaw, pitch, radius)
+    c2w = np.stack([look_at_origin(p) for p in pos]).astype(np.float32)
+    return c2w, np.full(n, math.radians(fov_deg), np.float32)
+
+
+def cond_cameras(n: int, offset, rng: np.random.Generator, r_min: float = COND_R_MIN,
+                 r_max: float = COND_R_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """c2w float32 [n, 4, 4] and fov float32 [n] of the condition views (random distance and FOV)."""
+    yaw, pitch = hammersley_yaw_pitch(n, offset)
+    inv_r2 = rng.uniform(1 / r_max**2, 1 / r_min**2, size=n)
+    radius = 1 / np.sqrt(inv_r2)
+    fov = 2 * np.arcsin((math.sqrt(3) / 2) / radius)
+    pos = orbit_positions(yaw, pitch, radius)
+    c2w = np.stack([look_at_origin(p) for p in pos]).astype(np.float32)
+    return c2w, fov.astype(np.float32)
+
+
+def asset_rng(sha256: str | None, seed: int = 0) -> np.random.Generator:
+    key = int(hashlib.sha256(f"{sha256 or ''}:{seed}".encode()).hexdigest()[:16], 16)
+    return np.random.default_rng(key)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running the Blender worker
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RenderSettings:
+    """What the worker needs besides the cameras; the stage fills it from the config."""
+
+    samples: int = 128
+    denoise: bool = True
+    device: str = "auto"  # auto | cpu | gpu
+    threads: int = 0  # Cycles CPU threads, 0 = Blender's choice
+    timeout_s: float = 900.0
+    memory_limit_mb: int = 16384  # RLIMIT_AS of the worker; 0 = none
+    view_transform: str = "Filmic"  # Blender 3.x's default for new scenes
+    bottom_light_up: bool = False  # reference places the bottom area light with the default (downward) rotation
+
+
+@dataclass
+class RenderPass:
+    name: str
+    resolution: int
+    c2w: np.ndarray  # [V, 4, 4]
+    fov: np.ndarray  # [V]
+    samples: int | None = None  # None: RenderSettings.samples
+
+
+@dataclass
+class RenderResult:
+    ok: bool
+    error: str | None = None
+    images: dict[str, list[bytes]] = field(default_factory=dict)
+    vertices: np.ndarray | None = None
+    faces: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+    log_tail: str = ""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], settings: RenderSettings,
+                export_mesh: bool = True, workdir: str | os.PathLike | None = None) -> RenderResult:
+    """Render one asset file in a killable Blender worker process."""
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in SUPPORTED_FORMATS:
+        return RenderResult(False, f"unsupported format {fmt!r}")
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return RenderResult(False, "empty or missing asset file")
+    out_dir = Path(tempfile.mkdtemp(prefix="mdt-render-out-", dir=workdir))
+    try:
+        job = {
+            "input": str(Path(path).resolve()), "format": fmt, "out_dir": str(out_dir),
+            "memory_limit_mb": int(settings.memory_limit_mb), "threads": int(settings.threads),
+            "device": settings.device, "samples": int(settings.samples), "denoise": bool(settings.denoise),
+            "view_transform": settings.view_transform, "bottom_light_up": bool(settings.bottom_light_up),
+            "export_mesh": bool(export_mesh),
+            "passes": [{"name": p.name, "resolution": int(p.resolution), "c2w": np.asarray(p.c2w).tolist(),
+                        "fov": np.asarray(p.fov).tolist(), "samples": int(p.samples or settings.samples)}
+                       for p in passes],
+        }
+        job_path = out_dir / "job.json"
+        job_path.write_text(json.dumps(job))
+        log_path = out_dir / "worker.log"
+        env = dict(os.environ)
+        env.setdefault("PYTHONNOUSERSITE", "1")
+        t0 = time.time()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, str(WORKER), str(job_path)], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=str(out_dir))
+            try:
+                code = proc.wait(timeout=settings.timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                return RenderResult(False, f"blender timed out after {settings.timeout_s:g} s (worker killed)",
+                                    log_tail=_tail(log_path))
+            except BaseException:
+                _kill_group(proc)
+                raise
+        wall = time.time() - t0
+        err_file = out_dir / "error.json"
+        if err_file.exists():
+            return RenderResult(False, json.loads(err_file.read_text())["error"], log_tail=_tail(log_path))
+        if code != 0:
+            if code < 0:
+                what = f"blender worker killed by signal {signal.Signals(-code).name}"
+            else:
+                what = f"blender worker exited with status {code}"
+            if settings.memory_limit_mb:
+                what += f" (memory cap {settings.memory_limit_mb} MiB)"
+            return RenderResult(False, what, log_tail=_tail(log_path))
+        info = json.loads((out_dir / "result.json").read_text())
+        info["wall_s"] = wall
+        images = {}
+        for p in passes:
+            files = [out_dir / p.name / f"{i:03d}.png" for i in range(len(p.fov))]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                return RenderResult(False, f"{p.name}: {len(missing)} views not written", log_tail=_tail(log_path))
+            images[p.name] = [f.read_bytes() for f in files]
+        vertices = faces = None
+        if export_mesh:
+            with np.load(out_dir / "mesh.npz") as z:
+                vertices, faces = z["vertices"], z["faces"]
+        return RenderResult(True, images=images, vertices=vertices, faces=faces, info=info, log_tail=_tail(log_path))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-n:].decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row stage
+# ---------------------------------------------------------------------------------------------------------
+
+def _get(sec, name: str, default):
+    if sec is None:
+        return default
+    if isinstance(sec, dict):
+        return sec.get(name, default)
+    return getattr(sec, name, default)
+
+
+def _materialize(row: dict, workdir: Path) -> Path:
+    """Write the row's asset under workdir and return the main file's path."""
+    try:
+        from pipelines.download import materialize_mesh
+    except ImportError:  # download stage not present (unit tests of this stage alone)
+        materialize_mesh = None
+    if materialize_mesh is not None:
+        return Path(materialize_mesh(row, workdir))
+    data = row.get("mesh_bytes")
+    if data is None:
+        raise ValueError("row has no mesh_bytes")
+    name = Path(row.get("mesh_name") or f"asset.{row.get('mesh_format') or 'glb'}").name
+    if row.get("mesh_bundle"):
+        root = (workdir / "bundle").resolve()
+        with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
+            for m in z.infolist():
+                target = (root / m.filename).resolve()
+                if not str(target).startswith(str(root) + os.sep):
+                    raise ValueError(f"unsafe path in bundle: {m.filename!r}")
+                if m.is_dir():
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(z.read(m))
+        return root / (row.get("mesh_name") or name)
+    path = workdir / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+class Render:
+    """Row stage: asset bytes -> feature views, condition views (cropped), cameras, normalised mesh.
+
+    Settings are read from `cfg.render` and `cfg.cond` (pipelines.config) with these extra optional fields
+    (defaults in brackets): render.threads [0], render.denoise [True], render.memory_limit_mb [16384],
+    render.view_transform ["Filmic"], render.bottom_light_up [False], render.seed [0], render.export_mesh
+    [True]; cond.enabled [True], cond.crop_margin [0.1], cond.image_size [518], cond.image_format ["png"].
+    """
+
+    name = "render"
+    outputs = ("views", "views_c2w", "views_fov", "mesh_ply", "cond_images", "cond_c2w", "cond_fov", "cond_crop",
+               "render_info")
+    drops = ("mesh_bytes",)
+    resources = {"num_cpus": 1}
+
+    def __init__(self, cfg=None):
+        r = _get(cfg, "render", None) if not _is_section(cfg) else cfg
+        c = _get(cfg, "cond", None) if not _is_section(cfg) else None
+        self.num_views = int(_get(r, "num_views", 150))
+        self.resolution = int(_get(r, "resolution", 512))
+        self.radius = float(_get(r, "radius", 2.0))
+        self.fov_deg = float(_get(r, "fov_deg", 40.0))
+        self.seed = int(_get(r, "seed", 0))
+        self.export_mesh = bool(_get(r, "export_mesh", True))
+        engine = str(_get(r, "engine", "CYCLES")).upper()
+        if engine != "CYCLES":
+            raise ValueError(f"render.engine {engine!r}: only CYCLES is supported (EEVEE is ~80x slower headless)")
+        self.settings = RenderSettings(
+            samples=int(_get(r, "samples", 128)), denoise=bool(_get(r, "denoise", True)),
+            device=str(_get(r, "device", "auto")), threads=int(_get(r, "threads", 0)),
+            timeout_s=float(_get(r, "timeout_s", 900.0)), memory_limit_mb=int(_get(r, "memory_limit_mb", 16384)),
+            view_transform=str(_get(r, "view_transform", "Filmic")),
+            bottom_light_up=bool(_get(r, "bottom_light_up", False)))
+        self.cond_enabled = bool(_get(c, "enabled", True)) and int(_get(c, "num_views", 24)) > 0
+        self.cond_views = int(_get(c, "num_views", 24))
+        self.cond_resolution = int(_get(c, "render_resolution", 1024))
+        self.cond_samples = int(_get(c, "samples", self.settings.samples))
+        self.cond_image_size = int(_get(c, "image_size", 518))
+        self.cond_margin = float(_get(c, "crop_margin", 0.1))
+        self.cond_format = str(_get(c, "image_format", "png"))
+        self.cond_jpeg_quality = int(_get(c, "jpeg_quality", 95))
+
+    def cameras(self, sha256: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        rng = asset_rng(sha256, self.seed)
+        out = {"views": feature_cameras(self.num_views, rng.random(2), self.radius, self.fov_deg)}
+        if self.cond_enabled:
+            out["cond"] = cond_cameras(self.cond_views, rng.random(2), rng)
+        return out
+
+    def __call__(self, row: dict) -> dict:
+        from pipelines.rows import fail, pack_array
+
+        cams = self.cameras(row.get("sha256"))
+        with tempfile.TemporaryDirectory(prefix="mdt-render-") as tmp:
+            tmp = Path(tmp)
+            try:
+                path = _materialize(row, tmp)
+            except Exception as e:  # noqa: BLE001
+                return fail(row, self.name, f"cannot materialise asset: {type(e).__name__}: {e}")
+            fmt = (row.get("mesh_format") or path.suffix).lower().lstrip(".")
+            passes = [RenderPass("views", self.resolution, *cams["views"])]
+            if self.cond_enabled:
+                passes.append(RenderPass("cond", self.cond_resolution, *cams["cond"], samples=self.cond_samples))
+            res = render_file(path, fmt, passes, self.settings, self.export_mesh, tmp)
+        if not res.ok:
+            return fail(row, self.name, res.error)
+        from pipelines.voxelize import mesh_to_ply
+
+        row["views"] = res.images["views"]
+        row["views_c2w"] = pack_array(cams["views"][0])
+        row["views_fov"] = pack_array(cams["views"][1])
+        row["mesh_ply"] = mesh_to_ply(res.vertices, res.faces) if self.export_mesh else None
+        if self.cond_enabled:
+            from mdt.conditioning import crop_condition_image, encode_image
+
+            images, boxes = [], []
+            for png in res.images["cond"]:
+                img, box = crop_condition_image(png, size=self.cond_image_size, margin=self.cond_margin)
+                images.append(encode_image(img, self.cond_format, self.cond_jpeg_quality))
+                boxes.append(box)
+            row["cond_images"] = images
+            row["cond_c2w"] = pack_array(cams["cond"][0])
+            row["cond_fov"] = pack_array(cams["cond"][1])
+            row["cond_crop"] = pack_array(np.asarray(boxes, np.float32).reshape(-1, 4))
+        else:
+            row["cond_images"] = row["cond_c2w"] = row["cond_fov"] = row["cond_crop"] = None
+        info = dict(res.info)
+        info.update(samples=self.settings.samples, engine="CYCLES", resolution=self.resolution,
+                    num_views=self.num_views, cond_views=self.cond_views if self.cond_enabled else 0,
+                    cond_resolution=self.cond_resolution)
+        row["render_info"] = json.dumps(info, sort_keys=True)
+        row["mesh_bytes"] = None
+        return row
+
+
+def _is_section(cfg) -> bool:
+    """True when cfg is a render section itself rather than the whole preprocessing config."""
+    return cfg is not None and not isinstance(cfg, dict) and hasattr(cfg, "num_views") and not hasattr(cfg, "render")

@@ -1,0 +1,567 @@
+"""Mathematics of the distillation objectives on a flow with a closed-form transport map (mdt.distill.analytic).
+
+Data x0 ~ N(mu, s^2) per element with mu = the condition, so the exact teacher velocity, the exact mean velocity
+over [r, t] (what a one-step MDT / consistency student learns) and its time derivative along any velocity field
+are known. Everything runs in float64 so that "exact" means ~1e-12.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mdt.distill import (CMConfig, FlowMatchingConfig, MDTConfig, PCMConfig, SCMConfig, cm_loss, drop_condition,
+                         flow_matching_loss, mdt_loss, mdt_time, pcm_loss, phase_floor, scm_loss, student_sample,
+                         vm_loss, vm_target)
+from mdt.distill import _ops as O
+from mdt.distill.analytic import AnalyticMeanVelocity, AnalyticVelocity, GaussianFlow
+
+D64 = torch.float64
+SIG = 1e-5
+FLOW = GaussianFlow(s=0.5, sigma_min=SIG)
+SHAPE = (3, 2, 4)      # per-sample shape [C, X, Y]
+T_FIXED = torch.tensor([0.23, 0.47, 0.71, 0.96], dtype=D64)
+
+
+def make_batch(seed: int = 0, b: int = 4, shape=SHAPE, t: torch.Tensor | None = T_FIXED) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(b, *shape, generator=g, dtype=D64)
+    x0 = FLOW.sample_x0(mu, g)
+    batch = {"x0": x0, "cond": mu,
+             "noise": torch.randn(b, *shape, generator=g, dtype=D64),
+             "noise_fake": torch.randn(b, *shape, generator=g, dtype=D64)}
+    if t is not None:
+        batch["t"] = t[:b].clone()
+    return batch
+
+
+def bt(t, x):
+    return t.view(-1, *([1] * (x.dim() - 1)))
+
+
+def xt_of(batch):
+    t, x0, eps = batch["t"], batch["x0"], batch["noise"]
+    return (1 - bt(t, x0)) * x0 + (SIG + (1 - SIG) * bt(t, x0)) * eps
+
+
+def per_sample_norm(d):
+    return d.flatten(1).norm(dim=1).view(-1, *([1] * (d.dim() - 1)))
+
+
+class ToyNet(nn.Module):
+    """Small nonlinear velocity net (dense [B, C, ...] or sparse) coupling each sample's voxels by mean pooling."""
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int = 16, seed: int = 0, dtype=D64):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c = channels
+        self.inp = nn.Linear(2 * channels + 2, hidden, dtype=dtype)
+        self.cnd = nn.Linear(cond_dim, hidden, dtype=dtype)
+        self.out = nn.Linear(hidden, channels, dtype=dtype)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=dtype))
+
+    def forward(self, x, tau, cond):
+        t = tau / 1000.0
+        if O.is_sparse(x):
+            f, bidx, b = x.feats, x.batch_idx, x.batch_size
+        else:
+            b = x.shape[0]
+            f = x.movedim(1, -1).reshape(-1, self.c)
+            bidx = torch.arange(b).repeat_interleave(f.shape[0] // b)
+        counts = torch.bincount(bidx, minlength=b).to(f.dtype)
+        pooled = f.new_zeros(b, self.c).index_add(0, bidx, f) / counts[:, None]
+        tf = torch.stack([torch.sin(3 * t), torch.cos(2 * t)], -1).to(f.dtype)
+        h = torch.tanh(self.inp(torch.cat([f, pooled[bidx], tf[bidx]], -1)) + self.cnd(cond.flatten(1))[bidx])
+        out = self.out(h) + f * t[bidx, None]
+        if O.is_sparse(x):
+            return x.replace(out)
+        return out.reshape(b, *x.shape[2:], self.c).movedim(-1, 1)
+
+
+def toy_pair(shape=SHAPE, cond_dim: int | None = None):
+    cond_dim = cond_dim or int(torch.tensor(shape).prod())
+    return ToyNet(shape[0], cond_dim, seed=1), ToyNet(shape[0], cond_dim, seed=2)
+
+
+def grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def zero_grads(*models):
+    for m in models:
+        for p in m.parameters():
+            p.grad = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The oracle itself (closed forms agree with each other and with autograd)
+# ---------------------------------------------------------------------------------------------------------------
+def test_oracle_closed_forms_are_consistent():
+    batch = make_batch(0)
+    mu, xt, t = batch["cond"], xt_of(batch), batch["t"]
+    r = torch.zeros_like(t)
+    u = FLOW.mean_velocity(xt, t, r, mu)
+    v = FLOW.velocity(xt, t, mu)
+    du_traj = FLOW.mean_velocity_dt_on_trajectory(xt, t, r, mu)
+    du_part = FLOW.mean_velocity_total_dt(xt, t, r, mu, v)
+    assert torch.allclose(du_traj, du_part, atol=1e-12)
+    assert torch.allclose(u, v - bt(t, xt) * du_traj, atol=1e-12)        # MeanFlow identity, r = 0
+    # partials against autograd
+    x_ = xt.clone().requires_grad_(True)
+    t_ = t.clone().requires_grad_(True)
+    out = FLOW.mean_velocity(x_, t_, r, mu)
+    gx, gt = torch.autograd.grad(out.sum(), (x_, t_))
+    du_dx, du_dt = FLOW.mean_velocity_partials(xt, t, r, mu)
+    assert torch.allclose(gx, du_dx.expand_as(gx), atol=1e-12)
+    assert torch.allclose(gt, du_dt.flatten(1).sum(1), atol=1e-10)
+    # the velocity is the time derivative of the flow map
+    h = 1e-6
+    fd = (FLOW.flow_map(xt, t, t + h, mu) - FLOW.flow_map(xt, t, t - h, mu)) / (2 * h)
+    assert torch.allclose(fd, v, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Velocity matching target
+# ---------------------------------------------------------------------------------------------------------------
+def test_vm_continuous_target_is_exact_mean_velocity():
+    """No CFG, no d_norm: v_T - t dS/dt with S = exact mean velocity is S itself (MeanFlow identity), exactly."""
+    batch = make_batch(1)
+    student, teacher = AnalyticMeanVelocity(FLOW), AnalyticVelocity(FLOW)
+    cfg = MDTConfig(mode="continuous", w_vm=0.0, d_norm=False)
+    out = vm_target(student, teacher, batch["x0"], batch["noise"], batch["t"], batch["cond"], None, 0.0, cfg)
+    xt, mu, t = xt_of(batch), batch["cond"], batch["t"]
+    u = FLOW.mean_velocity(xt, t, torch.zeros_like(t), mu)
+    assert torch.allclose(out.xt, xt, atol=1e-14)
+    assert torch.allclose(out.v_teacher, FLOW.velocity(xt, t, mu), atol=1e-12)
+    assert torch.allclose(out.dvdt, FLOW.mean_velocity_dt_on_trajectory(xt, t, torch.zeros_like(t), mu), atol=1e-9)
+    assert torch.allclose(out.target, u, atol=1e-9)
+    terms = vm_loss(student, teacher, batch, cfg)
+    assert terms["loss"].item() < 1e-18
+
+
+@pytest.mark.parametrize("w", [0.0, 3.0])
+def test_vm_continuous_target_with_cfg_and_dnorm(w):
+    """Target = v_cfg - t * J / (||J|| + 0.1) with J = du/dx v_cfg + du/dt in closed form (per-sample norm)."""
+    batch = make_batch(2)
+    student, teacher = AnalyticMeanVelocity(FLOW), AnalyticVelocity(FLOW)
+    cfg = MDTConfig(mode="continuous", w_vm=w, d_norm=True)
+    xt, mu, t = xt_of(batch), batch["cond"], batch["t"]
+    r = torch.zeros_like(t)
+    v_cfg = (1 + w) * FLOW.velocity(xt, t, mu) - w * FLOW.velocity(xt, t, torch.zeros_like(mu))
+    j = FLOW.mean_velocity_total_dt(xt, t, r, mu, v_cfg)
+    expected = v_cfg - bt(t, xt) * j / (per_sample_norm(j) + 0.1)
+    out = vm_target(student, teacher, batch["x0"], batch["noise"], t, mu, None, w, cfg)
+    assert torch.allclose(out.v_teacher, v_cfg, atol=1e-10)
+    assert torch.allclose(out.target, expected, atol=1e-9)
+    # vm_loss draws w from cfg and reports lambda * mean((u - target)^2)
+    cfg2 = MDTConfig(mode="continuous", w_vm=[w, w], d_norm=True, lambda_vm=0.3)
+    terms = vm_loss(student, teacher, batch, cfg2)
+    u = FLOW.mean_velocity(xt, t, r, mu)
+    assert terms["loss"].item() == pytest.approx(0.3 * (u - expected).pow(2).mean().item(), rel=1e-9)
+
+
+def test_vm_discrete_target_converges_at_first_order():
+    """Discrete target = exact target + O(delta); the finite difference is the closed-form backward difference."""
+    batch = make_batch(3)
+    student, teacher = AnalyticMeanVelocity(FLOW), AnalyticVelocity(FLOW)
+    xt, mu, t = xt_of(batch), batch["cond"], batch["t"]
+    r = torch.zeros_like(t)
+    u = FLOW.mean_velocity(xt, t, r, mu)
+    v = FLOW.velocity(xt, t, mu)
+    errs = []
+    for delta in (0.02, 0.01, 0.005):
+        cfg = MDTConfig(mode="discrete", delta=delta, w_vm=0.0, d_norm=False)
+        out = vm_target(student, teacher, batch["x0"], batch["noise"], t, mu, None, 0.0, cfg)
+        fd = (u - FLOW.mean_velocity(xt - delta * v, t - delta, r, mu)) / delta
+        assert torch.allclose(out.dvdt, fd, atol=1e-9)
+        errs.append((out.target - u).norm().item())
+    assert errs[0] < 0.05 * u.norm().item()
+    assert 1.8 < errs[0] / errs[1] < 2.2 and 1.8 < errs[1] / errs[2] < 2.2
+
+
+def test_time_sampling_and_mapping():
+    g = torch.Generator().manual_seed(0)
+    tp = O.sample_time(20000, "logit_normal", 1.0, 1.0, g)
+    assert tp.median().item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item(), abs=0.01)
+    assert tp.mean().item() == pytest.approx(0.697, abs=0.01)
+    d = MDTConfig(mode="discrete", delta=0.01)
+    c = MDTConfig(mode="continuous")
+    ends = torch.tensor([0.0, 1.0])
+    assert torch.allclose(mdt_time(ends, d), torch.tensor([SIG + 0.01, 1.0]))
+    assert torch.allclose(mdt_time(ends, c), torch.tensor([SIG, 1.0]))
+    u = O.sample_time(1000, "uniform", 0, 1, g)
+    assert 0 <= u.min() and u.max() <= 1 and abs(u.mean().item() - 0.5) < 0.05
+    vals = {O.draw_choice([1.0, 2.0, 3.0], g) for _ in range(60)}
+    assert vals == {1.0, 2.0, 3.0}
+    assert phase_floor(torch.tensor([0.1, 0.25, 0.26, 1.0]), 4).tolist() == [0.0, 0.0, 0.25, 0.75]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Velocity distillation
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("w_vd,d_norm", [(0.0, False), (2.0, True)])
+def test_vd_gradient_matches_closed_form(w_vd, d_norm):
+    """Student = exact mean velocity + theta at t = 1, so the fake sample is x_f = Phi_{1->0}(eps_f) - theta.
+
+    dL/dtheta = dL/dv_f = 2 lambda (v_S' - v_tgt') / numel, i.e. dL/dx_f = -2 lambda (v_S' - v_tgt') / numel,
+    with v_S' and v_tgt' evaluated in closed form at the re-noised fake sample.
+    """
+    batch = make_batch(4)
+    x0, mu, t, eps, eps_f = batch["x0"], batch["cond"], batch["t"], batch["noise"], batch["noise_fake"]
+    student = AnalyticMeanVelocity(FLOW, offset_shape=tuple(x0.shape))
+    with torch.no_grad():
+        student.offset_at_one.copy_(0.3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(9),
+                                                      dtype=D64))
+    teacher = AnalyticVelocity(FLOW)
+    lam = 0.7
+    cfg = MDTConfig(mode="continuous", lambda_vm=0.0, lambda_vd=lam, w_vd=w_vd, d_norm=d_norm)
+    terms = mdt_loss(student, teacher, batch, cfg)
+    terms["loss"].backward()
+    assert "loss_vm" not in terms and teacher.scale.grad is None
+
+    theta = student.offset_at_one.detach()
+    one = torch.ones_like(t)
+    x_f = eps_f - FLOW.mean_velocity(eps_f, one, 0 * one, mu) - theta
+    assert torch.allclose(x_f + theta, FLOW.flow_map(eps_f, one, 0 * one, mu), atol=1e-12)
+    xp = (1 - bt(t, x0)) * x_f + (SIG + (1 - SIG) * bt(t, x0)) * eps
+    v_s = FLOW.mean_velocity(xp, t, 0 * t, mu)
+    v_cfg = (1 + w_vd) * FLOW.velocity(xp, t, mu) - w_vd * FLOW.velocity(xp, t, torch.zeros_like(mu))
+    j = FLOW.mean_velocity_total_dt(xp, t, 0 * t, mu, v_cfg)
+    if d_norm:
+        j = j / (per_sample_norm(j) + 0.1)
+    resid = v_s - (v_cfg - bt(t, x0) * j)
+    assert terms["loss"].item() == pytest.approx(lam * resid.pow(2).mean().item(), rel=1e-9)
+    expected_grad_vf = 2 * lam * resid / resid.numel()
+    assert torch.allclose(student.offset_at_one.grad, expected_grad_vf, atol=1e-12, rtol=1e-8)
+    # gradient with respect to the fake sample itself (x_f = eps_f - v_f)
+    grad_xf = -student.offset_at_one.grad
+    assert torch.allclose(grad_xf, -2 * lam * resid / resid.numel(), atol=1e-12, rtol=1e-8)
+    if w_vd == 0.0 and not d_norm:
+        # theta -> 0 makes the fake distribution exact and the VD gradient vanish
+        with torch.no_grad():
+            student.offset_at_one.zero_()
+        assert mdt_loss(student, teacher, batch, cfg)["loss"].item() < 1e-18
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient routing against hand-derived surrogates (nonlinear toy networks)
+# ---------------------------------------------------------------------------------------------------------------
+def hand_vm(student, teacher, x0, eps, t, cond, w, delta, d_norm=True):
+    """Independent re-derivation of the discrete VM (prediction, target) from reference 5.4."""
+    xt = (1 - bt(t, x0)) * x0 + (SIG + (1 - SIG) * bt(t, x0)) * eps
+    with torch.no_grad():
+        v_t = (1 + w) * teacher(xt, 1000 * t, cond) - w * teacher(xt, 1000 * t, torch.zeros_like(cond))
+    v_s = student(xt, 1000 * t, cond)
+    with torch.no_grad():
+        v_p = student(xt - delta * v_t, 1000 * (t - delta), cond)
+        d = (v_s.detach() - v_p) / delta
+        if d_norm:
+            d = d / (per_sample_norm(d) + 0.1)
+        tgt = v_t - bt(t, x0) * d
+    return v_s, tgt
+
+
+def test_vm_gradient_goes_only_through_student_prediction():
+    batch = make_batch(5)
+    student, teacher = toy_pair()
+    teacher.requires_grad_(True)
+    lam, w, delta = 0.5, 2.0, 0.01
+    cfg = MDTConfig(mode="discrete", delta=delta, w_vm=w, lambda_vm=lam)
+    terms = vm_loss(student, teacher, batch, cfg)
+    terms["loss"].backward()
+    g_loss = grads(student)
+    assert all(p.grad is None for p in teacher.parameters())
+    zero_grads(student)
+    v_s, tgt = hand_vm(student, teacher, batch["x0"], batch["noise"], batch["t"], batch["cond"], w, delta)
+    assert terms["loss"].item() == pytest.approx(lam * (v_s - tgt).pow(2).mean().item(), rel=1e-10)
+    surrogate = (2 * lam * (v_s - tgt).detach() * v_s).sum() / v_s.numel()
+    surrogate.backward()
+    for a, b in zip(g_loss, grads(student)):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
+    assert sum(a.abs().sum() for a in g_loss) > 0
+
+
+def test_vd_gradient_goes_only_through_one_step_generation():
+    batch = make_batch(6)
+    student, teacher = toy_pair()
+    lam, w, delta = 0.8, 5.0, 0.01
+    cfg = MDTConfig(mode="discrete", delta=delta, w_vd=w, lambda_vm=0.0, lambda_vd=lam)
+    terms = mdt_loss(student, teacher, batch, cfg)
+    terms["loss"].backward()
+    g_loss = grads(student)
+    assert all(p.grad is None for p in teacher.parameters())
+    zero_grads(student)
+    t, cond = batch["t"], batch["cond"]
+    v_f = student(batch["noise_fake"], 1000 * torch.ones_like(t), cond)
+    x_f = (batch["noise_fake"] - v_f).detach()
+    with torch.no_grad():
+        v_s2, tgt2 = hand_vm(student, teacher, x_f, batch["noise"], t, cond, w, delta)
+    assert terms["loss"].item() == pytest.approx(lam * (v_s2 - tgt2).pow(2).mean().item(), rel=1e-10)
+    surrogate = (2 * lam * (v_s2 - tgt2) * v_f).sum() / v_f.numel()
+    surrogate.backward()
+    for a, b in zip(g_loss, grads(student)):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
+
+
+def test_mdt_loss_is_vm_plus_vd_and_shares_eps_and_t():
+    batch = make_batch(7)
+    student, teacher = toy_pair()
+    full = MDTConfig(mode="discrete", w_vm=3.0, w_vd=7.0, lambda_vm=0.6, lambda_vd=1.3)
+    parts = [MDTConfig(mode="discrete", w_vm=3.0, w_vd=7.0, lambda_vm=0.6, lambda_vd=0.0),
+             MDTConfig(mode="discrete", w_vm=3.0, w_vd=7.0, lambda_vm=0.0, lambda_vd=1.3)]
+    terms = mdt_loss(student, teacher, batch, full)
+    terms["loss"].backward()
+    g_full = grads(student)
+    total, g_sum = 0.0, None
+    for cfg in parts:
+        zero_grads(student)
+        tp = mdt_loss(student, teacher, batch, cfg)
+        tp["loss"].backward()
+        total += tp["loss"].item()
+        g_sum = grads(student) if g_sum is None else [a + b for a, b in zip(g_sum, grads(student))]
+    assert terms["loss"].item() == pytest.approx(total, rel=1e-12)
+    assert terms["loss"].item() == pytest.approx((terms["loss_vm"] + terms["loss_vd"]).item(), rel=1e-12)
+    for a, b in zip(g_full, g_sum):
+        assert torch.allclose(a, b, atol=1e-12)
+    # drawn internally with a seeded generator: reproducible, and VM/VD use the same t (one t per sample)
+    b2 = {k: batch[k] for k in ("x0", "cond")}
+    l1 = mdt_loss(student, teacher, b2, full, generator=torch.Generator().manual_seed(3))["loss"].item()
+    l2 = mdt_loss(student, teacher, b2, full, generator=torch.Generator().manual_seed(3))["loss"].item()
+    assert l1 == l2
+
+
+def test_continuous_jvp_matches_double_backward_jvp():
+    """dv/dt of the continuous mode = d/ds S(x_t + s v_T, 1000 (t + s)) via torch.autograd.functional.jvp."""
+    batch = make_batch(8)
+    student, teacher = toy_pair()
+    cfg = MDTConfig(mode="continuous", w_vm=1.5, d_norm=False)
+    out = vm_target(student, teacher, batch["x0"], batch["noise"], batch["t"], batch["cond"], None, 1.5, cfg)
+
+    def fn(x, t):
+        return student(x, 1000 * t, batch["cond"])
+
+    _, ref = torch.autograd.functional.jvp(fn, (out.xt, batch["t"]), (out.v_teacher, torch.ones_like(batch["t"])))
+    assert torch.allclose(out.dvdt, ref, atol=1e-10)
+    cfg_fd = MDTConfig(mode="continuous", w_vm=1.5, d_norm=False, jvp="fd", fd_step=1e-5)
+    out_fd = vm_target(student, teacher, batch["x0"], batch["noise"], batch["t"], batch["cond"], None, 1.5, cfg_fd)
+    assert torch.allclose(out_fd.dvdt, ref, atol=1e-6)
+
+
+def test_teacher_never_receives_gradients():
+    batch = make_batch(9)
+    student = ToyNet(SHAPE[0], int(torch.tensor(SHAPE).prod()), seed=1)
+    teacher = AnalyticVelocity(FLOW)
+    assert teacher.scale.requires_grad
+    objectives = [
+        (mdt_loss, MDTConfig(mode="discrete")), (mdt_loss, MDTConfig(mode="continuous")),
+        (mdt_loss, MDTConfig(mode="cm", multiphase=2)), (vm_loss, MDTConfig(mode="discrete")),
+        (cm_loss, CMConfig(w=2.0)), (pcm_loss, PCMConfig(num_steps=8, phases=4)), (scm_loss, SCMConfig(w=1.0)),
+    ]
+    for fn, cfg in objectives:
+        zero_grads(student, teacher)
+        terms = fn(student, teacher, batch, cfg)
+        terms["loss"].backward()
+        assert teacher.scale.grad is None, fn.__name__
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters()), fn.__name__
+        assert torch.isfinite(terms["loss"]) and terms["loss_bins"].shape == (10,)
+
+
+def test_loss_bins_hold_per_instance_losses():
+    student, teacher = toy_pair()
+    batch = make_batch(10, t=torch.tensor([0.05, 0.93, 0.55, 0.57], dtype=D64))
+    cfg = MDTConfig(mode="discrete", w_vm=2.0, w_vd=4.0)
+    terms = mdt_loss(student, teacher, batch, cfg)
+    singles = []
+    for i in range(4):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        singles.append(mdt_loss(student, teacher, one, cfg)["loss"].item())
+    bins = terms["loss_bins"]
+    assert bins[0].item() == pytest.approx(singles[0], rel=1e-5)
+    assert bins[9].item() == pytest.approx(singles[1], rel=1e-5)
+    assert bins[5].item() == pytest.approx((singles[2] + singles[3]) / 2, rel=1e-5)
+    assert torch.isnan(bins[[1, 2, 3, 4, 6, 7, 8]]).all()
+    assert terms["loss"].item() == pytest.approx(sum(singles) / 4, rel=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact students have (near) zero loss
+# ---------------------------------------------------------------------------------------------------------------
+def test_mdt_exact_student_has_zero_loss():
+    batch = make_batch(11)
+    student, teacher = AnalyticMeanVelocity(FLOW), AnalyticVelocity(FLOW)
+    cfg = MDTConfig(mode="continuous", w_vm=0.0, w_vd=0.0, d_norm=False)
+    terms = mdt_loss(student, teacher, batch, cfg)
+    assert terms["loss_vm"].item() < 1e-18 and terms["loss_vd"].item() < 1e-18
+    # the teacher itself as a one-step student is far from it
+    assert mdt_loss(AnalyticVelocity(FLOW), teacher, batch, cfg)["loss"].item() > 1e-3
+
+
+def exact_step_teacher(step_end):
+    """A 'teacher' whose single Euler step from t lands exactly on the trajectory at step_end(t)."""
+    return AnalyticMeanVelocity(FLOW, r_fn=step_end)
+
+
+@pytest.mark.parametrize("phases,num_steps", [(1, None), (4, None), (2, 8)])
+def test_cm_pcm_exact_student_has_zero_loss(phases, num_steps):
+    delta = 0.01
+    cfg = CMConfig(delta=delta, num_steps=num_steps, phases=phases, w=0.0)
+    step = delta if num_steps is None else 1.0 / num_steps
+    student = AnalyticMeanVelocity(FLOW, r_fn=lambda t: phase_floor(t, phases))
+    teacher = exact_step_teacher(lambda t: torch.maximum(t - step, phase_floor(t, phases)))
+    fn = cm_loss if phases == 1 else pcm_loss
+    t = torch.tensor([0.03, 0.26, 0.5, 1.0], dtype=D64) if num_steps is None else \
+        torch.tensor([0.125, 0.5, 0.625, 1.0], dtype=D64)
+    batch = make_batch(12, t=t)
+    assert fn(student, teacher, batch, cfg)["loss"].item() < 1e-20
+    # drawn times too
+    b2 = {k: batch[k] for k in ("x0", "cond", "noise")}
+    assert fn(student, teacher, b2, cfg, generator=torch.Generator().manual_seed(0))["loss"].item() < 1e-20
+    wrong = AnalyticMeanVelocity(FLOW, r_fn=lambda t: 0.5 * phase_floor(t, phases) + 0.1 * t)
+    assert fn(wrong, teacher, batch, cfg)["loss"].item() > 1e-7
+    # with the true velocity as teacher (Euler step) the exact student is off only by the Euler error: its
+    # loss falls as delta^4 (x16 per halving), while a wrong student's falls as delta^2 (x4)
+    if num_steps is None:
+        real = AnalyticVelocity(FLOW)
+        half = CMConfig(delta=delta / 2, phases=phases, w=0.0)
+        l_exact = [fn(student, real, batch, c)["loss"].item() for c in (cfg, half)]
+        l_wrong = [fn(AnalyticVelocity(FLOW), real, batch, c)["loss"].item() for c in (cfg, half)]
+        assert 14 < l_exact[0] / l_exact[1] < 18 and 3.5 < l_wrong[0] / l_wrong[1] < 4.5
+        assert l_exact[0] < 3e-3 * l_wrong[0]
+
+
+def test_mdt_cm_variant_exact_student_has_zero_loss():
+    delta = 0.01
+    cfg = MDTConfig(mode="cm", delta=delta, w_vm=0.0, lambda_vd=0.0, multiphase=1)
+    student = AnalyticMeanVelocity(FLOW)
+    teacher = exact_step_teacher(lambda t: t - delta)
+    batch = make_batch(13)
+    assert vm_loss(student, teacher, batch, cfg)["loss"].item() < 1e-20
+    cfg3 = MDTConfig(mode="cm", delta=delta, w_vm=0.0, lambda_vd=0.0, multiphase=3)
+    student3 = AnalyticMeanVelocity(FLOW, r_fn=lambda t: phase_floor(t - delta, 3))
+    # reference rule: target time = largest boundary strictly below t - delta
+    out = vm_target(student3, teacher, batch["x0"], batch["noise"], batch["t"], batch["cond"], None, 0.0, cfg3)
+    xt = xt_of(batch)
+    s = phase_floor(batch["t"] - delta, 3)
+    assert torch.allclose(out.pred, FLOW.flow_map(xt, batch["t"], s, batch["cond"]), atol=1e-10)
+    assert torch.allclose(out.target, out.pred, atol=1e-10)
+
+
+@pytest.mark.parametrize("phases", [1, 3])
+def test_scm_exact_student_has_zero_loss(phases):
+    student = AnalyticMeanVelocity(FLOW, r_fn=lambda t: phase_floor(t, phases))
+    teacher = AnalyticVelocity(FLOW)
+    batch = make_batch(14)
+    cfg = SCMConfig(phases=phases, w=0.0)
+    terms = scm_loss(student, teacher, batch, cfg)
+    assert terms["loss"].item() < 1e-20 and terms["tangent_norm"].item() < 1e-9
+    assert scm_loss(AnalyticVelocity(FLOW), teacher, batch, cfg)["loss"].item() > 1e-3
+    # the sCM target without normalisation is the MDT continuous VM target (r = 1, one phase)
+    if phases == 1:
+        toy, _ = toy_pair()
+        raw = SCMConfig(phases=1, w=2.0, tangent_norm_c=0.0)
+        zero_grads(toy)
+        l_scm = scm_loss(toy, teacher, batch, raw)["loss"]
+        mdt_cfg = MDTConfig(mode="continuous", w_vm=2.0, d_norm=False)
+        out = vm_target(toy, teacher, batch["x0"], batch["noise"], batch["t"], batch["cond"], None, 2.0, mdt_cfg)
+        assert l_scm.item() == pytest.approx((out.pred - out.target).pow(2).mean().item(), rel=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flow matching
+# ---------------------------------------------------------------------------------------------------------------
+def test_flow_matching_exact_teacher_reaches_irreducible_loss():
+    b, shape = 64, (4, 64)
+    t = torch.linspace(0.03, 0.97, b, dtype=D64)
+    batch = make_batch(15, b=b, shape=shape, t=t)
+    teacher = AnalyticVelocity(FLOW)
+    cfg = FlowMatchingConfig(p_uncond=0.0)
+    loss = flow_matching_loss(teacher, None, batch, cfg)["loss"].item()
+    expected = FLOW.irreducible_fm_loss(t).mean().item()
+    assert loss == pytest.approx(expected, rel=0.04)
+    with torch.no_grad():
+        teacher.scale.fill_(1.1)
+    assert flow_matching_loss(teacher, None, batch, cfg)["loss"].item() > loss * 1.01
+    # exactly: loss = mean over elements of (pred - ((1 - sigma) eps - x0))^2
+    with torch.no_grad():
+        teacher.scale.fill_(1.0)
+    xt = xt_of(batch)
+    manual = (FLOW.velocity(xt, t, batch["cond"]) - ((1 - SIG) * batch["noise"] - batch["x0"])).pow(2).mean()
+    assert loss == pytest.approx(manual.item(), rel=1e-12)
+
+
+class CondRecorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros((), dtype=D64))
+        self.seen = []
+
+    def forward(self, x, tau, cond):
+        self.seen.append(cond.detach().clone())
+        return x * self.w
+
+
+def test_condition_dropout_replaces_exactly_the_chosen_samples():
+    b = 400
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(b, 3, 5, generator=g, dtype=D64) + 2.0
+    x0 = torch.randn(b, 2, generator=g, dtype=D64)
+    new, mask = drop_condition(cond, None, 0.25, torch.Generator().manual_seed(1))
+    assert torch.equal(new[mask], torch.zeros_like(new[mask]))
+    assert torch.equal(new[~mask], cond[~mask])
+    assert 0.15 < mask.double().mean().item() < 0.35
+    neg = torch.full_like(cond, -7.0)
+    new2, mask2 = drop_condition(cond, neg, 0.25, torch.Generator().manual_seed(1))
+    assert torch.equal(mask, mask2) and torch.equal(new2[mask2], neg[mask2])
+    for p, frac in [(0.0, 0.0), (1.0, 1.0), (0.3, None)]:
+        rec = CondRecorder()
+        flow_matching_loss(rec, None, {"x0": x0, "cond": cond}, FlowMatchingConfig(p_uncond=p), generator=g)
+        seen = rec.seen[-1]
+        dropped = (seen == 0).flatten(1).all(1)
+        kept = (seen == cond).flatten(1).all(1)
+        assert bool((dropped ^ kept).all())              # every row is either untouched or exactly the zero cond
+        if frac is not None:
+            assert dropped.double().mean().item() == frac
+        else:
+            assert 0.2 < dropped.double().mean().item() < 0.4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------------------
+def test_student_sample_one_step_is_the_transport_map():
+    g = torch.Generator().manual_seed(16)
+    mu = torch.randn(3, *SHAPE, generator=g, dtype=D64)
+    eps = torch.randn(3, *SHAPE, generator=g, dtype=D64)
+    one = torch.ones(3, dtype=D64)
+    exact = FLOW.flow_map(eps, one, 0 * one, mu)
+    out = student_sample(AnalyticMeanVelocity(FLOW), eps, mu, steps=1)
+    assert torch.allclose(out, exact, atol=1e-12)
+    # consistency-mode multistep sampling of an exact student lands on the data manifold at every step:
+    x = student_sample(AnalyticMeanVelocity(FLOW), eps, mu, steps=4, mode="consistency",
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    # many Euler steps of the exact velocity converge to the same transport map
+    fine = student_sample(AnalyticVelocity(FLOW), eps, mu, steps=400)
+    assert (fine - exact).abs().max().item() < 5e-3
+    # CFG convention: (1 + w) v(c) - w v(0), with a batch-1 condition repeated
+    w = 2.0
+    one_c = student_sample(AnalyticMeanVelocity(FLOW), eps, mu[:1], steps=1, cfg_strength=w)
+    man = eps - ((1 + w) * FLOW.mean_velocity(eps, one, 0 * one, mu[:1].expand_as(eps))
+                 - w * FLOW.mean_velocity(eps, one, 0 * one, torch.zeros_like(eps)))
+    assert torch.allclose(one_c, man, atol=1e-12)
+
+
+def test_conventions_match_mdt_flow():
+    flow = pytest.importorskip("mdt.flow")
+    batch = make_batch(17)
+    x0, eps, t = batch["x0"], batch["noise"], batch["t"]
+    assert flow.SIGMA_MIN == SIG
+    assert torch.allclose(flow.noise_sample(x0, eps, t, SIG), O.noise_data(x0, eps, t, x0, SIG), atol=1e-14)
+    assert torch.allclose(flow.velocity_target(x0, eps, SIG), (1 - SIG) * eps - x0, atol=1e-14)
+    student = AnalyticMeanVelocity(FLOW)
+    ours = student_sample(student, eps, batch["cond"], steps=4)
+    theirs = flow.FlowEulerSampler(SIG).sample(student, eps, batch["cond"], steps=4)
+    theirs = getattr(theirs, "samples", theirs)
+    assert torch.allclose(ours, theirs, atol=1e-10)
