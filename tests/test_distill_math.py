@@ -15,6 +15,7 @@ from mdt.distill import (CMConfig, FlowMatchingConfig, MDTConfig, PCMConfig, SCM
                          vm_loss, vm_target)
 from mdt.distill import _ops as O
 from mdt.distill.analytic import AnalyticMeanVelocity, AnalyticVelocity, GaussianFlow
+from mdt.distill.analytic import ToyVelocityNet as ToyNet
 
 D64 = torch.float64
 SIG = 1e-5
@@ -46,38 +47,6 @@ def xt_of(batch):
 
 def per_sample_norm(d):
     return d.flatten(1).norm(dim=1).view(-1, *([1] * (d.dim() - 1)))
-
-
-class ToyNet(nn.Module):
-    """Small nonlinear velocity net (dense [B, C, ...] or sparse) coupling each sample's voxels by mean pooling."""
-
-    def __init__(self, channels: int, cond_dim: int, hidden: int = 16, seed: int = 0, dtype=D64):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.c = channels
-        self.inp = nn.Linear(2 * channels + 2, hidden, dtype=dtype)
-        self.cnd = nn.Linear(cond_dim, hidden, dtype=dtype)
-        self.out = nn.Linear(hidden, channels, dtype=dtype)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=dtype))
-
-    def forward(self, x, tau, cond):
-        t = tau / 1000.0
-        if O.is_sparse(x):
-            f, bidx, b = x.feats, x.batch_idx, x.batch_size
-        else:
-            b = x.shape[0]
-            f = x.movedim(1, -1).reshape(-1, self.c)
-            bidx = torch.arange(b).repeat_interleave(f.shape[0] // b)
-        counts = torch.bincount(bidx, minlength=b).to(f.dtype)
-        pooled = f.new_zeros(b, self.c).index_add(0, bidx, f) / counts[:, None]
-        tf = torch.stack([torch.sin(3 * t), torch.cos(2 * t)], -1).to(f.dtype)
-        h = torch.tanh(self.inp(torch.cat([f, pooled[bidx], tf[bidx]], -1)) + self.cnd(cond.flatten(1))[bidx])
-        out = self.out(h) + f * t[bidx, None]
-        if O.is_sparse(x):
-            return x.replace(out)
-        return out.reshape(b, *x.shape[2:], self.c).movedim(-1, 1)
 
 
 def toy_pair(shape=SHAPE, cond_dim: int | None = None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -71,10 +72,26 @@ def sample_norm(f: Tensor, x: Any) -> Tensor:
     return sample_sum(f.pow(2), x).sqrt()
 
 
+def randn(shape: Sequence[int], generator: torch.Generator | None, device: Any = None,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Normal draws from `generator` (on the generator's device, then moved), so a CPU generator also seeds
+    CUDA runs reproducibly."""
+    if generator is None:
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def rand(shape: Sequence[int], generator: torch.Generator | None, device: Any = None,
+         dtype: torch.dtype = torch.float32) -> Tensor:
+    if generator is None:
+        return torch.rand(tuple(shape), device=device, dtype=dtype)
+    return torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
 def randn_like(x: Any, generator: torch.Generator | None = None) -> Any:
     """Standard normal noise with x's layout (for a SparseTensor: on x's coordinates)."""
     f = data(x)
-    return like(x, torch.randn(f.shape, generator=generator, device=f.device, dtype=f.dtype))
+    return like(x, randn(f.shape, generator, f.device, f.dtype))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,10 +111,10 @@ def sample_time(n: int, schedule: str, mean: float, std: float, generator: torch
     """t' in (0, 1): "logit_normal" = sigmoid(N(mean, std)) (TRELLIS "logitNormal"), or "uniform"."""
     s = schedule.lower().replace("-", "_").replace(" ", "_")
     if s in ("logit_normal", "logitnormal"):
-        z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
+        z = randn((n,), generator, device, torch.float64)
         return torch.sigmoid(mean + std * z).to(dtype)
     if s == "uniform":
-        return torch.rand(n, generator=generator, device=device, dtype=torch.float64).to(dtype)
+        return rand((n,), generator, device, torch.float64).to(dtype)
     raise ValueError(f"unknown t schedule {schedule!r} (use 'logit_normal' or 'uniform')")
 
 
@@ -106,7 +123,8 @@ def draw_choice(value: float | Sequence[float], generator: torch.Generator | Non
     if isinstance(value, (list, tuple)):
         if len(value) == 0:
             raise ValueError("empty list of values")
-        i = int(torch.randint(len(value), (1,), generator=generator).item())
+        dev = generator.device if generator is not None else None
+        i = int(torch.randint(len(value), (1,), generator=generator, device=dev).item())
         return float(value[i])
     return float(value)
 
@@ -144,16 +162,35 @@ def zero_cond(cond: Any) -> Any:
     return torch.zeros_like(cond)
 
 
+def negative_cond(cond: Tensor, neg_cond: Tensor | None) -> Tensor:
+    """The unconditional input for CFG: neg_cond (a batch-1 tensor is repeated) or zeros like cond."""
+    if neg_cond is None:
+        return torch.zeros_like(cond)
+    if neg_cond.shape[0] == 1 and cond.shape[0] > 1:
+        neg_cond = neg_cond.expand(cond.shape[0], *neg_cond.shape[1:])
+    return neg_cond.to(device=cond.device, dtype=cond.dtype)
+
+
 @contextlib.contextmanager
 def _math_sdpa():
-    """Forward-mode AD has no rule for the fused SDPA kernels; the math backend decomposes into basic ops."""
+    """Forward-mode AD has no rule for fused attention kernels (torch's flash/efficient SDPA, flash-attn): inside
+    this context torch SDPA uses its math backend (plain differentiable ops) and mdt.sparse's attention backend is
+    temporarily "sdpa". Not thread-safe (the mdt.sparse backend choice is a module global)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+        from mdt.sparse import backends as sparse_backends
+    except ImportError:  # pragma: no cover - mdt.sparse is part of the package
+        sparse_backends = None
+    old = getattr(sparse_backends, "_attn", None)
+    if sparse_backends is not None and old != "sdpa":
+        sparse_backends.set_backends(attn="sdpa")
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        if sparse_backends is not None and old is not None and old != "sdpa":
+            sparse_backends.set_backends(attn=old)
 
 
 def time_derivative(model: Callable, x: Any, f: Tensor, t: Tensor, cond: Any, v: Tensor,
@@ -170,7 +207,9 @@ def time_derivative(model: Callable, x: Any, f: Tensor, t: Tensor, cond: Any, v:
         def fn(ff: Tensor, tt: Tensor) -> Tensor:
             return call(model, x, ff, tt, cond)
 
-        with torch.no_grad(), _math_sdpa():
+        with torch.no_grad(), _math_sdpa(), warnings.catch_warnings():
+            # torch's own first-use decomposition code still calls the deprecated torch.jit.script
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
             _, dv = torch.func.jvp(fn, (f, t), (v.to(f.dtype), torch.ones_like(t)))
         return dv.detach()
     if method == "fd":

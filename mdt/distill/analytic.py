@@ -126,3 +126,41 @@ class AnalyticMeanVelocity(nn.Module):
             at_one = _bt((t >= 1 - 1e-9).to(x.dtype), x)
             out = out + at_one * self.offset_at_one.to(x.dtype)
         return out
+
+
+def _is_sparse(x) -> bool:
+    return hasattr(x, "feats") and hasattr(x, "coords")
+
+
+class ToyVelocityNet(nn.Module):
+    """Small nonlinear velocity net for tests and toys: model(x, 1000 t, cond) on dense [B, C, ...] or a
+    SparseTensor with feats [N, C]; the condition [B, ...] is flattened to cond_dim. Each voxel sees its own
+    features, the mean over its sample's voxels, t and the condition, so samples stay independent."""
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int = 16, seed: int = 0, dtype=torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c = channels
+        self.inp = nn.Linear(2 * channels + 2, hidden, dtype=dtype)
+        self.cnd = nn.Linear(cond_dim, hidden, dtype=dtype)
+        self.out = nn.Linear(hidden, channels, dtype=dtype)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=dtype))
+
+    def forward(self, x, tau, cond):
+        t = tau / 1000.0
+        if _is_sparse(x):
+            f, bidx, b = x.feats, x.batch_idx, x.batch_size
+        else:
+            b = x.shape[0]
+            f = x.movedim(1, -1).reshape(-1, self.c)
+            bidx = torch.arange(b, device=f.device).repeat_interleave(f.shape[0] // b)
+        counts = torch.bincount(bidx, minlength=b).to(f.dtype)
+        pooled = f.new_zeros(b, self.c).index_add(0, bidx, f) / counts[:, None]
+        tf = torch.stack([torch.sin(3 * t), torch.cos(2 * t)], -1).to(f.dtype)
+        h = torch.tanh(self.inp(torch.cat([f, pooled[bidx], tf[bidx]], -1)) + self.cnd(cond.flatten(1))[bidx])
+        out = self.out(h) + f * t[bidx, None]
+        if _is_sparse(x):
+            return x.replace(out)
+        return out.reshape(b, *x.shape[2:], self.c).movedim(-1, 1)

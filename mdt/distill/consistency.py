@@ -122,8 +122,7 @@ def cm_loss(student: Any, teacher: Any, batch: dict, cfg: CMConfig, generator: t
     Draw order with `generator`: t', eps, w. Returns {"loss", "loss_cm", "loss_bins"}.
     """
     x0, cond = batch["x0"], batch["cond"]
-    neg_cond = batch.get("neg_cond")
-    neg_cond = O.zero_cond(cond) if neg_cond is None else neg_cond
+    neg_cond = O.negative_cond(cond, batch.get("neg_cond"))
     f0 = O.data(x0)
     b = O.batch_size(x0)
     t = batch.get("t")
@@ -175,8 +174,7 @@ def scm_loss(student: Any, teacher: Any, batch: dict, cfg: SCMConfig, generator:
     Returns {"loss", "loss_scm", "tangent_norm" (mean ||g|| before normalisation), "loss_bins"}.
     """
     x0, cond = batch["x0"], batch["cond"]
-    neg_cond = batch.get("neg_cond")
-    neg_cond = O.zero_cond(cond) if neg_cond is None else neg_cond
+    neg_cond = O.negative_cond(cond, batch.get("neg_cond"))
     f0 = O.data(x0)
     t = batch.get("t")
     if t is None:

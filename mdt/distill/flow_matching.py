@@ -33,7 +33,7 @@ def drop_condition(cond: Tensor, neg_cond: Tensor | None, p_uncond: float,
         neg_cond = torch.zeros_like(cond)
     if p_uncond <= 0:
         return cond, torch.zeros(b, dtype=torch.bool, device=cond.device)
-    u = torch.rand(b, generator=generator, dtype=torch.float64).to(cond.device)
+    u = O.rand((b,), generator, cond.device, torch.float64)
     mask = u < p_uncond
     neg = neg_cond.expand_as(cond) if neg_cond.shape[0] == 1 else neg_cond
     m = mask.view(-1, *([1] * (cond.dim() - 1)))

@@ -111,8 +111,7 @@ def vm_target(student: Any, teacher: Any, x0: Any, eps: Any, t: Tensor, cond: An
     """
     f0, fe = O.data(x0), O.data(eps)
     t = t.to(device=f0.device, dtype=f0.dtype)
-    if neg_cond is None:
-        neg_cond = O.zero_cond(cond)
+    neg_cond = O.negative_cond(cond, neg_cond)
     xt = O.noise_data(f0, fe, t, x0, cfg.sigma_min)
     v_t = teacher_velocity(teacher, x0, xt, t, cond, neg_cond, w, f0, fe, cfg.sigma_min)
     v_s = O.call(student, x0, xt, t, cond)

@@ -41,7 +41,7 @@ def student_sample(student: Any, noise: Any, cond: Any, steps: int = 1, neg_cond
             else:
                 x0 = x - t * v
                 if t_next > 0:
-                    e = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    e = O.randn(x.shape, generator, x.device, x.dtype)
                     x = (1 - t_next) * x0 + (sigma_min + (1 - sigma_min) * t_next) * e
                 else:
                     x = x0
