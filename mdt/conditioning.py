@@ -218,11 +218,11 @@ def crop_condition_image(image, size: int = IMAGE_SIZE, margin: float = 0.1,
         side = max(w_img, h_img)
         cx, cy = w_img / 2, h_img / 2
     else:
-        x0, y0, x1, y1 = bbox
-        side = max(1, int((1 + 2 * margin) * max(x1 - x0, y1 - y0)))
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    box = (int(round(cx - side / 2)), int(round(cy - side / 2)))
-    box = (box[0], box[1], box[0] + side, box[1] + side)
+        x0, y0, x1, y1 = bbox  # inclusive pixel indices: the object covers [x0, x1 + 1) x [y0, y1 + 1)
+        side = max(1, int((1 + 2 * margin) * max(x1 + 1 - x0, y1 + 1 - y0)))
+        cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
+    left, top = int(np.floor(cx - side / 2 + 0.5)), int(np.floor(cy - side / 2 + 0.5))
+    box = (left, top, left + side, top + side)
     crop = img.crop(box).resize((size, size), Image.Resampling.LANCZOS)
     norm = (box[0] / w_img, box[1] / h_img, box[2] / w_img, box[3] / h_img)
     return crop, norm

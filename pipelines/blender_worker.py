@@ -56,8 +56,8 @@ def _limit_memory(mb: int) -> None:
 
 
 def _test_hang(job: dict) -> None:
-    """Fault injection for tests: sleep forever when the input's name contains $MDT_RENDER_TEST_HANG."""
-    tag = os.environ.get("MDT_RENDER_TEST_HANG")
+    """Fault injection for tests: sleep forever when the input's name contains $PIPELINE_TEST_RENDER_HANG."""
+    tag = os.environ.get("PIPELINE_TEST_RENDER_HANG")
     if tag and tag in os.path.basename(job["input"]):
         while True:
             time.sleep(1)
@@ -69,18 +69,55 @@ def _reset_scene(bpy) -> None:
     bpy.context.preferences.filepaths.use_scripts_auto_execute = False
 
 
-def _import(bpy, path: str, fmt: str) -> None:
+def _gltf_without_required_extensions(path: str, fmt: str) -> str | None:
+    """A copy of a glTF/GLB file (same directory, so relative URIs still resolve) without the
+    `extensionsRequired` list; None when there is nothing to drop."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if fmt == "glb":
+        if data[:4] != b"glTF" or len(data) < 20:
+            return None
+        n = struct.unpack("<I", data[12:16])[0]
+        doc = json.loads(data[20:20 + n])
+        rest = data[20 + n:]
+    else:
+        doc, rest = json.loads(data), b""
+    if not doc.pop("extensionsRequired", None):
+        return None
+    text = json.dumps(doc).encode()
+    root, _ = os.path.splitext(path)
+    out = f"{root}.relaxed.{fmt}"
+    if fmt == "glb":
+        text += b" " * (-len(text) % 4)
+        body = struct.pack("<II", len(text), 0x4E4F534A) + text + rest
+        data = b"glTF" + struct.pack("<II", 2, 12 + len(body)) + body
+    else:
+        data = text
+    with open(out, "wb") as f:
+        f.write(data)
+    return out
+
+
+def _import(bpy, path: str, fmt: str, warnings: list) -> None:
     fmt = fmt.lower().lstrip(".")
     if fmt == "blend":
         bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
-        # keep the file's geometry and materials, replace its cameras, lights and world by ours
-        for obj in list(bpy.data.objects):
-            if obj.type in {"CAMERA", "LIGHT", "LIGHT_PROBE", "SPEAKER"}:
-                bpy.data.objects.remove(obj, do_unlink=True)
         return
     if fmt in ("glb", "gltf"):
-        result = bpy.ops.import_scene.gltf(filepath=path, merge_vertices=True)
+        try:
+            result = bpy.ops.import_scene.gltf(filepath=path, merge_vertices=True)
+        except RuntimeError as e:
+            # Blender refuses files that *require* an extension it does not implement (e.g.
+            # KHR_materials_iridescence); the geometry is still fine, so drop the requirement and retry.
+            relaxed = _gltf_without_required_extensions(path, fmt) if "Extension" in str(e) else None
+            if relaxed is None:
+                raise
+            _reset_scene(bpy)
+            result = bpy.ops.import_scene.gltf(filepath=relaxed, merge_vertices=True)
+            warnings.append("ignored unsupported required glTF extensions")
     elif fmt == "obj":
         result = bpy.ops.wm.obj_import(filepath=path)
     elif fmt == "ply":
@@ -99,6 +136,13 @@ def _import(bpy, path: str, fmt: str) -> None:
         raise AssetError(f"unsupported format {fmt!r}")
     if "FINISHED" not in result:
         raise AssetError(f"{fmt} import did not finish ({', '.join(sorted(result))})")
+
+
+def _remove_foreign_rig(bpy) -> None:
+    """Cameras, lights and the like that came with the asset: our own lighting and cameras replace them."""
+    for obj in list(bpy.data.objects):
+        if obj.type in {"CAMERA", "LIGHT", "LIGHT_PROBE", "SPEAKER"}:
+            bpy.data.objects.remove(obj, do_unlink=True)
 
 
 def _geometry(bpy, np, depsgraph, with_faces: bool):
@@ -235,16 +279,26 @@ def _render_settings(bpy, job: dict) -> None:
         scene.render.threads_mode = "FIXED"
         scene.render.threads = threads
     scene.render.film_transparent = True
+    scene.render.use_persistent_data = True  # keep the BVH and shaders between the views of one asset
     scene.render.image_settings.file_format = "PNG"
     scene.render.image_settings.color_mode = "RGBA"
     scene.render.image_settings.color_depth = "8"
     scene.render.resolution_percentage = 100
+    # a .blend may bring its own post-processing: switch it all off
+    scene.render.use_compositing = False
+    scene.render.use_sequencer = False
+    scene.render.use_motion_blur = False
+    scene.render.use_border = False
+    scene.display_settings.display_device = "sRGB"
     vt = job.get("view_transform")
     if vt:
         try:
             scene.view_settings.view_transform = vt
         except TypeError:
             scene.view_settings.view_transform = "Standard"
+    scene.view_settings.look = "None"
+    scene.view_settings.exposure = 0.0
+    scene.view_settings.gamma = 1.0
 
 
 def _camera(bpy):
@@ -267,6 +321,7 @@ def main(job_path: str) -> int:
     out_dir = job["out_dir"]
     _limit_memory(int(job.get("memory_limit_mb", 0)))
     timings = {}
+    warnings: list[str] = []
     try:
         import numpy as np
         import bpy
@@ -276,7 +331,8 @@ def main(job_path: str) -> int:
         _test_hang(job)
         t = time.time()
         _reset_scene(bpy)
-        _import(bpy, job["input"], job["format"])
+        _import(bpy, job["input"], job["format"], warnings)
+        _remove_foreign_rig(bpy)
         timings["load"] = time.time() - t
         scale, offset = _normalise(bpy, np)
         _lights(bpy, bool(job.get("bottom_light_up", False)))
@@ -305,7 +361,8 @@ def main(job_path: str) -> int:
             timings[f"render_{p['name']}"] = time.time() - t
         timings["total"] = time.time() - t0
         with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"scale": scale, "offset": offset, "device": device, "timings": timings,
+            json.dump({"scale": scale, "offset": offset, "device": device, "timings": timings, "warnings": warnings,
+                       "view_transform": scene.view_settings.view_transform,
                        "blender": bpy.app.version_string}, f)
         return 0
     except AssetError as e:
@@ -316,6 +373,11 @@ def main(job_path: str) -> int:
         traceback.print_exc()
         msg = str(e).strip().splitlines()
         reason = f"{type(e).__name__}: {msg[-1][:300] if msg else ''}"
+    # short and stable: no temp paths, a hint when the address-space cap is the likely cause
+    reason = reason.replace(os.path.dirname(job["input"]) + os.sep, "")
+    cap = int(job.get("memory_limit_mb", 0) or 0)
+    if cap and "memory" not in reason and any(s in reason for s in ("map segment", "Cannot allocate", "bad_alloc")):
+        reason = f"out of memory (cap {cap} MiB): {reason}"
     with open(os.path.join(out_dir, "error.json"), "w") as f:
         json.dump({"error": reason, "timings": timings}, f)
     return EXIT_HANDLED

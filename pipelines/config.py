@@ -89,12 +89,20 @@ class RenderConfig:
     fov_deg: float = 40.0
     timeout_s: float = 900.0
     device: str = "auto"  # auto | cpu | gpu
+    threads: int = 0  # Cycles threads per render (0: Blender decides)
+    denoise: bool = True
+    memory_limit_mb: int = 16384  # address-space cap of the Blender child process
+    view_transform: str = "Filmic"
+    bottom_light_up: bool = False
+    seed: int = 0  # mixed into the per-asset camera offsets
+    export_mesh: bool = True  # normalised mesh for the voxelizer
 
 
 @dataclass
 class CondConfig:
     """Condition views (TRELLIS: 24 views at 1024 px, random FOV 10°–70°) and how shards store them."""
 
+    enabled: bool = True
     num_views: int = 24
     render_resolution: int = 1024
     samples: int = 128
@@ -111,10 +119,13 @@ class VoxelizeConfig:
 
 @dataclass
 class FeaturesConfig:
-    model: str = "dinov2_vitl14_reg"
+    model: str = "dinov2_vitl14_reg"  # name used in the manifest
+    checkpoint: str | None = None  # local dir / HF repo of the DINOv2 weights; None = model default
     image_size: int = 518
     batch_size: int = 16
-    checkpoint: str | None = None  # local dir / HF repo of the DINOv2 weights; None = model default
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    dtype: str = "float32"  # DINOv2 compute dtype on GPU (float16 / bfloat16 are faster)
+    resolution: int = 64
 
 
 @dataclass
@@ -122,13 +133,16 @@ class EncodeConfig:
     ss_encoder: str = "microsoft/TRELLIS-image-large/ckpts/ss_enc_conv3d_16l8_fp16"
     slat_encoder: str = "microsoft/TRELLIS-image-large/ckpts/slat_enc_swin8_B_64l8_fp16"
     device: str = "auto"
+    resolution: int = 64
 
 
 @dataclass
 class WriteConfig:
     rows_per_shard: int = 64  # also the ledger commit unit: a kill loses at most this many in-flight assets
     compression: str = "zstd"
-    concurrency: int = 1
+    # Row fields an asset must have to be written (else it is a "write: missing ..." failure).
+    required: list[str] = field(default_factory=lambda: ["ss_latent", "slat_coords", "slat_feats", "cond_images"])
+    compact_ledger: bool = True  # merge the run's ledger batch files at the end
 
 
 @dataclass
@@ -143,6 +157,7 @@ class RayConfig:
     num_cpus: int | None = None  # local instance only
     include_dashboard: bool = False  # local instance only (the dashboard probes cloud metadata at start)
     object_store_memory_gb: float | None = None  # local instance only
+    rows_per_block: int = 4  # input granularity: rows per Ray Data block fed to the first stage
 
 
 @dataclass
@@ -150,6 +165,7 @@ class MlflowConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else no MLflow logging
     experiment: str = "preprocess"
     run_name: str | None = None
+    artifact_location: str | None = None  # used when the experiment is created (None: the server's default)
 
 
 @dataclass
@@ -164,6 +180,9 @@ DEFAULT_STAGES = ["download", "render", "voxelize", "features", "encode"]
 @dataclass
 class PreprocessConfig:
     output: str = "outputs/preprocess"  # local dir or s3://bucket/prefix
+    # CPU demo / CI only: a local directory where random-weight tiny DINOv2 and SS/SLat encoders are created
+    # (if missing) and used instead of features.checkpoint / encode.* (pipelines.testing.ensure_tiny_models).
+    tiny_models: str | None = None
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     resources: dict[str, StageResources] = field(
         default_factory=lambda: {

@@ -160,6 +160,10 @@ def is_safe_member(name: str) -> bool:
         return False
 
 
+def _strip_unsafe(name: str) -> str:
+    return "/".join(p for p in name.replace("\\", "/").split("/") if p not in ("", ".", ".."))
+
+
 def split_archive_uri(uri: str) -> tuple[str, str, str]:
     """``zip://a/b.glb::s3://bkt/x.zip`` -> ("zip", "a/b.glb", "s3://bkt/x.zip")."""
     kind, rest = uri.split("://", 1)
@@ -456,6 +460,8 @@ class Download:
         fmt = mesh_format(name) or fmt_hint
         if fmt not in MESH_FORMATS:
             raise DownloadError(f"unsupported file type {fmt or '(none)'!r} ({posixpath.basename(name)})")
+        if mesh_format(name) != fmt:  # e.g. a Thingiverse download URL: give the file its extension
+            name = re.sub(r"[^\w.\-]", "_", posixpath.basename(name)) + f".{fmt}"
         content_sha = hashlib.sha256(data).hexdigest()
         if row.get("sha256_uri"):
             hash_data, _, _ = self._fetch_main(row["sha256_uri"])
@@ -519,8 +525,8 @@ class Download:
             try:
                 name = reader.resolve(member)
             except KeyError:
-                if any(not is_safe_member(u) and u.replace("\\", "/").endswith(member) for u in reader.unsafe):
-                    raise DownloadError(f"archive member {member!r} has an unsafe path in the archive")
+                if any(_strip_unsafe(u) == member or _strip_unsafe(u).endswith("/" + member) for u in reader.unsafe):
+                    raise DownloadError(f"archive member {member!r} is a link or has an unsafe path in the archive")
                 raise DownloadError(f"archive member {member!r} not found in {posixpath.basename(archive_uri)}")
             data = reader.read(name, self.cfg.max_bytes)
 
@@ -598,8 +604,9 @@ class Download:
     def _retrying(self) -> tenacity.Retrying:
         return tenacity.Retrying(
             stop=tenacity.stop_after_attempt(max(1, self.cfg.attempts)),
-            wait=tenacity.wait_exponential_jitter(initial=self.cfg.backoff_initial_s, max=self.cfg.backoff_max_s,
-                                                  jitter=self.cfg.backoff_initial_s),
+            # exponential backoff (initial * 2^n, capped) plus up to `initial` of random jitter
+            wait=(tenacity.wait_exponential(multiplier=self.cfg.backoff_initial_s, max=self.cfg.backoff_max_s)
+                  + tenacity.wait_random(0, self.cfg.backoff_initial_s)),
             retry=tenacity.retry_if_exception_type(TransientError),
             reraise=True,
             before_sleep=lambda rs: log.info("retrying %s after %s", rs.fn, rs.outcome.exception()),

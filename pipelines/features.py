@@ -76,19 +76,23 @@ def sample_token_maps(maps: Tensor, uv: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def voxel_features(model, images: Tensor, c2w, fov, indices, batch_size: int = 16, resolution: int = 64) -> Tensor:
+def voxel_features(model, images: Tensor, c2w, fov, indices, batch_size: int = 16, resolution: int = 64,
+                   voxel_chunk: int = 4096) -> Tensor:
     """Mean over views of the DINOv2 patch-token maps sampled at the voxel centres: float32 [N, C] (on CPU).
 
     images: [V, 3, S, S] in [0, 1], premultiplied (see `view_images`).
     """
     param = next(model.parameters())
-    uv = project_voxels(indices, c2w, fov, resolution)  # [V, N, 2]
+    uv = project_voxels(indices, c2w, fov, resolution).to(param.device)  # [V, N, 2]
+    n = uv.shape[1]
     total = None
     for s in range(0, len(images), batch_size):
         x = imagenet_normalize(images[s:s + batch_size].to(param.device, torch.float32)).to(param.dtype)
         maps = patch_token_maps(model, x).float()  # [b, C, h, w]
-        samples = sample_token_maps(maps, uv[s:s + batch_size].to(param.device)).sum(dim=0)  # [N, C]
-        total = samples if total is None else total + samples
+        if total is None:
+            total = torch.zeros(n, maps.shape[1], device=maps.device)
+        for v in range(0, n, voxel_chunk):  # bounds the [b, C, chunk] sample buffer
+            total[v:v + voxel_chunk] += sample_token_maps(maps, uv[s:s + batch_size, v:v + voxel_chunk]).sum(dim=0)
     return (total / len(images)).cpu()
 
 
@@ -126,6 +130,4 @@ class Features:
         if not torch.isfinite(feats).all():
             return fail(row, self.name, "non-finite features")
         row["voxel_feats"] = pack_array(feats.numpy().astype(np.float16))
-        for k in self.drops:
-            row[k] = None
         return row

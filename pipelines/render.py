@@ -25,7 +25,6 @@ Row in: `sha256`, `mesh_bytes` (+ `mesh_format`, `mesh_name`, `mesh_bundle`, `un
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -35,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +191,9 @@ def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], set
         log_path = out_dir / "worker.log"
         env = dict(os.environ)
         env.setdefault("PYTHONNOUSERSITE", "1")
+        # Blender's own temp dir (blender_XXXX) lands under out_dir, which is removed below even after a kill
+        (out_dir / "tmp").mkdir()
+        env["TMPDIR"] = str(out_dir / "tmp")
         t0 = time.time()
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, str(WORKER), str(job_path)], stdout=log, stderr=subprocess.STDOUT,
@@ -256,35 +257,6 @@ def _get(sec, name: str, default):
     return getattr(sec, name, default)
 
 
-def _materialize(row: dict, workdir: Path) -> Path:
-    """Write the row's asset under workdir and return the main file's path."""
-    try:
-        from pipelines.download import materialize_mesh
-    except ImportError:  # download stage not present (unit tests of this stage alone)
-        materialize_mesh = None
-    if materialize_mesh is not None:
-        return Path(materialize_mesh(row, workdir))
-    data = row.get("mesh_bytes")
-    if data is None:
-        raise ValueError("row has no mesh_bytes")
-    name = Path(row.get("mesh_name") or f"asset.{row.get('mesh_format') or 'glb'}").name
-    if row.get("mesh_bundle"):
-        root = (workdir / "bundle").resolve()
-        with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
-            for m in z.infolist():
-                target = (root / m.filename).resolve()
-                if not str(target).startswith(str(root) + os.sep):
-                    raise ValueError(f"unsafe path in bundle: {m.filename!r}")
-                if m.is_dir():
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(z.read(m))
-        return root / (row.get("mesh_name") or name)
-    path = workdir / name
-    path.write_bytes(bytes(data))
-    return path
-
-
 class Render:
     """Row stage: asset bytes -> feature views, condition views (cropped), cameras, normalised mesh.
 
@@ -303,6 +275,7 @@ class Render:
     def __init__(self, cfg=None):
         r = _get(cfg, "render", None) if not _is_section(cfg) else cfg
         c = _get(cfg, "cond", None) if not _is_section(cfg) else None
+        self.storage_cfg = None if _is_section(cfg) else _get(cfg, "storage", None)
         self.num_views = int(_get(r, "num_views", 150))
         self.resolution = int(_get(r, "resolution", 512))
         self.radius = float(_get(r, "radius", 2.0))
@@ -341,7 +314,9 @@ class Render:
         with tempfile.TemporaryDirectory(prefix="mdt-render-") as tmp:
             tmp = Path(tmp)
             try:
-                path = _materialize(row, tmp)
+                from pipelines.download import materialize_mesh
+
+                path = Path(materialize_mesh(row, tmp / "asset", self.storage_cfg))
             except Exception as e:  # noqa: BLE001
                 return fail(row, self.name, f"cannot materialise asset: {type(e).__name__}: {e}")
             fmt = (row.get("mesh_format") or path.suffix).lower().lstrip(".")
@@ -376,7 +351,6 @@ class Render:
                     num_views=self.num_views, cond_views=self.cond_views if self.cond_enabled else 0,
                     cond_resolution=self.cond_resolution)
         row["render_info"] = json.dumps(info, sort_keys=True)
-        row["mesh_bytes"] = None
         return row
 
 

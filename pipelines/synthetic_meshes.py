@@ -130,7 +130,7 @@ def box_mesh(lo, hi) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = np.asarray(lo, float), np.asarray(hi, float)
     corners = np.array([[(hi if (i >> a) & 1 else lo)[a] for a in range(3)] for i in range(8)])
     quads = [(0, 2, 6, 4), (1, 5, 7, 3), (0, 4, 5, 1), (2, 3, 7, 6), (0, 1, 3, 2), (4, 6, 7, 5)]
-    faces = np.array([[a, b, c] for a, b, c, d in quads] + [[a, c, d] for a, b, c, d in quads])
+    faces = np.array([[a, c, b] for a, b, c, d in quads] + [[a, d, c] for a, b, c, d in quads])  # outward
     return corners, faces
 
 

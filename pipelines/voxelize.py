@@ -162,19 +162,22 @@ class VoxelizeConfig:
 
 
 def _section(cfg, name: str, cls):
-    """A stage accepts the whole preprocessing config (reads `cfg.<name>`), its own section, or None."""
+    """A stage's settings from the whole preprocessing config (its `<name>` section: a dataclass of
+    pipelines.config or a dict), from a section given directly, or defaults for None. Fields the section
+    does not have keep this module's defaults; fields this module does not know are ignored."""
     if cfg is None:
         return cls()
     if isinstance(cfg, cls):
         return cfg
-    sec = getattr(cfg, name, None)
+    sec = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+    if sec is None:
+        sec = cfg  # a section passed directly
     if isinstance(sec, cls):
         return sec
+    fields = cls.__dataclass_fields__
     if isinstance(sec, dict):
-        return cls(**sec)
-    if sec is not None:  # a foreign dataclass with the same field names
-        return cls(**{k: getattr(sec, k) for k in cls.__dataclass_fields__ if hasattr(sec, k)})
-    return cls()
+        return cls(**{k: v for k, v in sec.items() if k in fields and v is not None})
+    return cls(**{k: getattr(sec, k) for k in fields if getattr(sec, k, None) is not None})
 
 
 class Voxelize:

@@ -1,0 +1,288 @@
+"""Helpers for the pipeline tests: a loopback HTTP server with scripted failures, a moto S3 server, one
+shared Ray head per test session (started once, stopped by PID at exit), and stand-in dataset archives."""
+from __future__ import annotations
+
+import atexit
+import gzip
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+
+
+class Route:
+    """What the server answers for one path: ``fail_first`` answers 503 before serving ``body``."""
+
+    def __init__(self, body: bytes = b"", status: int = 200, fail_first: int = 0, delay_s: float = 0.0,
+                 send_length: bool = True, require_auth: str | None = None):
+        self.body, self.status, self.fail_first = body, status, fail_first
+        self.delay_s, self.send_length, self.require_auth = delay_s, send_length, require_auth
+        self.hits = 0
+
+
+class LoopbackHTTP:
+    def __init__(self):
+        self.routes: dict[str, Route] = {}
+        self.active = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_GET(self):  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                route = server.routes.get(path)
+                with server.lock:
+                    server.active += 1
+                    server.peak = max(server.peak, server.active)
+                try:
+                    if route is None:
+                        return self._send(404, b"not found")
+                    route.hits += 1
+                    if route.delay_s:
+                        time.sleep(route.delay_s)
+                    if route.require_auth and self.headers.get("Authorization") != f"Bearer {route.require_auth}":
+                        return self._send(401, b"unauthorized")
+                    if route.hits <= route.fail_first:
+                        return self._send(503, b"try later")
+                    self._send(route.status, route.body, route.send_length)
+                finally:
+                    with server.lock:
+                        server.active -= 1
+
+            def _send(self, status, body, send_length=True):
+                self.send_response(status)
+                if send_length:
+                    self.send_header("Content-Length", str(len(body)))
+                else:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+                if not send_length:
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def add(self, path: str, **kw) -> str:
+        self.routes[path] = Route(**kw)
+        return self.url(path)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ------------------------------------------------------------------------------------------ S3 (moto)
+
+
+class MotoS3:
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        for k, v in S3_ENV.items():
+            os.environ.setdefault(k, v)
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def stop(self):
+        self.server.stop()
+
+
+# ------------------------------------------------------------------------------------------ Ray head
+
+
+class RayHead:
+    """``ray start --head --block`` in its own process group; stopped by killing that group (never ray stop)."""
+
+    def __init__(self, dashboard: bool = False, num_cpus: int = 2):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_port = free_port() if dashboard else None
+        env = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+               # `python` in a job's entrypoint is the cluster's Python: here, the project's venv
+               "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        # Every port explicit: fixed defaults (agent 52365, metrics, ...) clash with other Ray instances on
+        # a shared machine, and an agent that cannot bind leaves the head without job submission.
+        wbase = 20000 + (self.port % 200) * 150
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={self.port}",
+               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+               f"--include-dashboard={'true' if dashboard else 'false'}",
+               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+               f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+               f"--metrics-export-port={free_port()}", f"--min-worker-port={wbase}",
+               f"--max-worker-port={wbase + 149}"]
+        if dashboard:
+            cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+        self.log = open(f"/tmp/mdt-test-ray-{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self._wait()
+        atexit.register(self.stop)
+
+    def _wait(self, timeout: float = 90):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+                if self.dashboard_port is None:
+                    time.sleep(1.0)
+                    return
+                import urllib.request
+
+                urllib.request.urlopen(f"http://127.0.0.1:{self.dashboard_port}/api/version", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("ray head did not come up")
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=8)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.log.close()
+
+
+_SHARED: RayHead | None = None
+
+
+def shared_ray_head() -> RayHead:
+    """One dashboard-less Ray head for all pipeline tests of this pytest process."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = RayHead(dashboard=False, num_cpus=2)
+    return _SHARED
+
+
+def connect_ray():
+    """Connect this process to the shared head (disconnect with ray.shutdown(); the head keeps running)."""
+    import ray
+
+    head = shared_ray_head()
+    if not ray.is_initialized():
+        ray.init(address=head.address, log_to_driver=False)
+    return head
+
+
+# ------------------------------------------------------------------------------------------ stand-ins
+
+
+def glb_bytes(seed: int = 0) -> bytes:
+    """A tiny valid GLB (a box) — stands in for a real asset where only bytes matter."""
+    import trimesh
+
+    m = trimesh.creation.box(extents=(1.0 + 0.01 * seed, 1.0, 1.0))
+    return trimesh.Scene(m).export(file_type="glb")
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)  # writestr keeps '../' names verbatim: exactly the hostile case
+    return buf.getvalue()
+
+
+def tar_bytes(members: dict[str, bytes], symlinks: dict[str, str] | None = None, mode: str = "w") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        for name, target in (symlinks or {}).items():
+            ti = tarfile.TarInfo(name)
+            ti.type = tarfile.SYMTYPE
+            ti.linkname = target
+            tf.addfile(ti)
+    return buf.getvalue()
+
+
+def write_gz_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump(obj, f)
+
+
+def obj_asset() -> dict[str, bytes]:
+    """An OBJ with an MTL and a texture (3D-FUTURE-like)."""
+    obj = (b"mtllib model.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 0 1\nusemtl m\nf 1/1 2/2 3/3\n")
+    mtl = b"newmtl m\nKd 1 1 1\nmap_Kd -bm 1.0 texture.png\n"
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(buf, format="PNG")
+    return {"raw_model.obj": obj, "model.mtl": mtl, "texture.png": buf.getvalue()}
+
+
+def run_job(args: list[str], env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    e = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+         "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "preprocess.py"), *args], env=e,
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
