@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: env test demo bench clean
+.PHONY: env test demo bench bench-preprocess clean
 
 env: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: env
 
 bench: env
 	$(BIN)/python -m mdt.bench.models
+
+bench-preprocess: env
+	$(BIN)/python -m pipelines.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

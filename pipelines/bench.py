@@ -1,0 +1,122 @@
+"""Preprocessing benchmark: the demo preset's real stages on synthetic assets with 1 and with 2 CPU workers.
+
+    python -m pipelines.bench [--assets 8] [--workers 1,2] [--out outputs/bench-preprocess]
+
+"N workers" = the job's process tree pinned to N cores (sched_setaffinity, inherited by Ray's raylet, its
+actors and the Blender processes), Ray started with num_cpus=N, and N actors in each compute stage's pool
+(render, voxelize, features, encode), one thread each. Each configuration runs in a fresh process with its own
+Ray instance and output; the tiny models are created once beforehand and are not timed.
+
+Printed per configuration: time per asset of each stage (mean over assets, from the ledger timings), the job's
+wall time (listing, Ray Data execution, shard commit, manifest, report — Ray startup excluded), assets/hour, and
+the streaming efficiency = sum over assets and stages of compute time / (wall × workers): 1.0 means every
+worker computed all the time. Last line: the wall-time speedup from the first to the last configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPUTE_STAGES = ("render", "voxelize", "features", "encode")
+
+
+def run_one(workers: int, assets: int, out: Path, tiny: Path) -> dict:
+    """One timed job run (called in a fresh, CPU-pinned process)."""
+    from jobs.config import load_config
+    from pipelines import graph
+    from pipelines.config import PreprocessConfig
+
+    pools = 2 + len(COMPUTE_STAGES) * workers  # download + writer + N actors per compute stage
+    share = round(workers / pools - 1e-3, 4)  # every actor of every pool fits at once: the stages stream
+    overrides = [f"sources.specs=['synthetic:{assets}']", f"output='{out}'", f"download.cache_uri='{out}/cache'",
+                 f"tiny_models='{tiny}'", f"ray.num_cpus={workers}", "resume.enabled=false",
+                 "resources.download={concurrency: 1, num_cpus: %s}" % share,
+                 "resources.write={concurrency: 1, num_cpus: %s}" % share]
+    overrides += ["resources.%s={concurrency: %d, num_cpus: %s}" % (s, workers, share) for s in COMPUTE_STAGES]
+    cfg = load_config(PreprocessConfig, "demo", overrides, prefix="preprocess_")
+    graph.absolutize_paths(cfg)
+    graph.init_ray(cfg)  # not timed: the wall time below starts at listing
+    result = graph.run(cfg, progress_every_s=30)
+    rep = result.report
+    compute_s = 0.0
+    for s in result.summaries:
+        compute_s += sum(float(v) for v in json.loads(s["timings"] or "{}").values())
+    return {
+        "workers": workers, "assets": assets, "done": rep["done"], "failed": rep["failed"], "wall_s": result.wall_s,
+        "assets_per_hour": rep["assets_per_hour"], "compute_s": compute_s,
+        "efficiency": compute_s / (result.wall_s * workers),
+        "stage_mean_s": {k: v["mean_s"] for k, v in rep["stages"].items()},
+    }
+
+
+def table(results: list[dict]) -> str:
+    stages = list(results[0]["stage_mean_s"])
+    head = "| workers | " + " | ".join(f"{s} s/asset" for s in stages) + " | wall s | assets/h | efficiency |"
+    lines = [head, "|" + "---:|" * (len(stages) + 4)]
+    for r in results:
+        cells = [f"{r['stage_mean_s'][s]:.2f}" if r["stage_mean_s"][s] is not None else "-" for s in stages]
+        lines.append(f"| {r['workers']} | " + " | ".join(cells) +
+                     f" | {r['wall_s']:.1f} | {r['assets_per_hour']:.0f} | {r['efficiency']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--assets", type=int, default=8)
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    p.add_argument("--out", default="outputs/bench-preprocess")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one configuration
+    p.add_argument("--tiny", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.one:
+        res = run_one(args.one, args.assets, out / f"workers-{args.one}", Path(args.tiny))
+        (out / f"workers-{args.one}.json").write_text(json.dumps(res, indent=2))
+        return 0 if res["done"] == args.assets else 1
+
+    workers = [int(w) for w in args.workers.split(",")]
+    cores = sorted(os.sched_getaffinity(0))
+    if max(workers) > len(cores):
+        p.error(f"{max(workers)} workers asked but this process may use {len(cores)} cores")
+    out.mkdir(parents=True, exist_ok=True)
+    from pipelines.testing import ensure_tiny_models
+
+    tiny = out / "tiny-models"
+    ensure_tiny_models(str(tiny))
+    results = []
+    for n in workers:
+        with tempfile.TemporaryDirectory() as scratch:
+            import shutil
+
+            shutil.rmtree(out / f"workers-{n}", ignore_errors=True)
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                   "RAY_AUTH_MODE": "disabled", "TMPDIR": scratch}
+            pinned = set(cores[:n])
+            print(f"--- {n} worker(s): cores {sorted(pinned)}, {args.assets} synthetic assets", flush=True)
+            rc = subprocess.call([sys.executable, "-m", "pipelines.bench", "--one", str(n), "--assets",
+                                  str(args.assets), "--out", str(out), "--tiny", str(tiny)],
+                                 cwd=ROOT, env=env, preexec_fn=lambda: os.sched_setaffinity(0, pinned))
+        if rc != 0:
+            print(f"the {n}-worker run failed (exit {rc})", file=sys.stderr)
+            return 1
+        results.append(json.loads((out / f"workers-{n}.json").read_text()))
+    print("\nPreprocessing benchmark (preset demo: Blender Cycles CPU "
+          "renders, 64³ voxelizer, tiny DINOv2 features, tiny SS/SLat encoders)")
+    print(table(results))
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(f"speedup {a['workers']} -> {b['workers']} workers: {a['wall_s'] / b['wall_s']:.2f}x wall time "
+              f"({a['wall_s']:.1f} s -> {b['wall_s']:.1f} s)")
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    print(f"results: {out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
