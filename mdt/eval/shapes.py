@@ -1,0 +1,143 @@
+"""Metrics between sets of voxel shapes (boolean occupancy grids [N, R, R, R]).
+
+* `iou_matrix(a, b)` -> [n, m] intersection-over-union; the shape distance is 1 - IoU.
+* `surface_points(occ)`: centres of the boundary voxels (occupied with an empty 6-neighbour), in [-1, 1]^3,
+  subsampled to at most `max_points` with a fixed seed; `chamfer_matrix(pa, pb)` -> [n, m] symmetric Chamfer
+  distance (mean nearest-neighbour Euclidean distance, averaged over both directions).
+* `coverage_mmd(d)`: for a distance matrix d [n_ref, n_gen], COV = fraction of reference shapes that are the
+  nearest reference of at least one generated shape, MMD = mean over references of the distance to the closest
+  generated shape (Achlioptas et al.'s COV / MMD).
+* `OccupancyFeatureNet`: a fixed, seeded random 3-D conv net (no training, no data), whose per-layer spatial
+  mean and standard deviation are the features of the Frechet distance on shapes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+EMPTY_CHAMFER = 1.0  # Chamfer distance assigned to a pair with an empty shape (grid coordinates in [-1, 1])
+
+
+def iou_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """IoU between every shape of a [n, ...] and every shape of b [m, ...] (boolean); two empty shapes: 1."""
+    fa = a.reshape(a.shape[0], -1).float()
+    fb = b.reshape(b.shape[0], -1).float()
+    inter = fa @ fb.T
+    union = fa.sum(1, keepdim=True) + fb.sum(1)[None] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter)).double()
+
+
+def boundary(occ: Tensor) -> Tensor:
+    """Occupied voxels with at least one empty (or out-of-grid) 6-neighbour: [N, R, R, R] bool."""
+    o = occ.float().unsqueeze(1)
+    pad = F.pad(o, (1, 1, 1, 1, 1, 1), value=0.0)
+    k = torch.zeros(1, 1, 3, 3, 3)
+    for d in ((0, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 1), (1, 1, 0), (1, 1, 2)):
+        k[0, 0, d[0], d[1], d[2]] = 1.0
+    neighbours = F.conv3d(pad, k)
+    return (occ.bool() & (neighbours.squeeze(1) < 5.5))
+
+
+def surface_points(occ: Tensor, max_points: int = 256, seed: int = 0) -> list[Tensor]:
+    """Boundary-voxel centres of each shape in [-1, 1]^3 (at most max_points each, fixed subsample)."""
+    res = occ.shape[-1]
+    surf = boundary(occ)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in surf:
+        idx = s.nonzero().double()
+        if idx.shape[0] > max_points:
+            idx = idx[torch.randperm(idx.shape[0], generator=g)[:max_points]]
+        out.append((idx + 0.5) / res * 2 - 1)
+    return out
+
+
+def _pad(points: list[Tensor]) -> tuple[Tensor, Tensor]:
+    p = max(1, max(x.shape[0] for x in points))
+    pts = torch.zeros(len(points), p, 3, dtype=torch.float64)
+    mask = torch.zeros(len(points), p, dtype=torch.bool)
+    for i, x in enumerate(points):
+        pts[i, :x.shape[0]] = x
+        mask[i, :x.shape[0]] = True
+    return pts, mask
+
+
+def chamfer_matrix(pa: list[Tensor], pb: list[Tensor]) -> Tensor:
+    """Symmetric Chamfer distance between every point set of pa and of pb: [n, m] (float64)."""
+    a, ma = _pad(pa)
+    b, mb = _pad(pb)
+    out = torch.empty(len(pa), len(pb), dtype=torch.float64)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    for i in range(len(pa)):
+        d = torch.cdist(a[i:i + 1].expand(len(pb), -1, -1), b)            # [m, Pa, Pb]
+        d = torch.where(mb[:, None, :], d, inf)
+        ab = d.min(2).values                                              # [m, Pa]
+        ab = torch.where(ma[i][None], ab, torch.zeros_like(ab)).sum(1) / ma[i].sum().clamp(min=1)
+        d = torch.where(ma[i][None, :, None], d, inf)
+        ba = d.min(1).values                                              # [m, Pb]
+        ba = torch.where(mb, ba, torch.zeros_like(ba)).sum(1) / mb.sum(1).clamp(min=1)
+        row = (ab + ba) / 2
+        empty = (~ma[i].any()) | (~mb.any(1))
+        out[i] = torch.where(empty, torch.full_like(row, EMPTY_CHAMFER), row)
+        both_empty = (~ma[i].any()) & (~mb.any(1))
+        out[i] = torch.where(both_empty, torch.zeros_like(row), out[i])
+    return out
+
+
+def coverage_mmd(d: Tensor) -> tuple[float, float]:
+    """(COV, MMD) from a distance matrix d [n_ref, n_gen] (lower distance = more similar)."""
+    d = torch.as_tensor(d, dtype=torch.float64)
+    nearest_ref = d.argmin(0)                                             # for each generated shape
+    cov = torch.unique(nearest_ref).numel() / d.shape[0]
+    mmd = d.min(1).values.mean().item()
+    return float(cov), float(mmd)
+
+
+def grouped_coverage_mmd(d_blocks: list[Tensor]) -> tuple[float, float]:
+    """COV / MMD of class-conditional generation: per-class blocks d_c [n_ref_c, n_gen_c], pooled over refs."""
+    covered = total = 0
+    mmd_sum = 0.0
+    for d in d_blocks:
+        cov, mmd = coverage_mmd(d)
+        covered += cov * d.shape[0]
+        mmd_sum += mmd * d.shape[0]
+        total += d.shape[0]
+    return covered / total, mmd_sum / total
+
+
+class OccupancyFeatureNet(nn.Module):
+    """Fixed random 3-D conv net: occupancy [N, R, R, R] -> features [N, 2 * sum(channels)] (no training).
+
+    Three stride-2 3x3x3 convolutions with leaky ReLU (Kaiming-normal weights from `seed`); after each layer the
+    spatial mean and standard deviation of every channel are features. The input is occupancy mapped to {-1, 1}.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (8, 16, 32), seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        layers, cin = [], 1
+        for c in channels:
+            conv = nn.Conv3d(cin, c, 3, stride=2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * np.sqrt(2.0 / (cin * 27)))
+                conv.bias.copy_(0.1 * torch.randn(conv.bias.shape, generator=g))
+            layers.append(conv)
+            cin = c
+        self.layers = nn.ModuleList(layers)
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, occ: Tensor, batch: int = 64) -> Tensor:
+        feats = []
+        for i in range(0, occ.shape[0], batch):
+            h = occ[i:i + batch].float().unsqueeze(1) * 2 - 1
+            f = []
+            for conv in self.layers:
+                h = F.leaky_relu(conv(h), 0.2)
+                flat = h.flatten(2)
+                f += [flat.mean(2), flat.std(2)]
+            feats.append(torch.cat(f, 1))
+        return torch.cat(feats).double()

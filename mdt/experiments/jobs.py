@@ -1,0 +1,143 @@
+"""Units of work of the benchmark, run in worker processes (one torch thread each).
+
+* `teacher_job`: flow-matching training of a problem's teacher; saves the EMA weights.
+* `reference_job`: for one seed, the evaluation set, the teacher's 25-step CFG reference samples (independent
+  noise) and the teacher evaluated at 1, 2, 4 and 25 steps from the evaluation noise (its 25-step samples are the
+  paired reference of the students); saves both sample sets.
+* `distill_job`: one method, one seed: distil from the teacher and evaluate at 1, 2 and 4 steps.
+Every job takes plain dicts (picklable) and returns a dict of metrics, logs and CPU/wall times.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from mdt.sparse import SparseTensor
+
+from .methods import DistillHP, TeacherHP, distill, sample, train_teacher
+from .mixture import MixtureProblem, MixtureSpec
+from .shapes import ShapeSpec, ShapesProblem, SparseShapesProblem
+
+EVAL_STEPS = (1, 2, 4)
+TEACHER_STEPS = 25
+REF_NOISE_OFFSET = 50_000      # seed offset of the reference teacher samples' noise
+EVAL_NOISE_OFFSET = 60_000     # seed offset of the evaluation noise (shared by all methods of a seed)
+TRAIN_SEED_OFFSET = 1_000      # distillation data/noise stream of seed s: 1000 + 97 s + method index
+
+
+def build_problem(pp: dict):
+    kind = pp["kind"]
+    if kind == "mixture":
+        return MixtureProblem(MixtureSpec(**pp.get("spec", {})))
+    spec = ShapeSpec(**pp.get("spec", {}))
+    if kind == "shapes":
+        return ShapesProblem(spec, pp.get("model", {}))
+    if kind == "shapes_sparse":
+        return SparseShapesProblem(spec, pp.get("model", {}))
+    raise ValueError(f"unknown problem kind {kind!r}")
+
+
+def _paths(out: str, name: str) -> dict:
+    work = Path(out) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    return {"teacher": work / f"{name}_teacher.pt", "ref": lambda s: work / f"{name}_ref_seed{s}.pt"}
+
+
+def _setup_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def _load_teacher(problem, pp: dict, out: str):
+    model = problem.build_model(0)
+    model.load_state_dict(torch.load(_paths(out, pp["name"])["teacher"], weights_only=True))
+    return model.eval().requires_grad_(False)
+
+
+def _save_samples(x) -> dict:
+    if isinstance(x, SparseTensor):
+        return {"feats": x.feats, "coords": x.coords, "batch_size": x.batch_size}
+    return {"dense": x}
+
+
+def _load_samples(d: dict):
+    if "dense" in d:
+        return d["dense"]
+    return SparseTensor(d["feats"], d["coords"], batch_size=d["batch_size"])
+
+
+def _generate(method: str, model, problem, es: dict, noise_seed: int, steps: int, cfg: float, batch: int | None):
+    noise = problem.noise(es, noise_seed)
+    x = sample(method, model, noise, es["cond"], steps, cfg, batch=batch)
+    return problem.nonfinite_guard(x)
+
+
+def teacher_job(pp: dict, out: str, threads: int = 1) -> dict:
+    _setup_threads(threads)
+    t0, c0 = time.perf_counter(), time.process_time()
+    problem = build_problem(pp)
+    model = problem.build_model(0)
+    hp = TeacherHP(**pp["teacher"])
+    ema, log = train_teacher(model, problem.train_batch, hp, seed=0, log_every=max(1, hp.steps // 20))
+    torch.save(ema.state_dict(), _paths(out, pp["name"])["teacher"])
+    return {"job": "teacher", "problem": pp["name"], "log": log, "params": sum(p.numel() for p in model.parameters()),
+            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+
+
+def reference_job(pp: dict, out: str, seed: int, threads: int = 1) -> dict:
+    _setup_threads(threads)
+    t0, c0 = time.perf_counter(), time.process_time()
+    problem = build_problem(pp)
+    teacher = _load_teacher(problem, pp, out)
+    cfg = pp["distill"]["cfg"]
+    es = problem.eval_set(pp["eval_per_class"], seed)
+    batch = pp.get("eval_batch")
+    ref = _generate("teacher", teacher, problem, es, REF_NOISE_OFFSET + seed, TEACHER_STEPS, cfg, batch)
+    paired = _generate("teacher", teacher, problem, es, EVAL_NOISE_OFFSET + seed, TEACHER_STEPS, cfg, batch)
+    torch.save({"ref": _save_samples(ref), "paired": _save_samples(paired)}, _paths(out, pp["name"])["ref"](seed))
+    ref_r, paired_r = _reference(problem, ref), _reference(problem, paired)
+    metrics = {str(TEACHER_STEPS): problem.evaluate(paired, es, ref_r, paired_r)}
+    for steps in EVAL_STEPS:
+        x = _generate("teacher", teacher, problem, es, EVAL_NOISE_OFFSET + seed, steps, cfg, batch)
+        metrics[str(steps)] = problem.evaluate(x, es, ref_r, paired_r)
+    # finite-sample floor: held-out data against a second, independent held-out set
+    # (not for the sparse variant, whose samples live on the evaluation set's own coordinates)
+    data_floor = None
+    if hasattr(problem, "data_as_sample"):
+        floor = problem.eval_set(pp["eval_per_class"], seed + 500)
+        data_floor = problem.evaluate(problem.data_as_sample(floor), es, ref_r, None)
+    return {"job": "reference", "problem": pp["name"], "method": "teacher", "seed": seed, "metrics": metrics,
+            "data_floor": data_floor, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+
+
+def _reference(problem, x):
+    if hasattr(problem, "reference"):
+        return problem.reference(x)
+    return x
+
+
+def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | None = None, label: str | None = None,
+                threads: int = 1) -> dict:
+    _setup_threads(threads)
+    t0, c0 = time.perf_counter(), time.process_time()
+    problem = build_problem(pp)
+    teacher = _load_teacher(problem, pp, out)
+    hp = DistillHP(**{**pp["distill"], **(overrides or {})})
+    stream = TRAIN_SEED_OFFSET + 97 * seed + ("cm", "pcm", "scm", "vm", "mdt").index(method)
+    student, log = distill(method, teacher, problem.train_batch, hp, seed=stream,
+                           log_every=max(1, hp.steps // 20))
+    train_wall, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+    es = problem.eval_set(pp["eval_per_class"], seed)
+    saved = torch.load(_paths(out, pp["name"])["ref"](seed), weights_only=False)
+    ref_r = _reference(problem, _load_samples(saved["ref"]))
+    paired_r = _reference(problem, _load_samples(saved["paired"]))
+    metrics = {}
+    for steps in EVAL_STEPS:
+        x = _generate(method, student, problem, es, EVAL_NOISE_OFFSET + seed, steps, hp.cfg, pp.get("eval_batch"))
+        metrics[str(steps)] = problem.evaluate(x, es, ref_r, paired_r)
+    return {"job": "distill", "problem": pp["name"], "method": method, "label": label or method, "seed": seed,
+            "metrics": metrics, "log": log, "train_wall_s": train_wall, "train_cpu_s": train_cpu,
+            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}

@@ -1,0 +1,474 @@
+"""Reproduction benchmark: few-step distillation of toy TRELLIS-like flows with MDT-dist and baselines.
+
+    python -m mdt.experiments.reproduce --preset {ci,small} --out DIR [--workers 2] [--timing-threads 2]
+                                        [--keep-work] [--retime]
+
+(`--keep-work` keeps the teachers and reference samples for `--retime` and for `python -m mdt.experiments.ablate`,
+the hyper-parameter ablations; docs/reproduction.md has the results of the small preset.)
+
+Problems (see mixture.py / shapes.py): `mixture` (8-D, 10-class Gaussian mixture, residual MLP), `shapes`
+(24 procedural shape classes, 32^3 occupancy packed into 16^3 x 8 SS-like latents, tiny SparseStructureFlowModel
+with class tokens), `shapes_sparse` (SLat-like per-voxel features on occupied voxels, tiny SLatFlowModel; a tiny
+budget that runs the whole pipeline for every objective). For each: a flow-matching teacher (sampled with 25
+Euler steps + CFG), then with equal budgets the students `cm`, `pcm`, `scm`, `vm` (MDT VM only), `mdt` (VM + VD),
+and `teacher` (no distillation) at few steps; evaluation at 1, 2, 4 steps (teacher also 25) against the teacher's
+25-step samples and against held-out data, over the preset's seeds (one teacher per problem; a seed changes the
+distillation data/noise stream, the evaluation noise and the held-out set).
+
+Outputs in DIR:
+* results.json: {problem: {method: {steps: {metric: {"mean", "std"}}}}} for the problems, plus the reserved
+  top-level keys "meta" (preset, versions, times, problem list, metric directions), "nfe", "wall_time",
+  "notes" (hyper-parameters, ordering checks, ablations, findings) and "data_floor" (held-out vs. held-out).
+* logs.json: training curves and per-job times. results.png: metric vs. steps per problem and method.
+The tables printed follow the paper's Tables 2 (methods x steps) and 3 (ablation none / VM / VM + VD).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import jobs
+from .methods import METHODS, STUDENT_METHODS, nfe
+from .presets import get_preset
+
+PROBLEM_TITLES = {
+    "mixture": "conditional 8-D Gaussian mixture (10 classes), residual-MLP flow",
+    "shapes": "SS-like shapes: 24 classes, 32^3 occupancy -> 16^3x8 latents, tiny SparseStructureFlowModel",
+    "shapes_sparse": "SLat-like sparse variant: per-voxel features on occupied voxels, tiny SLatFlowModel",
+}
+RESERVED = ("meta", "nfe", "wall_time", "notes", "data_floor")
+STEPS = ("1", "2", "4")
+
+
+# ---- scheduling -----------------------------------------------------------------------------------------------
+class Scheduler:
+    """Runs jobs in a spawn pool (or inline with workers=0) and submits dependants as results arrive."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool = mp.get_context("spawn").Pool(workers) if workers > 0 else None
+        self.pending: dict[str, object] = {}
+        self.inline: list[tuple[str, callable, tuple]] = []
+
+    def submit(self, key: str, fn, *args) -> None:
+        if self.pool is None:
+            self.inline.append((key, fn, args))
+        else:
+            self.pending[key] = self.pool.apply_async(fn, args)
+
+    def results(self):
+        while self.pending or self.inline:
+            if self.pool is None:
+                key, fn, args = self.inline.pop(0)
+                yield key, fn(*args)
+                continue
+            done = [k for k, r in self.pending.items() if r.ready()]
+            if not done:
+                time.sleep(0.1)
+                continue
+            for key in done:
+                yield key, self.pending.pop(key).get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+def run_jobs(preset: dict, out: Path, workers: int, log) -> list[dict]:
+    problems = {pp["name"]: pp for pp in preset["problems"]}
+    sched = Scheduler(workers)
+    out_s = str(out)
+    for pp in preset["problems"]:
+        sched.submit(f"teacher/{pp['name']}", jobs.teacher_job, pp, out_s)
+    done: list[dict] = []
+    try:
+        for key, res in sched.results():
+            done.append(res)
+            kind, name = key.split("/")[:2]
+            pp = problems[name]
+            log(f"  [{time.strftime('%H:%M:%S')}] done {key} ({res['wall_s']:.1f}s wall, {res['cpu_s']:.1f}s cpu)")
+            if kind == "teacher":
+                for seed in pp["seeds"]:
+                    sched.submit(f"ref/{name}/{seed}", jobs.reference_job, pp, out_s, seed)
+            elif kind == "ref":
+                seed = res["seed"]
+                for method in STUDENT_METHODS:
+                    sched.submit(f"distill/{name}/{method}/{seed}", jobs.distill_job, pp, out_s, method, seed)
+                if seed == pp["seeds"][0]:
+                    for ab in pp.get("ablations", []):
+                        sched.submit(f"ablation/{name}/{ab['label']}/{seed}", jobs.distill_job, pp, out_s,
+                                     ab["method"], seed, ab["overrides"], ab["label"])
+    finally:
+        sched.close()
+    return done
+
+
+# ---- aggregation -----------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> dict:
+    v = [float(x) for x in values]
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+
+
+def aggregate(done: list[dict], preset: dict) -> tuple[dict, dict]:
+    results: dict = {}
+    floors: dict = {}
+    for pp in preset["problems"]:
+        name = pp["name"]
+        per = {m: {} for m in METHODS}
+        for r in done:
+            if r.get("problem") != name or r["job"] not in ("reference", "distill") or r.get("label", r.get("method")) != r.get("method"):
+                continue
+            for steps, metrics in r["metrics"].items():
+                for k, v in metrics.items():
+                    per[r["method"]].setdefault(steps, {}).setdefault(k, []).append(v)
+        results[name] = {m: {s: {k: _mean_std(v) for k, v in sorted(ms.items())}
+                             for s, ms in sorted(per[m].items(), key=lambda kv: int(kv[0]))} for m in METHODS}
+        fl = [r["data_floor"] for r in done if r.get("problem") == name and r["job"] == "reference"
+              and r.get("data_floor")]
+        if fl:
+            floors[name] = {k: _mean_std([f[k] for f in fl]) for k in fl[0] if k.endswith("_data")}
+    return results, floors
+
+
+# ---- timing ----------------------------------------------------------------------------------------------------
+def measure_wall_time(preset: dict, out: Path, threads: int) -> tuple[dict, dict]:
+    """NFE (mdt.flow.count_nfe) and CPU wall time of one sampling run, teacher 25-step CFG vs students.
+
+    Each configuration runs `timing_repeats` times, interleaved; the reported time is the best run (the median
+    is kept too). The students are timed with the teacher's network (same architecture and size as theirs)."""
+    from .methods import sample
+
+    torch.set_num_threads(threads)
+    nfe_table, wall = {}, {}
+    repeats = preset.get("timing_repeats", 3)
+    for pp in preset["problems"]:
+        problem = jobs.build_problem(pp)
+        model = jobs._load_teacher(problem, pp, str(out))
+        cfg = pp["distill"]["cfg"]
+        n = pp["timing_batch"]
+        es = problem.eval_set(max(1, math.ceil(n / problem_num_classes(problem))), 0)
+        if pp["kind"] == "shapes_sparse":
+            from mdt.sparse import sparse_cat, sparse_unbind
+            parts = sparse_unbind(es["data"])[:n]
+            es = {"data": sparse_cat(parts, 0), "cond": es["cond"][:n], "labels": es["labels"][:n]}
+        else:
+            es = {k: v[:n] if torch.is_tensor(v) else v for k, v in es.items()}
+        noise = problem.noise(es, 0)
+        configs = [("teacher", jobs.TEACHER_STEPS)] + [("student", s) for s in (1, 2, 4)]
+        times, medians = {}, {}
+        sample("teacher", model, noise, es["cond"], 1, cfg)                # warm-up (one guided step)
+        # interleave the configurations over the repeats so that a burst of load from other processes hits
+        # all of them alike; the best of the repeats is the estimate (robust to load, the usual benchmark rule)
+        ts = {f"{who}_{steps}": [] for who, steps in configs}
+        for _ in range(repeats):
+            for who, steps in configs:
+                method = "teacher" if who == "teacher" else "mdt"
+                t0 = time.perf_counter()
+                sample(method, model, noise, es["cond"], steps, cfg)
+                ts[f"{who}_{steps}"].append(time.perf_counter() - t0)
+        for k, v in ts.items():
+            times[k], medians[k] = min(v), statistics.median(v)
+        base_nfe = nfe("teacher", jobs.TEACHER_STEPS, cfg)
+        base_t = times[f"teacher_{jobs.TEACHER_STEPS}"]
+        nfe_table[pp["name"]] = {}
+        wall[pp["name"]] = {"batch": n, "threads": threads, "repeats": repeats}
+        for who, steps in configs:
+            k = f"{who}_{steps}"
+            n_eval = nfe("teacher" if who == "teacher" else "mdt", steps, cfg)
+            nfe_table[pp["name"]][k] = {"nfe": n_eval, "ratio_vs_teacher25": base_nfe / n_eval}
+            wall[pp["name"]][k] = {"seconds": times[k], "ratio_vs_teacher25": base_t / times[k],
+                                   "median_seconds": medians[k],
+                                   "median_ratio_vs_teacher25": medians[f"teacher_{jobs.TEACHER_STEPS}"] / medians[k]}
+    return nfe_table, wall
+
+
+def problem_num_classes(problem) -> int:
+    return getattr(problem, "num_classes", None) or problem.spec.num_classes
+
+
+# ---- notes ----------------------------------------------------------------------------------------------------
+def lower_is_better(problem_name: str, metric: str) -> bool:
+    from .mixture import MixtureProblem
+    from .shapes import ShapesProblem, SparseShapesProblem
+
+    table = {"mixture": MixtureProblem, "shapes": ShapesProblem, "shapes_sparse": SparseShapesProblem}
+    return table[problem_name].metrics_lower_is_better.get(metric, True)
+
+
+def ordering_notes(results: dict, preset: dict) -> dict:
+    """Check the paper's orderings at 1 step on each problem's primary metric (and on every metric)."""
+    chains = {"baselines": ["teacher", "cm", "pcm", "scm", "mdt"], "ablation": ["teacher", "vm", "mdt"]}
+    notes = {}
+    for pp in preset["problems"]:
+        name, primary = pp["name"], pp["primary"]
+        res = results[name]
+        entry = {"metric": primary, "steps": "1", "lower_is_better": lower_is_better(name, primary)}
+        for chain_name, chain in chains.items():
+            vals = [res[m]["1"][primary]["mean"] for m in chain]
+            sign = 1 if entry["lower_is_better"] else -1
+            pairs = {f"{a}>{b}": bool(sign * (va - vb) > 0) for a, b, va, vb in
+                     zip(chain, chain[1:], vals, vals[1:])}
+            ranking = [m for _, m in sorted(zip([sign * v for v in vals], chain), reverse=True)]
+            entry[chain_name] = {"expected": " > ".join(chain) + " (worst to best)", "values": dict(zip(chain, vals)),
+                                 "pairs_held": pairs, "holds": all(pairs.values()),
+                                 "observed_worst_to_best": " > ".join(ranking)}
+        # how often each pair holds across all metrics at 1 step
+        counts = {}
+        for metric in res["teacher"]["1"]:
+            lib = lower_is_better(name, metric)
+            sign = 1 if lib else -1
+            for chain in chains.values():
+                for a, b in zip(chain, chain[1:]):
+                    key = f"{a}>{b}"
+                    ok = sign * (res[a]["1"][metric]["mean"] - res[b]["1"][metric]["mean"]) > 0
+                    counts.setdefault(key, [0, 0])
+                    counts[key][0] += int(ok)
+                    counts[key][1] += 1
+        entry["pairs_held_over_all_metrics"] = {k: f"{v[0]}/{v[1]}" for k, v in counts.items()}
+        notes[name] = entry
+    return notes
+
+
+def ablation_notes(done: list[dict], preset: dict, results: dict) -> dict:
+    out = {}
+    for pp in preset["problems"]:
+        rows = [r for r in done if r.get("problem") == pp["name"] and r["job"] == "distill"
+                and r.get("label") != r.get("method")]
+        if not rows:
+            continue
+        primary = pp["primary"]
+        seed0 = pp["seeds"][0]
+        ref = {m: {s: next(r["metrics"][s][primary] for r in done if r.get("problem") == pp["name"]
+                           and r.get("method") == m and r.get("seed") == seed0 and r.get("label", m) == m)
+                   for s in STEPS} for m in ("mdt", "vm")}
+        out[pp["name"]] = {"metric": primary, "seed": seed0,
+                           "baseline_mdt": ref["mdt"], "baseline_vm": ref["vm"],
+                           "runs": {r["label"]: {s: r["metrics"][s][primary] for s in STEPS} for r in rows}}
+    return out
+
+
+# ---- printing --------------------------------------------------------------------------------------------------
+def _fmt(d: dict | None) -> str:
+    if d is None:
+        return "-"
+    m, s = d["mean"], d["std"]
+    mag = max(abs(m), 1e-12)
+    digits = max(0, 2 - int(math.floor(math.log10(mag)))) if mag < 1000 else 0
+    digits = min(digits, 4)
+    return f"{m:.{digits}f}±{s:.{digits}f}"
+
+
+def format_tables(results: dict, preset: dict, nfe_table: dict) -> str:
+    lines = []
+    for pp in preset["problems"]:
+        name = pp["name"]
+        res = results[name]
+        metrics = list(res["teacher"]["25"].keys())
+        heads = [f"{m}{'↓' if lower_is_better(name, m) else '↑'}" for m in metrics]
+        width = max(14, *(len(h) + 1 for h in heads))
+        cfg = pp["distill"]["cfg"]
+        nseeds = len(pp["seeds"])
+
+        def row(method: str, steps: str) -> str:
+            n_eval = nfe(method, int(steps), cfg)
+            cells = "".join(f"{_fmt(res[method].get(steps, {}).get(m)):>{width}}" for m in metrics)
+            label = {"teacher": "none (teacher)", "vm": "VM", "mdt": "VM+VD (MDT)", "cm": "CM", "pcm": "PCM",
+                     "scm": "sCM"}[method]
+            return f"{label:<16}{steps:>6}{n_eval:>5}{cells}"
+
+        header = f"{'method':<16}{'steps':>6}{'NFE':>5}" + "".join(f"{h:>{width}}" for h in heads)
+        lines.append("")
+        lines.append(f"Table 2 [{name}] {PROBLEM_TITLES[name]} -- mean±std over {nseeds} seed(s); "
+                     f"*_teacher: vs the teacher's 25-step CFG (w={cfg}) samples, *_data: vs held-out data")
+        lines.append(header)
+        lines.append("-" * len(header))
+        lines.append(row("teacher", "25"))
+        for steps in STEPS:
+            lines.append("")
+            for method in ("teacher", "cm", "pcm", "scm", "mdt"):
+                lines.append(row(method, steps))
+        lines.append("")
+        lines.append(f"Table 3 [{name}] ablation: none / VM / VM+VD")
+        lines.append(header)
+        lines.append("-" * len(header))
+        for steps in STEPS:
+            for method in ("teacher", "vm", "mdt"):
+                lines.append(row(method, steps))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def format_nfe(nfe_table: dict, wall: dict) -> str:
+    lines = ["", "NFE and measured CPU wall time per sampling run (best of the repeats; students sample without CFG)",
+             f"{'problem':<15}{'config':<22}{'NFE':>5}{'NFE ratio':>11}{'wall s':>10}{'wall ratio':>12}"
+             f"{'median ratio':>14}{'batch':>7}{'threads':>9}"]
+    for name, rows in nfe_table.items():
+        for k, v in rows.items():
+            who, steps = k.split("_")
+            label = f"teacher {steps}-step CFG" if who == "teacher" else f"student {steps}-step"
+            w = wall[name][k]
+            lines.append(f"{name:<15}{label:<22}{v['nfe']:>5}{v['ratio_vs_teacher25']:>10.1f}x{w['seconds']:>10.4f}"
+                         f"{w['ratio_vs_teacher25']:>11.1f}x{w.get('median_ratio_vs_teacher25', float('nan')):>13.1f}x"
+                         f"{wall[name]['batch']:>7}{wall[name]['threads']:>9}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, preset: dict, floors: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs = preset["problems"]
+    fig, axes = plt.subplots(2, len(probs), figsize=(5.2 * len(probs), 8), squeeze=False)
+    colours = {"teacher": "k", "cm": "C0", "pcm": "C1", "scm": "C2", "vm": "C3", "mdt": "C4"}
+    for j, pp in enumerate(probs):
+        name = pp["name"]
+        res = results[name]
+        primary = pp["primary"]
+        data_metric = next((m for m in res["teacher"]["25"] if m.startswith(primary.split("_")[0])
+                            and m.endswith("_data")), None)
+        data_metric = data_metric or next((m for m in res["teacher"]["25"] if m.endswith("_data")), primary)
+        for i, metric in enumerate((primary, data_metric)):
+            ax = axes[i][j]
+            for method in METHODS:
+                xs = [int(s) for s in STEPS]
+                ys = [res[method][s][metric]["mean"] for s in STEPS]
+                es = [res[method][s][metric]["std"] for s in STEPS]
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colours[method], label=method)
+            t25 = res["teacher"]["25"][metric]["mean"]
+            ax.axhline(t25, color="k", ls="--", lw=1, label="teacher 25 + CFG")
+            if name in floors and metric in floors[name]:
+                ax.axhline(floors[name][metric]["mean"], color="grey", ls=":", lw=1, label="data vs data")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([1, 2, 4])
+            ax.set_xticklabels(["1", "2", "4"])
+            ax.set_xlabel("sampling steps")
+            arrow = "lower is better" if lower_is_better(name, metric) else "higher is better"
+            ax.set_title(f"{name}: {metric} ({arrow})", fontsize=10)
+            if lower_is_better(name, metric) and all(res[m][s][metric]["mean"] > 0 for m in METHODS for s in STEPS):
+                ax.set_yscale("log")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def _nfe_ok(nfe_table: dict) -> dict:
+    return {name: {"student_1_ge_20x": rows["student_1"]["ratio_vs_teacher25"] >= 20,
+                   "student_2_ge_10x": rows["student_2"]["ratio_vs_teacher25"] >= 10}
+            for name, rows in nfe_table.items()}
+
+
+def retime(args) -> int:
+    out = Path(args.out)
+    path = out / "results.json"
+    payload = json.loads(path.read_text())
+    preset = get_preset(payload["meta"]["preset"])
+    torch.set_num_threads(1)
+    nfe_table, wall = measure_wall_time(preset, out, args.timing_threads)
+    payload["nfe"], payload["wall_time"] = nfe_table, wall
+    payload["notes"]["nfe_requirements"] = _nfe_ok(nfe_table)
+    payload["meta"]["timing_threads"] = args.timing_threads
+    payload["meta"]["retimed"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path.write_text(json.dumps(payload, indent=1))
+    print(format_nfe(nfe_table, wall), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="small", choices=["ci", "small"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (1 torch thread each); 0 = inline")
+    ap.add_argument("--timing-threads", type=int, default=2, help="torch threads of the wall-time measurement")
+    ap.add_argument("--keep-work", action="store_true", help="keep DIR/work (teacher weights, reference samples)")
+    ap.add_argument("--retime", action="store_true",
+                    help="only re-measure NFE / wall time on a finished run made with --keep-work and update "
+                         "DIR/results.json (e.g. on a quieter machine)")
+    args = ap.parse_args(argv)
+    if args.retime:
+        return retime(args)
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(1)
+    preset = get_preset(args.preset)
+    workers = preset.get("workers", 2) if args.workers is None else args.workers
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log(f"mdt.experiments.reproduce --preset {args.preset}: {len(preset['problems'])} problems, {workers} workers, "
+        f"methods {', '.join(METHODS)}")
+    done = run_jobs(preset, out, workers, log)
+    t_jobs = time.perf_counter() - t_start
+    log(f"jobs finished in {t_jobs:.1f}s; measuring sampling wall time with {args.timing_threads} threads")
+    nfe_table, wall = measure_wall_time(preset, out, args.timing_threads)
+    results, floors = aggregate(done, preset)
+
+    nfe_ok = _nfe_ok(nfe_table)
+    notes = {
+        "hyperparameters": {pp["name"]: {"teacher": pp["teacher"], "distill": pp["distill"], "model": pp.get("model"),
+                                         "spec": pp.get("spec")} for pp in preset["problems"]},
+        "protocol": ("one teacher per problem (flow matching, EMA weights, p_uncond 0.1); every student starts from "
+                     "the teacher's weights with the same number of AdamW updates, batch size, lr and clip; students "
+                     "sample with the Euler rule on the uniform grid without CFG (the teacher's CFG strength is used "
+                     "inside every objective); the teacher samples with Euler + CFG at the same strength. A seed "
+                     "changes the distillation stream, the evaluation noise and the held-out set."),
+        "orderings": ordering_notes(results, preset),
+        "nfe_requirements": nfe_ok,
+    }
+    ab = ablation_notes(done, preset, results)
+    if ab:
+        notes["ablations"] = ab
+    from .findings import FINDINGS
+    notes["findings"] = FINDINGS
+
+    total = time.perf_counter() - t_start
+    meta = {"preset": args.preset, "problems": [pp["name"] for pp in preset["problems"]], "methods": list(METHODS),
+            "steps": ["1", "2", "4", "25 (teacher only)"], "workers": workers, "timing_threads": args.timing_threads,
+            "total_seconds": total, "jobs_seconds": t_jobs, "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "metric_lower_is_better": {pp["name"]: {m: lower_is_better(pp["name"], m)
+                                                    for m in results[pp["name"]]["teacher"]["25"]}
+                                       for pp in preset["problems"]},
+            "command": " ".join([Path(sys.executable).name, "-m", "mdt.experiments.reproduce"] + (argv or sys.argv[1:]))}
+    payload = {**results, "meta": meta, "nfe": nfe_table, "wall_time": wall, "notes": notes, "data_floor": floors}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    logs = [{k: v for k, v in r.items() if k != "metrics"} for r in done]
+    (out / "logs.json").write_text(json.dumps(logs, indent=1))
+    plot(results, preset, floors, out / "results.png")
+    if not args.keep_work:
+        shutil.rmtree(out / "work", ignore_errors=True)
+
+    log(format_tables(results, preset, nfe_table))
+    log(format_nfe(nfe_table, wall))
+    log("")
+    for name, entry in notes["orderings"].items():
+        for chain in ("baselines", "ablation"):
+            e = entry[chain]
+            log(f"ordering [{name}] {entry['metric']} @1 step, expected {e['expected']}: "
+                f"{'HOLDS' if e['holds'] else 'does not hold'}; observed {e['observed_worst_to_best']}")
+    log(f"\nwrote {out / 'results.json'}, {out / 'logs.json'}, {out / 'results.png'}; total {total:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The reproduction benchmark: metric unit checks, the exact SS-like packing, and the `ci` preset end to end
+(`python -m mdt.experiments.reproduce --preset ci`): JSON structure, finite values, the PNG, NFE requirements and
+sanity properties that can fail."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mdt.eval import (OccupancyFeatureNet, chamfer_matrix, coverage_mmd, frechet_distance, iou_matrix,
+                      sliced_wasserstein, surface_points)
+from mdt.experiments.methods import METHODS
+from mdt.experiments.shapes import CLASS_NAMES, ShapeSpec, make_shapes, pack, unpack
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBLEMS = ("mixture", "shapes", "shapes_sparse")
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------------
+def test_sliced_wasserstein_and_frechet_on_gaussians():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    assert sliced_wasserstein(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert sliced_wasserstein(x, y) < 0.08
+    # a shift by 1 along one axis: the sliced W2 is sqrt(E[(theta . e)^2]) = 1/sqrt(3) in 3-D
+    assert sliced_wasserstein(x, y + torch.tensor([1.0, 0, 0]), num_projections=2000) == pytest.approx(
+        1 / math.sqrt(3), rel=0.08)
+    # Frechet distance between N(0, I) and N(m, 4 I) in 3-D is |m|^2 + 3 (1 + 4 - 2 * 2) = |m|^2 + 3
+    m = torch.tensor([1.0, 2.0, 0.0])
+    assert frechet_distance(x, y * 2 + m) == pytest.approx(5 + 3, rel=0.05)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    # unequal sizes work (quantile interpolation)
+    assert sliced_wasserstein(x[:1000], y) < 0.12
+
+
+def test_shape_metrics():
+    occ, _ = make_shapes(torch.arange(6), seed=0, spec=ShapeSpec())
+    iou = iou_matrix(occ, occ)
+    assert torch.allclose(iou.diagonal(), torch.ones(6, dtype=torch.float64))
+    assert (iou <= 1).all() and (iou >= 0).all()
+    pts = surface_points(occ)
+    cd = chamfer_matrix(pts, pts)
+    assert torch.allclose(cd.diagonal(), torch.zeros(6, dtype=torch.float64))
+    assert (cd[~torch.eye(6, dtype=torch.bool)] > 0).all()
+    cov, mmd = coverage_mmd(1 - iou)
+    assert cov == 1.0 and mmd == pytest.approx(0.0)
+    # generating one shape six times covers one reference out of six
+    cov, mmd = coverage_mmd((1 - iou)[:, [0] * 6])
+    assert cov == pytest.approx(1 / 6) and mmd > 0
+    feats = OccupancyFeatureNet(seed=7)(occ)
+    assert feats.shape == (6, 2 * (8 + 16 + 32)) and torch.isfinite(feats).all()
+
+
+def test_packing_is_exact_and_ss_shaped():
+    assert len(CLASS_NAMES) == 24
+    occ, part = make_shapes(torch.arange(24), seed=3, spec=ShapeSpec())
+    lat = pack(occ)
+    assert lat.shape == (24, 8, 16, 16, 16)
+    assert set(lat.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(unpack(lat), occ)
+    assert torch.equal(unpack(lat + 0.3 * torch.rand(lat.shape) * lat.sign()), occ)
+    assert (occ.flatten(1).sum(1) > 50).all(), "every class voxelises to a non-trivial shape"
+    # channel 4a + 2b + c of latent voxel (i, j, k) is occupancy voxel (2i + a, 2j + b, 2k + c)
+    assert bool(lat[5, 4 * 1 + 2 * 0 + 1, 7, 8, 9] > 0) == bool(occ[5, 15, 16, 19])
+
+
+# ---- the ci preset end to end -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce_ci")
+    proc = subprocess.run([sys.executable, "-m", "mdt.experiments.reproduce", "--preset", "ci", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+@pytest.mark.slow
+def test_ci_preset_results_structure(ci_run):
+    out, stdout = ci_run
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["meta"]["problems"]) == set(PROBLEMS)
+    for problem in PROBLEMS:
+        assert set(res[problem]) == set(METHODS), problem
+        metrics = set(res[problem]["teacher"]["25"])
+        assert metrics, problem
+        for method in METHODS:
+            steps = {"1", "2", "4"} | ({"25"} if method == "teacher" else set())
+            assert set(res[problem][method]) == steps, (problem, method)
+            for s in steps:
+                assert set(res[problem][method][s]) == metrics, (problem, method, s)
+                for metric, v in res[problem][method][s].items():
+                    assert set(v) == {"mean", "std"}
+                    assert math.isfinite(v["mean"]) and math.isfinite(v["std"]) and v["std"] >= 0, \
+                        (problem, method, s, metric, v)
+    assert (out / "results.png").stat().st_size > 10_000
+    assert (out / "logs.json").exists()
+    assert "Table 2 [mixture]" in stdout and "Table 3 [shapes]" in stdout and "wall ratio" in stdout
+
+
+@pytest.mark.slow
+def test_ci_preset_nfe_and_sanity(ci_run):
+    out, _ = ci_run
+    res = json.loads((out / "results.json").read_text())
+    for problem in PROBLEMS:
+        nfe = res["nfe"][problem]
+        assert nfe["teacher_25"]["nfe"] == 50          # 25 steps, CFG on every step
+        assert nfe["student_1"]["ratio_vs_teacher25"] >= 20
+        assert nfe["student_2"]["ratio_vs_teacher25"] >= 10
+        wall = res["wall_time"][problem]
+        assert all(wall[k]["seconds"] > 0 for k in ("teacher_25", "student_1", "student_2", "student_4"))
+        assert res["notes"]["nfe_requirements"][problem] == {"student_1_ge_20x": True, "student_2_ge_10x": True}
+    mix = res["mixture"]
+    # the 25-step teacher is much closer to the data than its single Euler step
+    assert mix["teacher"]["25"]["swd_data"]["mean"] < 0.6 * mix["teacher"]["1"]["swd_data"]["mean"]
+    assert mix["teacher"]["25"]["nll"]["mean"] < mix["teacher"]["1"]["nll"]["mean"]
+    # and more steps help the teacher monotonically against its own 25-step samples
+    t = [mix["teacher"][s]["swd_teacher"]["mean"] for s in ("1", "2", "4")]
+    assert t[0] > t[1] > t[2]
+    assert res["notes"]["orderings"]["mixture"]["baselines"]["values"]["teacher"] == t[0]
+    # distillation moves every student towards the 25-step teacher: at 1 step each distilled method is closer to
+    # the teacher's 25-step samples (paired and in distribution) than the undistilled teacher's single step
+    for method in ("cm", "pcm", "scm", "vm", "mdt"):
+        for metric in ("swd_teacher", "pair_l2_teacher"):
+            assert mix[method]["1"][metric]["mean"] < mix["teacher"]["1"][metric]["mean"], (method, metric)
+    # shapes: more teacher steps are closer to the teacher's own 25-step samples (paired IoU rises)
+    shp = res["shapes"]
+    p = [shp["teacher"][s]["pair_iou_teacher"]["mean"] for s in ("1", "2", "4", "25")]
+    assert p[0] < p[1] < p[2] < p[3] == 1.0
+    # the printed ordering verdicts agree with the numbers in the table
+    for problem in PROBLEMS:
+        entry = res["notes"]["orderings"][problem]
+        for chain in ("baselines", "ablation"):
+            vals = entry[chain]["values"]
+            for m, v in vals.items():
+                assert v == res[problem][m]["1"][entry["metric"]]["mean"]
+
+
+def test_ablation_run_spec_parsing():
+    from mdt.experiments.ablate import parse_run
+    from mdt.experiments.methods import DistillHP
+
+    label, method, ov = parse_run("mdt_x:mdt:d_norm=false,lambda_vd=0.1,delta=0.05,w_vd=none")
+    assert (label, method) == ("mdt_x", "mdt")
+    assert ov == {"d_norm": False, "lambda_vd": 0.1, "delta": 0.05, "w_vd": None}
+    DistillHP(**ov)                                   # every key is a DistillHP field
+    assert parse_run("vm:vm") == ("vm", "vm", {})
+    with pytest.raises(Exception):
+        parse_run("x:teacher")
