@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 test: env
+	@bash infra/ci/install-system-deps.sh --if-permitted || echo "warning: system packages not installed (see above)"
 	@start=$$(date +%s); \
 	$(BIN)/python -m pytest tests; rc=$$?; \
 	echo "test suite wall time: $$(( $$(date +%s) - start )) s"; exit $$rc

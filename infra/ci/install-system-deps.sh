@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# System packages the test suite needs beyond Python: PostgreSQL's server (for the MLflow team-server test,
+# tests/test_infra_stack.py). Idempotent, non-interactive, for Debian 12 as root (CI) or with sudo.
+#
+#   bash infra/ci/install-system-deps.sh                  # as root or with sudo (may ask for a password)
+#   bash infra/ci/install-system-deps.sh --if-permitted   # `make test`: install only as root or with
+#                                                         # passwordless sudo, else say so and exit 0
+#
+# Nothing is started and no database cluster is created: the tests run their own throw-away server from a
+# temporary data directory (initdb / pg_ctl from /usr/lib/postgresql/<major>/bin, as the postgres user).
+set -euo pipefail
+
+versions() { local d out=""; for d in /usr/lib/postgresql/*/bin/initdb; do out+="$(basename "$(dirname "$(dirname "$d")")") "; done; echo "$out"; }
+
+have_postgres() {
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null \
+    && getent passwd postgres >/dev/null
+}
+
+if have_postgres; then
+  echo "install-system-deps: PostgreSQL already installed ($(versions))"
+  exit 0
+fi
+
+IF_PERMITTED=0
+[[ "${1:-}" == --if-permitted ]] && IF_PERMITTED=1
+
+SUDO=""
+if [[ "$(id -u)" != 0 ]]; then
+  if [[ $IF_PERMITTED == 1 ]] && ! { command -v sudo >/dev/null && sudo -n true 2>/dev/null; }; then
+    echo "install-system-deps: PostgreSQL is not installed and this user may not install it; the MLflow" \
+      "team-server tests will skip (run: sudo bash infra/ci/install-system-deps.sh)" >&2
+    exit 0
+  fi
+  if command -v sudo >/dev/null; then SUDO="sudo"; else
+    echo "install-system-deps: must run as root (or with sudo available) to install PostgreSQL" >&2
+    exit 1
+  fi
+fi
+if ! command -v apt-get >/dev/null; then
+  echo "install-system-deps: no apt-get here: install PostgreSQL's server (initdb, pg_ctl) yourself" >&2
+  [[ $IF_PERMITTED == 1 ]] && exit 0
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+# Do not let the package create and start the default cluster (main, port 5432): the tests bring their own.
+$SUDO mkdir -p /etc/postgresql-common/createcluster.d
+echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.d/mdt-no-main-cluster.conf >/dev/null
+
+apt_opts=(-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold --no-install-recommends)
+for attempt in 1 2 3; do
+  if $SUDO apt-get update -q && $SUDO apt-get install "${apt_opts[@]}" postgresql; then
+    break
+  fi
+  if [[ $attempt == 3 ]]; then
+    echo "install-system-deps: apt-get failed 3 times" >&2
+    exit 1
+  fi
+  sleep $((attempt * 5))
+done
+
+have_postgres || { echo "install-system-deps: PostgreSQL binaries not found after install" >&2; exit 1; }
+echo "install-system-deps: installed PostgreSQL ($(versions))"

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Cost and throughput estimate of preprocessing TRELLIS-500K (and of a distillation run) on the AWS cluster
+of infra/ray/aws-cluster.yaml, from per-stage timings.
+
+    python infra/estimate.py                                  # the PLACEHOLDER figures (docs/scaling-out.md)
+    python infra/estimate.py --report <output>/runs/<run_id>/report.json   # a benchmark run's measured figures
+    python infra/estimate.py --bench outputs/bench-preprocess/bench.json   # `make bench-preprocess`'s figures
+    python infra/estimate.py --seconds render=140 --seconds features=3.5 --render-nodes 32 --spot
+
+Model (steady-state pipeline, every stage's actor pool sized to keep up):
+  per asset, GPU-seconds = sum over stages of mean_s x num_gpus, CPU-seconds = sum of mean_s x num_cpus
+  (mean_s: one actor's wall time per asset, from the run report; num_gpus / num_cpus: that stage's actor
+  resources from the run's config). Wall time = max(N x GPU-s / GPUs, N x CPU-s / CPUs) / efficiency;
+  cost = wall time x the nodes' hourly prices; shards stored in S3 = N x bytes per asset.
+Figures marked PLACEHOLDER are not measured: replace them with a benchmark run's report (see the docs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# On-demand list prices, us-west-2, USD per hour, at the time of writing: check before quoting a budget.
+PRICES = {"g5.12xlarge": 5.672, "m6i.8xlarge": 1.536, "m6i.2xlarge": 0.384, "p4d.24xlarge": 32.7726}
+SPOT_FACTOR = 0.40  # typical spot price / on-demand for g5 / m6i in us-west-2 (varies by hour and zone)
+S3_GB_MONTH = 0.023
+
+
+@dataclass
+class Node:
+    instance: str
+    gpus: int
+    cpus: int
+
+
+RENDER = Node("g5.12xlarge", 4, 48)
+CPU = Node("m6i.8xlarge", 0, 32)
+HEAD = Node("m6i.2xlarge", 0, 8)
+TRAIN = Node("p4d.24xlarge", 8, 96)
+
+# PLACEHOLDER per-stage figures: one actor's seconds per asset with the `trellis` preset's settings (150 views at
+# 512 px + 24 condition views at 1024 px, Cycles 128 spp; DINOv2 ViT-L/14-reg on 150 views; both encoders).
+# Not measured. Replace with the benchmark's report (--report) once it exists.
+PLACEHOLDER_SECONDS = {"download": 3.0, "render": 150.0, "voxelize": 5.0, "features": 4.0, "encode": 1.0,
+                       "write": 0.5}
+PLACEHOLDER_BYTES_PER_ASSET = 2_500_000  # shard bytes per asset (latents + 24 cond PNGs at 518 px): PLACEHOLDER
+# Distillation PLACEHOLDERS: seconds per optimizer step of MDT-dist on 16 A100s (batch 8 per GPU).
+PLACEHOLDER_TRAIN_STEP_S = 1.5
+
+
+def preset_resources(preset: str = "trellis") -> dict[str, dict]:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from jobs.config import load_config, to_dict
+    from pipelines.config import PreprocessConfig
+
+    cfg = load_config(PreprocessConfig, preset, [], prefix="preprocess_")
+    return {k: to_dict(v) for k, v in cfg.resources.items()}
+
+
+def from_report(path: Path) -> tuple[dict[str, float], dict[str, dict], int | None]:
+    rep = json.loads(path.read_text())
+    seconds = {s: r["mean_s"] for s, r in (rep.get("stages") or {}).items() if r.get("mean_s")}
+    cfg_path = path.with_name("config.yaml")
+    resources = None
+    if cfg_path.exists():
+        resources = (yaml.safe_load(cfg_path.read_text()) or {}).get("resources")
+    return seconds, resources or preset_resources(), rep.get("bytes_per_asset")
+
+
+def from_bench(path: Path, workers: int | None = None) -> dict[str, float]:
+    """Per-stage seconds per asset of one actor from the preprocessing benchmark (pipelines/bench.py writes a list
+    of configurations, each with `workers` and `stage_mean_s`): the configuration with `workers` workers, by
+    default the one with the fewest (one actor per stage: no sharing of cores between stages)."""
+    runs = json.loads(path.read_text())
+    if isinstance(runs, dict):
+        runs = [runs]
+    runs = [r for r in runs if r.get("stage_mean_s")]
+    if not runs:
+        raise SystemExit(f"{path}: no configuration with stage_mean_s (is it pipelines/bench.py's bench.json?)")
+    if workers is None:
+        run = min(runs, key=lambda r: r.get("workers", 1))
+    else:
+        match = [r for r in runs if r.get("workers") == workers]
+        if not match:
+            raise SystemExit(f"{path}: no configuration with {workers} workers "
+                             f"(has {sorted(r.get('workers') for r in runs)})")
+        run = match[0]
+    return {k: float(v) for k, v in run["stage_mean_s"].items() if v}
+
+
+def estimate(seconds: dict[str, float], resources: dict[str, dict], n_assets: int, render_nodes: int,
+             cpu_nodes: int, efficiency: float, spot: bool, bytes_per_asset: float) -> dict:
+    gpu_s = sum(t * float(resources.get(s, {}).get("num_gpus") or 0) for s, t in seconds.items())
+    cpu_s = sum(t * float(resources.get(s, {}).get("num_cpus") or 1) for s, t in seconds.items())
+    gpus = render_nodes * RENDER.gpus
+    cpus = render_nodes * RENDER.cpus + cpu_nodes * CPU.cpus
+    gpu_h = n_assets * gpu_s / max(gpus, 1) / 3600
+    cpu_h = n_assets * cpu_s / max(cpus, 1) / 3600
+    wall_h = max(gpu_h, cpu_h) / efficiency
+    factor = SPOT_FACTOR if spot else 1.0
+    per_h = (render_nodes * PRICES[RENDER.instance] + cpu_nodes * PRICES[CPU.instance]) * factor + PRICES[HEAD.instance]
+    return {
+        "gpu_s_per_asset": gpu_s, "cpu_s_per_asset": cpu_s, "gpus": gpus, "cpus": cpus,
+        "gpu_bound_h": gpu_h, "cpu_bound_h": cpu_h, "bottleneck": "GPU" if gpu_h >= cpu_h else "CPU",
+        "wall_h": wall_h, "assets_per_h": n_assets / wall_h if wall_h else None, "usd_per_h": per_h,
+        "usd": wall_h * per_h, "usd_per_1k_assets": wall_h * per_h / n_assets * 1000,
+        "shards_gb": n_assets * bytes_per_asset / 1e9,
+        "s3_usd_month": n_assets * bytes_per_asset / 1e9 * S3_GB_MONTH,
+    }
+
+
+def render_markdown(seconds, resources, placeholders: set[str], est: dict, args) -> str:
+    mark = lambda s: " (PLACEHOLDER)" if s in placeholders else ""  # noqa: E731
+    lines = [f"Preprocessing {args.assets:,} assets on {args.render_nodes} x {RENDER.instance} "
+             f"({est['gpus']} A10G) + {args.cpu_nodes} x {CPU.instance} + head {HEAD.instance}, "
+             f"{'spot' if args.spot else 'on-demand'}, efficiency {args.efficiency:.2f}", "",
+             "| stage | s per asset per actor | GPUs per actor | CPUs per actor | GPU-s per asset | CPU-s per asset |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s, t in seconds.items():
+        r = resources.get(s, {})
+        g, c = float(r.get("num_gpus") or 0), float(r.get("num_cpus") or 1)
+        lines.append(f"| {s} | {t:g}{mark(s)} | {g:g} | {c:g} | {t * g:g} | {t * c:g} |")
+    lines += ["", f"- per asset: {est['gpu_s_per_asset']:.1f} GPU-s, {est['cpu_s_per_asset']:.1f} CPU-s",
+              f"- GPU bound {est['gpu_bound_h']:.1f} h, CPU bound {est['cpu_bound_h']:.1f} h -> "
+              f"{est['bottleneck']}-bound; wall time {est['wall_h']:.1f} h ({est['wall_h'] / 24:.1f} days), "
+              f"{est['assets_per_h']:,.0f} assets/h",
+              f"- cluster ${est['usd_per_h']:,.2f}/h -> ${est['usd']:,.0f} in all, "
+              f"${est['usd_per_1k_assets']:.2f} per 1,000 assets",
+              f"- shards in S3: {est['shards_gb']:,.0f} GB{mark('bytes')} -> ${est['s3_usd_month']:,.0f}/month"]
+    if args.train_steps:
+        step = args.train_step_s
+        train_h = args.train_steps * step / 3600
+        usd = train_h * args.train_nodes * PRICES[TRAIN.instance]
+        lines += [f"- distillation: {args.train_steps:,} steps x {step:g} s{mark('train')} on {args.train_nodes} x "
+                  f"{TRAIN.instance} = {train_h:.1f} h, ${usd:,.0f} on-demand"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--report", type=Path, help="report.json of a preprocessing run (measured per-stage means)")
+    ap.add_argument("--bench", type=Path, help="bench.json of the preprocessing benchmark (pipelines/bench.py)")
+    ap.add_argument("--bench-workers", type=int, help="which configuration of --bench (default: the fewest workers)")
+    ap.add_argument("--seconds", action="append", default=[], metavar="STAGE=S",
+                    help="override one stage's seconds per asset per actor")
+    ap.add_argument("--assets", type=int, default=500_000, help="number of assets (TRELLIS-500K: 500,000)")
+    ap.add_argument("--render-nodes", type=int, default=24)
+    ap.add_argument("--cpu-nodes", type=int, default=8)
+    ap.add_argument("--efficiency", type=float, default=0.8, help="fraction of the ideal pipelined throughput")
+    ap.add_argument("--spot", action="store_true", help=f"spot prices ({SPOT_FACTOR:.0%} of on-demand) for workers")
+    ap.add_argument("--train-steps", type=int, default=100_000, help="distillation steps (0: no training line)")
+    ap.add_argument("--train-step-s", type=float, default=PLACEHOLDER_TRAIN_STEP_S)
+    ap.add_argument("--train-nodes", type=int, default=2)
+    ap.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    args = ap.parse_args(argv)
+
+    placeholders: set[str] = set()
+    if args.report and args.bench:
+        ap.error("give --report or --bench, not both")
+    if args.report:
+        seconds, resources, bpa = from_report(args.report)
+    elif args.bench:
+        seconds, resources, bpa = from_bench(args.bench, args.bench_workers), preset_resources(), None
+    else:
+        seconds, resources, bpa = dict(PLACEHOLDER_SECONDS), preset_resources(), None
+        placeholders |= set(seconds)
+    if bpa is None:
+        bpa = PLACEHOLDER_BYTES_PER_ASSET
+        placeholders.add("bytes")
+    for kv in args.seconds:
+        k, v = kv.split("=", 1)
+        seconds[k] = float(v)
+        placeholders.discard(k)
+    if args.train_step_s == PLACEHOLDER_TRAIN_STEP_S:
+        placeholders.add("train")
+    est = estimate(seconds, resources, args.assets, args.render_nodes, args.cpu_nodes, args.efficiency, args.spot,
+                   bpa)
+    if args.json:
+        print(json.dumps({"seconds": seconds, "placeholders": sorted(placeholders), **est}, indent=2))
+    else:
+        print(render_markdown(seconds, resources, placeholders, est, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

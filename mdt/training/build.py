@@ -1,0 +1,102 @@
+"""Building the networks of a run: frozen teacher, student (a copy of the teacher unless told otherwise),
+frozen image conditioner. Plain PyTorch (used by the Ray Train loop, the demo and tests)."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mdt.models import build_model, from_pretrained
+
+log = logging.getLogger(__name__)
+
+
+def _dtype(name: str) -> torch.dtype | None:
+    return {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def build_teacher(mcfg, device: torch.device) -> nn.Module | None:
+    """The frozen teacher (eval mode, no grad). On CUDA the published fp16 torso layout is kept ("auto")."""
+    if not mcfg.teacher:
+        return None
+    dt = _dtype(mcfg.teacher_dtype)
+    keep_fp16 = None if dt is None else False
+    teacher = from_pretrained(mcfg.teacher, device=device, keep_fp16=keep_fp16)
+    if dt is not None:
+        teacher = teacher.to(dt)
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def build_student(mcfg, device: torch.device, teacher: nn.Module | None = None) -> nn.Module:
+    """Student in float32 (master weights; TRELLIS#162: AdamW on fp16 weights diverges).
+
+    `model.student` checkpoint if given, else a copy of the teacher's checkpoint, else `model.name(**args)`
+    initialised with `model.init_seed`."""
+    if mcfg.student:
+        student = from_pretrained(mcfg.student, device=device, keep_fp16=False)
+    elif mcfg.teacher:
+        student = from_pretrained(mcfg.teacher, device=device, keep_fp16=False)
+    else:
+        if not mcfg.args:
+            raise ValueError("no teacher, no student checkpoint and no model.args: nothing to build")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mcfg.init_seed)
+            student = build_model(mcfg.name, dict(mcfg.args), device="cpu")
+        student = student.to(device)
+    student.float()
+    if hasattr(student, "convert_to_fp32"):
+        student.convert_to_fp32()
+    student.requires_grad_(True)
+    return student.train()
+
+
+def ensure_tiny_conditioner(ccfg) -> None:
+    """CPU presets: write a tiny random DINOv2 at `condition.model` when it does not exist yet."""
+    if not ccfg.tiny:
+        return
+    path = Path(ccfg.model)
+    if (path / "config.json").exists():
+        return
+    from mdt.conditioning import save_tiny_dinov2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_tiny_dinov2(tmp, hidden_size=ccfg.tiny_hidden_size)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_conditioner(ccfg, device: torch.device):
+    from mdt.conditioning import ImageConditioner
+
+    ensure_tiny_conditioner(ccfg)
+    dt = _dtype(ccfg.dtype)
+    if dt is None:
+        dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return ImageConditioner(ccfg.model, image_size=ccfg.image_size, device=device, dtype=dt)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def export_model(like: tuple[str, dict], state: dict[str, torch.Tensor], path: str | os.PathLike):
+    """Write `state` (a full float32 state dict of model class `like[0]` with args `like[1]`) as a TRELLIS
+    checkpoint `<path>.json` + `<path>.safetensors` (published dtypes: fp16 torso when args say use_fp16)."""
+    from mdt.models import save_pretrained
+
+    name, args = like
+    model = build_model(name, dict(args), device="meta").to_empty(device="cpu")
+    model.float()
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    return save_pretrained(model, path, args=dict(args))

@@ -1,0 +1,192 @@
+"""Typed configuration of the distillation / training job (defaults here, presets in jobs/configs/distill_*.yaml).
+
+One dataclass tree, loaded by ``jobs.config.load_config(DistillConfig, preset, overrides, prefix="distill_")``.
+The objective sections embed ``mdt.distill``'s own config dataclasses, so every hyper-parameter of an objective
+is settable with ``--set objective.mdt.w_vm=3.0``. Defaults follow the released MDT-dist configs (reference
+section 5.2) where one exists; the CPU presets shrink everything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mdt.distill import CMConfig, FlowMatchingConfig, MDTConfig, PCMConfig, SCMConfig
+
+OBJECTIVES = ("flow_matching", "mdt", "vm", "cm", "pcm", "scm")
+STAGES = ("ss", "slat")
+
+
+@dataclass
+class DataConfig:
+    """Training shards (the preprocessing job's output) and how each worker batches them."""
+
+    uri: str = ""                       # preprocessing output dir (or its manifest.json), local or s3://
+    batch_size: int = 8                 # per worker and step (TRELLIS/MDT: batch_size_per_gpu 8)
+    batch_split: int = 1                # micro-batches per step (gradient accumulation; MDT: 2)
+    max_voxels: int | None = 32768      # SLat: assets with more voxels are dropped (both stages, consistently)
+    min_aesthetic: float | None = None
+    cond_view: int | None = None        # condition view per asset; None: a random one per row and step
+    shuffle_buffer: int = 64            # local shuffle buffer of each worker's stream (0: off)
+    cache_in_memory: bool = False       # keep the worker's rows after the first epoch (tiny CPU datasets only)
+    prefetch_batches: int = 1
+    storage_s3_endpoint_url: str | None = None  # pipelines.config.StorageConfig for s3:// shards
+    skip_on_resume: bool = True         # re-read and drop the batches of the interrupted epoch already consumed
+
+
+@dataclass
+class ModelConfig:
+    """Teacher and student networks (TRELLIS checkpoints, ``mdt.models.from_pretrained`` paths)."""
+
+    teacher: str | None = None          # `<dir>/<stem>` or `<hf_repo>/ckpts/<stem>`; None: no teacher
+    student: str | None = None          # student init; None: a copy of the teacher (or `name`/`args` from scratch)
+    name: str = "SparseStructureFlowModel"  # class built from `args` when neither checkpoint is given
+    args: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    export_stem: str = "ss_flow_student"  # `<stem>.json` + `<stem>.safetensors` of the exported student
+    teacher_dtype: str = "auto"         # auto (fp16 layout on CUDA as published, fp32 on CPU) | float32 | bfloat16
+
+
+@dataclass
+class ConditionConfig:
+    """Frozen DINOv2 conditioner on the shards' condition images (zeros as the negative condition)."""
+
+    model: str = "facebook/dinov2-with-registers-large"  # hub id or local dir (save_pretrained)
+    image_size: int = 518
+    tiny: bool = False                  # CPU presets: create a tiny random DINOv2 at `model` if it is missing
+    tiny_hidden_size: int = 64
+    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 on CPU
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "mdt"                   # flow_matching | mdt | vm | cm | pcm | scm
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    mdt: MDTConfig = field(default_factory=lambda: MDTConfig(mode="discrete"))  # also used by `vm`
+    cm: CMConfig = field(default_factory=CMConfig)
+    pcm: PCMConfig = field(default_factory=PCMConfig)
+    scm: SCMConfig = field(default_factory=SCMConfig)
+    target: str = "student"             # cm/pcm/scm target network: student (stop-grad) | ema
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0               # linear warm-up of the learning rate
+
+
+@dataclass
+class ClipConfig:
+    """TRELLIS's AdaptiveGradClipper: clip at max_norm until the buffer is full, then at
+    min(percentile of the last `buffer` finite norms, max_norm). max_norm <= 0 disables clipping."""
+
+    max_norm: float = 1.0
+    percentile: float = 95.0
+    buffer: int = 1000
+    adaptive: bool = True
+
+
+@dataclass
+class EMAConfig:
+    rate: float = 0.9999
+    enabled: bool = True
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    log_every: int = 10                 # MLflow metrics interval (steps)
+    ckpt_every: int = 100               # checkpoint interval (steps); also at the end
+    keep_checkpoints: int | None = 3
+    seed: int = 0
+    precision: str = "auto"             # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    fsdp: bool = False                  # shard the student (torch FSDP2) instead of DDP; for L-size models
+    find_unused_parameters: bool = False
+    nan_guard: bool = True              # skip steps with a non-finite loss or gradient (counted, alerted)
+    max_consecutive_skips: int = 50     # abort the run after this many skipped steps in a row
+    export: bool = True                 # export student (+ EMA) in TRELLIS format at the end
+    wait_for_commit: bool = True        # block after each checkpoint until Ray Train has registered it
+    commit_timeout_s: float = 600.0
+    torch_threads: int | None = None    # per worker; None: cpus_per_worker
+    fail_at_step: int | None = None     # test hook: rank 0 kills its own process once at this step
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"    # PACK | SPREAD | STRICT_SPREAD
+    backend: str = "auto"               # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    max_failures: int = 3               # worker failures recovered from the last checkpoint
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None          # None: $RAY_ADDRESS (ray job submit) or a new local instance
+    num_cpus: int | None = None         # local instance only
+    include_dashboard: bool = False     # local instance only
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db
+    experiment: str = "mdt-distill"
+    run_name: str | None = None         # default: the job name
+    register_model: str | None = None   # registered-model name of the exported student (None: <name>-student)
+    log_every: int | None = None        # None: train.log_every
+
+
+@dataclass
+class SnapshotConfig:
+    """Teacher (many steps) vs student (1/2/4 steps) samples for fixed seeds and conditions -> PNG grid."""
+
+    every: int = 0                      # steps; 0: only at the end
+    num_conditions: int = 4             # first assets of the dataset
+    seed: int = 3407
+    teacher_steps: int = 25
+    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    cfg_strength: float = 3.0           # MDT snapshots: 3.0 (SS), 0.1 (SLat)
+    decoder: str | None = None          # SS decoder checkpoint (TRELLIS) or occupancy probe; None: latent view
+    image_size: int = 96                # pixels per cell
+
+
+@dataclass
+class DistillConfig:
+    name: str = "distill"               # run name: Ray Train RunConfig.name; re-running it resumes
+    output: str = "outputs/distill"     # storage path (local dir or s3://): checkpoints, exports, resolved config
+    stage: str = "ss"                   # ss (dense SS latents) | slat (sparse SLat latents)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+
+    def validate(self) -> "DistillConfig":
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.objective.name not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective.name!r}")
+        if self.objective.name != "flow_matching" and not self.model.teacher:
+            raise ValueError(f"objective {self.objective.name!r} needs a teacher (model.teacher / --teacher)")
+        if self.objective.target not in ("student", "ema"):
+            raise ValueError("objective.target must be 'student' or 'ema'")
+        if self.data.batch_split < 1 or self.data.batch_size < self.data.batch_split:
+            raise ValueError("need 1 <= data.batch_split <= data.batch_size")
+        if not self.data.uri:
+            raise ValueError("data.uri (--data) is required")
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError("train.precision must be auto, fp32 or bf16")
+        if self.train.fsdp and self.scaling.num_workers < 2:
+            raise ValueError("train.fsdp needs scaling.num_workers >= 2")
+        return self
