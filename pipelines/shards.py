@@ -290,6 +290,9 @@ def read_manifest(uri: str, storage_cfg=None) -> dict:
 # ------------------------------------------------------------------------------------- readers
 
 
+READ_NUM_CPUS = 0.25
+
+
 def read_shards(uri: str, *, storage_cfg=None, max_voxels: int | None = None, min_aesthetic: float | None = None,
                 columns: list[str] | None = None, **read_kwargs):
     """Committed shards as a Ray Dataset (one row per asset, columns of SHARD_SCHEMA)."""
@@ -300,11 +303,15 @@ def read_shards(uri: str, *, storage_cfg=None, max_voxels: int | None = None, mi
         raise FileNotFoundError(f"no committed shards under {uri}")
     fs, _ = storage.filesystem(files[0], storage_cfg)
     paths = [storage.filesystem(f, storage_cfg)[1] for f in files]
+    # Reading is I/O: a fraction of a CPU, so that it is scheduled even when training workers hold every
+    # whole CPU of the cluster (with Ray's default of 1 CPU per read task the dataset would wait forever).
+    read_kwargs.setdefault("ray_remote_args", {"num_cpus": READ_NUM_CPUS})
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_kwargs)
     if max_voxels is not None:
-        ds = ds.filter(lambda r, m=max_voxels: r["num_voxels"] <= m)
+        ds = ds.filter(lambda r, m=max_voxels: r["num_voxels"] <= m, num_cpus=READ_NUM_CPUS)
     if min_aesthetic is not None:
-        ds = ds.filter(lambda r, m=min_aesthetic: r["aesthetic_score"] is None or r["aesthetic_score"] >= m)
+        ds = ds.filter(lambda r, m=min_aesthetic: r["aesthetic_score"] is None or r["aesthetic_score"] >= m,
+                       num_cpus=READ_NUM_CPUS)
     return ds
 
 
