@@ -3,7 +3,6 @@ tiny TRELLIS-format teacher, a real `mlflow server` on loopback, and the distill
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import torch
+
+from _pipeline_helpers import stop_process_group
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -118,15 +119,7 @@ class MlflowServer:
         raise TimeoutError("mlflow server did not come up")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        stop_process_group(self.proc, timeout=20)
         self.log.close()
 
 
