@@ -305,7 +305,7 @@ def read_shards(uri: str, *, storage_cfg=None, max_voxels: int | None = None, mi
     paths = [storage.filesystem(f, storage_cfg)[1] for f in files]
     # Reading is I/O: a fraction of a CPU, so that it is scheduled even when training workers hold every
     # whole CPU of the cluster (with Ray's default of 1 CPU per read task the dataset would wait forever).
-    read_kwargs.setdefault("ray_remote_args", {"num_cpus": READ_NUM_CPUS})
+    read_kwargs.setdefault("num_cpus", READ_NUM_CPUS)
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_kwargs)
     if max_voxels is not None:
         ds = ds.filter(lambda r, m=max_voxels: r["num_voxels"] <= m, num_cpus=READ_NUM_CPUS)

@@ -36,6 +36,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_port_args(port: int, dashboard_port: int | None = None) -> list[str]:
+    """Explicit, pairwise distinct ports for every component of a `ray start --head` on port ``port``.
+
+    Worker ports go below Linux's ephemeral range (32768-), where ``free_port`` never lands; the other
+    components get free ephemeral ports, never the same one twice (Ray refuses to start on a clash)."""
+    wbase = 10000 + (port % 100) * 150
+    taken = set(range(wbase, wbase + 150)) | {port, dashboard_port}
+
+    def another() -> int:
+        while (p := free_port()) in taken:
+            pass
+        taken.add(p)
+        return p
+
+    return [f"--node-manager-port={another()}", f"--object-manager-port={another()}",
+            f"--ray-client-server-port={another()}", f"--dashboard-agent-listen-port={another()}",
+            f"--dashboard-agent-grpc-port={another()}", f"--runtime-env-agent-port={another()}",
+            f"--metrics-export-port={another()}", f"--min-worker-port={wbase}", f"--max-worker-port={wbase + 149}"]
+
+
 def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
     """SIGTERM the whole process group a test started (servers spawn helpers), SIGKILL it after ``timeout``."""
     if proc.poll() is not None:
@@ -170,15 +190,10 @@ class RayHead:
                "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         # Every port explicit: fixed defaults (agent 52365, metrics, ...) clash with other Ray instances on
         # a shared machine, and an agent that cannot bind leaves the head without job submission.
-        wbase = 20000 + (self.port % 200) * 150
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={self.port}",
                "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
                f"--include-dashboard={'true' if dashboard else 'false'}",
-               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-               f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-               f"--metrics-export-port={free_port()}", f"--min-worker-port={wbase}",
-               f"--max-worker-port={wbase + 149}"]
+               *ray_port_args(self.port, self.dashboard_port)]
         if dashboard:
             cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         self.log = open(f"/tmp/mdt-test-ray-{self.port}.log", "w")

@@ -60,9 +60,8 @@ def test_fp16_models_are_written_in_the_published_mixed_layout(tmp_path):
     assert "__metadata__" not in header  # the released files carry none (byte-exact sizes)
     loaded = from_pretrained(tmp_path / "slat")  # CPU: computes in float32
     assert loaded.blocks[0].mlp.mlp[0].weight.dtype == torch.float32
-    x = SparseTensor(torch.randn(30, 8), torch.cat([torch.zeros(30, 1), torch.randint(0, 16, (30, 3))], 1).int())
-    x = SparseTensor(x.feats, torch.unique(x.coords, dim=0))
-    x = SparseTensor(torch.randn(x.coords.shape[0], 8), x.coords)
+    coords = torch.unique(torch.cat([torch.zeros(30, 1), torch.randint(0, 16, (30, 3))], 1).int(), dim=0)
+    x = SparseTensor(torch.randn(coords.shape[0], 8), coords)  # distinct voxels: duplicates are not a valid input
     with torch.no_grad():
         out = loaded(x, torch.tensor([500.0]), torch.randn(1, 4, 32))
     assert torch.isfinite(out.feats).all()

@@ -29,7 +29,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _pipeline_helpers import free_port, ray_port_args  # noqa: E402
 from infra.doc_commands import doc_commands  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -64,12 +64,6 @@ def unavailable(reason: str):
     if IN_CI:
         pytest.fail(reason + " (CI is set, so this is an error: `bash infra/ci/install-system-deps.sh` installs it)")
     pytest.skip(reason + " (run `sudo bash infra/ci/install-system-deps.sh`)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def section(number: str) -> list:
@@ -246,19 +240,7 @@ def head_argv(doc_line: str, port: int, dashboard_port: int) -> list[str]:
     assert argv[:3] == ["ray", "start", "--head"] and "--port=6379" in argv and "--dashboard-port=8265" in argv
     argv = [f"--port={port}" if a == "--port=6379" else f"--dashboard-port={dashboard_port}"
             if a == "--dashboard-port=8265" else a for a in argv]
-    wbase = 10000 + (port % 100) * 150  # worker ports 10000-24999, below Linux's ephemeral range (32768-)...
-    taken = set(range(wbase, wbase + 150)) | {port, dashboard_port}
-
-    def another() -> int:  # ... but a free port may still fall in it: never give Ray the same port twice
-        while (p := free_port()) in taken:
-            pass
-        taken.add(p)
-        return p
-
-    argv += [f"--node-manager-port={another()}", f"--object-manager-port={another()}",
-             f"--ray-client-server-port={another()}", f"--dashboard-agent-listen-port={another()}",
-             f"--dashboard-agent-grpc-port={another()}", f"--runtime-env-agent-port={another()}",
-             f"--metrics-export-port={another()}", f"--min-worker-port={wbase}", f"--max-worker-port={wbase + 149}"]
+    argv += ray_port_args(port, dashboard_port)
     argv[0] = str(VENV_BIN / "ray")
     return argv
 
