@@ -57,15 +57,20 @@ def write_tiny_shards(out: Path, n: int = 8, image_size: int = 56, views: int = 
 
 def perturbed_teacher(path: Path, args: dict | None = None, seed: int = 1, scale: float = 0.05) -> str:
     """A tiny SparseStructureFlowModel whose zero-initialised output layers are perturbed, saved in TRELLIS format."""
-    from mdt.models import SparseStructureFlowModel, save_pretrained
+    from mdt.models import SparseStructureFlowModel
 
     torch.manual_seed(seed)
-    m = SparseStructureFlowModel(**(args or TINY_SS_ARGS))
+    return _save_perturbed(SparseStructureFlowModel(**(args or TINY_SS_ARGS)), path, seed, scale)
+
+
+def _save_perturbed(model, path: Path, seed: int, scale: float) -> str:
+    from mdt.models import save_pretrained
+
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
-        for p in m.parameters():
+        for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
-    save_pretrained(m, path)
+    save_pretrained(model, path)
     return str(path)
 
 
@@ -198,13 +203,7 @@ TINY_SLAT_ARGS = dict(resolution=64, in_channels=8, out_channels=8, model_channe
 
 def perturbed_slat_teacher(path: Path, seed: int = 2, scale: float = 0.05) -> str:
     """A tiny SLatFlowModel with perturbed (non-zero) output layers, saved in TRELLIS format."""
-    from mdt.models import SLatFlowModel, save_pretrained
+    from mdt.models import SLatFlowModel
 
     torch.manual_seed(seed)
-    m = SLatFlowModel(**TINY_SLAT_ARGS)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    save_pretrained(m, path)
-    return str(path)
+    return _save_perturbed(SLatFlowModel(**TINY_SLAT_ARGS), path, seed, scale)

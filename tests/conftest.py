@@ -35,3 +35,16 @@ def shared_path(*parts: str, required_in_ci: bool = True) -> Path:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return shared_path()
+
+
+@pytest.fixture(scope="module")
+def ray_connected():
+    """This module's driver connection to the shared loopback Ray head (tests/_pipeline_helpers.py);
+    disconnected at module end so that other test modules can start or join their own Ray."""
+    import ray
+
+    from _pipeline_helpers import connect_ray
+
+    head = connect_ray()
+    yield head
+    ray.shutdown()

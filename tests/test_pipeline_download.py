@@ -10,23 +10,12 @@ import zipfile
 
 import pytest
 
-from _pipeline_helpers import (LoopbackHTTP, MotoS3, connect_ray, glb_bytes, obj_asset, sha256, tar_bytes,
+from _pipeline_helpers import (LoopbackHTTP, MotoS3, glb_bytes, obj_asset, sha256, tar_bytes,
                                zip_bytes)
 from jobs.config import load_config
 from pipelines.config import PreprocessConfig
 from pipelines.download import Download, HostSlots, materialize_mesh, referenced_files, safe_member
 from pipelines.sources.base import make_row
-
-@pytest.fixture(scope="module")
-def ray_connected():
-    """This module's driver connection to the shared loopback head; disconnected at module end so that
-    other test modules can start or join their own Ray."""
-    import ray
-
-    head = connect_ray()
-    yield head
-    ray.shutdown()
-
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from _pipeline_helpers import MotoS3, connect_ray, glb_bytes
+from _pipeline_helpers import MotoS3, glb_bytes
 from jobs.config import load_config
 from pipelines.config import PreprocessConfig
 from pipelines.ledger import Ledger
@@ -17,17 +17,6 @@ from pipelines.shards import (SHARD_SCHEMA, ShardRowError, ShardWriter, collate,
                               write_manifest)
 from pipelines.sources.base import make_row
 from pipelines.testing import FakeCompute
-
-@pytest.fixture(scope="module")
-def ray_connected():
-    """This module's driver connection to the shared loopback head; disconnected at module end so that
-    other test modules can start or join their own Ray."""
-    import ray
-
-    head = connect_ray()
-    yield head
-    ray.shutdown()
-
 
 
 def compute_row(i: int, n_extra: int = 0) -> dict:
