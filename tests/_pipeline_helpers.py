@@ -56,6 +56,17 @@ def ray_port_args(port: int, dashboard_port: int | None = None) -> list[str]:
             f"--metrics-export-port={another()}", f"--min-worker-port={wbase}", f"--max-worker-port={wbase + 149}"]
 
 
+def ray_job_submit(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run a `ray job submit` command, retrying while the head's job agent has not registered yet (it comes
+    up a little after the dashboard answers: "No available agent"), for at most 90 s."""
+    t0 = time.time()
+    while True:
+        r = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.time() - t0 > 90:
+            return r
+        time.sleep(3)
+
+
 def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
     """SIGTERM the whole process group a test started (servers spawn helpers), SIGKILL it after ``timeout``."""
     if proc.poll() is not None:

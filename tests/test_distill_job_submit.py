@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from _distill_helpers import PROJECT_ROOT, VENV_BIN, perturbed_teacher, write_tiny_shards
+from _distill_helpers import VENV_BIN, perturbed_teacher, write_tiny_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_ray_job_submit_distill(tmp_path):
-    from _pipeline_helpers import RayHead
+    from _pipeline_helpers import RayHead, ray_job_submit
 
     data = write_tiny_shards(tmp_path / "data", n=4)
     teacher = perturbed_teacher(tmp_path / "teacher" / "ss_flow_tiny")
@@ -29,12 +27,7 @@ def test_ray_job_submit_distill(tmp_path):
                "--set", f"condition.model={tmp_path / 'tiny-dinov2'}", "--set", "scaling.cpus_per_worker=0.5",
                "--set", "train.torch_threads=1", "--set", "train.ckpt_every=2",
                "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-        t0 = time.time()
-        while True:  # the head's job agent registers a little after the dashboard answers
-            r = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=420)
-            if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.time() - t0 > 90:
-                break
-            time.sleep(3)
+        r = ray_job_submit(cmd, env, timeout=420)
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-5000:]
         assert "succeeded" in out.lower()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from _pipeline_helpers import PROJECT_ROOT, S3_ENV, VENV_BIN, RayHead, shared_ray_head
+from _pipeline_helpers import PROJECT_ROOT, S3_ENV, VENV_BIN, RayHead, ray_job_submit, shared_ray_head
 from jobs.config import ConfigError, load_config, parse_override
 from jobs.preprocess import main
 from pipelines.config import PreprocessConfig
@@ -224,12 +224,7 @@ def test_ray_job_submit(tmp_path):
         cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
                "--", "python", "jobs/preprocess.py", "--preset", "ci", "--source", "synthetic:2", "--output", str(out),
                "--set", f"download.cache_uri={tmp_path / 'cache'}"]
-        t0 = time.time()
-        while True:  # the head's job agent registers a little after the dashboard answers
-            r = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=240)
-            if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.time() - t0 > 90:
-                break
-            time.sleep(3)
+        r = ray_job_submit(cmd, env, timeout=240)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
         assert "succeeded" in (r.stdout + r.stderr).lower()
         man = json.loads((out / "manifest.json").read_text())
