@@ -57,7 +57,7 @@ PLACEHOLDER_TRAIN_STEP_S = 1.5
 def preset_resources(preset: str = "trellis") -> dict[str, dict]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from jobs.config import load_config, to_dict
+    from mdt.config import load_config, to_dict
     from pipelines.config import PreprocessConfig
 
     cfg = load_config(PreprocessConfig, preset, [], prefix="preprocess_")

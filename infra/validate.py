@@ -606,7 +606,7 @@ def check_dockerignore(text: str) -> list[str]:
         if not ignored(must):
             errs.append(f".dockerignore does not exclude {must}")
     for keep in ("pyproject.toml", "README.md", "mdt/__init__.py", "pipelines/graph.py", "jobs/preprocess.py",
-                 "jobs/configs/preprocess_trellis.yaml", "jobs/config.py"):
+                 "jobs/configs/preprocess_trellis.yaml", "mdt/config.py"):
         if ignored(keep):
             errs.append(f".dockerignore excludes {keep}, which the image needs")
     return errs

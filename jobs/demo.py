@@ -124,7 +124,7 @@ def prepare_models(out: Path) -> dict[str, str]:
 
 
 def preprocess(out: Path, n: int, models: dict[str, str]) -> str:
-    from jobs.config import load_config
+    from mdt.config import load_config
     from pipelines import graph
     from pipelines.config import PreprocessConfig
 
@@ -170,7 +170,7 @@ def fit_probe(out: Path, data: str) -> str:
 
 def distill_cfg(name: str, out: Path, data: str, models: dict, probe: str, tracking_uri: str, objective: str,
                 teacher: str | None, steps: int | None, overrides: list[str]):
-    from jobs.config import load_config
+    from mdt.config import load_config
     from mdt.training.config import DistillConfig
 
     ov = [f"name={name}", f"output='{out / 'runs'}'", f"data.uri='{data}'", f"condition.model='{models['dinov2']}'",

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python jobs/distill.py` and `ray job submit`
     sys.path.insert(0, str(ROOT))
 
-from jobs.config import ConfigError, add_config_args, dump_yaml, load_config, to_dict  # noqa: E402
+from mdt.config import ConfigError, add_config_args, dump_yaml, load_config, to_dict  # noqa: E402
 
 log = logging.getLogger("distill")
 

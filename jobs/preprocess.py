@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python jobs/preprocess.py` and `ray job submit --working-dir .`
     sys.path.insert(0, str(ROOT))
 
-from jobs.config import ConfigError, add_config_args, dump_yaml, load_config, to_dict  # noqa: E402
+from mdt.config import ConfigError, add_config_args, dump_yaml, load_config, to_dict  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

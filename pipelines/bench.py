@@ -43,7 +43,7 @@ def busy_core_seconds(cores: set[int]) -> float:
 
 def run_one(workers: int, assets: int, out: Path, tiny: Path) -> dict:
     """One timed job run (called in a fresh, CPU-pinned process)."""
-    from jobs.config import load_config
+    from mdt.config import load_config
     from pipelines import graph
     from pipelines.config import PreprocessConfig
 

@@ -1,6 +1,6 @@
 """Typed configuration of the preprocessing job (defaults here, presets in jobs/configs/preprocess_*.yaml).
 
-Every section is a dataclass; ``jobs/config.py`` loads a YAML preset and ``--set a.b=c`` overrides into
+Every section is a dataclass; ``mdt/config.py`` loads a YAML preset and ``--set a.b=c`` overrides into
 this tree. Defaults are TRELLIS's settings (reference §4.4) where one exists.
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def write_tiny_shards(out: Path, n: int = 8, image_size: int = 56, views: int = 2) -> Path:
     """`n` synthetic assets through download's bytes + FakeCompute + the real ShardWriter/manifest (no Ray)."""
-    from jobs.config import load_config
+    from mdt.config import load_config
     from pipelines import shards
     from pipelines.config import PreprocessConfig, config_hash
     from pipelines.synthetic_meshes import synthetic_mesh_glb
@@ -88,7 +88,7 @@ def ci_overrides(tmp: Path, data: Path, teacher: str | None, tracking_uri: str |
 
 
 def ci_config(tmp: Path, data: Path, teacher: str | None, tracking_uri: str | None, overrides=(), **extra):
-    from jobs.config import load_config
+    from mdt.config import load_config
     from mdt.training.config import DistillConfig
 
     ov = ci_overrides(tmp, data, teacher, tracking_uri, **extra) + list(overrides)

@@ -11,7 +11,7 @@ import torch
 
 from _distill_helpers import TINY_SS_ARGS, ci_config, perturbed_teacher, write_tiny_shards
 
-from jobs.config import load_config
+from mdt.config import load_config
 from mdt.training import EMA, AdaptiveGradClipper, Trainer, split_batch
 from mdt.training import checkpoint as ckpt_io
 from mdt.training.build import build_student, build_teacher

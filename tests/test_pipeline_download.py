@@ -12,7 +12,7 @@ import pytest
 
 from _pipeline_helpers import (LoopbackHTTP, MotoS3, glb_bytes, obj_asset, sha256, tar_bytes,
                                zip_bytes)
-from jobs.config import load_config
+from mdt.config import load_config
 from pipelines.config import PreprocessConfig
 from pipelines.download import Download, HostSlots, materialize_mesh, referenced_files, safe_member
 from pipelines.sources.base import make_row

@@ -13,7 +13,7 @@ import torch
 
 from _pipeline_helpers import LoopbackHTTP, sha256
 from conftest import shared_path
-from jobs.config import load_config
+from mdt.config import load_config
 from mdt.models import from_pretrained
 from pipelines import graph
 from pipelines.config import PreprocessConfig

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from _pipeline_helpers import PROJECT_ROOT, S3_ENV, VENV_BIN, RayHead, ray_job_submit, shared_ray_head
-from jobs.config import ConfigError, load_config, parse_override
+from mdt.config import ConfigError, load_config, parse_override
 from jobs.preprocess import main
 from pipelines.config import PreprocessConfig
 from pipelines.ledger import Ledger

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _pipeline_helpers import MotoS3, glb_bytes
-from jobs.config import load_config
+from mdt.config import load_config
 from pipelines.config import PreprocessConfig
 from pipelines.ledger import Ledger
 from pipelines.rows import fail, pack_array

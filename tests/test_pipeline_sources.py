@@ -8,7 +8,7 @@ import pytest
 
 from _pipeline_helpers import glb_bytes, sha256, tar_bytes, write_gz_json, zip_bytes
 from conftest import shared_path
-from jobs.config import load_config
+from mdt.config import load_config
 from pipelines.config import PreprocessConfig
 from pipelines.rows import SOURCE_KEYS
 from pipelines.sources import build_source, list_rows, parse_spec

@@ -1,6 +1,6 @@
 """Typed configuration of the distillation / training job (defaults here, presets in jobs/configs/distill_*.yaml).
 
-One dataclass tree, loaded by ``jobs.config.load_config(DistillConfig, preset, overrides, prefix="distill_")``.
+One dataclass tree, loaded by ``mdt.config.load_config(DistillConfig, preset, overrides, prefix="distill_")``.
 The objective sections embed ``mdt.distill``'s own config dataclasses, so every hyper-parameter of an objective
 is settable with ``--set objective.mdt.w_vm=3.0``. Defaults follow the released MDT-dist configs (reference
 section 5.2) where one exists; the CPU presets shrink everything.

@@ -6,8 +6,9 @@
 
 - A preset is ``jobs/configs/<prefix><name>.yaml`` or a path to any YAML file. A preset may name another
   one under the key ``base:`` (merged first, recursively).
-- Overrides are ``dotted.key=value``; the value is parsed as YAML (``8``, ``true``, ``null``, ``[a, b]``,
-  ``{x: 1}``) and then checked against the dataclass field's type. ``dict[str, Dataclass]`` fields take new
+- Overrides are ``dotted.key=value`` strings (the value parsed as YAML: ``8``, ``true``, ``null``, ``[a, b]``,
+  ``{x: 1}``), or ``(dotted.key, value)`` pairs whose value is used as given (no quoting needed for code
+  that builds overrides); either way the value is then checked against the dataclass field's type. ``dict[str, Dataclass]`` fields take new
   keys (``resources.render.num_gpus=1``).
 - Unknown keys are errors that list the valid ones: a typo never silently falls back to a default.
 """
@@ -16,17 +17,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
 T = TypeVar("T")
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+# The presets shipped with the project: YAML data read from the repository, not code imported from jobs/.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 
 class ConfigError(ValueError):
@@ -39,7 +40,7 @@ class ConfigError(ValueError):
 def load_config(
     cls: type[T],
     preset: str | Path | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: "Sequence[str | tuple[str, Any]]" = (),
     *,
     presets_dir: str | Path = CONFIGS_DIR,
     prefix: str = "",
@@ -49,7 +50,7 @@ def load_config(
     if preset:
         data = load_preset(preset, presets_dir=presets_dir, prefix=prefix)
     for ov in overrides:
-        key, value = parse_override(ov)
+        key, value = ov if isinstance(ov, tuple) else parse_override(ov)
         set_dotted(data, key, value)
     return from_dict(cls, data)
 
@@ -175,10 +176,6 @@ def to_dict(obj: Any) -> Any:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
-
-
-def dump_json(cfg: Any) -> str:
-    return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
 
 
 def _join(path: str, name: str) -> str:
