@@ -13,7 +13,8 @@ import torch.nn as nn
 from mdt.distill import (CMConfig, FlowMatchingConfig, MDTConfig, PCMConfig, SCMConfig, cm_loss, drop_condition,
                          flow_matching_loss, mdt_loss, mdt_time, pcm_loss, phase_floor, scm_loss, student_sample,
                          vm_loss, vm_target)
-from mdt.distill import _ops as O
+from mdt import flow
+from mdt.distill.losses import draw_choice
 from mdt.distill.analytic import AnalyticMeanVelocity, AnalyticVelocity, GaussianFlow
 from mdt.distill.analytic import ToyVelocityNet as ToyNet
 
@@ -152,7 +153,7 @@ def test_vm_discrete_target_converges_at_first_order():
 
 def test_time_sampling_and_mapping():
     g = torch.Generator().manual_seed(0)
-    tp = O.sample_time(20000, "logit_normal", 1.0, 1.0, g)
+    tp = flow.sample_time(20000, "logit_normal", 1.0, 1.0, g)
     assert tp.median().item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item(), abs=0.01)
     assert tp.mean().item() == pytest.approx(0.697, abs=0.01)
     d = MDTConfig(mode="discrete", delta=0.01)
@@ -160,9 +161,9 @@ def test_time_sampling_and_mapping():
     ends = torch.tensor([0.0, 1.0])
     assert torch.allclose(mdt_time(ends, d), torch.tensor([SIG + 0.01, 1.0]))
     assert torch.allclose(mdt_time(ends, c), torch.tensor([SIG, 1.0]))
-    u = O.sample_time(1000, "uniform", 0, 1, g)
+    u = flow.sample_time(1000, "uniform", 0, 1, g)
     assert 0 <= u.min() and u.max() <= 1 and abs(u.mean().item() - 0.5) < 0.05
-    vals = {O.draw_choice([1.0, 2.0, 3.0], g) for _ in range(60)}
+    vals = {draw_choice([1.0, 2.0, 3.0], g) for _ in range(60)}
     assert vals == {1.0, 2.0, 3.0}
     assert phase_floor(torch.tensor([0.1, 0.25, 0.26, 1.0]), 4).tolist() == [0.0, 0.0, 0.25, 0.75]
 
@@ -523,11 +524,12 @@ def test_student_sample_one_step_is_the_transport_map():
 
 
 def test_conventions_match_mdt_flow():
-    flow = pytest.importorskip("mdt.flow")
     batch = make_batch(17)
     x0, eps, t = batch["x0"], batch["noise"], batch["t"]
-    assert flow.SIGMA_MIN == SIG
-    assert torch.allclose(flow.noise_sample(x0, eps, t, SIG), O.noise_data(x0, eps, t, x0, SIG), atol=1e-14)
+    assert flow.SIGMA_MIN == SIG and flow.TIME_SCALE == 1000.0
+    tb = bt(t, x0)
+    assert torch.allclose(flow.noise_sample(x0, eps, t, SIG), (1 - tb) * x0 + (SIG + (1 - SIG) * tb) * eps,
+                          atol=1e-14)
     assert torch.allclose(flow.velocity_target(x0, eps, SIG), (1 - SIG) * eps - x0, atol=1e-14)
     student = AnalyticMeanVelocity(FLOW)
     ours = student_sample(student, eps, batch["cond"], steps=4)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from mdt.distill import CMConfig, MDTConfig, SCMConfig, cm_loss, mdt_loss, scm_loss, student_sample
-from mdt.distill import _ops as O
+from mdt import flow
+from mdt.distill.losses import _math_sdpa, call, time_derivative
+from mdt.flow import data
 from mdt.models import SLatFlowModel, SparseStructureFlowModel
 from mdt.sparse import SparseTensor
 
@@ -68,16 +70,16 @@ def test_forward_mode_jvp_through_trellis_networks(kind):
     g = torch.Generator().manual_seed(4)
     x = make_x0(kind, g)
     x = x.double() if kind == "ss" else x.replace(x.feats.double())
-    f = O.data(x)
+    f = data(x)
     t = torch.tensor([0.3, 0.8], dtype=torch.float64)
     v = torch.randn(f.shape, generator=g, dtype=torch.float64)
     cond = torch.randn(2, 3, 16, generator=g, dtype=torch.float64)
-    ours = O.time_derivative(model, x, f, t, cond, v, "func")
+    ours = time_derivative(model, x, f, t, cond, v, "func")
 
     def fn(ff, tt):
-        return O.call(model, x, ff, tt, cond)
+        return call(model, x, ff, tt, cond)
 
-    with O._math_sdpa():  # the fused CPU attention kernel has no double backward either
+    with _math_sdpa():  # the fused CPU attention kernel has no double backward either
         _, ref = torch.autograd.functional.jvp(fn, (f, t), (v, torch.ones_like(t)))
     # float32 inside the sinusoidal time embedding (as in TRELLIS) limits the agreement to ~1e-6
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
@@ -96,18 +98,17 @@ def test_baselines_and_sampling_on_trellis_networks(kind):
         terms = fn(student, teacher, {"x0": x0, "cond": cond}, cfg, generator=torch.Generator().manual_seed(8))
         terms["loss"].backward()
         assert torch.isfinite(terms["loss"]) and all(p.grad is None for p in teacher.parameters())
-    flow = pytest.importorskip("mdt.flow")
-    noise = O.randn_like(x0, g)
+    noise = flow.randn_like(x0, g)
     for steps in (1, 2, 4):
         out = student_sample(student, noise, cond, steps=steps, cfg_strength=0.5)
         ref = flow.FlowEulerSampler().sample(student, noise, cond, steps=steps, cfg_strength=0.5)
-        assert torch.allclose(O.data(out), O.data(ref), atol=1e-5)
+        assert torch.allclose(data(out), data(ref), atol=1e-5)
         if kind == "slat":
             assert torch.equal(out.coords, x0.coords)
     one = student_sample(student, noise, cond, steps=1)
     with torch.no_grad():
-        manual = O.data(noise) - O.call(student, noise, O.data(noise), torch.ones(2), cond)
-    assert torch.allclose(O.data(one), manual, atol=1e-6)
+        manual = data(noise) - call(student, noise, data(noise), torch.ones(2), cond)
+    assert torch.allclose(data(one), manual, atol=1e-6)
 
 
 def test_jvp_switches_attention_backend_only_temporarily():
@@ -130,7 +131,7 @@ def test_jvp_switches_attention_backend_only_temporarily():
         import mdt.sparse.attention as attention
         attention.attn_backend_for = spy
         try:
-            O.time_derivative(model, x, x.feats, torch.tensor([0.4, 0.6]), torch.randn(2, 3, 16, generator=g),
+            time_derivative(model, x, x.feats, torch.tensor([0.4, 0.6]), torch.randn(2, 3, 16, generator=g),
                               torch.randn(x.feats.shape, generator=g), "func")
         finally:
             backends.attn_backend_for = orig

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdt.flow import (FlowEulerSampler, LogitNormalSchedule, UniformSchedule, count_nfe, eps_from_velocity,
-                      noise_sample, time_grid, velocity_target, x0_from_velocity)
+from mdt.flow import (FlowEulerSampler, count_nfe, eps_from_velocity, noise_sample, sample_time, time_grid,
+                      velocity_target, x0_from_velocity)
 from mdt.sparse import SparseTensor
 
 
@@ -31,9 +31,9 @@ def test_sparse_noising_broadcasts_t_per_sample():
 
 def test_time_schedules():
     g = torch.Generator().manual_seed(0)
-    t = LogitNormalSchedule(1.0, 1.0).sample(200_000, generator=g)
+    t = sample_time(200_000, "logit_normal", 1.0, 1.0, generator=g)
     assert abs(t.median().item() - 0.731) < 0.005 and abs(t.mean().item() - 0.697) < 0.005
-    u = UniformSchedule().sample(100_000, generator=g)
+    u = sample_time(100_000, "uniform", generator=g)
     assert 0 <= u.min() and u.max() <= 1 and abs(u.mean().item() - 0.5) < 0.01
 
 
@@ -72,7 +72,14 @@ def test_euler_sampler_arithmetic_guidance_and_interval():
     ref = ref - 0.5 * (0.5 * ref + 3 * cond[:, None])
     ref = ref - 0.5 * (0.5 * ref + cond[:, None])
     torch.testing.assert_close(out, ref)
-    assert [round(t, 3) for t, _ in model.calls] == [1.0, 1.0, 0.5]
+    # guided step: one forward of the doubled batch [x; x] with [cond; neg_cond]; unguided step: one of B
+    assert [(round(t, 3), len(c)) for t, c in model.calls] == [(1.0, 4), (0.5, 2)]
+    torch.testing.assert_close(model.calls[0][1], torch.cat([cond, neg]))
+    sequential = LinearVelocity(0.5)
+    out_seq = FlowEulerSampler().sample(sequential, x, cond, neg, steps=2, cfg_strength=2.0, cfg_interval=(0.6, 1.0),
+                                        cfg_batched=False)
+    torch.testing.assert_close(out_seq, ref)
+    assert [(round(t, 3), len(c)) for t, c in sequential.calls] == [(1.0, 2), (1.0, 2), (0.5, 2)]
 
 
 def test_sampler_runs_on_sparse_tensors():
@@ -81,3 +88,47 @@ def test_sampler_runs_on_sparse_tensors():
     out = FlowEulerSampler().sample(LinearVelocity(0.0), noise, torch.tensor([[1.0], [2.0]]), steps=4)
     assert isinstance(out, SparseTensor) and torch.equal(out.coords, coords)
     torch.testing.assert_close(out.feats, torch.tensor([[0.0, 0.0], [0.0, 0.0], [-1.0, -1.0]]))
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_batched_guidance_equals_sequential_in_fp32(layout):
+    """Teacher sampler (guidance interval, per-instance CFG) and student sampler (both modes): one forward of the
+    doubled batch equals two forwards to 1e-6 of the result's scale in float32 (a few ulps: a batch of 2B may take
+    another matmul blocking than B)."""
+    from mdt.distill import student_sample
+    from mdt.distill.analytic import ToyVelocityNet
+
+    g = torch.Generator().manual_seed(0)
+    if layout == "dense":
+        noise = torch.randn(3, 4, 2, 2, 2, generator=g)
+    else:
+        coords = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1], [2, 1, 0, 1], [2, 1, 1, 1], [2, 0, 1, 1]],
+                              dtype=torch.int32)
+        noise = SparseTensor(torch.randn(6, 4, generator=g), coords)
+    cond = torch.randn(3, 2, 5, generator=g)
+    model = ToyVelocityNet(4, 10, seed=3, dtype=torch.float32)
+    per_instance = torch.tensor([0.0, 1.5, 4.0])
+
+    def run(batched):
+        return [
+            FlowEulerSampler().sample(model, noise, cond, steps=6, rescale_t=3.0, cfg_strength=3.0,
+                                      cfg_interval=(0.5, 1.0), cfg_batched=batched),
+            FlowEulerSampler().sample(model, noise, cond, steps=3, cfg_strength=per_instance, cfg_batched=batched),
+            student_sample(model, noise, cond, steps=2, cfg_strength=2.0, cfg_batched=batched),
+            student_sample(model, noise, cond, steps=2, cfg_strength=2.0, mode="consistency",
+                           generator=torch.Generator().manual_seed(1), cfg_batched=batched),
+        ]
+
+    for a, b in zip(run(True), run(False)):
+        fa, fb = (a.feats, b.feats) if layout == "sparse" else (a, b)
+        assert (fa - fb).abs().max() <= 1e-6 * fb.abs().max() and fb.abs().max() > 0.1
+        if layout == "sparse":
+            assert torch.equal(a.coords, noise.coords)
+    # per-instance strengths: sample 0 (w = 0) is the unguided sample, sample 2 the w = 4 one
+    unguided = FlowEulerSampler().sample(model, noise, cond, steps=3)
+    strong = FlowEulerSampler().sample(model, noise, cond, steps=3, cfg_strength=4.0)
+    mixed = run(True)[1]
+    d = (lambda x: x.feats[noise.batch_idx == 0]) if layout == "sparse" else (lambda x: x[0])
+    e = (lambda x: x.feats[noise.batch_idx == 2]) if layout == "sparse" else (lambda x: x[2])
+    for got, ref in ((d(mixed), d(unguided)), (e(mixed), e(strong))):
+        assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()

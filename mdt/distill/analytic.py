@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from mdt.flow import SIGMA_MIN, TIME_SCALE
+
 
 def _bt(t: Tensor, x: Tensor) -> Tensor:
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -31,7 +33,7 @@ def _bt(t: Tensor, x: Tensor) -> Tensor:
 class GaussianFlow:
     """Closed-form quantities of the Gaussian-data flow (t, r are [B] or scalars; mu broadcastable to x)."""
 
-    def __init__(self, s: float = 0.5, sigma_min: float = 1e-5):
+    def __init__(self, s: float = 0.5, sigma_min: float = SIGMA_MIN):
         self.s, self.sigma = float(s), float(sigma_min)
 
     def a(self, t: Tensor) -> Tensor:
@@ -100,7 +102,7 @@ class AnalyticVelocity(nn.Module):
         self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
 
     def forward(self, x: Tensor, tau: Tensor, cond: Tensor) -> Tensor:
-        return self.scale.to(x.dtype) * self.flow.velocity(x, tau / 1000.0, cond)
+        return self.scale.to(x.dtype) * self.flow.velocity(x, tau / TIME_SCALE, cond)
 
 
 class AnalyticMeanVelocity(nn.Module):
@@ -119,7 +121,7 @@ class AnalyticMeanVelocity(nn.Module):
                               if offset_shape is not None else None)
 
     def forward(self, x: Tensor, tau: Tensor, cond: Tensor) -> Tensor:
-        t = tau / 1000.0
+        t = tau / TIME_SCALE
         r = torch.zeros_like(t) if self.r_fn is None else self.r_fn(t)
         out = self.flow.mean_velocity(x, t, r, cond)
         if self.offset_at_one is not None:
@@ -133,7 +135,7 @@ def _is_sparse(x) -> bool:
 
 
 class ToyVelocityNet(nn.Module):
-    """Small nonlinear velocity net for tests and toys: model(x, 1000 t, cond) on dense [B, C, ...] or a
+    """Small nonlinear velocity net for tests and toys: model(x, TIME_SCALE·t, cond) on dense [B, C, ...] or a
     SparseTensor with feats [N, C]; the condition [B, ...] is flattened to cond_dim. Each voxel sees its own
     features, the mean over its sample's voxels, t and the condition, so samples stay independent."""
 
@@ -149,7 +151,7 @@ class ToyVelocityNet(nn.Module):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=dtype))
 
     def forward(self, x, tau, cond):
-        t = tau / 1000.0
+        t = tau / TIME_SCALE
         if _is_sparse(x):
             f, bidx, b = x.feats, x.batch_idx, x.batch_size
         else:

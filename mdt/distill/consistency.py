@@ -46,7 +46,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from . import _ops as O
+from mdt import flow
+from mdt.flow import SIGMA_MIN, data, per_sample
+
+from .losses import (NUM_BINS, call, compute_dtype, draw_choice, guided_call, mean_loss, per_instance, sample_norm,
+                     time_bins, time_derivative)
 from .mdt_dist import phase_floor
 
 
@@ -61,8 +65,9 @@ class CMConfig:
     t_schedule: str = "logit_normal"
     t_mean: float = 1.0
     t_std: float = 1.0
-    sigma_min: float = 1e-5
-    num_bins: int = O.NUM_BINS
+    sigma_min: float = SIGMA_MIN
+    cfg_batched: bool = True             # teacher CFG as one forward of the doubled batch
+    num_bins: int = NUM_BINS
 
     def __post_init__(self) -> None:
         if self.phases < 1:
@@ -91,15 +96,16 @@ class SCMConfig:
     t_schedule: str = "logit_normal"
     t_mean: float = 1.0
     t_std: float = 1.0
-    sigma_min: float = 1e-5
+    sigma_min: float = SIGMA_MIN
     jvp: str = "func"                    # "func" (exact forward-mode JVP) or "fd"
     fd_step: float = 1e-3
-    num_bins: int = O.NUM_BINS
+    cfg_batched: bool = True
+    num_bins: int = NUM_BINS
 
 
 def _noise(batch: dict, generator: torch.Generator | None) -> Tensor:
     eps = batch.get("noise")
-    return O.data(eps) if eps is not None else O.data(O.randn_like(batch["x0"], generator))
+    return data(eps) if eps is not None else data(flow.randn_like(batch["x0"], generator))
 
 
 def consistency_times(t_prime: Tensor, cfg: CMConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,7 +114,7 @@ def consistency_times(t_prime: Tensor, cfg: CMConfig) -> tuple[Tensor, Tensor, T
         n = torch.ceil(t_prime * cfg.num_steps).clamp(1, cfg.num_steps)
         t = n / cfg.num_steps
         return t, (n - 1) / cfg.num_steps, phase_floor(t, cfg.phases)
-    t = cfg.sigma_min + cfg.delta + (1 - cfg.delta - cfg.sigma_min) * t_prime
+    t = flow.map_time(t_prime, cfg.sigma_min + cfg.delta)
     s = phase_floor(t, cfg.phases)
     return t, torch.maximum(t - cfg.delta, s), s
 
@@ -122,12 +128,12 @@ def cm_loss(student: Any, teacher: Any, batch: dict, cfg: CMConfig, generator: t
     Draw order with `generator`: t', eps, w. Returns {"loss", "loss_cm", "loss_bins"}.
     """
     x0, cond = batch["x0"], batch["cond"]
-    neg_cond = O.negative_cond(cond, batch.get("neg_cond"))
-    f0 = O.data(x0)
-    b = O.batch_size(x0)
+    neg_cond = flow.negative_condition(cond, batch.get("neg_cond"))
+    f0 = data(x0)
+    b = flow.batch_size(x0)
     t = batch.get("t")
     if t is None:
-        tp = O.sample_time(b, cfg.t_schedule, cfg.t_mean, cfg.t_std, generator, f0.device, torch.float64)
+        tp = flow.sample_time(b, cfg.t_schedule, cfg.t_mean, cfg.t_std, generator, f0.device, torch.float64)
         t, t_p, s = consistency_times(tp, cfg)
     else:
         t = t.to(device=f0.device, dtype=torch.float64)
@@ -138,25 +144,25 @@ def cm_loss(student: Any, teacher: Any, batch: dict, cfg: CMConfig, generator: t
             t_p = torch.maximum(t - cfg.delta, s)
     t, t_p, s = (v.to(f0.dtype) for v in (t, t_p, s))
     eps = _noise(batch, generator)
-    w = O.draw_choice(cfg.w, generator)
+    w = draw_choice(cfg.w, generator)
 
-    xt = O.noise_data(f0, eps, t, x0, cfg.sigma_min)
+    xt = data(flow.noise_sample(x0, eps, t, cfg.sigma_min))
     with torch.no_grad():
-        v_t = O.guided_velocity(teacher, x0, xt, t, cond, neg_cond, w)
-        x_p = xt - O.per_sample(t - t_p, x0) * v_t
+        v_t = guided_call(teacher, x0, xt, t, cond, neg_cond, w, cfg.cfg_batched)
+        x_p = xt - per_sample(t - t_p, x0) * v_t
         tm = student if target_model is None else target_model
-        f_p = O.call(tm, x0, x_p, t_p, cond)
-    v_s = O.call(student, x0, xt, t, cond)
-    dt = O.compute_dtype(v_s.dtype)
-    pred = xt.to(dt) - O.per_sample(t - s, x0).to(dt) * v_s.to(dt)
-    gap = O.per_sample(t_p - s, x0).to(dt)
+        f_p = call(tm, x0, x_p, t_p, cond)
+    v_s = call(student, x0, xt, t, cond)
+    dt = compute_dtype(v_s.dtype)
+    pred = xt.to(dt) - per_sample(t - s, x0).to(dt) * v_s.to(dt)
+    gap = per_sample(t_p - s, x0).to(dt)
     # At a phase boundary (t_p = s) the consistency function is the identity; `where` keeps a non-finite
     # student output at t_p = s (e.g. t = 0) out of the target.
     target = torch.where(gap > 0, x_p.to(dt) - gap * f_p.to(dt), x_p.to(dt)).detach()
     sq = (pred - target).pow(2)
-    loss = O.mean_loss(sq)
+    loss = mean_loss(sq)
     return {"loss": loss, "loss_cm": loss.detach(),
-            "loss_bins": O.time_bins(t, O.per_instance(sq, x0), cfg.num_bins)}
+            "loss_bins": time_bins(t, per_instance(sq, x0), cfg.num_bins)}
 
 
 def pcm_loss(student: Any, teacher: Any, batch: dict, cfg: PCMConfig, generator: torch.Generator | None = None,
@@ -174,36 +180,36 @@ def scm_loss(student: Any, teacher: Any, batch: dict, cfg: SCMConfig, generator:
     Returns {"loss", "loss_scm", "tangent_norm" (mean ||g|| before normalisation), "loss_bins"}.
     """
     x0, cond = batch["x0"], batch["cond"]
-    neg_cond = O.negative_cond(cond, batch.get("neg_cond"))
-    f0 = O.data(x0)
+    neg_cond = flow.negative_condition(cond, batch.get("neg_cond"))
+    f0 = data(x0)
     t = batch.get("t")
     if t is None:
-        tp = O.sample_time(O.batch_size(x0), cfg.t_schedule, cfg.t_mean, cfg.t_std, generator, f0.device,
-                           f0.dtype)
-        t = cfg.sigma_min + (1 - cfg.sigma_min) * tp
+        tp = flow.sample_time(flow.batch_size(x0), cfg.t_schedule, cfg.t_mean, cfg.t_std, generator, f0.device,
+                              f0.dtype)
+        t = flow.map_time(tp, cfg.sigma_min)
     t = t.to(device=f0.device, dtype=f0.dtype)
     s = phase_floor(t, cfg.phases)
     eps = _noise(batch, generator)
-    w = O.draw_choice(cfg.w, generator)
+    w = draw_choice(cfg.w, generator)
 
-    xt = O.noise_data(f0, eps, t, x0, cfg.sigma_min)
+    xt = data(flow.noise_sample(x0, eps, t, cfg.sigma_min))
     with torch.no_grad():
-        v_t = O.guided_velocity(teacher, x0, xt, t, cond, neg_cond, w)
-    v_s = O.call(student, x0, xt, t, cond)
-    dt = O.compute_dtype(v_s.dtype)
+        v_t = guided_call(teacher, x0, xt, t, cond, neg_cond, w, cfg.cfg_batched)
+    v_s = call(student, x0, xt, t, cond)
+    dt = compute_dtype(v_s.dtype)
     tm = student if target_model is None else target_model
     if target_model is None:
         f_minus = v_s.detach()
     else:
         with torch.no_grad():
-            f_minus = O.call(tm, x0, xt, t, cond)
-    dfdt = O.time_derivative(tm, x0, xt, t, cond, v_t, cfg.jvp, cfg.fd_step).to(dt)
-    g = v_t.to(dt) - f_minus.to(dt) - cfg.tangent_warmup * O.per_sample(t - s, x0).to(dt) * dfdt
-    g_norm = O.sample_norm(g, x0)
+            f_minus = call(tm, x0, xt, t, cond)
+    dfdt = time_derivative(tm, x0, xt, t, cond, v_t, cfg.jvp, cfg.fd_step).to(dt)
+    g = v_t.to(dt) - f_minus.to(dt) - cfg.tangent_warmup * per_sample(t - s, x0).to(dt) * dfdt
+    g_norm = sample_norm(g, x0)
     if cfg.tangent_norm_c > 0:
-        g = g / (O.per_sample(g_norm, x0) + cfg.tangent_norm_c)
+        g = g / (per_sample(g_norm, x0) + cfg.tangent_norm_c)
     target = (f_minus.to(dt) + g).detach()
     sq = (v_s.to(dt) - target).pow(2)
-    loss = O.mean_loss(sq)
+    loss = mean_loss(sq)
     return {"loss": loss, "loss_scm": loss.detach(), "tangent_norm": g_norm.mean().detach(),
-            "loss_bins": O.time_bins(t, O.per_instance(sq, x0), cfg.num_bins)}
+            "loss_bins": time_bins(t, per_instance(sq, x0), cfg.num_bins)}

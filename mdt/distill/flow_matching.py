@@ -7,19 +7,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _ops as O
+from mdt import flow
+from mdt.flow import SIGMA_MIN, data
+
+from .losses import NUM_BINS, call, compute_dtype, mean_loss, per_instance, time_bins
 
 
 @dataclass
 class FlowMatchingConfig:
     """TRELLIS flow matching. Defaults are TRELLIS image-large's: logit-normal(1, 1) t, p_uncond 0.1."""
 
-    sigma_min: float = 1e-5
+    sigma_min: float = SIGMA_MIN
     t_schedule: str = "logit_normal"   # or "uniform"
     t_mean: float = 1.0
     t_std: float = 1.0
     p_uncond: float = 0.1              # per-sample probability of replacing cond by neg_cond (zeros)
-    num_bins: int = O.NUM_BINS
+    num_bins: int = NUM_BINS
 
 
 def drop_condition(cond: Tensor, neg_cond: Tensor | None, p_uncond: float,
@@ -29,15 +32,12 @@ def drop_condition(cond: Tensor, neg_cond: Tensor | None, p_uncond: float,
     Returns (new_cond, mask) with mask [B] bool = True where the sample was dropped.
     """
     b = cond.shape[0]
-    if neg_cond is None:
-        neg_cond = torch.zeros_like(cond)
     if p_uncond <= 0:
         return cond, torch.zeros(b, dtype=torch.bool, device=cond.device)
-    u = O.rand((b,), generator, cond.device, torch.float64)
+    u = flow.rand((b,), generator, cond.device, torch.float64)
     mask = u < p_uncond
-    neg = neg_cond.expand_as(cond) if neg_cond.shape[0] == 1 else neg_cond
     m = mask.view(-1, *([1] * (cond.dim() - 1)))
-    return torch.where(m, neg.to(cond.dtype), cond), mask
+    return torch.where(m, flow.negative_condition(cond, neg_cond), cond), mask
 
 
 def flow_matching_loss(student: Any, teacher: Any, batch: dict, cfg: FlowMatchingConfig,
@@ -52,21 +52,21 @@ def flow_matching_loss(student: Any, teacher: Any, batch: dict, cfg: FlowMatchin
     """
     del teacher
     x0 = batch["x0"]
-    f0 = O.data(x0)
-    b = O.batch_size(x0)
+    f0 = data(x0)
     t = batch.get("t")
     if t is None:
-        t = O.sample_time(b, cfg.t_schedule, cfg.t_mean, cfg.t_std, generator, f0.device, f0.dtype)
+        t = flow.sample_time(flow.batch_size(x0), cfg.t_schedule, cfg.t_mean, cfg.t_std, generator, f0.device,
+                             f0.dtype)
     t = t.to(device=f0.device, dtype=f0.dtype)
     eps = batch.get("noise")
-    eps = O.data(eps) if eps is not None else O.data(O.randn_like(x0, generator))
+    eps = data(eps) if eps is not None else data(flow.randn_like(x0, generator))
     cond, _ = drop_condition(batch["cond"], batch.get("neg_cond"), cfg.p_uncond, generator)
 
-    xt = O.noise_data(f0, eps, t, x0, cfg.sigma_min)
-    target = (1 - cfg.sigma_min) * eps - f0
-    pred = O.call(student, x0, xt, t, cond)
-    dt = O.compute_dtype(pred.dtype)
+    xt = data(flow.noise_sample(x0, eps, t, cfg.sigma_min))
+    target = data(flow.velocity_target(x0, eps, cfg.sigma_min))
+    pred = call(student, x0, xt, t, cond)
+    dt = compute_dtype(pred.dtype)
     sq = (pred.to(dt) - target.to(dt)).pow(2)
-    loss = O.mean_loss(sq)
+    loss = mean_loss(sq)
     return {"loss": loss, "loss_fm": loss.detach(),
-            "loss_bins": O.time_bins(t, O.per_instance(sq, x0), cfg.num_bins)}
+            "loss_bins": time_bins(t, per_instance(sq, x0), cfg.num_bins)}

@@ -33,7 +33,11 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from . import _ops as O
+from mdt import flow
+from mdt.flow import SIGMA_MIN, data, like, per_sample
+
+from .losses import (NUM_BINS, call, compute_dtype, draw_choice, guided_call, mean_loss, per_instance, sample_norm,
+                     time_bins, time_derivative)
 
 MODES = ("discrete", "continuous", "cm")
 
@@ -53,11 +57,12 @@ class MDTConfig:
     t_schedule: str = "logit_normal"                    # or "uniform"
     t_mean: float = 1.0
     t_std: float = 1.0
-    sigma_min: float = 1e-5
+    sigma_min: float = SIGMA_MIN
     multiphase: int = 1                                 # phases of the "cm" variant
     jvp: str = "func"                                   # continuous mode: "func" (exact JVP) or "fd"
     fd_step: float = 1e-3                               # step of jvp="fd"
-    num_bins: int = O.NUM_BINS
+    cfg_batched: bool = True                            # teacher CFG as one forward of the doubled batch
+    num_bins: int = NUM_BINS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -77,8 +82,8 @@ class VMOut(NamedTuple):
 def mdt_time(t_prime: Tensor, cfg: MDTConfig) -> Tensor:
     """Map schedule samples t' in [0, 1] to training times (reference 5.3)."""
     if cfg.mode == "continuous":
-        return cfg.sigma_min + (1 - cfg.sigma_min) * t_prime
-    return cfg.sigma_min + cfg.delta + (1 - cfg.delta - cfg.sigma_min) * t_prime
+        return flow.map_time(t_prime, cfg.sigma_min)
+    return flow.map_time(t_prime, cfg.sigma_min + cfg.delta)
 
 
 def phase_floor(t: Tensor, phases: int) -> Tensor:
@@ -89,16 +94,16 @@ def phase_floor(t: Tensor, phases: int) -> Tensor:
 
 def d_normalise(d: Tensor, x: Any, c: float) -> Tensor:
     """d / (||d|| + c) with the Euclidean norm over each sample's elements."""
-    return d / (O.per_sample(O.sample_norm(d, x), x) + c)
+    return d / (per_sample(sample_norm(d, x), x) + c)
 
 
-def teacher_velocity(teacher: Any, x: Any, xt: Tensor, t: Tensor, cond: Any, neg_cond: Any, w: float,
-                     x0: Tensor, eps: Tensor, sigma_min: float) -> Tensor:
-    """CFG'd teacher velocity (no grad); without a teacher the conditional flow target (1 - s) eps - x0."""
+def teacher_velocity(teacher: Any, x0: Any, eps: Any, xt: Tensor, t: Tensor, cond: Any, neg_cond: Any, w: float,
+                     cfg: MDTConfig) -> Tensor:
+    """CFG'd teacher velocity at x_t (data, no grad); without a teacher the conditional flow target."""
     if teacher is None:
-        return ((1 - sigma_min) * eps - x0).detach()
+        return data(flow.velocity_target(x0, eps, cfg.sigma_min)).detach()
     with torch.no_grad():
-        return O.guided_velocity(teacher, x, xt, t, cond, neg_cond, w).detach()
+        return guided_call(teacher, x0, xt, t, cond, neg_cond, w, cfg.cfg_batched).detach()
 
 
 def vm_target(student: Any, teacher: Any, x0: Any, eps: Any, t: Tensor, cond: Any, neg_cond: Any,
@@ -109,33 +114,33 @@ def vm_target(student: Any, teacher: Any, x0: Any, eps: Any, t: Tensor, cond: An
     mapped with `mdt_time`). The prediction keeps the autograd graph when grad is enabled; everything else is
     computed without grad (stop-gradient on the derivative term).
     """
-    f0, fe = O.data(x0), O.data(eps)
+    f0 = data(x0)
     t = t.to(device=f0.device, dtype=f0.dtype)
-    neg_cond = O.negative_cond(cond, neg_cond)
-    xt = O.noise_data(f0, fe, t, x0, cfg.sigma_min)
-    v_t = teacher_velocity(teacher, x0, xt, t, cond, neg_cond, w, f0, fe, cfg.sigma_min)
-    v_s = O.call(student, x0, xt, t, cond)
-    dt = O.compute_dtype(v_s.dtype)
-    tb = O.per_sample(t, x0).to(dt)
+    neg_cond = flow.negative_condition(cond, neg_cond)
+    xt = data(flow.noise_sample(x0, eps, t, cfg.sigma_min))
+    v_t = teacher_velocity(teacher, x0, eps, xt, t, cond, neg_cond, w, cfg)
+    v_s = call(student, x0, xt, t, cond)
+    dt = compute_dtype(v_s.dtype)
+    tb = per_sample(t, x0).to(dt)
 
     if cfg.mode == "cm":
         t_p = t - cfg.delta
         t_tgt = phase_floor(t_p, cfg.multiphase)
         x_p = xt - cfg.delta * v_t
         with torch.no_grad():
-            v_p = O.call(student, x0, x_p, t_p, cond)
-        pred = xt.to(dt) - (tb - O.per_sample(t_tgt, x0).to(dt)) * v_s.to(dt)
-        target = x_p.to(dt) - O.per_sample(t_p - t_tgt, x0).to(dt) * v_p.to(dt)
+            v_p = call(student, x0, x_p, t_p, cond)
+        pred = xt.to(dt) - (tb - per_sample(t_tgt, x0).to(dt)) * v_s.to(dt)
+        target = x_p.to(dt) - per_sample(t_p - t_tgt, x0).to(dt) * v_p.to(dt)
         return VMOut(pred, target.detach(), v_t, None, xt)
 
     if cfg.mode == "discrete":
         t_p = t - cfg.delta
         x_p = xt - cfg.delta * v_t
         with torch.no_grad():
-            v_p = O.call(student, x0, x_p, t_p, cond)
+            v_p = call(student, x0, x_p, t_p, cond)
         dvdt = (v_s.detach().to(dt) - v_p.to(dt)) / cfg.delta
     else:  # continuous
-        dvdt = O.time_derivative(student, x0, xt, t, cond, v_t, cfg.jvp, cfg.fd_step).to(dt)
+        dvdt = time_derivative(student, x0, xt, t, cond, v_t, cfg.jvp, cfg.fd_step).to(dt)
     if cfg.d_norm:
         dvdt = d_normalise(dvdt, x0, cfg.d_norm_c)
     target = v_t.to(dt) - tb * dvdt
@@ -145,17 +150,18 @@ def vm_target(student: Any, teacher: Any, x0: Any, eps: Any, t: Tensor, cond: An
 def _draw(batch: dict, cfg: MDTConfig, generator: torch.Generator | None) -> tuple[Tensor, Any]:
     """t (training units) and eps for one step: batch['t'] / batch['noise'] when given, else drawn (t first)."""
     x0 = batch["x0"]
-    f0 = O.data(x0)
+    f0 = data(x0)
     t = batch.get("t")
     if t is None:
-        tp = O.sample_time(O.batch_size(x0), cfg.t_schedule, cfg.t_mean, cfg.t_std, generator, f0.device, f0.dtype)
+        tp = flow.sample_time(flow.batch_size(x0), cfg.t_schedule, cfg.t_mean, cfg.t_std, generator, f0.device,
+                              f0.dtype)
         t = mdt_time(tp, cfg)
     t = t.to(device=f0.device, dtype=f0.dtype)
     eps = batch.get("noise")
     if eps is None:
-        eps = O.randn_like(x0, generator)
-    elif not O.is_sparse(eps) and O.is_sparse(x0):
-        eps = O.like(x0, eps)
+        eps = flow.randn_like(x0, generator)
+    elif not flow.is_sparse(eps) and flow.is_sparse(x0):
+        eps = like(x0, eps)
     return t, eps
 
 
@@ -168,15 +174,15 @@ def vm_loss(student: Any, teacher: Any, batch: dict, cfg: MDTConfig,
     """
     x0, cond = batch["x0"], batch["cond"]
     t, eps = _draw(batch, cfg, generator)
-    w = O.draw_choice(cfg.w_vm, generator)
+    w = draw_choice(cfg.w_vm, generator)
     lam = cfg.lambda_vm
     if lam <= 0:
         raise ValueError("vm_loss needs lambda_vm > 0")
     out = vm_target(student, teacher, x0, eps, t, cond, batch.get("neg_cond"), w, cfg)
     sq = lam * (out.pred - out.target).pow(2)
-    loss = O.mean_loss(sq)
+    loss = mean_loss(sq)
     return {"loss": loss, "loss_vm": loss.detach(),
-            "loss_bins": O.time_bins(t, O.per_instance(sq, x0), cfg.num_bins)}
+            "loss_bins": time_bins(t, per_instance(sq, x0), cfg.num_bins)}
 
 
 def mdt_loss(student: Any, teacher: Any, batch: dict, cfg: MDTConfig,
@@ -191,31 +197,31 @@ def mdt_loss(student: Any, teacher: Any, batch: dict, cfg: MDTConfig,
     x0, cond = batch["x0"], batch["cond"]
     neg_cond = batch.get("neg_cond")
     t, eps = _draw(batch, cfg, generator)
-    w_vm = O.draw_choice(cfg.w_vm, generator)
+    w_vm = draw_choice(cfg.w_vm, generator)
     terms: dict[str, Tensor] = {}
     total = None
     if cfg.lambda_vm > 0:
         out = vm_target(student, teacher, x0, eps, t, cond, neg_cond, w_vm, cfg)
         sq_vm = cfg.lambda_vm * (out.pred - out.target).pow(2)
-        terms["loss_vm"] = O.mean_loss(sq_vm).detach()
+        terms["loss_vm"] = mean_loss(sq_vm).detach()
         total = sq_vm
     if cfg.lambda_vd > 0:
         eps_f = batch.get("noise_fake")
-        eps_f = O.data(eps_f) if eps_f is not None else O.data(O.randn_like(x0, generator))
-        w_vd = O.draw_choice(cfg.w_vd, generator)
+        eps_f = data(eps_f) if eps_f is not None else data(flow.randn_like(x0, generator))
+        w_vd = draw_choice(cfg.w_vd, generator)
         ones = torch.ones_like(t)
-        v_f = O.call(student, x0, eps_f, ones, cond)                   # one-step generation, with grad
-        x_f = O.like(x0, (eps_f - v_f).detach())
+        v_f = call(student, x0, eps_f, ones, cond)                   # one-step generation, with grad
+        x_f = like(x0, (eps_f - v_f).detach())
         with torch.no_grad():
             out_f = vm_target(student, teacher, x_f, eps, t, cond, neg_cond, w_vd, cfg)
         dt = out_f.pred.dtype
         v_f = v_f.to(dt)
         sq_vd = cfg.lambda_vd * (out_f.pred - out_f.target + v_f - v_f.detach()).pow(2)
-        terms["loss_vd"] = O.mean_loss(sq_vd).detach()
+        terms["loss_vd"] = mean_loss(sq_vd).detach()
         total = sq_vd if total is None else total + sq_vd
     if total is None:
         raise ValueError("both lambda_vm and lambda_vd are <= 0: nothing to optimise")
-    loss = O.mean_loss(total)
+    loss = mean_loss(total)
     terms["loss"] = loss
-    terms["loss_bins"] = O.time_bins(t, O.per_instance(total, x0), cfg.num_bins)
+    terms["loss_bins"] = time_bins(t, per_instance(total, x0), cfg.num_bins)
     return terms

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -190,6 +190,3 @@ def nfe(method: str, steps: int, cfg: float) -> int:
     """Network evaluations of one sampling run (mdt.flow.count_nfe; students sample without CFG)."""
     return count_nfe(steps, cfg if method == "teacher" else 0.0)
 
-
-def hp_dict(hp) -> dict:
-    return asdict(hp)
