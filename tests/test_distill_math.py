@@ -216,63 +216,125 @@ def test_vd_gradient_matches_closed_form(w_vd, d_norm):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Gradient routing against hand-derived surrogates (nonlinear toy networks)
+# Gradient routing and the paper-exact options, against the closed-form Gaussian flow
 # ---------------------------------------------------------------------------------------------------------------
-def hand_vm(student, teacher, x0, eps, t, cond, w, delta, d_norm=True):
-    """Independent re-derivation of the discrete VM (prediction, target) from reference 5.4."""
-    xt = (1 - bt(t, x0)) * x0 + (SIG + (1 - SIG) * bt(t, x0)) * eps
-    with torch.no_grad():
-        v_t = (1 + w) * teacher(xt, 1000 * t, cond) - w * teacher(xt, 1000 * t, torch.zeros_like(cond))
-    v_s = student(xt, 1000 * t, cond)
-    with torch.no_grad():
-        v_p = student(xt - delta * v_t, 1000 * (t - delta), cond)
-        d = (v_s.detach() - v_p) / delta
-        if d_norm:
-            d = d / (per_sample_norm(d) + 0.1)
-        tgt = v_t - bt(t, x0) * d
-    return v_s, tgt
+class ShiftedMeanVelocity(torch.nn.Module):
+    """Exact mean velocity of the flow with data mean `gain`·cond, plus a trainable shift theta at every t.
+
+    The CFG'd Gaussian teacher is itself a Gaussian teacher: (1 + w) v(x, t, mu) - w v(x, t, 0) = v(x, t, (1 + w) mu)
+    because v is affine in mu; so gain = 1 + w is the exact student of a teacher guided with strength w."""
+
+    def __init__(self, shape, gain: float = 1.0):
+        super().__init__()
+        self.exact = AnalyticMeanVelocity(FLOW)
+        self.gain = gain
+        self.theta = torch.nn.Parameter(torch.zeros(shape, dtype=D64))
+
+    def forward(self, x, tau, cond):
+        return self.exact(x, tau, self.gain * cond) + self.theta
 
 
-def test_vm_gradient_goes_only_through_student_prediction():
+@pytest.mark.parametrize("d_norm", [False, True])
+def test_vm_gradient_goes_only_through_student_prediction(d_norm):
+    """Discrete VM with S = u + theta: in closed form dv/dt = (u(x_t, t) - u(x_p, t - delta)) / delta (theta cancels),
+    the target does not depend on theta, so dL/dtheta = 2 lambda (u + theta - target) / numel exactly; a missing
+    stop-gradient on sg(v_S) inside dv/dt would add -t / delta to that derivative."""
     batch = make_batch(5)
-    student, teacher = toy_pair()
-    teacher.requires_grad_(True)
+    x0, mu, t = batch["x0"], batch["cond"], batch["t"]
     lam, w, delta = 0.5, 2.0, 0.01
-    cfg = MDTConfig(mode="discrete", delta=delta, w_vm=w, lambda_vm=lam)
-    terms = vm_loss(student, teacher, batch, cfg)
-    terms["loss"].backward()
-    g_loss = grads(student)
-    assert all(p.grad is None for p in teacher.parameters())
-    zero_grads(student)
-    v_s, tgt = hand_vm(student, teacher, batch["x0"], batch["noise"], batch["t"], batch["cond"], w, delta)
-    assert terms["loss"].item() == pytest.approx(lam * (v_s - tgt).pow(2).mean().item(), rel=1e-10)
-    surrogate = (2 * lam * (v_s - tgt).detach() * v_s).sum() / v_s.numel()
-    surrogate.backward()
-    for a, b in zip(g_loss, grads(student)):
-        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
-    assert sum(a.abs().sum() for a in g_loss) > 0
-
-
-def test_vd_gradient_goes_only_through_one_step_generation():
-    batch = make_batch(6)
-    student, teacher = toy_pair()
-    lam, w, delta = 0.8, 5.0, 0.01
-    cfg = MDTConfig(mode="discrete", delta=delta, w_vd=w, lambda_vm=0.0, lambda_vd=lam)
-    terms = mdt_loss(student, teacher, batch, cfg)
-    terms["loss"].backward()
-    g_loss = grads(student)
-    assert all(p.grad is None for p in teacher.parameters())
-    zero_grads(student)
-    t, cond = batch["t"], batch["cond"]
-    v_f = student(batch["noise_fake"], 1000 * torch.ones_like(t), cond)
-    x_f = (batch["noise_fake"] - v_f).detach()
+    student = ShiftedMeanVelocity(tuple(x0.shape))
     with torch.no_grad():
-        v_s2, tgt2 = hand_vm(student, teacher, x_f, batch["noise"], t, cond, w, delta)
-    assert terms["loss"].item() == pytest.approx(lam * (v_s2 - tgt2).pow(2).mean().item(), rel=1e-10)
-    surrogate = (2 * lam * (v_s2 - tgt2) * v_f).sum() / v_f.numel()
-    surrogate.backward()
-    for a, b in zip(g_loss, grads(student)):
-        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
+        student.theta.copy_(0.2 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=D64))
+    teacher = AnalyticVelocity(FLOW)
+    terms = vm_loss(student, teacher, batch, MDTConfig(mode="discrete", delta=delta, w_vm=w, lambda_vm=lam,
+                                                       d_norm=d_norm))
+    terms["loss"].backward()
+    assert teacher.scale.grad is None
+    xt, zero = xt_of(batch), torch.zeros_like(t)
+    v_t = FLOW.velocity(xt, t, (1 + w) * mu)
+    d = (FLOW.mean_velocity(xt, t, zero, mu) - FLOW.mean_velocity(xt - delta * v_t, t - delta, zero, mu)) / delta
+    if d_norm:
+        d = d / (per_sample_norm(d) + 0.1)
+    resid = FLOW.mean_velocity(xt, t, zero, mu) + student.theta.detach() - (v_t - bt(t, xt) * d)
+    assert terms["loss"].item() == pytest.approx(lam * resid.pow(2).mean().item(), rel=1e-9)
+    assert torch.allclose(student.theta.grad, 2 * lam * resid / resid.numel(), atol=1e-12, rtol=1e-8)
+
+
+@pytest.mark.parametrize("w", [0.0, 3.0])
+def test_paper_exact_vm_fixed_point_is_the_true_mean_velocity(w):
+    """Without d_norm the VM target at the exact mean velocity of the guided flow is that mean velocity (zero
+    residual, continuous mode; O(delta) in discrete mode)."""
+    batch = make_batch(21)
+    x0, mu, t = batch["x0"], batch["cond"], batch["t"]
+    student, teacher = ShiftedMeanVelocity(tuple(x0.shape), gain=1 + w), AnalyticVelocity(FLOW)
+    u = FLOW.mean_velocity(xt_of(batch), t, torch.zeros_like(t), (1 + w) * mu)
+    out = vm_target(student, teacher, x0, batch["noise"], t, mu, None, w,
+                    MDTConfig(mode="continuous", d_norm=False))
+    assert torch.allclose(out.pred, u, atol=1e-10) and torch.allclose(out.target, u, atol=1e-8)
+    errs = []
+    for delta in (0.02, 0.01):
+        out = vm_target(student, teacher, x0, batch["noise"], t, mu, None, w,
+                        MDTConfig(mode="discrete", delta=delta, d_norm=False))
+        errs.append((out.target - u).abs().max().item())
+    assert errs[1] < 0.6 * errs[0] and errs[1] < 0.05
+
+
+def test_dnorm_moves_the_vm_fixed_point_to_the_teacher_velocity():
+    """With d_norm the derivative term has norm < 1 per sample, so ||target - v_T|| < t: at the size of the SS
+    latent (8 x 16^3) the exact mean velocity u is far outside that ball and the target sits next to v_T."""
+    g = torch.Generator().manual_seed(22)
+    shape = (4, 8, 16, 16, 16)
+    mu = 0.5 * torch.randn(shape, generator=g, dtype=D64)
+    x0, eps = FLOW.sample_x0(mu, g), torch.randn(shape, generator=g, dtype=D64)
+    t = torch.tensor([0.3, 0.5, 0.7, 0.9], dtype=D64)
+    student, teacher = ShiftedMeanVelocity(shape), AnalyticVelocity(FLOW)
+    out = vm_target(student, teacher, x0, eps, t, mu, None, 0.0, MDTConfig(mode="continuous", d_norm=True))
+    dist_target = per_sample_norm(out.target - out.v_teacher).flatten()
+    dist_exact = per_sample_norm(out.pred - out.v_teacher).flatten()
+    assert (dist_target < t).all()
+    assert (dist_target / dist_exact < 0.02).all()        # the VM target is ~1% of the way from v_T to u
+
+
+@pytest.mark.parametrize("weighting", ["released", "paper"])
+def test_exact_student_is_stationary_under_paper_exact_vd(weighting):
+    """VD with the exact student of the guided teacher: the fake samples are exact, v_S' = v_tgt' at every point,
+    so loss and gradient vanish (d_norm off); with the released d_norm they do not."""
+    batch = make_batch(23)
+    x0, w = batch["x0"], 2.0
+    teacher = AnalyticVelocity(FLOW)
+    student = ShiftedMeanVelocity(tuple(x0.shape), gain=1 + w)
+    for d_norm in (False, True):
+        student.zero_grad()
+        cfg = MDTConfig(mode="continuous", lambda_vm=0.0, w_vd=w, d_norm=d_norm, vd_weighting=weighting)
+        terms = mdt_loss(student, teacher, batch, cfg)
+        terms["loss"].backward()
+        g = student.theta.grad.abs().max().item()
+        if d_norm:
+            assert terms["loss_vd"].item() > 1e-4 and g > 1e-5
+        else:
+            assert terms["loss_vd"].item() < 1e-18 and g < 1e-12
+
+
+def test_paper_vd_weighting_scales_the_gradient_by_one_minus_t():
+    """x_f,t = (1 - t) x_f + b(t) eps, so the paper's chain rule multiplies each sample's VD gradient by (1 - t);
+    the loss value is the same."""
+    batch = make_batch(24)
+    x0, t = batch["x0"], batch["t"]
+    got = {}
+    for weighting in ("released", "paper"):
+        student = AnalyticMeanVelocity(FLOW, offset_shape=tuple(x0.shape))
+        with torch.no_grad():
+            student.offset_at_one.copy_(0.3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2),
+                                                          dtype=D64))
+        cfg = MDTConfig(mode="continuous", lambda_vm=0.0, w_vd=1.5, d_norm=False, vd_weighting=weighting)
+        terms = mdt_loss(student, AnalyticVelocity(FLOW), batch, cfg)
+        terms["loss"].backward()
+        got[weighting] = (terms["loss"].item(), student.offset_at_one.grad.clone())
+    assert got["paper"][0] == pytest.approx(got["released"][0], rel=1e-12)
+    assert got["released"][1].abs().min() > 0
+    assert torch.allclose(got["paper"][1], (1 - bt(t, x0)) * got["released"][1], atol=1e-15, rtol=1e-10)
+    with pytest.raises(ValueError):
+        MDTConfig(vd_weighting="other")
 
 
 def test_mdt_loss_is_vm_plus_vd_and_shares_eps_and_t():
@@ -508,10 +570,16 @@ def test_student_sample_one_step_is_the_transport_map():
     exact = FLOW.flow_map(eps, one, 0 * one, mu)
     out = student_sample(AnalyticMeanVelocity(FLOW), eps, mu, steps=1)
     assert torch.allclose(out, exact, atol=1e-12)
-    # consistency-mode multistep sampling of an exact student lands on the data manifold at every step:
+    # consistency-mode multistep sampling of an exact student, replayed with the oracle: at each step the estimate
+    # x0_hat = Phi_{t->0}(x), re-noised to the next time with the next draw of the same generator
     x = student_sample(AnalyticMeanVelocity(FLOW), eps, mu, steps=4, mode="consistency",
                        generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(x).all()
+    g_replay, ref = torch.Generator().manual_seed(0), eps
+    for t_now, t_next in ((1.0, 0.75), (0.75, 0.5), (0.5, 0.25), (0.25, 0.0)):
+        x0_hat = FLOW.flow_map(ref, torch.full((3,), t_now, dtype=D64), torch.zeros(3, dtype=D64), mu)
+        e = torch.randn(ref.shape, generator=g_replay, dtype=D64) if t_next > 0 else None
+        ref = x0_hat if e is None else (1 - t_next) * x0_hat + (SIG + (1 - SIG) * t_next) * e
+    assert torch.allclose(x, ref, atol=1e-10)
     # many Euler steps of the exact velocity converge to the same transport map
     fine = student_sample(AnalyticVelocity(FLOW), eps, mu, steps=400)
     assert (fine - exact).abs().max().item() < 5e-3
@@ -536,3 +604,20 @@ def test_conventions_match_mdt_flow():
     theirs = flow.FlowEulerSampler(SIG).sample(student, eps, batch["cond"], steps=4)
     theirs = getattr(theirs, "samples", theirs)
     assert torch.allclose(ours, theirs, atol=1e-10)
+
+
+def test_consistency_sampling_of_the_exact_student_lands_on_the_data_distribution():
+    """Each re-noised estimate of an exact student is distributed as p_t, so every step maps it back onto the data
+    distribution N(mu, s^2): the samples' standardised residuals have mean 0 and std 1."""
+    n = 4000
+    g = torch.Generator().manual_seed(25)
+    mu = torch.randn(n, 2, generator=g, dtype=D64)
+    eps = torch.randn(n, 2, generator=g, dtype=D64)
+    for steps in (1, 3):
+        x = student_sample(AnalyticMeanVelocity(FLOW), eps, mu, steps=steps, mode="consistency",
+                           generator=torch.Generator().manual_seed(steps))
+        z = (x - mu) / FLOW.s
+        assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+    # the teacher's single Euler step does not: its samples are shrunk towards the mean
+    z = (student_sample(AnalyticVelocity(FLOW), eps, mu, steps=1) - mu) / FLOW.s
+    assert z.std().item() < 0.5

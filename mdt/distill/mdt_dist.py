@@ -1,9 +1,12 @@
-"""MDT-dist: Velocity Matching (VM) and Velocity Distillation (VD), as the reference (section 5.3-5.5, 5.7-5.8)
-describes the authors' trainer.
+"""MDT-dist: Velocity Matching (VM) and Velocity Distillation (VD), as the released trainer computes them, with the
+paper-exact variants as options (docs/method.md compares the two term by term).
 
-Notation: S = student, T = frozen teacher, both called as model(x, 1000 t, cond). x_t = (1 - t) x0 +
-(sigma_min + (1 - sigma_min) t) eps. The student learns the mean velocity over [0, t] (MeanFlow identity with r = 0:
-u = v - t du/dt along the teacher trajectory), so one step x0 = eps - S(eps, 1000, c) generates a sample.
+Notation: S = student, T = frozen teacher, both called as model(x, TIME_SCALE t, cond). x_t = (1 - t) x0 +
+(sigma_min + (1 - sigma_min) t) eps. Without d_norm the VM target is the MeanFlow identity with r = 0
+(u = v - t du/dt along the teacher trajectory), whose fixed point is the mean velocity over [0, t] of the (guided)
+teacher flow, so that one step x0 = eps - S(eps, 1, c) generates a sample. With d_norm on (the released default) the
+derivative term is scaled to norm < 1 per sample, the target stays within distance t of v_T and the fixed point is
+no longer the mean velocity (nor is the exact mean-velocity student stationary under VD).
 
 VM target, `vm_target` (the trainer's get_v_pred_tgt):
     v_T  = (1 + w) T(x_t, c) - w T(x_t, 0)                           (no grad; w = w_vm, TRELLIS CFG convention)
@@ -19,7 +22,10 @@ VD, inside `mdt_loss`:
     v_f = S(eps_f, 1000, c) (with grad), x_f = eps_f - v_f; then under no grad the whole VM machinery on x_f with the
     SAME eps and t and teacher CFG w_vd gives (v_S', v_tgt'); L_vd = lambda_vd (v_S' - v_tgt' + v_f - sg(v_f))^2,
     whose value is (v_S' - v_tgt')^2 and whose gradient flows only through v_f:
-    dL_vd/dtheta = 2 lambda_vd (v_S' - v_tgt') dv_f/dtheta, i.e. dL_vd/dx_f = -2 lambda_vd (v_S' - v_tgt').
+    dL_vd/dtheta = 2 lambda_vd (v_S' - v_tgt') dv_f/dtheta, i.e. dL_vd/dx_f = -2 lambda_vd (v_S' - v_tgt')
+    for every t (vd_weighting "released"). vd_weighting "paper" keeps the chain rule through the re-noised fake
+    sample x_f,t = (1 - t) x_f + (sigma_min + (1 - sigma_min) t) eps: the gradient gets the factor (1 - t),
+    L_vd = lambda_vd (v_S' - v_tgt' + (1 - t) (v_f - sg(v_f)))^2 (same value).
     Total loss = mean(L_vm + L_vd) over all elements (sparse: all voxels x channels of the batch).
 
 Sparse batches: eps and eps_f live on the coordinates of the real x0; t is broadcast per sample; d_norm norms and
@@ -27,7 +33,7 @@ the binned per-instance losses reduce over each sample's own voxels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -40,6 +46,7 @@ from .losses import (NUM_BINS, call, compute_dtype, draw_choice, guided_call, me
                      time_bins, time_derivative)
 
 MODES = ("discrete", "continuous", "cm")
+VD_WEIGHTINGS = ("released", "paper")
 
 
 @dataclass
@@ -61,6 +68,7 @@ class MDTConfig:
     multiphase: int = 1                                 # phases of the "cm" variant
     jvp: str = "func"                                   # continuous mode: "func" (exact JVP) or "fd"
     fd_step: float = 1e-3                               # step of jvp="fd"
+    vd_weighting: str = "released"                      # "released": same VD weight at every t; "paper": (1 - t)
     cfg_batched: bool = True                            # teacher CFG as one forward of the doubled batch
     num_bins: int = NUM_BINS
 
@@ -69,6 +77,8 @@ class MDTConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode != "continuous" and not self.delta > 0:
             raise ValueError("delta must be > 0")
+        if self.vd_weighting not in VD_WEIGHTINGS:
+            raise ValueError(f"vd_weighting must be one of {VD_WEIGHTINGS}, got {self.vd_weighting!r}")
 
 
 class VMOut(NamedTuple):
@@ -216,7 +226,10 @@ def mdt_loss(student: Any, teacher: Any, batch: dict, cfg: MDTConfig,
             out_f = vm_target(student, teacher, x_f, eps, t, cond, neg_cond, w_vd, cfg)
         dt = out_f.pred.dtype
         v_f = v_f.to(dt)
-        sq_vd = cfg.lambda_vd * (out_f.pred - out_f.target + v_f - v_f.detach()).pow(2)
+        zero_with_grad = v_f - v_f.detach()                          # value 0, gradient d v_f
+        if cfg.vd_weighting == "paper":                              # d x_f,t / d x_f = 1 - t
+            zero_with_grad = per_sample(1 - t, x0).to(dt) * zero_with_grad
+        sq_vd = cfg.lambda_vd * (out_f.pred - out_f.target + zero_with_grad).pow(2)
         terms["loss_vd"] = mean_loss(sq_vd).detach()
         total = sq_vd if total is None else total + sq_vd
     if total is None:

@@ -64,6 +64,7 @@ class DistillHP:
     w_vd: float | None = None   # None: = cfg
     lambda_vm: float = 1.0
     lambda_vd: float = 1.0
+    vd_weighting: str = "released"   # "paper": the (1 - t) factor of the VD gradient (docs/method.md)
     jvp: str = "func"
 
 
@@ -81,7 +82,7 @@ def objective(method: str, hp: DistillHP, step: int = 0) -> tuple[Callable, Any]
         cfg = MDTConfig(mode=hp.vm_mode, delta=hp.delta, w_vm=hp.cfg if hp.w_vm is None else hp.w_vm,
                         w_vd=hp.cfg if hp.w_vd is None else hp.w_vd, lambda_vm=hp.lambda_vm,
                         lambda_vd=hp.lambda_vd if method == "mdt" else 0.0, d_norm=hp.d_norm,
-                        d_norm_c=hp.d_norm_c, jvp=hp.jvp, **sched)
+                        d_norm_c=hp.d_norm_c, vd_weighting=hp.vd_weighting, jvp=hp.jvp, **sched)
         return (vm_loss if method == "vm" else mdt_loss), cfg
     raise ValueError(f"no objective for method {method!r}")
 
