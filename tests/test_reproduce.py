@@ -153,3 +153,16 @@ def test_ablation_run_spec_parsing():
     assert parse_run("vm:vm") == ("vm", "vm", {})
     with pytest.raises(Exception):
         parse_run("x:teacher")
+
+
+def test_trellis_nfe_accounting():
+    """TRELLIS's pipeline sampler (25 steps, rescale 3, CFG only for t in [0.5, 1]) costs 25 + 19 = 44 evaluations
+    per stage (the guided steps counted from its published time grid); a student guided at every step costs 2."""
+    from mdt.experiments.methods import trellis_nfe
+    from mdt.experiments.reproduce import format_trellis_nfe
+
+    rows = trellis_nfe()
+    assert rows["teacher_25"]["nfe_per_stage"] == 44 and rows["teacher_25"]["nfe_two_stages"] == 88
+    assert rows["student_1"]["nfe_two_stages"] == 2 and rows["student_1_cfg"]["nfe_two_stages"] == 4
+    assert rows["student_2_cfg"]["ratio_vs_teacher"] == 11.0 and rows["student_1"]["ratio_vs_teacher"] == 44.0
+    assert "student_2_cfg" in format_trellis_nfe(rows)

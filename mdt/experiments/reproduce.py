@@ -17,7 +17,8 @@ distillation data/noise stream, the evaluation noise and the held-out set).
 
 Outputs in DIR:
 * results.json: {problem: {method: {steps: {metric: {"mean", "std"}}}}} for the problems, plus the reserved
-  top-level keys "meta" (preset, versions, times, problem list, metric directions), "nfe", "wall_time",
+  top-level keys "meta" (preset, versions, times, problem list, metric directions), "nfe", "nfe_trellis" (NFE
+  per asset under TRELLIS's own sampler settings), "wall_time",
   "notes" (hyper-parameters, ordering checks, ablations, findings) and "data_floor" (held-out vs. held-out).
 * logs.json: training curves and per-job times. results.png: metric vs. steps per problem and method.
 The tables printed follow the paper's Tables 2 (methods x steps) and 3 (ablation none / VM / VM + VD).
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from . import jobs
-from .methods import METHODS, STUDENT_METHODS, nfe
+from .methods import METHODS, STUDENT_METHODS, nfe, trellis_nfe
 from .presets import get_preset
 
 PROBLEM_TITLES = {
@@ -48,7 +49,7 @@ PROBLEM_TITLES = {
     "shapes": "SS-like shapes: 24 classes, 32^3 occupancy -> 16^3x8 latents, tiny SparseStructureFlowModel",
     "shapes_sparse": "SLat-like sparse variant: per-voxel features on occupied voxels, tiny SLatFlowModel",
 }
-RESERVED = ("meta", "nfe", "wall_time", "notes", "data_floor")
+RESERVED = ("meta", "nfe", "nfe_trellis", "wall_time", "notes", "data_floor")
 STEPS = ("1", "2", "4")
 
 
@@ -326,6 +327,16 @@ def format_nfe(nfe_table: dict, wall: dict) -> str:
     return "\n".join(lines)
 
 
+def format_trellis_nfe(rows: dict) -> str:
+    lines = ["", "NFE per asset under TRELLIS's sampler settings (SS + SLat stage; the benchmark's teacher above uses "
+             "CFG at all 25 steps = 50)",
+             f"{'config':<14}{'sampler':<50}{'NFE/stage':>10}{'NFE total':>10}{'ratio':>8}"]
+    for k, v in rows.items():
+        lines.append(f"{k:<14}{v['sampler']:<50}{v['nfe_per_stage']:>10}{v['nfe_two_stages']:>10}"
+                     f"{v['ratio_vs_teacher']:>7.1f}x")
+    return "\n".join(lines)
+
+
 def plot(results: dict, preset: dict, floors: dict, path: Path) -> None:
     import matplotlib
 
@@ -450,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     for m in results[pp["name"]]["teacher"]["25"]}
                                        for pp in preset["problems"]},
             "command": " ".join([Path(sys.executable).name, "-m", "mdt.experiments.reproduce"] + (argv or sys.argv[1:]))}
-    payload = {**results, "meta": meta, "nfe": nfe_table, "wall_time": wall, "notes": notes, "data_floor": floors}
+    payload = {**results, "meta": meta, "nfe": nfe_table, "nfe_trellis": trellis_nfe(), "wall_time": wall,
+               "notes": notes, "data_floor": floors}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     logs = [{k: v for k, v in r.items() if k != "metrics"} for r in done]
     (out / "logs.json").write_text(json.dumps(logs, indent=1))
@@ -460,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log(format_tables(results, preset, nfe_table))
     log(format_nfe(nfe_table, wall))
+    log(format_trellis_nfe(payload["nfe_trellis"]))
     log("")
     for name, entry in notes["orderings"].items():
         for chain in ("baselines", "ablation"):
