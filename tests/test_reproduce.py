@@ -102,6 +102,7 @@ def test_ci_preset_results_structure(ci_run):
     assert (out / "results.png").stat().st_size > 10_000
     assert (out / "logs.json").exists()
     assert "Table 2 [mixture]" in stdout and "Table 3 [shapes]" in stdout and "wall ratio" in stdout
+    assert "PCM (K=" in stdout and "NFE per asset under TRELLIS" in stdout
 
 
 @pytest.mark.slow

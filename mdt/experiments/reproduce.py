@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import jobs
-from .methods import METHODS, STUDENT_METHODS, nfe, trellis_nfe
+from .methods import METHODS, STUDENT_METHODS, DistillHP, nfe, trellis_nfe
 from .presets import get_preset
 
 PROBLEM_TITLES = {
@@ -281,12 +281,14 @@ def format_tables(results: dict, preset: dict, nfe_table: dict) -> str:
         heads = [f"{m}{'↓' if lower_is_better(name, m) else '↑'}" for m in metrics]
         width = max(14, *(len(h) + 1 for h in heads))
         cfg = pp["distill"]["cfg"]
+        pcm_phases = int(pp["distill"].get("pcm_phases", DistillHP.pcm_phases))
         nseeds = len(pp["seeds"])
 
         def row(method: str, steps: str) -> str:
             n_eval = nfe(method, int(steps), cfg)
             cells = "".join(f"{_fmt(res[method].get(steps, {}).get(m)):>{width}}" for m in metrics)
-            label = {"teacher": "none (teacher)", "vm": "VM", "mdt": "VM+VD (MDT)", "cm": "CM", "pcm": "PCM",
+            label = {"teacher": "none (teacher)", "vm": "VM", "mdt": "VM+VD (MDT)", "cm": "CM",
+                     "pcm": f"PCM (K={pcm_phases})" + (" *" if int(steps) < pcm_phases else ""),
                      "scm": "sCM"}[method]
             return f"{label:<16}{steps:>6}{n_eval:>5}{cells}"
 
@@ -301,6 +303,8 @@ def format_tables(results: dict, preset: dict, nfe_table: dict) -> str:
             lines.append("")
             for method in ("teacher", "cm", "pcm", "scm", "mdt"):
                 lines.append(row(method, steps))
+        lines.append(f"PCM (K={pcm_phases}) is scored at its phase count (steps = K, the grid hits every phase "
+                     f"boundary) and below it (*: fewer steps than phases, outside what it was trained for).")
         lines.append("")
         lines.append(f"Table 3 [{name}] ablation: none / VM / VM+VD")
         lines.append(header)
