@@ -23,6 +23,7 @@ from mdt.flow import FlowEulerSampler, count_nfe
 
 METHODS = ("teacher", "cm", "pcm", "scm", "vm", "mdt")
 STUDENT_METHODS = METHODS[1:]
+CONSISTENCY_METHODS = ("cm", "pcm", "scm")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class DistillHP:
     pcm_phases: int = 2
     scm_tangent_c: float = 0.1
     scm_warmup: int = 0         # steps over which sCM's tangent warm-up r ramps 0 -> 1 (0: no warm-up)
+    target_ema: float = 0.0     # CM/PCM/sCM: > 0 takes the target from an EMA copy of the student with this rate
     vm_mode: str = "discrete"
     d_norm: bool = True
     d_norm_c: float = 0.1
@@ -138,12 +140,16 @@ def distill(method: str, teacher: torch.nn.Module, sample_batch: Callable, hp: D
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=hp.lr, weight_decay=0.0, betas=(0.9, 0.99))
     g = torch.Generator().manual_seed(seed)
+    target = None
+    if method in CONSISTENCY_METHODS and hp.target_ema > 0:
+        target = copy.deepcopy(student).eval().requires_grad_(False)
     log, acc, t0, bad = [], {}, time.perf_counter(), 0
     for step in range(hp.steps):
         for group in opt.param_groups:
             group["lr"] = hp.lr * _lr_factor(step, hp.steps, hp.warmup, cosine=False)
         fn, cfg = objective(method, hp, step)
-        terms = fn(student, teacher, sample_batch(hp.batch_size, g), cfg, generator=g)
+        extra = {"target_model": target} if target is not None else {}
+        terms = fn(student, teacher, sample_batch(hp.batch_size, g), cfg, generator=g, **extra)
         loss = terms["loss"]
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -153,6 +159,10 @@ def distill(method: str, teacher: torch.nn.Module, sample_batch: Callable, hp: D
         gn = torch.nn.utils.clip_grad_norm_(student.parameters(), hp.grad_clip)
         if torch.isfinite(gn):
             opt.step()
+            if target is not None:
+                with torch.no_grad():
+                    for pt, ps in zip(target.parameters(), student.parameters()):
+                        pt.lerp_(ps, 1 - hp.target_ema)
         else:
             bad += 1
         for k, v in terms.items():
