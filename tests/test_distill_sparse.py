@@ -141,7 +141,7 @@ def test_fake_noise_lives_on_the_coordinates_of_x0():
     assert isinstance(out, SparseTensor) and torch.equal(out.coords, batch["x0"].coords)
 
 
-def ragged_batch(seed: int, dtype=torch.float32):
+def ragged_fp32_batch(seed: int, dtype=torch.float32):
     """Two samples with different voxel counts (3 and 5) on a 4^3 grid."""
     g = torch.Generator().manual_seed(seed)
     coords = torch.tensor([[0, 0, 0, 0], [0, 1, 2, 3], [0, 3, 3, 3],
@@ -173,7 +173,7 @@ def test_batched_guidance_equals_sequential_in_fp32(name, fn, kw, cls, layout):
         batch = {k: torch.randn(2, C, R, R, R, generator=g) for k in ("x0", "noise", "noise_fake")}
         batch.update(cond=torch.randn(2, TOK, CC, generator=g), t=torch.tensor([0.37, 0.81]))
     else:
-        batch = ragged_batch(3)
+        batch = ragged_fp32_batch(3)
     student = ToyNet(C, TOK * CC, seed=1, dtype=torch.float32)
     teacher = ToyNet(C, TOK * CC, seed=2, dtype=torch.float32)
     calls = []
