@@ -44,14 +44,12 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import tenacity
 
-from pipelines import storage
+from pipelines import asset_refs, storage
 from pipelines.config import MESH_FORMATS, DownloadConfig, PreprocessConfig, StorageConfig
 from pipelines.rows import fail
 
 log = logging.getLogger(__name__)
 
-# Formats whose files can reference other files next to them.
-MULTI_FILE_FORMATS = {"gltf", "obj", "dae"}
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 ARCHIVE_SCHEMES = ("zip://", "tar://")
 
@@ -307,65 +305,19 @@ class ArchiveReader:
 # --------------------------------------------------------------------------------------- references
 
 
-_OBJ_MAP = re.compile(r"^\s*(map_\w+|bump|disp|decal|refl|norm)\s+(.+)$", re.IGNORECASE)
-
-
-def referenced_files(fmt: str, data: bytes) -> list[str]:
-    """Relative paths a multi-file asset refers to (gltf buffers/images, obj mtllib, mtl maps, dae images)."""
-    refs: list[str] = []
-    try:
-        if fmt == "gltf":
-            doc = json.loads(data.decode("utf-8"))
-            for key in ("buffers", "images"):
-                for item in doc.get(key, []) or []:
-                    uri = item.get("uri")
-                    if uri and not uri.startswith("data:"):
-                        refs.append(unquote(uri))
-        elif fmt == "obj":
-            for line in data.decode("utf-8", "replace").splitlines():
-                s = line.strip()
-                if s.lower().startswith("mtllib "):
-                    refs.append(s[7:].strip())
-        elif fmt == "mtl":
-            for line in data.decode("utf-8", "replace").splitlines():
-                m = _OBJ_MAP.match(line)
-                if m:
-                    # options (-bm 1.0, -clamp on, ...) come before the file name, which is the last token
-                    refs.append(m.group(2).split()[-1])
-        elif fmt == "dae":
-            refs.extend(re.findall(r"<init_from>\s*([^<]+?)\s*</init_from>", data.decode("utf-8", "replace")))
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return []
-    return [r.replace("\\", "/") for r in refs if r and "://" not in r]
-
-
 def make_bundle(main_name: str, main_bytes: bytes, read_rel, max_files: int, max_bytes: int) -> bytes:
     """Zip of the main file plus what it references (recursively: obj -> mtl -> textures).
 
-    ``read_rel(path)`` returns bytes of a path relative to the bundle root, or None when missing.
-    References that would leave the root are skipped.
+    ``read_rel(path)`` returns bytes of a path relative to the bundle root, or None when missing. A reference
+    that would leave the bundle fails the asset (``external reference outside the asset: …``).
     """
-    files = {main_name: main_bytes}
-    queue = [main_name]
-    total = len(main_bytes)
-    while queue and len(files) < max_files:
-        cur = queue.pop(0)
-        fmt = mesh_format(cur)
-        if fmt not in MULTI_FILE_FORMATS | {"mtl"}:
-            continue
-        for ref in referenced_files(fmt, files[cur]):
-            rel = posixpath.normpath(posixpath.join(posixpath.dirname(cur), ref))
-            if rel.startswith("../") or rel == ".." or rel.startswith("/") or rel in files:
-                continue
-            data = read_rel(rel)
-            if data is None:
-                log.info("bundle %s: referenced file %s not found", main_name, rel)
-                continue
-            total += len(data)
-            if total > max_bytes:
-                raise DownloadError(f"size cap: bundle exceeds {max_bytes} bytes")
-            files[rel] = data
-            queue.append(rel)
+    try:
+        files = asset_refs.bundle_files(main_name, main_bytes, read_rel, max_files)
+    except (asset_refs.ExternalReferenceError, ValueError) as e:
+        raise DownloadError(str(e)) from None
+    total = sum(len(b) for b in files.values())
+    if total > max_bytes:
+        raise DownloadError(f"size cap: bundle of {total} bytes > {max_bytes}")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, data in files.items():
@@ -475,9 +427,12 @@ class Download:
             raise DownloadError(f"skipped: duplicate of done asset {sha}")
         bundle = False
         payload = data
-        if fmt in MULTI_FILE_FORMATS:
-            refs = referenced_files(fmt, data)
-            if refs:
+        if fmt in asset_refs.REFERRING_FORMATS:
+            try:
+                refs = asset_refs.references(fmt, data)
+            except ValueError as e:
+                raise DownloadError(str(e)) from None
+            if any(not r.startswith("data:") for r in refs):
                 payload = make_bundle(name, data, reader, self.cfg.bundle_max_files, self.cfg.max_bytes)
                 bundle = True
         meta = {"mesh_format": fmt, "mesh_name": name if bundle else posixpath.basename(name),
@@ -570,21 +525,16 @@ class Download:
         path = storage.local_path(uri)
         if not os.path.isfile(path):
             raise DownloadError(f"file not found: {path}")
+        root = os.path.dirname(os.path.abspath(path))
+        if os.path.islink(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(root):
+            raise DownloadError(str(asset_refs.ExternalReferenceError(os.path.basename(path),
+                                                                      "symlink to outside the bundle")))
         size = os.path.getsize(path)
         if size > self.cfg.max_bytes:
             raise DownloadError(f"size cap: {size} bytes > {self.cfg.max_bytes}")
         with open(path, "rb") as f:
             data = f.read()
-        root = os.path.dirname(os.path.abspath(path))
-
-        def read_rel(rel: str) -> bytes | None:
-            p = os.path.join(root, rel)
-            if os.path.isfile(p) and os.path.getsize(p) <= self.cfg.max_bytes:
-                with open(p, "rb") as f:
-                    return f.read()
-            return None
-
-        return data, os.path.basename(path), read_rel
+        return data, os.path.basename(path), asset_refs.confined_reader(root, self.cfg.max_bytes)
 
     def _http_target(self, uri: str) -> tuple[str, dict]:
         if not uri.startswith("hf://"):
