@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     if max(workers) > len(cores):
         p.error(f"{max(workers)} workers asked but this process may use {len(cores)} cores")
     out.mkdir(parents=True, exist_ok=True)
-    from pipelines.testing import ensure_tiny_models
+    from pipelines.tiny_models import ensure_tiny_models
 
     tiny = out / "tiny-models"
     ensure_tiny_models(str(tiny))

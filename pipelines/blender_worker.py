@@ -489,8 +489,13 @@ def main(job_path: str) -> int:
     return EXIT_HANDLED
 
 
-if __name__ == "__main__":
-    code = main(sys.argv[1])
+def run_cli(argv: list[str]) -> None:
+    """``blender_worker.py <job.json>``: run the job and exit without returning."""
+    code = main(argv[0])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip Blender's atexit teardown (slow, and can crash after a failed import)
+
+
+if __name__ == "__main__":
+    run_cli(sys.argv[1:])

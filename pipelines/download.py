@@ -98,9 +98,34 @@ try:  # the cluster-wide limiter is a Ray actor; the module also works without R
         async def stats(self) -> dict:
             return {"peak": dict(self.peak), "active": {h: len(s) for h, s in self.active.items()}}
 
+    @ray.remote(num_cpus=0)
+    class ContentClaimsActor:
+        """First claimer of a content hash in a run owns it; later files with the same bytes are duplicates."""
+
+        def __init__(self):
+            self.owner: dict[str, str] = {}
+
+        def claim(self, sha: str, who: str) -> str:
+            return self.owner.setdefault(sha, who)
+
 except ImportError:  # pragma: no cover
     ray = None
-    HostLimiterActor = None
+    HostLimiterActor = ContentClaimsActor = None
+
+
+class ContentClaims:
+    """``claim(sha, who) -> owner``: run-wide through the named actor if given, else per process."""
+
+    def __init__(self, actor_name: str | None = None):
+        self.actor = None
+        self.local: dict[str, str] = {}
+        if actor_name and ray is not None and ray.is_initialized():
+            self.actor = ray.get_actor(actor_name)
+
+    def claim(self, sha: str, who: str) -> str:
+        if self.actor is not None:
+            return ray.get(self.actor.claim.remote(sha, who))
+        return self.local.setdefault(sha, who)
 
 
 class HostSlots:
@@ -334,20 +359,29 @@ def materialize_mesh(row: dict, workdir: str | os.PathLike, storage_cfg=None) ->
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data = row.get("mesh_bytes")
-    if data is None:
+    name = row.get("mesh_name") or f"asset.{row.get('mesh_format') or 'bin'}"
+    if data is None:  # a large file: streamed from the cache to local disk, never whole in memory
         if not row.get("cache_uri"):
             raise DownloadError("row has neither mesh_bytes nor cache_uri")
-        data = storage.read_bytes(row["cache_uri"], storage_cfg)
-    name = row.get("mesh_name") or f"asset.{row.get('mesh_format') or 'bin'}"
+        local = workdir / (".bundle.zip" if row.get("mesh_bundle") else
+                           safe_member(posixpath.basename(name.replace("\\", "/")) or "asset"))
+        storage.download_file(row["cache_uri"], str(local), storage_cfg)
+        if not row.get("mesh_bundle"):
+            return local
+        data = local
     if row.get("mesh_bundle"):
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data) as zf:
             for info in zf.infolist():
                 if info.is_dir():
                     continue
                 rel = safe_member(info.filename)
                 out = workdir / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(zf.read(info))
+                with zf.open(info) as src, open(out, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            os.unlink(data)
         return workdir / safe_member(name)
     out = workdir / safe_member(posixpath.basename(name.replace("\\", "/")) or "asset")
     out.write_bytes(data)
@@ -365,7 +399,7 @@ class Download:
     resources = {"num_cpus": 0.5}
 
     def __init__(self, cfg: PreprocessConfig | None = None, limiter: str | None = None,
-                 done_sha256: frozenset | set | None = None):
+                 done_sha256: frozenset | set | None = None, claims: str | None = None):
         cfg = cfg or PreprocessConfig()
         self.cfg: DownloadConfig = cfg.download
         self.storage_cfg: StorageConfig = cfg.storage
@@ -375,6 +409,7 @@ class Download:
         self.slots = HostSlots(self.cfg.per_host_concurrency, limiter,
                                lease_s=max(60.0, self.cfg.timeout_s * self.cfg.attempts * 2))
         self.done_sha256 = done_sha256 or frozenset()
+        self.claims = ContentClaims(claims)
         self._session = None
         self._s3 = None
         self._archives: OrderedDict[str, ArchiveReader] = OrderedDict()
@@ -406,7 +441,8 @@ class Download:
             meta = self._cache_lookup(expected)
             if meta is not None:
                 self.stats["cache_hits"] += 1
-                self._fill(row, expected, meta, None if self.cfg.carry_bytes else b"")
+                self._claim(row, expected)
+                self._fill(row, expected, meta, None)
                 return
         data, name, reader = self._fetch_main(uri)
         fmt = mesh_format(name) or fmt_hint
@@ -425,6 +461,7 @@ class Download:
         sha = expected or check_sha  # identity: the dataset's hash (3D-FUTURE: of image.jpg), else the file's
         if not expected and sha in self.done_sha256:
             raise DownloadError(f"skipped: duplicate of done asset {sha}")
+        self._claim(row, sha)
         bundle = False
         payload = data
         if fmt in asset_refs.REFERRING_FORMATS:
@@ -440,11 +477,19 @@ class Download:
         self._cache_store(sha, payload, meta)
         self._fill(row, sha, meta, payload)
 
+    def _claim(self, row: dict, sha: str) -> None:
+        """One row per content hash: a second file with the same bytes in this run is a duplicate."""
+        me = f"{row.get('source')}:{row.get('file_identifier')}"
+        owner = self.claims.claim(sha, me)
+        if owner != me:
+            raise DownloadError(f"skipped: duplicate of {owner} (same sha256 {sha})")
+
     def _fill(self, row: dict, sha: str, meta: dict, payload: bytes | None) -> None:
-        if payload is None or payload == b"":
-            payload = storage.read_bytes(self._cache_obj(sha), self.storage_cfg) if self.cfg.carry_bytes else None
+        carry = int(meta["mesh_size"]) <= self.cfg.carry_max_bytes
+        if carry and payload is None:
+            payload = storage.read_bytes(self._cache_obj(sha), self.storage_cfg)
         row["sha256"] = sha
-        row["mesh_bytes"] = payload if self.cfg.carry_bytes else None
+        row["mesh_bytes"] = payload if carry else None
         row["mesh_format"] = meta["mesh_format"]
         row["mesh_name"] = meta["mesh_name"]
         row["mesh_bundle"] = bool(meta["mesh_bundle"])

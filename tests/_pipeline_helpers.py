@@ -318,3 +318,35 @@ def run_job(args: list[str], env: dict | None = None, timeout: float = 180) -> s
          "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     return subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "preprocess.py"), *args], env=e,
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------ injected stage
+
+
+class SleepOrFail:
+    """A stage tests insert with ``stages=[download, tests._pipeline_helpers:SleepOrFail, stand_in]``: it
+    sleeps ``sleep_s`` per row (makes a run long enough to be killed in the middle) and fails rows whose
+    file_identifier contains ``fail``, both read from ``<output>/../sleep_or_fail.json`` (the test writes it
+    before each run; the Ray workers read it, whatever cluster they run on)."""
+
+    name = "test_hook"
+    outputs = ()
+    drops = ()
+    resources = {"num_cpus": 0.25}
+
+    def __init__(self, cfg):
+        p = Path(cfg.output).parent / "sleep_or_fail.json"
+        settings = json.loads(p.read_text()) if p.exists() else {}
+        self.seconds = float(settings.get("sleep_s", 0))
+        self.pattern = settings.get("fail", "")
+
+    def __call__(self, row: dict) -> dict:
+        if self.seconds:
+            time.sleep(self.seconds)
+        if self.pattern and self.pattern in row["file_identifier"]:
+            raise RuntimeError(f"injected failure for {row['file_identifier']}")
+        return row
+
+
+def set_sleep_or_fail(out: Path, sleep_s: float = 0.0, fail: str = "") -> None:
+    (Path(out).parent / "sleep_or_fail.json").write_text(json.dumps({"sleep_s": sleep_s, "fail": fail}))
