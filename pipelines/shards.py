@@ -180,6 +180,8 @@ class ShardWriter:
                 continue
             try:
                 srow, stats = to_shard_row(row, self.config_hash, self.cfg.write.required)
+                if row.get("asset_checks"):  # what was checked, and any importer warnings: never silent
+                    stats["asset_checks"] = json.loads(row["asset_checks"])
                 good.append((row, srow, stats))
             except ShardRowError as e:
                 row["error"] = f"{WRITE_STAGE}: {e}"
