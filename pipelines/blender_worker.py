@@ -1,6 +1,7 @@
-"""Blender (bpy) side of the render stage; runs as its own process, one asset per process.
+"""Blender (bpy) side of the render stage; one asset per process.
 
-    python blender_worker.py <job.json>
+    python blender_worker.py <job.json>     # cold: start, import bpy, run one job, exit
+    python blender_worker.py --serve        # warm: import bpy once, fork a child per job (see `serve`)
 
 This file is a standalone script on purpose: it imports only the standard library, numpy and bpy, so a
 crash, hang or runaway allocation inside Blender only ever takes this process down, and the parent
@@ -102,7 +103,7 @@ def confine(bundle_dir: str, out_dir: str) -> str:
     try:
         _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
         root = tempfile.mkdtemp(prefix="mdt-wall-", dir=os.path.dirname(out_dir))
-        _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=755")
+        _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=755")
         import bpy  # noqa: F401 - already imported; its location must stay visible
 
         # Python and bpy, under their real paths and under the (possibly symlinked) paths Blender derives its
@@ -123,6 +124,7 @@ def confine(bundle_dir: str, out_dir: str) -> str:
             if read_only:
                 _mount(libc, None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.makedirs(root + "/tmp", exist_ok=True)
+        os.makedirs(root + os.path.realpath(bpy.app.tempdir or "/tmp"), exist_ok=True)  # Blender's temp dir
         os.makedirs(root + "/proc", exist_ok=True)
         _mount(libc, "proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | 8)  # 8: MS_NOEXEC
         os.chroot(root)
@@ -416,7 +418,7 @@ def _camera(bpy):
 
 
 def main(job_path: str) -> int:
-    t0 = time.time()
+    t0 = _START or time.time()
     with open(job_path) as f:
         job = json.load(f)
     out_dir = job["out_dir"]
@@ -428,7 +430,7 @@ def main(job_path: str) -> int:
         import bpy
         from mathutils import Matrix
 
-        timings["import_bpy"] = time.time() - t0
+        timings["startup"] = time.time() - t0  # process start + `import bpy` (cold), fork (warm)
         bundle_dir = job.get("bundle_dir") or os.path.dirname(job["input"])
         wall = confine(bundle_dir, out_dir) if job.get("confine", True) else "none"
         t = time.time()
@@ -489,8 +491,62 @@ def main(job_path: str) -> int:
     return EXIT_HANDLED
 
 
+def serve() -> None:
+    """Warm worker (zygote): import bpy once, then fork one child per job.
+
+    Protocol on stdin/stdout, one line each: the parent writes a job path; this process answers
+    ``pid <child pid>`` at once and ``status <exit code>`` (negative: killed by that signal) when the child
+    ends. The child is the per-asset worker: its own process group (the parent kills it on timeout, this
+    process lives on), output to the job's worker.log, memory cap, file-system wall and a factory-reset scene,
+    all set up after the fork; this process never loads an asset, so nothing carries over between assets.
+    It exits when its stdin closes (the render stage went away).
+    """
+    t0 = time.time()
+    import numpy  # noqa: F401 - imported once here, inherited by every child
+    import bpy  # noqa: F401
+    import mathutils  # noqa: F401
+
+    startup_s = time.time() - t0
+    # Detach from the process that started us (which only keeps the pipes): a warm worker is not a
+    # per-asset worker of the stage's process, and it ends on its own when the pipe closes.
+    if os.fork():
+        os._exit(0)
+    out = sys.stdout
+    print(f"ready {os.getpid()} {startup_s:.3f}", file=out, flush=True)
+    for line in sys.stdin:
+        job_path = line.strip()
+        if not job_path:
+            continue
+        forked = time.time()
+        pid = os.fork()
+        if pid == 0:
+            os.setpgid(0, 0)
+            with open(job_path) as f:
+                log = os.path.join(json.load(f)["out_dir"], "worker.log")
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            sys.stdout = os.fdopen(1, "w", closefd=False)
+            sys.stderr = os.fdopen(2, "w", closefd=False)
+            global _START
+            _START = forked
+            run_cli([job_path])
+        print(f"pid {pid}", file=out, flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(f"status {os.waitstatus_to_exitcode(status)}", file=out, flush=True)
+    os._exit(0)
+
+
+_START: float | None = None  # when this worker began work on its job (fork time for a warm worker's child)
+
+
 def run_cli(argv: list[str]) -> None:
-    """``blender_worker.py <job.json>``: run the job and exit without returning."""
+    """``blender_worker.py <job.json>``: run the job and exit without returning;
+    ``blender_worker.py --serve``: the warm worker (``serve``)."""
+    if argv and argv[0] == "--serve":
+        serve()
     code = main(argv[0])
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,10 +1,14 @@
 """Render stage: Blender (Cycles) views, cameras and the normalised mesh of one asset per row.
 
-The parent side (this module) chooses the cameras, writes the asset into a private temp directory, and runs
-`pipelines/blender_worker.py` in a child process that it can kill: a per-asset timeout (the whole process
-group is SIGKILLed), an address-space cap set inside the child with `resource.setrlimit` before bpy is
-imported, and Python auto-execution in .blend files switched off. A worker that fails, crashes, hangs or
-runs out of memory gives a failed row (`"render: <reason>"`), never an exception that kills the job.
+The parent side (this module) chooses the cameras, writes the asset into a private temp directory, checks it
+(external references, raw geometry) and has `pipelines/blender_worker.py` render it in a child process that it
+can kill: a per-asset timeout (the child's whole process group is SIGKILLed), an address-space cap set inside
+the child with `resource.setrlimit`, the file-system wall (`blender_worker.confine`), a factory-reset scene,
+and Python auto-execution in .blend files switched off. With `render.warm_workers` (default) the child is
+forked from a warm worker that imported bpy once (`WarmWorker`, one per concurrent render), so Blender's
+start-up is paid once per actor instead of once per asset; the warm worker itself never opens an asset.
+A worker that fails, crashes, hangs or runs out of memory gives a failed row (`"render: <reason>"`), never an
+exception that kills the job.
 
 Cameras (TRELLIS data toolkit, render step / render_cond step):
 * feature views: n views on a sphere of radius 2 with FOV 40 deg, directions from a spherical Hammersley set
@@ -33,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,11 +174,97 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+class WarmWorker:
+    """A warm Blender worker (``blender_worker.py --serve``): bpy imported once, one forked child per asset.
+
+    ``run(job_path, timeout_s)`` returns the child's exit code (negative: killed by that signal), or None when
+    the child ran past the timeout (its process group is then SIGKILLed; the warm worker itself lives on).
+    Raises ``WarmWorkerError`` when the warm worker is gone; the caller starts a new one."""
+
+    def __init__(self, env: dict | None = None):
+        self.dir = tempfile.mkdtemp(prefix="mdt-warm-worker-")
+        env = {**(env or os.environ), "TMPDIR": self.dir, "PYTHONNOUSERSITE": "1"}
+        self.log = open(os.path.join(self.dir, "serve.log"), "wb")
+        launcher = subprocess.Popen([sys.executable, str(WORKER), "--serve"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True,
+                                    cwd=self.dir)
+        self.stdin, self.stdout = launcher.stdin, launcher.stdout
+        self._buf = b""
+        try:
+            ready = self._line(600.0).split()
+        except WarmWorkerError:
+            launcher.kill()
+            raise
+        finally:
+            launcher.wait()  # it forks the warm worker off and exits
+        self.pid, self.startup_s = int(ready[1]), float(ready[2])
+
+    def _line(self, timeout_s: float | None) -> str | None:
+        import select
+
+        deadline = None if timeout_s is None else time.time() + timeout_s
+        while b"\n" not in self._buf:
+            wait = None if deadline is None else max(0.0, deadline - time.time())
+            r, _, _ = select.select([self.stdout], [], [], wait)
+            if not r:
+                return None
+            chunk = os.read(self.stdout.fileno(), 4096)
+            if not chunk:
+                raise WarmWorkerError("warm Blender worker exited: " + _tail(Path(self.dir, "serve.log"), 500))
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def run(self, job_path: str, timeout_s: float) -> int | None:
+        t0 = time.time()
+        try:
+            self.stdin.write(f"{job_path}\n".encode())
+            self.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            raise WarmWorkerError(f"warm Blender worker gone: {e}") from None
+        pid = int(self._line(60.0).split()[1])
+        try:
+            line = self._line(max(0.0, timeout_s - (time.time() - t0)))
+        except BaseException:
+            _kill_pgid(pid)
+            raise
+        if line is None:
+            _kill_pgid(pid)
+            self._line(60.0)  # the warm worker reaps the child and reports its status
+            return None
+        return int(line.split()[1])
+
+    def close(self) -> None:
+        for f in (self.stdin, self.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, AttributeError):
+            pass
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class WarmWorkerError(RuntimeError):
+    pass
+
+
+def _kill_pgid(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], settings: RenderSettings,
                 export_mesh: bool = True, workdir: str | os.PathLike | None = None,
-                bundle_dir: str | os.PathLike | None = None) -> RenderResult:
+                bundle_dir: str | os.PathLike | None = None, warm: WarmWorker | None = None) -> RenderResult:
     """Render one asset file in a killable Blender worker process that sees only ``bundle_dir`` (default: the
-    file's directory) of the asset (blender_worker.confine)."""
+    file's directory) of the asset (blender_worker.confine): a child forked by ``warm`` when given, else a
+    fresh Python process that imports bpy for this asset alone."""
     fmt = fmt.lower().lstrip(".")
     if fmt not in SUPPORTED_FORMATS:
         return RenderResult(False, f"unsupported format {fmt!r}")
@@ -201,18 +292,24 @@ def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], set
         (out_dir / "tmp").mkdir()
         env["TMPDIR"] = str(out_dir / "tmp")
         t0 = time.time()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, str(WORKER), str(job_path)], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=str(out_dir))
-            try:
-                code = proc.wait(timeout=settings.timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                return RenderResult(False, f"blender timed out after {settings.timeout_s:g} s (worker killed)",
-                                    log_tail=_tail(log_path))
-            except BaseException:
-                _kill_group(proc)
-                raise
+        timed_out = f"blender timed out after {settings.timeout_s:g} s (worker killed)"
+        if warm is not None:
+            code = warm.run(str(job_path), settings.timeout_s)
+            if code is None:
+                return RenderResult(False, timed_out, log_tail=_tail(log_path))
+        else:
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen([sys.executable, str(WORKER), str(job_path)], stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True, cwd=str(out_dir))
+                try:
+                    code = proc.wait(timeout=settings.timeout_s)
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc)
+                    return RenderResult(False, timed_out, log_tail=_tail(log_path))
+                except BaseException:
+                    _kill_group(proc)
+                    raise
         wall = time.time() - t0
         err_file = out_dir / "error.json"
         if err_file.exists():
@@ -285,6 +382,35 @@ class Render:
         self.cond_samples = c.samples
         self.cond_image_size, self.cond_margin = c.image_size, c.crop_margin
         self.cond_format, self.cond_jpeg_quality = c.image_format, c.jpeg_quality
+        self.warm_workers = r.warm_workers
+        self._idle: list[WarmWorker] = []  # one per concurrent call (Ray calls one at a time; tests use threads)
+        self._lock = threading.Lock()
+
+    def _render(self, *args, **kwargs) -> RenderResult:
+        if not self.warm_workers:
+            return render_file(*args, **kwargs)
+        with self._lock:
+            warm = self._idle.pop() if self._idle else None
+        try:
+            if warm is None:
+                warm = WarmWorker()
+            res = render_file(*args, warm=warm, **kwargs)
+        except WarmWorkerError:  # it died (killed from outside): next asset gets a new one; this one fails
+            if warm is not None:
+                warm.close()
+            raise
+        with self._lock:
+            self._idle.append(warm)
+        return res
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.close()
+
+    def __del__(self):
+        self.close()
 
     def cameras(self, sha256: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         rng = asset_rng(sha256, self.seed)
@@ -313,7 +439,7 @@ class Render:
             passes = [RenderPass("views", self.resolution, *cams["views"])]
             if self.cond_enabled:
                 passes.append(RenderPass("cond", self.cond_resolution, *cams["cond"], samples=self.cond_samples))
-            res = render_file(path, fmt, passes, self.settings, self.export_mesh, tmp, bundle_dir=tmp / "asset")
+            res = self._render(path, fmt, passes, self.settings, self.export_mesh, tmp, bundle_dir=tmp / "asset")
         if not res.ok:
             return fail(row, self.name, res.error)
         if all(is_blank(png) for pngs in res.images.values() for png in pngs):

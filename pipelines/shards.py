@@ -182,6 +182,9 @@ class ShardWriter:
                 srow, stats = to_shard_row(row, self.config_hash, self.cfg.write.required)
                 if row.get("asset_checks"):  # what was checked, and any importer warnings: never silent
                     stats["asset_checks"] = json.loads(row["asset_checks"])
+                if row.get("render_info"):  # the Blender worker's own timings (start-up share, per step)
+                    info = json.loads(row["render_info"])
+                    stats["render_timings"] = {**info.get("timings", {}), "wall_s": info.get("wall_s")}
                 good.append((row, srow, stats))
             except ShardRowError as e:
                 row["error"] = f"{WRITE_STAGE}: {e}"
