@@ -12,7 +12,10 @@ inside the stage, so they include waiting for a core when more actors than cores
 (listing, Ray Data execution, shard commit, manifest, report — Ray startup excluded), assets/hour, and the
 streaming efficiency = compute / (wall × workers), where compute is the CPU time actually spent on the pinned
 cores during the run (/proc/stat: every stage, Blender included, plus Ray's own work): 1.0 means every worker
-computed all the time. Blender start-up share: of the render worker's wall time per asset, the part spent
+computed all the time. Own share: the part of that busy time spent by the job's own processes (its process
+tree, /proc/<pid>/stat with the job as child subreaper, so detached warm Blender workers count too); below 1.0
+other processes competed for the pinned cores and the timings understate what the machine can do.
+Blender start-up share: of the render worker's wall time per asset, the part spent
 before the asset is opened (a new Python process and `import bpy` for a cold worker, a fork for a warm one;
 `--render-workers cold|warm`, default the preset's). Last lines: the 1 -> N worker speedup and every ratio
 next to its goal (speedup >= 1.8, streaming efficiency >= 0.9). JSON (`<out>/bench.json`): the per-configuration
@@ -45,6 +48,29 @@ def busy_core_seconds(cores: set[int]) -> float:
     return busy / tick
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system, own and of waited-for children) of ``root`` and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))  # ppid, utime..cstime
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0))[1]
+        todo += children.get(pid, [])
+    return total / tick
+
+
 def run_one(workers: int, assets: int, out: Path, tiny: Path, render_workers: str) -> dict:
     """One timed job run (called in a fresh, CPU-pinned process)."""
     from mdt.config import load_config
@@ -64,12 +90,16 @@ def run_one(workers: int, assets: int, out: Path, tiny: Path, render_workers: st
         cfg.resources[stage] = StageResources(concurrency=1, num_cpus=share)
     for stage in COMPUTE_STAGES:
         cfg.resources[stage] = StageResources(concurrency=workers, num_cpus=share)
+    import ctypes
+
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned descendants stay in our tree
     graph.absolutize_paths(cfg)
     graph.init_ray(cfg)  # not timed: the wall time below starts at listing
     cores = os.sched_getaffinity(0)
-    busy0 = busy_core_seconds(cores)
+    busy0, own0 = busy_core_seconds(cores), tree_cpu_seconds(os.getpid())
     result = graph.run(cfg, progress_every_s=30)
     compute_s = busy_core_seconds(cores) - busy0
+    own_s = tree_cpu_seconds(os.getpid()) - own0
     rep = result.report
     startup = wall = 0.0
     for r in Ledger(cfg.output, result.config_hash).records():
@@ -82,7 +112,8 @@ def run_one(workers: int, assets: int, out: Path, tiny: Path, render_workers: st
         "workers": workers, "assets": assets, "render_workers": "warm" if cfg.render.warm_workers else "cold",
         "done": rep["done"], "failed": rep["failed"], "wall_s": result.wall_s,
         "assets_per_hour": rep["assets_per_hour"], "compute_s": compute_s,
-        "efficiency": compute_s / (result.wall_s * workers),
+        "efficiency": compute_s / (result.wall_s * workers), "own_cpu_s": own_s,
+        "own_share": own_s / compute_s if compute_s else None,
         "blender_startup_share": startup / wall if wall else None,
         "stage_mean_s": {k: v["mean_s"] for k, v in rep["stages"].items()},
     }
@@ -101,6 +132,7 @@ def ratios(results: list[dict]) -> dict:
         "speedup_goal": SPEEDUP_GOAL,
         "streaming_efficiency": {str(r["workers"]): r["efficiency"] for r in results},
         "efficiency_goal": EFFICIENCY_GOAL,
+        "own_share_of_core_time": {str(r["workers"]): r.get("own_share") for r in results},
         "blender_startup_share": {str(r["workers"]): r["blender_startup_share"] for r in results},
         "assets_per_hour": {str(r["workers"]): r["assets_per_hour"] for r in results},
     }
@@ -109,14 +141,14 @@ def ratios(results: list[dict]) -> dict:
 def table(results: list[dict]) -> str:
     stages = list(results[0]["stage_mean_s"])
     head = ("| workers | " + " | ".join(f"{s} s/asset" for s in stages) +
-            " | wall s | assets/h | streaming efficiency | Blender start-up share |")
-    lines = [head, "|" + "---:|" * (len(stages) + 5)]
+            " | wall s | assets/h | streaming efficiency | own share | Blender start-up share |")
+    lines = [head, "|" + "---:|" * (len(stages) + 6)]
     for r in results:
         cells = [f"{r['stage_mean_s'][s]:.2f}" if r["stage_mean_s"][s] is not None else "-" for s in stages]
-        share = r["blender_startup_share"]
+        share, own = r["blender_startup_share"], r.get("own_share")
         lines.append(f"| {r['workers']} | " + " | ".join(cells) +
                      f" | {r['wall_s']:.1f} | {r['assets_per_hour']:.0f} | {r['efficiency']:.2f} | "
-                     f"{'-' if share is None else f'{share:.3f}'} |")
+                     f"{'-' if own is None else f'{own:.2f}'} | {'-' if share is None else f'{share:.3f}'} |")
     return "\n".join(lines)
 
 

@@ -511,10 +511,19 @@ def serve() -> None:
     # per-asset worker of the stage's process, and it ends on its own when the pipe closes.
     if os.fork():
         os._exit(0)
+    import select
+
     out = sys.stdout
     print(f"ready {os.getpid()} {startup_s:.3f}", file=out, flush=True)
-    for line in sys.stdin:
-        job_path = line.strip()
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            chunk = os.read(0, 4096)
+            if not chunk:  # the render stage went away
+                os._exit(0)
+            buf += chunk
+        line, buf = buf.split(b"\n", 1)
+        job_path = line.decode().strip()
         if not job_path:
             continue
         forked = time.time()
@@ -534,9 +543,15 @@ def serve() -> None:
             _START = forked
             run_cli([job_path])
         print(f"pid {pid}", file=out, flush=True)
-        _, status = os.waitpid(pid, 0)
+        while True:  # the stage sends nothing while a child runs: readable stdin means it closed
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if select.select([0], [], [], 0.2)[0] and not os.read(0, 4096):
+                os.killpg(pid, 9)  # no stage left to enforce the timeout: take the child down too
+                os.waitpid(pid, 0)
+                os._exit(0)
         print(f"status {os.waitstatus_to_exitcode(status)}", file=out, flush=True)
-    os._exit(0)
 
 
 _START: float | None = None  # when this worker began work on its job (fork time for a warm worker's child)

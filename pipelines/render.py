@@ -410,7 +410,10 @@ class Render:
             w.close()
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; the warm workers end when their pipes close
+            pass
 
     def cameras(self, sha256: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         rng = asset_rng(sha256, self.seed)
