@@ -206,10 +206,15 @@ def main(argv=None) -> int:
                    "RAY_AUTH_MODE": "disabled", "TMPDIR": scratch}
             pinned = set(cores[:n])
             print(f"--- {n} worker(s): cores {sorted(pinned)}, {args.assets} synthetic assets", flush=True)
-            rc = subprocess.call([sys.executable, "-m", "pipelines.bench", "--one", str(n), "--assets",
-                                  str(args.assets), "--out", str(out), "--tiny", str(tiny),
-                                  "--render-workers", args.render_workers],
-                                 cwd=ROOT, env=env, preexec_fn=lambda: os.sched_setaffinity(0, pinned))
+            for attempt in range(2):  # a Ray node that misses its 30 s start-up window on a busy machine
+                rc = subprocess.call([sys.executable, "-m", "pipelines.bench", "--one", str(n), "--assets",
+                                      str(args.assets), "--out", str(out), "--tiny", str(tiny),
+                                      "--render-workers", args.render_workers],
+                                     cwd=ROOT, env=env, preexec_fn=lambda: os.sched_setaffinity(0, pinned))
+                if rc == 0:
+                    break
+                print(f"the {n}-worker run failed (exit {rc}); {'retrying' if not attempt else 'giving up'}",
+                      file=sys.stderr, flush=True)
         if rc != 0:
             print(f"the {n}-worker run failed (exit {rc})", file=sys.stderr)
             return 1
