@@ -42,20 +42,12 @@ def build_config(args: argparse.Namespace):
 
     overrides = list(args.overrides)
     if args.source:
-        overrides.append("sources.specs=" + _yaml_list(args.source))
+        overrides.append(("sources.specs", list(args.source)))
     if args.output:
-        overrides.append(f"output={_yaml_str(args.output)}")
+        overrides.append(("output", args.output))
     if args.retry_failed:
-        overrides.append("resume.retry_failed=true")
+        overrides.append(("resume.retry_failed", True))
     return load_config(PreprocessConfig, args.preset, overrides, prefix="preprocess_")
-
-
-def _yaml_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
-def _yaml_list(items: list[str]) -> str:
-    return "[" + ", ".join(_yaml_str(s) for s in items) + "]"
 
 
 def main(argv=None) -> int:

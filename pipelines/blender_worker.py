@@ -1,6 +1,7 @@
-"""Blender (bpy) side of the render stage; runs as its own process, one asset per process.
+"""Blender (bpy) side of the render stage; one asset per process.
 
-    python blender_worker.py <job.json>
+    python blender_worker.py <job.json>     # cold: start, import bpy, run one job, exit
+    python blender_worker.py --serve        # warm: import bpy once, fork a child per job (see `serve`)
 
 This file is a standalone script on purpose: it imports only the standard library, numpy and bpy, so a
 crash, hang or runaway allocation inside Blender only ever takes this process down, and the parent
@@ -20,6 +21,15 @@ crash, hang or runaway allocation inside Blender only ever takes this process do
 Outputs under out_dir: `<pass name>/<i:03d>.png` (RGBA), `mesh.npz` (vertices float32 [V, 3], faces int32
 [F, 3]), `result.json` (scale, offset, device, timings). On a handled failure it writes `error.json`
 (`{"error": "<short reason>"}`) and exits with status 3.
+
+The file-system wall (`confine`): before the asset is opened, the worker enters a private mount namespace
+(and a network namespace without interfaces) and changes root to an empty tmpfs into which only the bundle
+directory, the output directory, the Python installation, bpy and the system library directories are
+bind-mounted (read-only except bundle and output). A reference the pre-import check missed then finds
+nothing: no project files, no other assets, no /tmp, /etc, /home or /proc. Where namespaces are not
+permitted the worker still runs from the bundle directory and records `"wall": "none"` in result.json.
+After import, any image, library, sound, font, movie clip or cache file whose path resolves outside the
+bundle (and is not packed into the file) fails the asset.
 
 Safety: Python auto-execution stays off: the preference is cleared before anything is loaded and .blend
 files are opened with `use_scripts=False`, so registered text blocks, drivers with Python expressions and
@@ -55,12 +65,92 @@ def _limit_memory(mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _test_hang(job: dict) -> None:
-    """Fault injection for tests: sleep forever when the input's name contains $PIPELINE_TEST_RENDER_HANG."""
-    tag = os.environ.get("PIPELINE_TEST_RENDER_HANG")
-    if tag and tag in os.path.basename(job["input"]):
-        while True:
-            time.sleep(1)
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x40000000, 0x20000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+
+
+def _mount(libc, src, target, fstype, flags, data=None) -> None:
+    enc = (lambda x: None if x is None else os.fsencode(x))
+    if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
+        err = ctypes_get_errno()
+        raise OSError(err, f"mount {src} -> {target}: {os.strerror(err)}")
+
+
+def ctypes_get_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
+def confine(bundle_dir: str, out_dir: str) -> str:
+    """The worker's file-system wall (see the module docstring). Returns "namespace" or "none"."""
+    import ctypes
+    import tempfile
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID) != 0:
+        os.chdir(bundle_dir)
+        return "none"
+    # A new PID namespace takes effect for children: fork, the child (PID 1 there) carries on behind the wall
+    # and may mount a /proc that shows only itself; this process waits and exits with the child's status.
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        sys.stdout.flush()
+        os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    try:
+        _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
+        root = tempfile.mkdtemp(prefix="mdt-wall-", dir=os.path.dirname(out_dir))
+        _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=755")
+        import bpy  # noqa: F401 - already imported; its location must stay visible
+
+        # Python and bpy, under their real paths and under the (possibly symlinked) paths Blender derives its
+        # data-file locations from
+        dirs = (sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.abspath(bpy.__file__)))
+        python_dirs = {os.path.abspath(p) for p in dirs} | {os.path.realpath(p) for p in dirs}
+        ro = [d for d in (*SYSTEM_DIRS, *sorted(python_dirs)) if os.path.isdir(d)]
+        binds = [(d, True) for d in ro] + [(d, False) for d in DEVICES if os.path.exists(d)]
+        binds += [(os.path.realpath(bundle_dir), False), (os.path.realpath(out_dir), False)]
+        for src, read_only in binds:
+            dst = root + src
+            if os.path.isdir(src):
+                os.makedirs(dst, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                open(dst, "a").close()
+            _mount(libc, src, dst, None, MS_BIND | MS_REC)
+            if read_only:
+                _mount(libc, None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.makedirs(root + "/tmp", exist_ok=True)
+        os.makedirs(root + os.path.realpath(bpy.app.tempdir or "/tmp"), exist_ok=True)  # Blender's temp dir
+        os.makedirs(root + "/proc", exist_ok=True)
+        _mount(libc, "proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | 8)  # 8: MS_NOEXEC
+        os.chroot(root)
+        os.chdir(os.path.realpath(bundle_dir))
+        os.environ["TMPDIR"] = "/tmp"
+        import tempfile as _t
+
+        _t.tempdir = None
+        return "namespace"
+    except OSError as e:
+        raise AssetError(f"could not build the worker's file-system wall: {e}") from None
+
+
+def _outside_files(bpy, bundle_dir: str) -> list[str]:
+    """Paths of data-blocks that read a file outside the bundle (packed data excepted)."""
+    root = os.path.realpath(bundle_dir)
+    bad = []
+    for coll in ("images", "libraries", "sounds", "fonts", "movieclips", "cache_files", "volumes"):
+        for block in getattr(bpy.data, coll, ()):
+            path = getattr(block, "filepath", "") or ""
+            if not path or getattr(block, "packed_file", None) is not None or path == "<builtin>":
+                continue
+            real = os.path.realpath(bpy.path.abspath(path, library=getattr(block, "library", None)))
+            if real != root and not real.startswith(root + os.sep):
+                bad.append(path)
+    return bad
 
 
 def _reset_scene(bpy) -> None:
@@ -125,7 +215,7 @@ def _import(bpy, path: str, fmt: str, warnings: list) -> None:
     elif fmt == "stl":
         result = bpy.ops.wm.stl_import(filepath=path)
     elif fmt == "fbx":
-        result = bpy.ops.import_scene.fbx(filepath=path)
+        result = bpy.ops.import_scene.fbx(filepath=path, use_image_search=False)
     elif fmt == "dae" and hasattr(bpy.ops.wm, "collada_import"):
         result = bpy.ops.wm.collada_import(filepath=path)
     elif fmt in ("usd", "usda", "usdc", "usdz"):
@@ -187,10 +277,8 @@ def _normalise(bpy, np) -> tuple[float, list[float]]:
     """Parent all roots to one empty that maps the scene bbox to a unit-longest-side box centred at 0."""
     scene = bpy.context.scene
     depsgraph = bpy.context.evaluated_depsgraph_get()
-    v, _ = _geometry(bpy, np, depsgraph, with_faces=False)
-    v = v[np.isfinite(v).all(axis=1)] if len(v) else v
-    if not len(v):
-        raise AssetError("no mesh geometry in the asset")
+    v, f = _geometry(bpy, np, depsgraph, with_faces=True)
+    _check_geometry(np, v, f)
     lo, hi = v.min(axis=0), v.max(axis=0)
     extent = float((hi - lo).max())
     if not extent > 0:
@@ -210,6 +298,21 @@ def _normalise(bpy, np) -> tuple[float, list[float]]:
     empty.location = offset
     bpy.context.view_layer.update()
     return scale, offset
+
+
+def _check_geometry(np, v, f) -> None:
+    """The rule of pipelines.mesh_check.check_geometry, on the imported scene (this script imports no project
+    module): finite positions, a non-zero total area."""
+    if not len(v) or not len(f):
+        raise AssetError("no mesh geometry in the asset")
+    bad = ~np.isfinite(v).all(axis=1)
+    if bad.any():
+        raise AssetError(f"non-finite vertex positions ({int(bad.sum())} of {len(v)} vertices)")
+    tri = v[f]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum()
+    extent = float(np.ptp(v, axis=0).max())
+    if not area > 1e-12 * max(extent, 1e-30) ** 2:
+        raise AssetError("zero total surface area")
 
 
 def _lights(bpy, bottom_light_up: bool) -> None:
@@ -315,7 +418,7 @@ def _camera(bpy):
 
 
 def main(job_path: str) -> int:
-    t0 = time.time()
+    t0 = _START or time.time()
     with open(job_path) as f:
         job = json.load(f)
     out_dir = job["out_dir"]
@@ -327,11 +430,15 @@ def main(job_path: str) -> int:
         import bpy
         from mathutils import Matrix
 
-        timings["import_bpy"] = time.time() - t0
-        _test_hang(job)
+        timings["startup"] = time.time() - t0  # process start + `import bpy` (cold), fork (warm)
+        bundle_dir = job.get("bundle_dir") or os.path.dirname(job["input"])
+        wall = confine(bundle_dir, out_dir) if job.get("confine", True) else "none"
         t = time.time()
         _reset_scene(bpy)
         _import(bpy, job["input"], job["format"], warnings)
+        outside = _outside_files(bpy, bundle_dir)
+        if outside:
+            raise AssetError(f"external reference outside the asset: {outside[0]!r}")
         _remove_foreign_rig(bpy)
         timings["load"] = time.time() - t
         scale, offset = _normalise(bpy, np)
@@ -362,6 +469,7 @@ def main(job_path: str) -> int:
         timings["total"] = time.time() - t0
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump({"scale": scale, "offset": offset, "device": device, "timings": timings, "warnings": warnings,
+                       "wall": wall,
                        "view_transform": scene.view_settings.view_transform,
                        "blender": bpy.app.version_string}, f)
         return 0
@@ -383,8 +491,82 @@ def main(job_path: str) -> int:
     return EXIT_HANDLED
 
 
-if __name__ == "__main__":
-    code = main(sys.argv[1])
+def serve() -> None:
+    """Warm worker (zygote): import bpy once, then fork one child per job.
+
+    Protocol on stdin/stdout, one line each: the parent writes a job path; this process answers
+    ``pid <child pid>`` at once and ``status <exit code>`` (negative: killed by that signal) when the child
+    ends. The child is the per-asset worker: its own process group (the parent kills it on timeout, this
+    process lives on), output to the job's worker.log, memory cap, file-system wall and a factory-reset scene,
+    all set up after the fork; this process never loads an asset, so nothing carries over between assets.
+    It exits when its stdin closes (the render stage went away).
+    """
+    t0 = time.time()
+    import numpy  # noqa: F401 - imported once here, inherited by every child
+    import bpy  # noqa: F401
+    import mathutils  # noqa: F401
+
+    startup_s = time.time() - t0
+    # Detach from the process that started us (which only keeps the pipes): a warm worker is not a
+    # per-asset worker of the stage's process, and it ends on its own when the pipe closes.
+    if os.fork():
+        os._exit(0)
+    import select
+
+    out = sys.stdout
+    print(f"ready {os.getpid()} {startup_s:.3f}", file=out, flush=True)
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            chunk = os.read(0, 4096)
+            if not chunk:  # the render stage went away
+                os._exit(0)
+            buf += chunk
+        line, buf = buf.split(b"\n", 1)
+        job_path = line.decode().strip()
+        if not job_path:
+            continue
+        forked = time.time()
+        pid = os.fork()
+        if pid == 0:
+            os.setpgid(0, 0)
+            with open(job_path) as f:
+                log = os.path.join(json.load(f)["out_dir"], "worker.log")
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            sys.stdout = os.fdopen(1, "w", closefd=False)
+            sys.stderr = os.fdopen(2, "w", closefd=False)
+            global _START
+            _START = forked
+            run_cli([job_path])
+        print(f"pid {pid}", file=out, flush=True)
+        while True:  # the stage sends nothing while a child runs: readable stdin means it closed
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if select.select([0], [], [], 0.2)[0] and not os.read(0, 4096):
+                os.killpg(pid, 9)  # no stage left to enforce the timeout: take the child down too
+                os.waitpid(pid, 0)
+                os._exit(0)
+        print(f"status {os.waitstatus_to_exitcode(status)}", file=out, flush=True)
+
+
+_START: float | None = None  # when this worker began work on its job (fork time for a warm worker's child)
+
+
+def run_cli(argv: list[str]) -> None:
+    """``blender_worker.py <job.json>``: run the job and exit without returning;
+    ``blender_worker.py --serve``: the warm worker (``serve``)."""
+    if argv and argv[0] == "--serve":
+        serve()
+    code = main(argv[0])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip Blender's atexit teardown (slow, and can crash after a failed import)
+
+
+if __name__ == "__main__":
+    run_cli(sys.argv[1:])

@@ -72,7 +72,9 @@ class DownloadConfig:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 30.0
     per_host_concurrency: int = 4  # per download actor; cluster-wide bound = actors x this
-    carry_bytes: bool = True  # put the file bytes in the row (else later stages read cache_uri)
+    # Files up to this size travel in the row (Ray's object store); larger ones are streamed from the cache to
+    # the local disk of the stage that needs them (pipelines.download.materialize_mesh). 0: never in the row.
+    carry_max_bytes: int = 8 * 1024 * 1024
     extract_dir: str = ""  # per-node directory for unpacked archives; "" = <tmp>/mdt-archives
     bundle_max_files: int = 256  # multi-file assets (gltf/obj): at most this many referenced files
 
@@ -96,6 +98,9 @@ class RenderConfig:
     bottom_light_up: bool = False
     seed: int = 0  # mixed into the per-asset camera offsets
     export_mesh: bool = True  # normalised mesh for the voxelizer
+    # Keep `import bpy` out of the per-asset cost: a warm worker per concurrent render forks one child per
+    # asset (same timeout, memory cap, wall and fresh scene). False: a new Python process per asset.
+    warm_workers: bool = True
 
 
 @dataclass
@@ -114,18 +119,18 @@ class CondConfig:
 
 @dataclass
 class VoxelizeConfig:
-    resolution: int = 64
+    resolution: int = 64  # the voxel grid (also the grid features are gathered on and latents encode)
+    clamp_eps: float = 1e-6  # vertices are clamped this far inside the unit cube before voxelizing
 
 
 @dataclass
 class FeaturesConfig:
     model: str = "dinov2_vitl14_reg"  # name used in the manifest
-    checkpoint: str | None = None  # local dir / HF repo of the DINOv2 weights; None = model default
+    checkpoint: str | None = None  # local dir / HF repo of the DINOv2 weights; None = ViT-L/14-reg
     image_size: int = 518
     batch_size: int = 16
     device: str = "auto"  # auto | cpu | cuda[:i]
     dtype: str = "float32"  # DINOv2 compute dtype on GPU (float16 / bfloat16 are faster)
-    resolution: int = 64
 
 
 @dataclass
@@ -133,7 +138,6 @@ class EncodeConfig:
     ss_encoder: str = "microsoft/TRELLIS-image-large/ckpts/ss_enc_conv3d_16l8_fp16"
     slat_encoder: str = "microsoft/TRELLIS-image-large/ckpts/slat_enc_swin8_B_64l8_fp16"
     device: str = "auto"
-    resolution: int = 64
 
 
 @dataclass
@@ -181,7 +185,7 @@ DEFAULT_STAGES = ["download", "render", "voxelize", "features", "encode"]
 class PreprocessConfig:
     output: str = "outputs/preprocess"  # local dir or s3://bucket/prefix
     # CPU demo / CI only: a local directory where random-weight tiny DINOv2 and SS/SLat encoders are created
-    # (if missing) and used instead of features.checkpoint / encode.* (pipelines.testing.ensure_tiny_models).
+    # (if missing) and used instead of features.checkpoint / encode.* (pipelines.tiny_models.ensure_tiny_models).
     tiny_models: str | None = None
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     resources: dict[str, StageResources] = field(
@@ -208,9 +212,6 @@ class PreprocessConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-
-    def stage_resources(self, name: str) -> StageResources:
-        return self.resources.get(name) or StageResources()
 
     def cache_uri(self) -> str:
         return self.download.cache_uri or join_uri(self.output, "cache")

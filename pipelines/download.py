@@ -44,14 +44,12 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import tenacity
 
-from pipelines import storage
+from pipelines import asset_refs, storage
 from pipelines.config import MESH_FORMATS, DownloadConfig, PreprocessConfig, StorageConfig
 from pipelines.rows import fail
 
 log = logging.getLogger(__name__)
 
-# Formats whose files can reference other files next to them.
-MULTI_FILE_FORMATS = {"gltf", "obj", "dae"}
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 ARCHIVE_SCHEMES = ("zip://", "tar://")
 
@@ -100,9 +98,34 @@ try:  # the cluster-wide limiter is a Ray actor; the module also works without R
         async def stats(self) -> dict:
             return {"peak": dict(self.peak), "active": {h: len(s) for h, s in self.active.items()}}
 
+    @ray.remote(num_cpus=0)
+    class ContentClaimsActor:
+        """First claimer of a content hash in a run owns it; later files with the same bytes are duplicates."""
+
+        def __init__(self):
+            self.owner: dict[str, str] = {}
+
+        def claim(self, sha: str, who: str) -> str:
+            return self.owner.setdefault(sha, who)
+
 except ImportError:  # pragma: no cover
     ray = None
-    HostLimiterActor = None
+    HostLimiterActor = ContentClaimsActor = None
+
+
+class ContentClaims:
+    """``claim(sha, who) -> owner``: run-wide through the named actor if given, else per process."""
+
+    def __init__(self, actor_name: str | None = None):
+        self.actor = None
+        self.local: dict[str, str] = {}
+        if actor_name and ray is not None and ray.is_initialized():
+            self.actor = ray.get_actor(actor_name)
+
+    def claim(self, sha: str, who: str) -> str:
+        if self.actor is not None:
+            return ray.get(self.actor.claim.remote(sha, who))
+        return self.local.setdefault(sha, who)
 
 
 class HostSlots:
@@ -307,65 +330,19 @@ class ArchiveReader:
 # --------------------------------------------------------------------------------------- references
 
 
-_OBJ_MAP = re.compile(r"^\s*(map_\w+|bump|disp|decal|refl|norm)\s+(.+)$", re.IGNORECASE)
-
-
-def referenced_files(fmt: str, data: bytes) -> list[str]:
-    """Relative paths a multi-file asset refers to (gltf buffers/images, obj mtllib, mtl maps, dae images)."""
-    refs: list[str] = []
-    try:
-        if fmt == "gltf":
-            doc = json.loads(data.decode("utf-8"))
-            for key in ("buffers", "images"):
-                for item in doc.get(key, []) or []:
-                    uri = item.get("uri")
-                    if uri and not uri.startswith("data:"):
-                        refs.append(unquote(uri))
-        elif fmt == "obj":
-            for line in data.decode("utf-8", "replace").splitlines():
-                s = line.strip()
-                if s.lower().startswith("mtllib "):
-                    refs.append(s[7:].strip())
-        elif fmt == "mtl":
-            for line in data.decode("utf-8", "replace").splitlines():
-                m = _OBJ_MAP.match(line)
-                if m:
-                    # options (-bm 1.0, -clamp on, ...) come before the file name, which is the last token
-                    refs.append(m.group(2).split()[-1])
-        elif fmt == "dae":
-            refs.extend(re.findall(r"<init_from>\s*([^<]+?)\s*</init_from>", data.decode("utf-8", "replace")))
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return []
-    return [r.replace("\\", "/") for r in refs if r and "://" not in r]
-
-
 def make_bundle(main_name: str, main_bytes: bytes, read_rel, max_files: int, max_bytes: int) -> bytes:
     """Zip of the main file plus what it references (recursively: obj -> mtl -> textures).
 
-    ``read_rel(path)`` returns bytes of a path relative to the bundle root, or None when missing.
-    References that would leave the root are skipped.
+    ``read_rel(path)`` returns bytes of a path relative to the bundle root, or None when missing. A reference
+    that would leave the bundle fails the asset (``external reference outside the asset: …``).
     """
-    files = {main_name: main_bytes}
-    queue = [main_name]
-    total = len(main_bytes)
-    while queue and len(files) < max_files:
-        cur = queue.pop(0)
-        fmt = mesh_format(cur)
-        if fmt not in MULTI_FILE_FORMATS | {"mtl"}:
-            continue
-        for ref in referenced_files(fmt, files[cur]):
-            rel = posixpath.normpath(posixpath.join(posixpath.dirname(cur), ref))
-            if rel.startswith("../") or rel == ".." or rel.startswith("/") or rel in files:
-                continue
-            data = read_rel(rel)
-            if data is None:
-                log.info("bundle %s: referenced file %s not found", main_name, rel)
-                continue
-            total += len(data)
-            if total > max_bytes:
-                raise DownloadError(f"size cap: bundle exceeds {max_bytes} bytes")
-            files[rel] = data
-            queue.append(rel)
+    try:
+        files = asset_refs.bundle_files(main_name, main_bytes, read_rel, max_files)
+    except (asset_refs.ExternalReferenceError, ValueError) as e:
+        raise DownloadError(str(e)) from None
+    total = sum(len(b) for b in files.values())
+    if total > max_bytes:
+        raise DownloadError(f"size cap: bundle of {total} bytes > {max_bytes}")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, data in files.items():
@@ -382,20 +359,29 @@ def materialize_mesh(row: dict, workdir: str | os.PathLike, storage_cfg=None) ->
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data = row.get("mesh_bytes")
-    if data is None:
+    name = row.get("mesh_name") or f"asset.{row.get('mesh_format') or 'bin'}"
+    if data is None:  # a large file: streamed from the cache to local disk, never whole in memory
         if not row.get("cache_uri"):
             raise DownloadError("row has neither mesh_bytes nor cache_uri")
-        data = storage.read_bytes(row["cache_uri"], storage_cfg)
-    name = row.get("mesh_name") or f"asset.{row.get('mesh_format') or 'bin'}"
+        local = workdir / (".bundle.zip" if row.get("mesh_bundle") else
+                           safe_member(posixpath.basename(name.replace("\\", "/")) or "asset"))
+        storage.download_file(row["cache_uri"], str(local), storage_cfg)
+        if not row.get("mesh_bundle"):
+            return local
+        data = local
     if row.get("mesh_bundle"):
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data) as zf:
             for info in zf.infolist():
                 if info.is_dir():
                     continue
                 rel = safe_member(info.filename)
                 out = workdir / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(zf.read(info))
+                with zf.open(info) as src, open(out, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            os.unlink(data)
         return workdir / safe_member(name)
     out = workdir / safe_member(posixpath.basename(name.replace("\\", "/")) or "asset")
     out.write_bytes(data)
@@ -413,7 +399,7 @@ class Download:
     resources = {"num_cpus": 0.5}
 
     def __init__(self, cfg: PreprocessConfig | None = None, limiter: str | None = None,
-                 done_sha256: frozenset | set | None = None):
+                 done_sha256: frozenset | set | None = None, claims: str | None = None):
         cfg = cfg or PreprocessConfig()
         self.cfg: DownloadConfig = cfg.download
         self.storage_cfg: StorageConfig = cfg.storage
@@ -423,6 +409,7 @@ class Download:
         self.slots = HostSlots(self.cfg.per_host_concurrency, limiter,
                                lease_s=max(60.0, self.cfg.timeout_s * self.cfg.attempts * 2))
         self.done_sha256 = done_sha256 or frozenset()
+        self.claims = ContentClaims(claims)
         self._session = None
         self._s3 = None
         self._archives: OrderedDict[str, ArchiveReader] = OrderedDict()
@@ -454,7 +441,8 @@ class Download:
             meta = self._cache_lookup(expected)
             if meta is not None:
                 self.stats["cache_hits"] += 1
-                self._fill(row, expected, meta, None if self.cfg.carry_bytes else b"")
+                self._claim(row, expected)
+                self._fill(row, expected, meta, None)
                 return
         data, name, reader = self._fetch_main(uri)
         fmt = mesh_format(name) or fmt_hint
@@ -473,11 +461,15 @@ class Download:
         sha = expected or check_sha  # identity: the dataset's hash (3D-FUTURE: of image.jpg), else the file's
         if not expected and sha in self.done_sha256:
             raise DownloadError(f"skipped: duplicate of done asset {sha}")
+        self._claim(row, sha)
         bundle = False
         payload = data
-        if fmt in MULTI_FILE_FORMATS:
-            refs = referenced_files(fmt, data)
-            if refs:
+        if fmt in asset_refs.REFERRING_FORMATS:
+            try:
+                refs = asset_refs.references(fmt, data)
+            except ValueError as e:
+                raise DownloadError(str(e)) from None
+            if any(not r.startswith("data:") for r in refs):
                 payload = make_bundle(name, data, reader, self.cfg.bundle_max_files, self.cfg.max_bytes)
                 bundle = True
         meta = {"mesh_format": fmt, "mesh_name": name if bundle else posixpath.basename(name),
@@ -485,11 +477,19 @@ class Download:
         self._cache_store(sha, payload, meta)
         self._fill(row, sha, meta, payload)
 
+    def _claim(self, row: dict, sha: str) -> None:
+        """One row per content hash: a second file with the same bytes in this run is a duplicate."""
+        me = f"{row.get('source')}:{row.get('file_identifier')}"
+        owner = self.claims.claim(sha, me)
+        if owner != me:
+            raise DownloadError(f"skipped: duplicate of {owner} (same sha256 {sha})")
+
     def _fill(self, row: dict, sha: str, meta: dict, payload: bytes | None) -> None:
-        if payload is None or payload == b"":
-            payload = storage.read_bytes(self._cache_obj(sha), self.storage_cfg) if self.cfg.carry_bytes else None
+        carry = int(meta["mesh_size"]) <= self.cfg.carry_max_bytes
+        if carry and payload is None:
+            payload = storage.read_bytes(self._cache_obj(sha), self.storage_cfg)
         row["sha256"] = sha
-        row["mesh_bytes"] = payload if self.cfg.carry_bytes else None
+        row["mesh_bytes"] = payload if carry else None
         row["mesh_format"] = meta["mesh_format"]
         row["mesh_name"] = meta["mesh_name"]
         row["mesh_bundle"] = bool(meta["mesh_bundle"])
@@ -570,21 +570,16 @@ class Download:
         path = storage.local_path(uri)
         if not os.path.isfile(path):
             raise DownloadError(f"file not found: {path}")
+        root = os.path.dirname(os.path.abspath(path))
+        if os.path.islink(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(root):
+            raise DownloadError(str(asset_refs.ExternalReferenceError(os.path.basename(path),
+                                                                      "symlink to outside the bundle")))
         size = os.path.getsize(path)
         if size > self.cfg.max_bytes:
             raise DownloadError(f"size cap: {size} bytes > {self.cfg.max_bytes}")
         with open(path, "rb") as f:
             data = f.read()
-        root = os.path.dirname(os.path.abspath(path))
-
-        def read_rel(rel: str) -> bytes | None:
-            p = os.path.join(root, rel)
-            if os.path.isfile(p) and os.path.getsize(p) <= self.cfg.max_bytes:
-                with open(p, "rb") as f:
-                    return f.read()
-            return None
-
-        return data, os.path.basename(path), read_rel
+        return data, os.path.basename(path), asset_refs.confined_reader(root, self.cfg.max_bytes)
 
     def _http_target(self, uri: str) -> tuple[str, dict]:
         if not uri.startswith("hf://"):

@@ -14,24 +14,11 @@ Row in: `voxel_coords`, `voxel_feats`. Row out: `ss_latent`, `slat_coords`, `sla
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from pipelines.features import resolve_device
-
-SS_ENCODER = "microsoft/TRELLIS-image-large/ckpts/ss_enc_conv3d_16l8_fp16"
-SLAT_ENCODER = "microsoft/TRELLIS-image-large/ckpts/slat_enc_swin8_B_64l8_fp16"
-
-
-@dataclass
-class EncodeConfig:
-    ss_encoder: str = SS_ENCODER
-    slat_encoder: str = SLAT_ENCODER
-    device: str = "auto"
-    resolution: int = 64
 
 
 def occupancy(indices, resolution: int = 64, device=None) -> Tensor:
@@ -78,11 +65,11 @@ class Encode:
     drops = ("voxel_feats", "voxel_coords")
     resources = {"num_cpus": 1}
 
-    def __init__(self, cfg=None, ss_model=None, slat_model=None):
+    def __init__(self, cfg: "PreprocessConfig", ss_model=None, slat_model=None):
         from mdt.models import from_pretrained
-        from pipelines.voxelize import _section
 
-        self.cfg = _section(cfg, "encode", EncodeConfig)
+        self.cfg = cfg.encode
+        self.resolution = cfg.voxelize.resolution
         self.device = resolve_device(self.cfg.device)
         self.ss = ss_model if ss_model is not None else from_pretrained(self.cfg.ss_encoder, device=self.device)
         self.slat = slat_model if slat_model is not None else from_pretrained(self.cfg.slat_encoder,
@@ -99,12 +86,12 @@ class Encode:
             return fail(row, self.name, "no voxels")
         if feats is None or len(feats) != len(coords):
             return fail(row, self.name, "features missing or not one per voxel")
-        ss = encode_ss(self.ss, coords, self.cfg.resolution)
+        ss = encode_ss(self.ss, coords, self.resolution)
         slat = encode_slat(self.slat, coords, feats.astype(np.float32))
         if not (torch.isfinite(ss).all() and torch.isfinite(slat).all()):
             return fail(row, self.name, "non-finite latent")
         row["ss_latent"] = pack_array(ss.numpy().astype(np.float32))
-        row["slat_coords"] = pack_array(np.asarray(coords).astype(np.uint8 if self.cfg.resolution <= 256 else np.int32))
+        row["slat_coords"] = pack_array(np.asarray(coords).astype(np.uint8 if self.resolution <= 256 else np.int32))
         row["slat_feats"] = pack_array(slat.numpy().astype(np.float32))
         return row
 
@@ -114,7 +101,7 @@ def save_tiny_encoders(directory, feature_channels: int = 64, seed: int = 0) -> 
 
     Every parameter is redrawn (std 1/sqrt(fan_in), norms around 1) so that no output is trivially zero.
     Returns the two checkpoint paths `<directory>/ss_enc_tiny`, `<directory>/slat_enc_tiny` for
-    `EncodeConfig.ss_encoder` / `slat_encoder`."""
+    `encode.ss_encoder` / `encode.slat_encoder`."""
     from pathlib import Path
 
     from mdt.models import SLatEncoder, SparseStructureEncoder, save_pretrained

@@ -13,7 +13,6 @@ Row in: `views` (PNG bytes), `views_c2w`, `views_fov`, `voxel_coords`. Row out: 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,16 +21,6 @@ from PIL import Image
 from torch import Tensor
 
 from mdt.conditioning import DINOV2_HUB_ID, IMAGE_SIZE, imagenet_normalize, load_dinov2, patch_token_maps
-
-
-@dataclass
-class FeaturesConfig:
-    checkpoint: str | None = None  # local dir or hub id of the DINOv2-with-registers weights (None: ViT-L/14-reg)
-    image_size: int = IMAGE_SIZE
-    batch_size: int = 16
-    device: str = "auto"  # auto | cpu | cuda[:i]
-    dtype: str = "float32"  # DINOv2 compute dtype (float16/bfloat16 on GPU is faster)
-    resolution: int = 64  # voxel grid
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -104,10 +93,9 @@ class Features:
     drops = ("views", "views_c2w", "views_fov")
     resources = {"num_cpus": 1}
 
-    def __init__(self, cfg=None, model=None):
-        from pipelines.voxelize import _section
-
-        self.cfg = _section(cfg, "features", FeaturesConfig)
+    def __init__(self, cfg: "PreprocessConfig", model=None):
+        self.cfg = cfg.features
+        self.resolution = cfg.voxelize.resolution
         self.device = resolve_device(self.cfg.device)
         dtype = getattr(torch, self.cfg.dtype) if self.device.type != "cpu" else torch.float32
         self.model = model if model is not None else load_dinov2(self.cfg.checkpoint or DINOV2_HUB_ID,
@@ -126,7 +114,7 @@ class Features:
         if len(c2w) != len(views) or len(fov) != len(views):
             return fail(row, self.name, f"{len(views)} views but {len(c2w)} cameras")
         images = view_images(views, self.cfg.image_size)
-        feats = voxel_features(self.model, images, c2w, fov, coords, self.cfg.batch_size, self.cfg.resolution)
+        feats = voxel_features(self.model, images, c2w, fov, coords, self.cfg.batch_size, self.resolution)
         if not torch.isfinite(feats).all():
             return fail(row, self.name, "non-finite features")
         row["voxel_feats"] = pack_array(feats.numpy().astype(np.float16))

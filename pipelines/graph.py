@@ -9,8 +9,6 @@ see pipelines/README.md).
 """
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 import math
 import os
@@ -19,45 +17,11 @@ import uuid
 from dataclasses import dataclass, field
 
 from pipelines import storage
-from pipelines.config import PreprocessConfig, StageResources, config_hash, join_uri
-from pipelines.rows import SOURCE_KEYS, add_timing, fail
+from pipelines.config import PreprocessConfig, config_hash, join_uri
+from pipelines.rows import add_timing, fail
+from pipelines.stages import resolve_stage, stage_keys, stage_resources
 
 log = logging.getLogger(__name__)
-
-STAGES = {
-    "download": "pipelines.download:Download",
-    "render": "pipelines.render:Render",
-    "voxelize": "pipelines.voxelize:Voxelize",
-    "features": "pipelines.features:Features",
-    "encode": "pipelines.encode:Encode",
-    "fake_compute": "pipelines.testing:FakeCompute",
-    "test_hook": "pipelines.testing:TestHook",
-}
-
-
-def resolve_stage(name: str):
-    """Stage name (``STAGES``) or ``module:Class`` -> the class."""
-    path = STAGES.get(name, name)
-    if ":" not in path:
-        raise ValueError(f"unknown stage {name!r}; known: {', '.join(STAGES)} (or module:Class)")
-    mod, cls = path.split(":", 1)
-    return getattr(importlib.import_module(mod), cls)
-
-
-def stage_keys(stage_names: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """(stage name, keys of its output rows) for each stage, in order."""
-    keys = list(SOURCE_KEYS)
-    out = []
-    for name in stage_names:
-        cls = resolve_stage(name)
-        for k in getattr(cls, "outputs", ()):
-            if k not in keys:
-                keys.append(k)
-        drops = set(getattr(cls, "drops", ()))
-        keys = [k for k in keys if k not in drops or k in SOURCE_KEYS]
-        out.append((name, tuple(keys)))
-    return out
-
 
 class StageRunner:
     """Row-level wrapper around one stage (see module docstring)."""
@@ -119,7 +83,7 @@ def init_ray(cfg: PreprocessConfig) -> bool:
 
 
 def build_dataset(cfg: PreprocessConfig, rows: list[dict], run_id: str, chash: str,
-                  limiter: str | None = None, done_sha256=None):
+                  limiter: str | None = None, done_sha256=None, claims: str | None = None):
     import ray.data
 
     from pipelines.shards import ShardWriter
@@ -131,7 +95,7 @@ def build_dataset(cfg: PreprocessConfig, rows: list[dict], run_id: str, chash: s
         res = stage_resources(cfg, name)
         kwargs = {}
         if name == "download":
-            kwargs = {"limiter": limiter, "done_sha256": done_sha256}
+            kwargs = {"limiter": limiter, "done_sha256": done_sha256, "claims": claims}
         remote = {}
         if res.memory_gb:
             remote["memory"] = int(res.memory_gb * 1024**3)
@@ -144,16 +108,6 @@ def build_dataset(cfg: PreprocessConfig, rows: list[dict], run_id: str, chash: s
                         batch_size=max(1, cfg.write.rows_per_shard), batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=max(1, w.concurrency)), num_cpus=w.num_cpus)
     return ds
-
-
-def stage_resources(cfg: PreprocessConfig, name: str) -> StageResources:
-    """Config entry ``resources.<name>``, else the stage class's ``resources`` defaults."""
-    if name in cfg.resources:
-        return cfg.resources[name]
-    if name == "write":
-        return StageResources(num_cpus=0.5)
-    defaults = dict(getattr(resolve_stage(name), "resources", {}) or {})
-    return StageResources(**{k: v for k, v in defaults.items() if k in StageResources.__dataclass_fields__})
 
 
 def check_resources(cfg: PreprocessConfig) -> None:
@@ -251,14 +205,14 @@ def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_eve
     import ray
 
     from pipelines import report as report_mod
-    from pipelines.download import HostLimiterActor
+    from pipelines.download import ContentClaimsActor, HostLimiterActor
     from pipelines.ledger import Ledger
     from pipelines.shards import write_manifest
 
     t_start = time.time()
     absolutize_paths(cfg)
     if cfg.tiny_models and any(s in cfg.stages for s in ("features", "encode")):
-        from pipelines.testing import apply_tiny_models
+        from pipelines.tiny_models import apply_tiny_models
 
         apply_tiny_models(cfg)  # before planning: checkpoint paths are part of the config hash
     p = plan(cfg)
@@ -273,9 +227,11 @@ def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_eve
         init_ray(cfg)
         limiter_name = f"mdt-host-limiter-{run_id}"
         limiter = HostLimiterActor.options(name=limiter_name).remote(cfg.download.per_host_concurrency)
+        claims_name = f"mdt-content-claims-{run_id}"
+        claims = ContentClaimsActor.options(name=claims_name).remote()
         unknown = any(r["sha256"] is None for r in todo)
         done_sha = frozenset(state.done_sha) if (unknown and state.done_sha) else None
-        ds = build_dataset(cfg, todo, run_id, chash, limiter_name, done_sha)
+        ds = build_dataset(cfg, todo, run_id, chash, limiter_name, done_sha, claims_name)
         last = time.time()
         counts = {"done": 0, "failed": 0, "skipped": 0}
         for s in ds.iter_rows():
@@ -288,6 +244,7 @@ def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_eve
                 log.info("progress %d/%d (done %d, failed %d) %.0f assets/h", n, len(todo), counts["done"],
                          counts["failed"], rate)
         ray.kill(limiter)
+        ray.kill(claims)
     if cfg.write.compact_ledger and todo:
         Ledger(cfg.output, chash, cfg.storage).compact()
     result.wall_s = time.time() - t_start
@@ -300,6 +257,3 @@ def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_eve
 def run_dir(cfg: PreprocessConfig, run_id: str) -> str:
     return join_uri(cfg.output, "runs", run_id)
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

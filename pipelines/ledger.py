@@ -57,6 +57,8 @@ class LedgerState:
 
     done_sha: set[str] = field(default_factory=set)
     done_ids: set[str] = field(default_factory=set)  # "source\x1ffile_identifier"
+    skipped_ids: set[str] = field(default_factory=set)  # duplicates of a done asset: not redone, not rows
+    done_count: int = 0  # assets with a committed shard row (one per content hash)
     failed_sha: set[str] = field(default_factory=set)
     failed_ids: set[str] = field(default_factory=set)
     failed_reason: dict[str, str] = field(default_factory=dict)
@@ -67,7 +69,8 @@ class LedgerState:
     def is_done(self, row: dict) -> bool:
         if row.get("sha256") and row["sha256"] in self.done_sha:
             return True
-        return f"{row.get('source')}\x1f{row.get('file_identifier')}" in self.done_ids
+        idkey = f"{row.get('source')}\x1f{row.get('file_identifier')}"
+        return idkey in self.done_ids or idkey in self.skipped_ids
 
     def is_failed(self, row: dict) -> bool:
         if row.get("sha256") and row["sha256"] in self.failed_sha:
@@ -142,6 +145,7 @@ class Ledger:
                     st.shards.add(r["shard"])
                 if key not in seen_done_shard_rows:
                     seen_done_shard_rows.add(key)
+                    st.done_count += 1
                     st.bytes_done += int(r["bytes"] or 0)
                     if r["stats"]:
                         s = json.loads(r["stats"])
@@ -149,7 +153,7 @@ class Ledger:
                             st.slat_stats.append((s["slat_mean"], s["slat_sqmean"]))
                 last_fail.pop(key, None)
             elif r["status"] == "skipped":
-                st.done_ids.add(idkey)
+                st.skipped_ids.add(idkey)
             elif r["status"] == "failed":
                 last_fail[key] = r
         for key, r in last_fail.items():

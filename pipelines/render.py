@@ -1,10 +1,14 @@
 """Render stage: Blender (Cycles) views, cameras and the normalised mesh of one asset per row.
 
-The parent side (this module) chooses the cameras, writes the asset into a private temp directory, and runs
-`pipelines/blender_worker.py` in a child process that it can kill: a per-asset timeout (the whole process
-group is SIGKILLed), an address-space cap set inside the child with `resource.setrlimit` before bpy is
-imported, and Python auto-execution in .blend files switched off. A worker that fails, crashes, hangs or
-runs out of memory gives a failed row (`"render: <reason>"`), never an exception that kills the job.
+The parent side (this module) chooses the cameras, writes the asset into a private temp directory, checks it
+(external references, raw geometry) and has `pipelines/blender_worker.py` render it in a child process that it
+can kill: a per-asset timeout (the child's whole process group is SIGKILLed), an address-space cap set inside
+the child with `resource.setrlimit`, the file-system wall (`blender_worker.confine`), a factory-reset scene,
+and Python auto-execution in .blend files switched off. With `render.warm_workers` (default) the child is
+forked from a warm worker that imported bpy once (`WarmWorker`, one per concurrent render), so Blender's
+start-up is paid once per actor instead of once per asset; the warm worker itself never opens an asset.
+A worker that fails, crashes, hangs or runs out of memory gives a failed row (`"render: <reason>"`), never an
+exception that kills the job.
 
 Cameras (TRELLIS data toolkit, render step / render_cond step):
 * feature views: n views on a sphere of radius 2 with FOV 40 deg, directions from a spherical Hammersley set
@@ -33,11 +37,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pipelines.asset_refs import ExternalReferenceError, check_tree
+from pipelines.mesh_check import MeshError, check_geometry
 
 WORKER = Path(__file__).with_name("blender_worker.py")
 SUPPORTED_FORMATS = ("glb", "gltf", "obj", "ply", "fbx", "stl", "blend", "usd", "usda", "usdc", "usdz", "abc")
@@ -166,9 +174,97 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+class WarmWorker:
+    """A warm Blender worker (``blender_worker.py --serve``): bpy imported once, one forked child per asset.
+
+    ``run(job_path, timeout_s)`` returns the child's exit code (negative: killed by that signal), or None when
+    the child ran past the timeout (its process group is then SIGKILLed; the warm worker itself lives on).
+    Raises ``WarmWorkerError`` when the warm worker is gone; the caller starts a new one."""
+
+    def __init__(self, env: dict | None = None):
+        self.dir = tempfile.mkdtemp(prefix="mdt-warm-worker-")
+        env = {**(env or os.environ), "TMPDIR": self.dir, "PYTHONNOUSERSITE": "1"}
+        self.log = open(os.path.join(self.dir, "serve.log"), "wb")
+        launcher = subprocess.Popen([sys.executable, str(WORKER), "--serve"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True,
+                                    cwd=self.dir)
+        self.stdin, self.stdout = launcher.stdin, launcher.stdout
+        self._buf = b""
+        try:
+            ready = self._line(600.0).split()
+        except WarmWorkerError:
+            launcher.kill()
+            raise
+        finally:
+            launcher.wait()  # it forks the warm worker off and exits
+        self.pid, self.startup_s = int(ready[1]), float(ready[2])
+
+    def _line(self, timeout_s: float | None) -> str | None:
+        import select
+
+        deadline = None if timeout_s is None else time.time() + timeout_s
+        while b"\n" not in self._buf:
+            wait = None if deadline is None else max(0.0, deadline - time.time())
+            r, _, _ = select.select([self.stdout], [], [], wait)
+            if not r:
+                return None
+            chunk = os.read(self.stdout.fileno(), 4096)
+            if not chunk:
+                raise WarmWorkerError("warm Blender worker exited: " + _tail(Path(self.dir, "serve.log"), 500))
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def run(self, job_path: str, timeout_s: float) -> int | None:
+        t0 = time.time()
+        try:
+            self.stdin.write(f"{job_path}\n".encode())
+            self.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            raise WarmWorkerError(f"warm Blender worker gone: {e}") from None
+        pid = int(self._line(60.0).split()[1])
+        try:
+            line = self._line(max(0.0, timeout_s - (time.time() - t0)))
+        except BaseException:
+            _kill_pgid(pid)
+            raise
+        if line is None:
+            _kill_pgid(pid)
+            self._line(60.0)  # the warm worker reaps the child and reports its status
+            return None
+        return int(line.split()[1])
+
+    def close(self) -> None:
+        for f in (self.stdin, self.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, AttributeError):
+            pass
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class WarmWorkerError(RuntimeError):
+    pass
+
+
+def _kill_pgid(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], settings: RenderSettings,
-                export_mesh: bool = True, workdir: str | os.PathLike | None = None) -> RenderResult:
-    """Render one asset file in a killable Blender worker process."""
+                export_mesh: bool = True, workdir: str | os.PathLike | None = None,
+                bundle_dir: str | os.PathLike | None = None, warm: WarmWorker | None = None) -> RenderResult:
+    """Render one asset file in a killable Blender worker process that sees only ``bundle_dir`` (default: the
+    file's directory) of the asset (blender_worker.confine): a child forked by ``warm`` when given, else a
+    fresh Python process that imports bpy for this asset alone."""
     fmt = fmt.lower().lstrip(".")
     if fmt not in SUPPORTED_FORMATS:
         return RenderResult(False, f"unsupported format {fmt!r}")
@@ -177,7 +273,8 @@ def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], set
     out_dir = Path(tempfile.mkdtemp(prefix="mdt-render-out-", dir=workdir))
     try:
         job = {
-            "input": str(Path(path).resolve()), "format": fmt, "out_dir": str(out_dir),
+            "input": str(Path(path).resolve()), "format": fmt, "out_dir": str(out_dir.resolve()),
+            "bundle_dir": str(Path(bundle_dir or Path(path).parent).resolve()),
             "memory_limit_mb": int(settings.memory_limit_mb), "threads": int(settings.threads),
             "device": settings.device, "samples": int(settings.samples), "denoise": bool(settings.denoise),
             "view_transform": settings.view_transform, "bottom_light_up": bool(settings.bottom_light_up),
@@ -195,18 +292,24 @@ def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], set
         (out_dir / "tmp").mkdir()
         env["TMPDIR"] = str(out_dir / "tmp")
         t0 = time.time()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, str(WORKER), str(job_path)], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=str(out_dir))
-            try:
-                code = proc.wait(timeout=settings.timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                return RenderResult(False, f"blender timed out after {settings.timeout_s:g} s (worker killed)",
-                                    log_tail=_tail(log_path))
-            except BaseException:
-                _kill_group(proc)
-                raise
+        timed_out = f"blender timed out after {settings.timeout_s:g} s (worker killed)"
+        if warm is not None:
+            code = warm.run(str(job_path), settings.timeout_s)
+            if code is None:
+                return RenderResult(False, timed_out, log_tail=_tail(log_path))
+        else:
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen([sys.executable, str(WORKER), str(job_path)], stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True, cwd=str(out_dir))
+                try:
+                    code = proc.wait(timeout=settings.timeout_s)
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc)
+                    return RenderResult(False, timed_out, log_tail=_tail(log_path))
+                except BaseException:
+                    _kill_group(proc)
+                    raise
         wall = time.time() - t0
         err_file = out_dir / "error.json"
         if err_file.exists():
@@ -249,56 +352,68 @@ def _tail(path: Path, n: int = 4000) -> str:
 # Row stage
 # ---------------------------------------------------------------------------------------------------------
 
-def _get(sec, name: str, default):
-    if sec is None:
-        return default
-    if isinstance(sec, dict):
-        return sec.get(name, default)
-    return getattr(sec, name, default)
-
-
 class Render:
     """Row stage: asset bytes -> feature views, condition views (cropped), cameras, normalised mesh.
 
-    Settings are read from `cfg.render` and `cfg.cond` (pipelines.config) with these extra optional fields
-    (defaults in brackets): render.threads [0], render.denoise [True], render.memory_limit_mb [16384],
-    render.view_transform ["Filmic"], render.bottom_light_up [False], render.seed [0], render.export_mesh
-    [True]; cond.enabled [True], cond.crop_margin [0.1], cond.image_size [518], cond.image_format ["png"].
+    Reads `cfg.render`, `cfg.cond` and `cfg.storage` (pipelines.config.PreprocessConfig). Before Blender sees
+    the asset: every external reference is checked (pipelines.asset_refs) and, for the formats parsed without
+    a renderer, the raw geometry (pipelines.mesh_check).
     """
 
     name = "render"
     outputs = ("views", "views_c2w", "views_fov", "mesh_ply", "cond_images", "cond_c2w", "cond_fov", "cond_crop",
-               "render_info")
+               "render_info", "asset_checks")
     drops = ("mesh_bytes",)
     resources = {"num_cpus": 1}
 
-    def __init__(self, cfg=None):
-        r = _get(cfg, "render", None) if not _is_section(cfg) else cfg
-        c = _get(cfg, "cond", None) if not _is_section(cfg) else None
-        self.storage_cfg = None if _is_section(cfg) else _get(cfg, "storage", None)
-        self.num_views = int(_get(r, "num_views", 150))
-        self.resolution = int(_get(r, "resolution", 512))
-        self.radius = float(_get(r, "radius", 2.0))
-        self.fov_deg = float(_get(r, "fov_deg", 40.0))
-        self.seed = int(_get(r, "seed", 0))
-        self.export_mesh = bool(_get(r, "export_mesh", True))
-        engine = str(_get(r, "engine", "CYCLES")).upper()
-        if engine != "CYCLES":
-            raise ValueError(f"render.engine {engine!r}: only CYCLES is supported (EEVEE is ~80x slower headless)")
+    def __init__(self, cfg: "PreprocessConfig"):
+        r, c = cfg.render, cfg.cond
+        self.storage_cfg = cfg.storage
+        self.num_views, self.resolution = r.num_views, r.resolution
+        self.radius, self.fov_deg, self.seed = r.radius, r.fov_deg, r.seed
+        self.export_mesh = r.export_mesh
+        if r.engine.upper() != "CYCLES":
+            raise ValueError(f"render.engine {r.engine!r}: only CYCLES is supported (EEVEE is ~80x slower headless)")
         self.settings = RenderSettings(
-            samples=int(_get(r, "samples", 128)), denoise=bool(_get(r, "denoise", True)),
-            device=str(_get(r, "device", "auto")), threads=int(_get(r, "threads", 0)),
-            timeout_s=float(_get(r, "timeout_s", 900.0)), memory_limit_mb=int(_get(r, "memory_limit_mb", 16384)),
-            view_transform=str(_get(r, "view_transform", "Filmic")),
-            bottom_light_up=bool(_get(r, "bottom_light_up", False)))
-        self.cond_enabled = bool(_get(c, "enabled", True)) and int(_get(c, "num_views", 24)) > 0
-        self.cond_views = int(_get(c, "num_views", 24))
-        self.cond_resolution = int(_get(c, "render_resolution", 1024))
-        self.cond_samples = int(_get(c, "samples", self.settings.samples))
-        self.cond_image_size = int(_get(c, "image_size", 518))
-        self.cond_margin = float(_get(c, "crop_margin", 0.1))
-        self.cond_format = str(_get(c, "image_format", "png"))
-        self.cond_jpeg_quality = int(_get(c, "jpeg_quality", 95))
+            samples=r.samples, denoise=r.denoise, device=r.device, threads=r.threads, timeout_s=r.timeout_s,
+            memory_limit_mb=r.memory_limit_mb, view_transform=r.view_transform, bottom_light_up=r.bottom_light_up)
+        self.cond_enabled = c.enabled and c.num_views > 0
+        self.cond_views, self.cond_resolution = c.num_views, c.render_resolution
+        self.cond_samples = c.samples
+        self.cond_image_size, self.cond_margin = c.image_size, c.crop_margin
+        self.cond_format, self.cond_jpeg_quality = c.image_format, c.jpeg_quality
+        self.warm_workers = r.warm_workers
+        self._idle: list[WarmWorker] = []  # one per concurrent call (Ray calls one at a time; tests use threads)
+        self._lock = threading.Lock()
+
+    def _render(self, *args, **kwargs) -> RenderResult:
+        if not self.warm_workers:
+            return render_file(*args, **kwargs)
+        with self._lock:
+            warm = self._idle.pop() if self._idle else None
+        try:
+            if warm is None:
+                warm = WarmWorker()
+            res = render_file(*args, warm=warm, **kwargs)
+        except WarmWorkerError:  # it died (killed from outside): next asset gets a new one; this one fails
+            if warm is not None:
+                warm.close()
+            raise
+        with self._lock:
+            self._idle.append(warm)
+        return res
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; the warm workers end when their pipes close
+            pass
 
     def cameras(self, sha256: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         rng = asset_rng(sha256, self.seed)
@@ -320,12 +435,20 @@ class Render:
             except Exception as e:  # noqa: BLE001
                 return fail(row, self.name, f"cannot materialise asset: {type(e).__name__}: {e}")
             fmt = (row.get("mesh_format") or path.suffix).lower().lstrip(".")
+            try:
+                checks = pre_import_checks(path, tmp / "asset", fmt)
+            except (ExternalReferenceError, MeshError, ValueError) as e:
+                return fail(row, self.name, str(e))
             passes = [RenderPass("views", self.resolution, *cams["views"])]
             if self.cond_enabled:
                 passes.append(RenderPass("cond", self.cond_resolution, *cams["cond"], samples=self.cond_samples))
-            res = render_file(path, fmt, passes, self.settings, self.export_mesh, tmp)
+            res = self._render(path, fmt, passes, self.settings, self.export_mesh, tmp, bundle_dir=tmp / "asset")
         if not res.ok:
             return fail(row, self.name, res.error)
+        if all(is_blank(png) for pngs in res.images.values() for png in pngs):
+            return fail(row, self.name, "blank render (every view empty or black)")
+        checks["warnings"] = list(res.info.get("warnings") or [])
+        row["asset_checks"] = json.dumps(checks, sort_keys=True)
         from pipelines.voxelize import mesh_to_ply
 
         row["views"] = res.images["views"]
@@ -354,6 +477,32 @@ class Render:
         return row
 
 
-def _is_section(cfg) -> bool:
-    """True when cfg is a render section itself rather than the whole preprocessing config."""
-    return cfg is not None and not isinstance(cfg, dict) and hasattr(cfg, "num_views") and not hasattr(cfg, "render")
+def pre_import_checks(path: Path, root: Path, fmt: str) -> dict:
+    """External references (always) and raw geometry (formats parsed without Blender) of a materialised
+    asset. Raises ExternalReferenceError / MeshError; returns what was checked, for the ledger's stats.
+    A file the cheap parser cannot read is left to Blender's importer and the worker's own checks."""
+    from pipelines.mesh_check import PARSED_FORMATS, parse_mesh
+
+    check_tree(path, root)
+    checks: dict = {"references": "checked"}
+    if fmt in PARSED_FORMATS:
+        try:
+            v, f = parse_mesh(path, fmt)
+        except MeshError as e:
+            if not str(e).startswith("not a readable"):
+                raise
+            checks["raw_geometry"] = "unparsed"
+        else:
+            checks.update(check_geometry(v, f))
+    return checks
+
+
+def is_blank(png: bytes) -> bool:
+    """True for an image with nothing visible: fully transparent, or black wherever it is opaque."""
+    from PIL import Image
+
+    import io
+
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+    visible = a[..., 3] > 0
+    return not visible.any() or int(a[..., :3][visible].max()) == 0

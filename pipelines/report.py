@@ -14,17 +14,17 @@ from collections import Counter
 
 from pipelines import storage
 from pipelines.config import PreprocessConfig, join_uri
+from pipelines.stages import stage_resources
 
 log = logging.getLogger(__name__)
 
-_HEX = re.compile(r"\b[0-9a-f]{8,}\b…?")
-_NUM = re.compile(r"\b\d{4,}\b")
+_HEX = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{12,}\b…?")
 
 
 def normalise_reason(reason: str | None) -> str:
-    """Group similar reasons: hashes and long numbers are replaced by placeholders."""
-    r = _HEX.sub("<hash>", reason or "")
-    return _NUM.sub("<n>", r)[:200]
+    """Group similar reasons: content hashes (hex with letters and digits, 12+ characters) become <hash>;
+    numbers (sizes, limits, counts) stay readable."""
+    return _HEX.sub("<hash>", reason or "")[:200]
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -33,12 +33,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _concurrency(cfg: PreprocessConfig, stage: str) -> int:
-    try:
-        from pipelines.graph import stage_resources
-
-        return stage_resources(cfg, stage).concurrency
-    except (ValueError, ImportError, AttributeError):
-        return 1
+    return stage_resources(cfg, stage).concurrency if stage in (*cfg.stages, "write") else 1
 
 
 def build_report(cfg: PreprocessConfig, result) -> dict:

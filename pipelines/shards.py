@@ -180,6 +180,11 @@ class ShardWriter:
                 continue
             try:
                 srow, stats = to_shard_row(row, self.config_hash, self.cfg.write.required)
+                if row.get("asset_checks"):  # what was checked, and any importer warnings: never silent
+                    stats["asset_checks"] = json.loads(row["asset_checks"])
+                if row.get("render_info"):  # the Blender worker's own timings (start-up share, per step)
+                    info = json.loads(row["render_info"])
+                    stats["render_timings"] = {**info.get("timings", {}), "wall_s": info.get("wall_s")}
                 good.append((row, srow, stats))
             except ShardRowError as e:
                 row["error"] = f"{WRITE_STAGE}: {e}"
@@ -224,7 +229,20 @@ class ShardWriter:
                 summary[k].append(v)
         # The ledger file is the commit: written after the shard is complete.
         self.ledger.write(records)
+        self._drop_failed_from_cache(rows)
         return summary
+
+    def _drop_failed_from_cache(self, rows: list[dict]) -> None:
+        """A failed asset leaves nothing in the download cache (duplicates share the owner's entry: kept)."""
+        for row in rows:
+            err, uri = row.get("error"), row.get("cache_uri")
+            if not err or not uri or err.split(":", 1)[-1].strip().startswith("skipped"):
+                continue
+            for u in (uri + ".json", uri):  # the sidecar (commit marker) first
+                try:
+                    storage.delete(u, self.cfg.storage)
+                except OSError as e:
+                    log.warning("could not remove failed asset %s from the cache: %s", u, e)
 
 
 def _rows_from_columns(batch: dict) -> list[dict]:
@@ -524,13 +542,13 @@ def write_manifest(cfg: PreprocessConfig, chash: str, run_id: str, resolved_conf
         shard_bytes += size
     if missing:
         log.warning("%d committed shard files are missing under %s: %s", len(missing), d, missing[:5])
-    n_done = len(st.done_ids)
+    n_done = st.done_count
     man = {
         "schema_version": SCHEMA_VERSION,
         "config_hash": chash,
         "last_run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "counts": {"done": n_done, "failed": len(st.failed_ids)},
+        "counts": {"done": n_done, "failed": len(st.failed_ids), "duplicates": len(st.skipped_ids - st.done_ids)},
         "bytes": {"shards_total": shard_bytes, "per_asset_in_shards": (shard_bytes / n_done) if n_done else None,
                   "per_asset_uncompressed": (st.bytes_done / n_done) if n_done else None},
         "slat_normalization": slat_normalisation(st.slat_stats),

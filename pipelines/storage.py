@@ -134,3 +134,14 @@ def to_uri(path: str, like: str) -> str:
 def size(uri: str, storage=None) -> int:
     fs, path = filesystem(uri, storage)
     return fs.get_file_info(path).size
+
+
+def download_file(uri: str, local_dst: str, storage=None, chunk: int = 1 << 20) -> None:
+    """Stream a local or s3:// file to a local path in chunks (never whole in memory)."""
+    fs, path = filesystem(uri, storage)
+    with fs.open_input_stream(path) as src, open(local_dst, "wb") as dst:
+        while True:
+            b = src.read(chunk)
+            if not b:
+                break
+            dst.write(b)

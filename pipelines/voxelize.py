@@ -14,7 +14,6 @@ Voxel centres are `(idx + 0.5) / R - 0.5`; indices come back sorted (x, then y, 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -155,31 +154,6 @@ def mesh_from_ply(data: bytes) -> tuple[np.ndarray, np.ndarray]:
 # Stage
 # ---------------------------------------------------------------------------------------------------------
 
-@dataclass
-class VoxelizeConfig:
-    resolution: int = RESOLUTION
-    clamp_eps: float = CLAMP_EPS
-
-
-def _section(cfg, name: str, cls):
-    """A stage's settings from the whole preprocessing config (its `<name>` section: a dataclass of
-    pipelines.config or a dict), from a section given directly, or defaults for None. Fields the section
-    does not have keep this module's defaults; fields this module does not know are ignored."""
-    if cfg is None:
-        return cls()
-    if isinstance(cfg, cls):
-        return cfg
-    sec = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
-    if sec is None:
-        sec = cfg  # a section passed directly
-    if isinstance(sec, cls):
-        return sec
-    fields = cls.__dataclass_fields__
-    if isinstance(sec, dict):
-        return cls(**{k: v for k, v in sec.items() if k in fields and v is not None})
-    return cls(**{k: getattr(sec, k) for k in fields if getattr(sec, k, None) is not None})
-
-
 class Voxelize:
     """Row stage: `mesh_ply` -> `voxel_coords` (packed uint8 [N, 3]) and `num_voxels`."""
 
@@ -188,8 +162,8 @@ class Voxelize:
     drops = ("mesh_ply",)
     resources = {"num_cpus": 1}
 
-    def __init__(self, cfg=None):
-        self.cfg = _section(cfg, "voxelize", VoxelizeConfig)
+    def __init__(self, cfg: "PreprocessConfig"):
+        self.cfg = cfg.voxelize
 
     def __call__(self, row: dict) -> dict:
         from pipelines.rows import fail, pack_array

@@ -318,3 +318,128 @@ def run_job(args: list[str], env: dict | None = None, timeout: float = 180) -> s
          "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     return subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "preprocess.py"), *args], env=e,
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------ injected stage
+
+
+class SleepOrFail:
+    """A stage tests insert with ``stages=[download, tests._pipeline_helpers:SleepOrFail, stand_in]``: it
+    sleeps ``sleep_s`` per row (makes a run long enough to be killed in the middle) and fails rows whose
+    file_identifier contains ``fail``, both read from ``<output>/../sleep_or_fail.json`` (the test writes it
+    before each run; the Ray workers read it, whatever cluster they run on)."""
+
+    name = "test_hook"
+    outputs = ()
+    drops = ()
+    resources = {"num_cpus": 0.25}
+
+    def __init__(self, cfg):
+        p = Path(cfg.output).parent / "sleep_or_fail.json"
+        settings = json.loads(p.read_text()) if p.exists() else {}
+        self.seconds = float(settings.get("sleep_s", 0))
+        self.pattern = settings.get("fail", "")
+
+    def __call__(self, row: dict) -> dict:
+        if self.seconds:
+            time.sleep(self.seconds)
+        if self.pattern and self.pattern in row["file_identifier"]:
+            raise RuntimeError(f"injected failure for {row['file_identifier']}")
+        return row
+
+
+def set_sleep_or_fail(out: Path, sleep_s: float = 0.0, fail: str = "") -> None:
+    (Path(out).parent / "sleep_or_fail.json").write_text(json.dumps({"sleep_s": sleep_s, "fail": fail}))
+
+
+# ------------------------------------------------------------------------------------------ hostile assets
+
+GOOD_GLBS = ("kenney_ladder.glb", "quaternius_fence.glb")
+TRIANGLE = b"".join(__import__("struct").pack("<3f", *v) for v in ((0, 0, 0), (1, 0, 0), (0, 1, 0)))
+
+
+def _gltf_doc(uri: str, byte_length: int) -> dict:
+    return {"asset": {"version": "2.0"}, "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
+            "meshes": [{"primitives": [{"attributes": {"POSITION": 0}}]}],
+            "accessors": [{"bufferView": 0, "componentType": 5126, "count": 3, "type": "VEC3",
+                           "min": [0, 0, 0], "max": [1, 1, 0]}],
+            "bufferViews": [{"buffer": 0, "byteOffset": 0, "byteLength": len(TRIANGLE)}],
+            "buffers": [{"uri": uri, "byteLength": byte_length}]}
+
+
+def _glb_json_only(doc: dict) -> bytes:
+    import struct
+
+    text = json.dumps(doc).encode()
+    text += b" " * (-len(text) % 4)
+    body = struct.pack("<II", len(text), 0x4E4F534A) + text
+    return b"glTF" + struct.pack("<II", 2, 12 + len(body)) + body
+
+
+def make_hostile_assets(root: Path, glb_dir: Path) -> tuple[Path, bytes, dict[str, tuple[str, str]]]:
+    """A ``local:`` folder of real GLBs plus crafted hostile and broken files, and files outside it that the
+    crafted ones point at. Returns (folder, canary marker, {file_identifier: (outcome, reason prefix)}) where
+    outcome is ``done``, ``skipped`` or ``failed``; each outside file holds the marker, which must never show
+    up in any output."""
+    import uuid
+
+    marker = f"MDT-CANARY-{uuid.uuid4().hex}".encode()
+    outside = root / "outside"
+    outside.mkdir(parents=True)
+    canary = outside / "canary.bin"  # a valid triangle buffer: imported, it would make a "good" asset
+    canary.write_bytes(TRIANGLE + marker)
+    (outside / "evil.mtl").write_bytes(b"newmtl m\nKd 1 1 1\n# " + marker + b"\n")
+    (outside / "canary.png").write_bytes(marker)
+    planted = outside / "planted.glb"
+    planted.write_bytes((glb_dir / GOOD_GLBS[0]).read_bytes()[:-4] + marker[:4])
+    d = root / "assets"
+    d.mkdir()
+    out: dict[str, tuple[str, str]] = {}
+    for name in GOOD_GLBS:
+        (d / name).write_bytes((glb_dir / name).read_bytes())
+        out[name] = ("done", "")
+    (d / "copy_of_ladder.glb").write_bytes((glb_dir / GOOD_GLBS[0]).read_bytes())
+    out["copy_of_ladder.glb"] = ("skipped", "skipped: duplicate of")
+    n = len(TRIANGLE) + len(marker)
+    ext = "external reference outside the asset"
+    for kind, uri in (("absolute", str(canary)), ("escaping", "../outside/canary.bin"),
+                      ("url", "http://127.0.0.1:9/canary.bin")):
+        (d / f"{kind}_buffer.gltf").write_text(json.dumps(_gltf_doc(uri, n)))
+        (d / f"{kind}_buffer.glb").write_bytes(_glb_json_only(_gltf_doc(uri, n)))
+        out[f"{kind}_buffer.gltf"] = out[f"{kind}_buffer.glb"] = ("failed", ext)
+    (d / "mtllib_outside.obj").write_text("mtllib ../outside/evil.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    out["mtllib_outside.obj"] = ("failed", ext)
+    (d / "objtex").mkdir()
+    (d / "objtex" / "model.obj").write_text("mtllib model.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nusemtl m\nf 1 2 3\n")
+    (d / "objtex" / "model.mtl").write_text(f"newmtl m\nKd 1 1 1\nmap_Kd -bm 1.0 {outside / 'canary.png'}\n")
+    out["objtex/model.obj"] = ("failed", ext)
+    (d / "linked").mkdir()
+    (d / "linked" / "linked.gltf").write_text(json.dumps(_gltf_doc("data.bin", n)))
+    (d / "linked" / "data.bin").symlink_to(canary)
+    out["linked/linked.gltf"] = ("failed", ext)
+    (d / "symlinked_main.glb").symlink_to(planted)
+    out["symlinked_main.glb"] = ("failed", ext)
+    (d / "nan_vertex.ply").write_text("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\n"
+                                      "property float z\nelement face 1\nproperty list uchar int vertex_indices\n"
+                                      "end_header\n0 0 0\n1 0 nan\n0 1 0\n3 0 1 2\n")
+    out["nan_vertex.ply"] = ("failed", "non-finite vertex positions")
+    (d / "inf_vertex.obj").write_text("v 0 0 0\nv 1 0 inf\nv 0 1 0\nf 1 2 3\n")
+    out["inf_vertex.obj"] = ("failed", "non-finite vertex positions")
+    (d / "out_of_range.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\nf 1 2 7\n")
+    out["out_of_range.obj"] = ("failed", "face indices out of range")
+    (d / "zero_area.obj").write_text("v 0 0 0\nv 1 0 0\nv 2 0 0\nv 3 0 0\nf 1 2 3\nf 2 3 4\n")
+    out["zero_area.obj"] = ("failed", "zero total surface area")
+    good = (glb_dir / GOOD_GLBS[1]).read_bytes()
+    (d / "truncated.glb").write_bytes(good[: len(good) // 2])
+    out["truncated.glb"] = ("failed", "")
+    (d / "not_a_mesh.glb").write_bytes(b"this is a text file, not a mesh\n" * 8)
+    out["not_a_mesh.glb"] = ("failed", "")
+    return d, marker, out
+
+
+def files_containing(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for p in Path(root).rglob("*"):
+        if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
+            hits.append(str(p))
+    return hits

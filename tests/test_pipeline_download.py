@@ -14,7 +14,8 @@ from _pipeline_helpers import (LoopbackHTTP, MotoS3, glb_bytes, obj_asset, sha25
                                zip_bytes)
 from mdt.config import load_config
 from pipelines.config import PreprocessConfig
-from pipelines.download import Download, HostSlots, materialize_mesh, referenced_files, safe_member
+from pipelines.asset_refs import ExternalReferenceError, references, resolve_reference
+from pipelines.download import Download, HostSlots, materialize_mesh, safe_member
 from pipelines.sources.base import make_row
 
 
@@ -109,11 +110,12 @@ def test_tar_and_tgz_members_symlinks_refused(tmp_path):
     t = tmp_path / "a.tar"
     t.write_bytes(tar_bytes({"3dmodels/original/A.glb": g, "../x.glb": b"bad"}, symlinks={"link.glb": "/etc/passwd"}))
     tgz = tmp_path / "a.tar.gz"
-    tgz.write_bytes(tar_bytes({"d/A.glb": g, "../y.glb": b"bad"}, symlinks={"d/l.glb": "../../etc"}, mode="w:gz"))
+    g2 = glb_bytes(6)  # other bytes: a second file with the same bytes would be a duplicate
+    tgz.write_bytes(tar_bytes({"d/A.glb": g2, "../y.glb": b"bad"}, symlinks={"d/l.glb": "../../etc"}, mode="w:gz"))
     d = Download(make_cfg(tmp_path))
     assert d(row(f"tar://3dmodels/original/A.glb::{t}"))["mesh_bytes"] == g
     assert "unsafe path" in d(row(f"tar://link.glb::{t}"))["error"]
-    assert d(row(f"tar://d/A.glb::{tgz}"))["mesh_bytes"] == g  # extracted once per node, then read
+    assert d(row(f"tar://d/A.glb::{tgz}"))["mesh_bytes"] == g2  # extracted once per node, then read
     assert "unsafe path" in d(row(f"tar://d/l.glb::{tgz}"))["error"]
     extracted = [p for p in (tmp_path / "x").rglob("*") if p.is_file()]
     assert all(str(p).startswith(str(tmp_path / "x")) for p in extracted)
@@ -164,7 +166,12 @@ def test_3d_future_bundle_and_image_hash(tmp_path):
 def test_gltf_references():
     doc = {"buffers": [{"uri": "mesh%20data.bin"}, {"uri": "data:application/octet-stream;base64,AA=="}],
            "images": [{"uri": "../tex/a.png"}]}
-    assert referenced_files("gltf", json.dumps(doc).encode()) == ["mesh data.bin", "../tex/a.png"]
+    refs = references("gltf", json.dumps(doc).encode())
+    assert refs == ["mesh%20data.bin", "data:application/octet-stream;base64,AA==", "../tex/a.png"]
+    assert resolve_reference(refs[0], "m/a.gltf", "gltf") == "m/mesh data.bin"
+    assert resolve_reference(refs[1], "a.gltf", "gltf") is None
+    with pytest.raises(ExternalReferenceError, match="external reference outside the asset: '../tex/a.png'"):
+        resolve_reference(refs[2], "a.gltf", "gltf")
 
 
 def test_local_file_missing_and_unsupported(tmp_path):
@@ -257,7 +264,7 @@ def test_failures_become_ledger_records_while_others_complete(http, tmp_path, ra
     ]
     pd.DataFrame({"uri": [e[0] for e in entries], "sha256": [e[1] for e in entries],
                   "file_identifier": [e[2] for e in entries]}).to_csv(tmp_path / "m.csv", index=False)
-    cfg = make_cfg(tmp_path, **{"download.max_bytes": 200_000, "stages": "[download, fake_compute]",
+    cfg = make_cfg(tmp_path, **{"download.max_bytes": 200_000, "stages": "[download, stand_in]",
                                 "sources.specs": f"[manifest:{tmp_path / 'm.csv'}]", "write.rows_per_shard": 4,
                                 "ray.rows_per_block": 1, "cond.num_views": 2,
                                 # two download actors, one request at a time per host (cluster-wide limiter)

@@ -12,6 +12,7 @@ import torch
 from mdt.conditioning import load_dinov2, save_tiny_dinov2
 from mdt.models import from_pretrained
 from mdt.sparse import SparseTensor
+from pipelines.config import PreprocessConfig
 from pipelines.encode import Encode, save_tiny_encoders
 from pipelines.render import Render
 from pipelines.rows import pack_array, unpack_array
@@ -46,7 +47,9 @@ def test_encode_shapes_and_direct(ckpts):
     rng = np.random.default_rng(0)
     coords = np.unique(rng.integers(0, 64, size=(700, 3)), axis=0).astype(np.uint8)
     feats = rng.standard_normal((len(coords), 64)).astype(np.float16)
-    stage = Encode({"encode": {"ss_encoder": ckpts["ss"], "slat_encoder": ckpts["slat"]}})
+    cfg = PreprocessConfig()
+    cfg.encode.ss_encoder, cfg.encode.slat_encoder = ckpts["ss"], ckpts["slat"]
+    stage = Encode(cfg)
     row = stage({"sha256": "x", "error": None, "voxel_coords": pack_array(coords), "voxel_feats": pack_array(feats)})
     assert row["error"] is None
     ss, slat_c, slat_f = (unpack_array(row[k]) for k in ("ss_latent", "slat_coords", "slat_feats"))

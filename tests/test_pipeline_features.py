@@ -13,6 +13,7 @@ from PIL import Image
 
 from mdt.conditioning import (ImageConditioner, crop_condition_image, encode_image, load_dinov2,
                               preprocess_condition_image, prenorm_tokens, save_tiny_dinov2, zero_negative_condition)
+from pipelines.config import PreprocessConfig
 from pipelines.features import Features
 from pipelines.render import feature_cameras
 from pipelines.rows import pack_array, unpack_array
@@ -148,7 +149,9 @@ def test_features_stage_equals_direct_loop(dino):
     rng = np.random.default_rng(0)
     idx = np.unique(rng.integers(0, 64, size=(150, 3)), axis=0).astype(np.uint8)
     idx = np.concatenate([idx, [[0, 0, 0], [63, 63, 63], [0, 63, 0]]]).astype(np.uint8)  # corners: partly outside
-    stage = Features({"features": {"batch_size": 2}}, model=dino)
+    cfg = PreprocessConfig()
+    cfg.features.batch_size = 2
+    stage = Features(cfg, model=dino)
     row = {"sha256": "x", "error": None, "views": pngs, "views_c2w": pack_array(c2w), "views_fov": pack_array(fov),
            "voxel_coords": pack_array(idx)}
     out = stage(row)
@@ -161,7 +164,7 @@ def test_features_stage_equals_direct_loop(dino):
 
 
 def test_features_stage_failures(dino):
-    stage = Features(None, model=dino)
+    stage = Features(PreprocessConfig(), model=dino)
     c2w, fov = feature_cameras(2, (0.0, 0.0))
     base = {"sha256": "x", "error": None, "views_c2w": pack_array(c2w), "views_fov": pack_array(fov),
             "voxel_coords": pack_array(np.zeros((1, 3), np.uint8))}

@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from _pipeline_helpers import PROJECT_ROOT, S3_ENV, VENV_BIN, RayHead, ray_job_submit, shared_ray_head
+from _pipeline_helpers import (PROJECT_ROOT, S3_ENV, VENV_BIN, RayHead, ray_job_submit, set_sleep_or_fail,
+                               shared_ray_head)
 from mdt.config import ConfigError, load_config, parse_override
 from jobs.preprocess import main
 from pipelines.config import PreprocessConfig
@@ -44,11 +45,11 @@ def test_config_loader_overrides_and_errors(tmp_path):
                       prefix="preprocess_")
     assert cfg.write.rows_per_shard == 7 and cfg.resources["render"].num_gpus == 0.5
     assert cfg.resources["download"].num_cpus == 0.25  # from the preset, merged with defaults
-    assert cfg.sources.specs == ["synthetic:2", "local:/x"] and cfg.stages == ["download", "fake_compute"]
+    assert cfg.sources.specs == ["synthetic:2", "local:/x"] and cfg.stages == ["download", "stand_in"]
     assert parse_override("a.b=s3://x/y") == ("a.b", "s3://x/y")
     (tmp_path / "child.yaml").write_text("base: ci\nwrite: {rows_per_shard: 3}\n")
     child = load_config(PreprocessConfig, str(tmp_path / "child.yaml"), [], prefix="preprocess_")
-    assert child.write.rows_per_shard == 3 and child.stages == ["download", "fake_compute"]
+    assert child.write.rows_per_shard == 3 and child.stages == ["download", "stand_in"]
     with pytest.raises(ConfigError, match="did you mean rows_per_shard"):
         load_config(PreprocessConfig, None, ["write.rows_per_shrd=1"])
     with pytest.raises(ConfigError, match="expected an int"):
@@ -124,10 +125,11 @@ def test_kill_and_rerun(tmp_path):
     out = tmp_path / "out"
     n = 10
     common = ["--source", f"synthetic:{n}", "--set", f"ray.address={head.address}",
-              "--set", "stages=[download, test_hook, fake_compute]", "--set", "write.rows_per_shard=2"]
+              "--set", "stages=[download, tests._pipeline_helpers:SleepOrFail, stand_in]", "--set", "write.rows_per_shard=2"]
     # run 1: ~1 asset/s through the sleep stage, killed (SIGKILL, whole process group) after the first commits
     log1 = open(tmp_path / "run1.log", "w")
-    p = subprocess.Popen(job_cmd(out, *common), env=job_env(PIPELINE_TEST_SLEEP_S="1.0"), cwd=PROJECT_ROOT,
+    set_sleep_or_fail(out, sleep_s=1.0)
+    p = subprocess.Popen(job_cmd(out, *common), env=job_env(), cwd=PROJECT_ROOT,
                          stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     ledger_dir = out / "ledger"
     t0 = time.time()
@@ -163,7 +165,8 @@ def test_kill_and_rerun(tmp_path):
     assert load_table(str(out)).num_rows == len(committed)
 
     # run 2: resumes; one asset fails (injected) -> still exit 0
-    r2 = subprocess.run(job_cmd(out, *common), env=job_env(PIPELINE_TEST_SLEEP_S="0", PIPELINE_TEST_FAIL="synthetic-5"),
+    set_sleep_or_fail(out, sleep_s=0, fail="synthetic-5")
+    r2 = subprocess.run(job_cmd(out, *common), env=job_env(),
                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     rep2 = reports(out)[-1]
@@ -185,7 +188,7 @@ def test_kill_and_rerun(tmp_path):
     from pipelines.graph import plan
 
     cfg = load_config(PreprocessConfig, "ci", [f"output={out}", f"sources.specs=[synthetic:{n}]",
-                                               "stages=[download, test_hook, fake_compute]",
+                                               "stages=[download, tests._pipeline_helpers:SleepOrFail, stand_in]",
                                                "write.rows_per_shard=2"], prefix="preprocess_")
     p3 = plan(cfg)
     assert (len(p3.todo), p3.skipped_done, p3.skipped_failed) == (0, n - rep2["failed"], rep2["failed"])

@@ -17,6 +17,8 @@ import trimesh
 from PIL import Image
 
 from conftest import shared_path
+from mdt.config import load_config
+from pipelines.config import PreprocessConfig
 from pipelines.features import project_voxels
 from pipelines.render import (COND_R_MAX, COND_R_MIN, Render, cond_cameras, feature_cameras,
                               hammersley_yaw_pitch, look_at_origin)
@@ -33,7 +35,9 @@ RES = 64
 def tiny_stage(**render) -> Render:
     r = dict(num_views=6, resolution=RES, samples=4, threads=2, timeout_s=120, denoise=False)
     r.update(render)
-    return Render({"render": r, "cond": dict(num_views=2, render_resolution=RES, samples=4, image_size=48)})
+    cond = dict(num_views=2, render_resolution=RES, samples=4, image_size=48)
+    return Render(load_config(PreprocessConfig, None, [*((f"render.{k}", v) for k, v in r.items()),
+                                                       *((f"cond.{k}", v) for k, v in cond.items())]))
 
 
 def asset_row(data: bytes, fmt: str, name: str = "asset", bundle: bool = False) -> dict:
@@ -247,8 +251,33 @@ def test_memory_cap_fails_cleanly():
     assert out["error"] and out["error"].startswith("render: ")
 
 
-def test_hanging_render_is_killed_while_others_complete(monkeypatch):
-    monkeypatch.setenv("PIPELINE_TEST_RENDER_HANG", "hangme")  # the worker sleeps forever on such inputs
+HANGING_WORKER = """
+import os, sys, time
+sys.path.insert(0, {pipelines!r})
+import blender_worker
+
+real_import = blender_worker._import
+
+
+def import_or_hang(bpy, path, fmt, warnings):
+    if "hangme" in os.path.basename(path):
+        while True:
+            time.sleep(1)
+    return real_import(bpy, path, fmt, warnings)
+
+
+blender_worker._import = import_or_hang
+blender_worker.run_cli(sys.argv[1:])
+"""
+
+
+def test_hanging_render_is_killed_while_others_complete(monkeypatch, tmp_path):
+    import pipelines.render
+
+    # the real worker, except that it hangs while importing an asset whose file name contains "hangme"
+    script = tmp_path / "hanging_blender_worker.py"
+    script.write_text(HANGING_WORKER.format(pipelines=str(pipelines.render.WORKER.parent)))
+    monkeypatch.setattr(pipelines.render, "WORKER", script)
     stage = tiny_stage(timeout_s=10)
     rows = [asset_row(synthetic_mesh_glb(s), "glb", n) for s, n in ((0, "a.glb"), (1, "hangme.glb"), (2, "b.glb"))]
     with ThreadPoolExecutor(2) as pool:

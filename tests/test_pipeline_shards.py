@@ -16,13 +16,13 @@ from pipelines.shards import (SHARD_SCHEMA, ShardRowError, ShardWriter, collate,
                               collate_ss, decode_array, load_table, read_manifest, shard_files, to_shard_row,
                               write_manifest)
 from pipelines.sources.base import make_row
-from pipelines.testing import FakeCompute
+from pipelines.stand_in import StandInCompute
 
 
 def compute_row(i: int, n_extra: int = 0) -> dict:
     r = make_row(source="t", file_identifier=f"a{i}", uri=f"synthetic://{i}", sha256=f"{i:064x}")
     r["mesh_bytes"] = glb_bytes(i) + b"\0" * n_extra
-    return FakeCompute(load_config(PreprocessConfig, None, ["cond.num_views=2"]))(r)
+    return StandInCompute(load_config(PreprocessConfig, None, ["cond.num_views=2"]))(r)
 
 
 def cfg_for(out: str, **over) -> PreprocessConfig:
@@ -67,7 +67,7 @@ def test_writer_commit_order_manifest_and_orphans(tmp_path):
     orphan.write_bytes((tmp_path / "out" / "shards" / "h1" / next(iter(st.shards))).read_bytes())
     assert len(shard_files(cfg.output)) == 1 and load_table(cfg.output).num_rows == 3
     man = write_manifest(cfg, "h1", "run1")
-    assert man["counts"] == {"done": 3, "failed": 2} and man["shards"] == sorted(st.shards)
+    assert man["counts"] == {"done": 3, "failed": 2, "duplicates": 0} and man["shards"] == sorted(st.shards)
     feats = [decode_array(r, "slat_feats").astype(np.float64) for r in load_table(cfg.output).to_pylist()]
     mean = np.mean([f.mean(0) for f in feats], 0)
     std = np.sqrt(np.mean([(f ** 2).mean(0) for f in feats], 0) - mean ** 2)
@@ -117,7 +117,7 @@ def test_s3_write_and_read_back_with_ray(tmp_path, ray_connected):
         cfg = cfg_for("s3://data/pre", **{"storage.s3_endpoint_url": s3.endpoint,
                                           "download.cache_uri": "s3://data/cache",
                                           "sources.specs": "[local:s3://data/raw, synthetic:1]",
-                                          "stages": "[download, fake_compute]", "write.rows_per_shard": 2,
+                                          "stages": "[download, stand_in]", "write.rows_per_shard": 2,
                                           "ray.rows_per_block": 1, "cond.num_views": 2})
         result = graph.run(cfg, progress_every_s=1e9)
         assert result.report["done"] == 4

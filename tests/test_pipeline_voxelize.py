@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import trimesh
 
+from pipelines.config import PreprocessConfig
 from pipelines.rows import unpack_array
 from pipelines.synthetic_meshes import box_mesh, box_surface_voxels, sphere_surface_voxels, synthetic_mesh
 from pipelines.voxelize import (Voxelize, mesh_from_ply, mesh_to_ply, occupancy_grid, voxel_centres,
@@ -113,7 +114,7 @@ def test_ply_roundtrip():
 def test_voxelize_stage_rows():
     mesh = synthetic_mesh(5)
     v = (mesh.vertices - mesh.bounds.mean(0)) / np.ptp(mesh.bounds, axis=0).max()
-    stage = Voxelize()
+    stage = Voxelize(PreprocessConfig())
     row = stage({"sha256": "x", "error": None, "mesh_ply": mesh_to_ply(v, mesh.faces)})
     assert row.get("error") is None
     coords = unpack_array(row["voxel_coords"])

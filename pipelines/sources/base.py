@@ -1,7 +1,6 @@
 """What every source shares: the row builder, spec options, table reading."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -58,14 +57,6 @@ class ListingHints:
 
     sha256_allow: set[str] | None = None
     file_types: set[str] | None = None
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_uri_bytes(uri: str, cfg: PreprocessConfig) -> bytes:
