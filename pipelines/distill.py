@@ -225,12 +225,26 @@ def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
         from mdt.training.tracking import client
 
         client(tracking["tracking_uri"]).set_terminated(tracking["run_id"], "FAILED" if error else "FINISHED")
-    export = f"{ckpt}/export" if ckpt and (storage.is_s3(cfg.output) or Path(ckpt, "export").exists()) else None
+    export = latest_export(cfg, ckpt, st) if ckpt else None
     res = DistillResult(cfg.name, rdir, ckpt, export, (tracking or {}).get("run_id"),
                         (tracking or {}).get("tracking_uri"), time.time() - t0, error, metrics)
     storage.write_bytes_atomic(f"{rdir}/result.json", json.dumps(res.__dict__, indent=2).encode(), st)
     storage.write_bytes_atomic(f"{rdir}/resolved_config.yaml", dump_yaml(resolved).encode(), st)
     return res
+
+
+def latest_export(cfg, ckpt: str, st) -> str | None:
+    """Copy the final checkpoint's export to `<output>/<name>/export` (a path that does not change with the step
+    count: `.../export/ema/<stem>` is the next run's `--teacher`); its URI, or None when nothing was exported."""
+    src = ckpt if "://" in ckpt or not storage.is_s3(cfg.output) else f"s3://{ckpt}"
+    src = f"{src.rstrip('/')}/export"
+    files = storage.list_files(src, st)
+    if not files:
+        return None
+    dst = f"{run_dir(cfg)}/export"
+    for f in files:
+        storage.write_bytes_atomic(dst + f[len(src):], storage.read_bytes(f, st), st)
+    return dst
 
 
 # ------------------------------------------------------------------------------------------------ bench

@@ -114,7 +114,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait()
 
-    def _wait(self, timeout: float = 120) -> None:
+    def _wait(self, timeout: float = 300) -> None:
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
