@@ -19,6 +19,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .build import build_conditioner, build_student, build_teacher
+from .machinery import autocast, resolve_precision
 from .step import Trainer
 
 STEP_VS_PARTS_GOAL_MAX = 1.1
@@ -75,7 +76,6 @@ def bench_step(cfg, batch: int | None = None, repeat: int = 5, threads: int | No
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    from .machinery import autocast, resolve_precision
 
     amp = resolve_precision(cfg.train.precision, dev)
     teacher = build_teacher(cfg.model, dev)
