@@ -12,8 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import cloudpickle
-
 import torch
 
 from _pipeline_helpers import stop_process_group
@@ -135,7 +133,9 @@ class MlflowServer:
 # ------------------------------------------------------------------------------------------ worker hooks
 # Ray Train workers run `hook(loop, step, rows)` after every step (`mdt.training.loop`); this module is pickled by
 # value so that the workers need not import the tests directory.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+import ray.cloudpickle  # noqa: E402 (Ray pickles with its own copy of cloudpickle)
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class KillOnce:
