@@ -105,6 +105,13 @@ def test_cluster_check_names_the_shortfall(monkeypatch):
         else:
             with pytest.raises(distill.ArgumentError, match=r"needs 3 CPU \(cluster has 2\)"):
                 distill.check_cluster(cfg)
+    # the GPU presets ask for one GPU per worker; an autoscaling cluster is not checked
+    big = load_config(DistillConfig, "trellis-image-large", [("data.uri", "/d")], prefix="distill_").validate()
+    assert distill.required_resources(big) == {"CPU": 8 * 8 + 1.0, "GPU": 8.0}
+    with pytest.raises(distill.ArgumentError, match=r"65 CPU \(cluster has 3\) and 8 GPU \(cluster has 0\)"):
+        distill.check_cluster(big)
+    big.ray.autoscaling = True
+    distill.check_cluster(big)
     started = {}
     monkeypatch.setattr(distill, "init_ray", lambda address, **kw: started.update(kw))
     distill.start_ray(cfg)
