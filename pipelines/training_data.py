@@ -12,7 +12,7 @@ import io
 from pipelines import shards, storage
 from pipelines.config import StorageConfig
 
-SHARD_COLUMNS = {"ss": ["sha256", "num_voxels", "ss_latent", "cond_images"],
+STAGE_COLUMNS = {"ss": ["sha256", "num_voxels", "ss_latent", "cond_images"],
                  "slat": ["sha256", "num_voxels", "slat_coords", "slat_feats", "cond_images"]}
 
 
@@ -35,7 +35,7 @@ def load_dataset(cfg):
     """(Ray Dataset of the committed shards with the max-voxels / aesthetic filters, SLat statistics or None)."""
     st = storage_config(cfg)
     ds = shards.read_shards(cfg.data.uri, storage_cfg=st, max_voxels=cfg.data.max_voxels,
-                            min_aesthetic=cfg.data.min_aesthetic, columns=SHARD_COLUMNS[cfg.stage])
+                            min_aesthetic=cfg.data.min_aesthetic, columns=STAGE_COLUMNS[cfg.stage])
     stats = shards.read_manifest(cfg.data.uri, st).get("slat_normalization") if cfg.stage == "slat" else None
     return ds, stats
 
@@ -47,7 +47,7 @@ def first_rows(cfg, n: int) -> list[dict]:
     st = storage_config(cfg)
     rows: list[dict] = []
     for f in shards.shard_files(cfg.data.uri, st):
-        t = pq.read_table(io.BytesIO(storage.read_bytes(f, st)), columns=SHARD_COLUMNS[cfg.stage])
+        t = pq.read_table(io.BytesIO(storage.read_bytes(f, st)), columns=STAGE_COLUMNS[cfg.stage])
         for r in t.to_pylist():
             if cfg.data.max_voxels is None or r["num_voxels"] <= cfg.data.max_voxels:
                 rows.append(r)
