@@ -193,7 +193,7 @@ def fault_injected_run() -> dict:
     cfg = ci_config(tmp, data, teacher, server.url, ["name=fault", "train.max_steps=9", "train.ckpt_every=3",
                                                      "snapshot.every=3", "mlflow.register_model=ci-student"])
     t0 = time.time()
-    res = run(cfg, hooks=[KillOnce(5), RecordSamples()])
+    res = run(cfg, hooks=[RecordSamples(), KillOnce(5)])
     _FAULT_RUN = {"tmp": tmp, "server": server, "cfg": cfg, "res": res, "wall_s": time.time() - t0,
                   "data": data, "teacher": teacher}
     return _FAULT_RUN
