@@ -4,8 +4,8 @@
   the entrypoint), else start a private local instance. A bare `ray.init()` would join whatever cluster
   `ray start` last registered on the machine (/tmp/ray/ray_current_cluster), possibly someone else's; and Ray's
   own helper processes that look the cluster up without an address log "Found multiple active Ray instances"
-  and may attach to the latest one. So the private instance's address is exported as $RAY_ADDRESS for this
-  process and everything it starts.
+  and may attach to the latest one. So the private instance's GCS address is chosen up front and handed to
+  every process of the job as $RAY_ADDRESS (not to this process's environment: it outlives the instance).
 * `resolve_local_path`: Ray workers do not share the driver's working directory, so relative local paths are
   made absolute on the driver; URIs (`s3://`, `hf://`, ...) stay as they are.
 """
@@ -52,7 +52,6 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, inclu
                  include_dashboard=include_dashboard, _node_ip_address="127.0.0.1", **kw)
     finally:
         os.environ.pop(GCS_PORT_VARIABLE, None)
-    os.environ["RAY_ADDRESS"] = gcs_address
     return True
 
 
