@@ -1,7 +1,8 @@
 """Where a job's processes run: the one Ray connection of every job and the one rule for local paths.
 
 * `init_ray`: connect to an explicit address (`ray.address`, or $RAY_ADDRESS, which `ray job submit` sets for
-  the entrypoint), else start a private local instance. A bare `ray.init()` would join whatever cluster
+  the entrypoint), else start a private local instance. Either way the GCS address is handed to every process
+  of the job as $RAY_ADDRESS. A bare `ray.init()` would join whatever cluster
   `ray start` last registered on the machine (/tmp/ray/ray_current_cluster), possibly someone else's; and Ray's
   own helper processes that look the cluster up without an address log "Found multiple active Ray instances"
   and may attach to the latest one. So the private instance's GCS address is chosen up front and handed to
@@ -33,6 +34,8 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, inclu
         kw["runtime_env"] = runtime_env
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        if "://" not in address and address != "auto":  # a GCS address (what `ray job submit` hands its driver)
+            kw["runtime_env"] = _with_address(runtime_env, address)
         ray.init(address=address, **kw)
         return True
     # A private instance for this process only, on loopback, its GCS on a port chosen here so that its address
@@ -41,9 +44,7 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, inclu
     # which then changes every later `ray start` on the machine.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     gcs_address = f"127.0.0.1:{_free_port()}"
-    env = dict((runtime_env or {}).get("env_vars") or {})
-    env["RAY_ADDRESS"] = gcs_address
-    kw["runtime_env"] = {**(runtime_env or {}), "env_vars": env}
+    kw["runtime_env"] = _with_address(runtime_env, gcs_address)
     if object_store_memory:
         kw["object_store_memory"] = int(object_store_memory)
     os.environ[GCS_PORT_VARIABLE] = gcs_address.rsplit(":", 1)[1]
@@ -53,6 +54,13 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, inclu
     finally:
         os.environ.pop(GCS_PORT_VARIABLE, None)
     return True
+
+
+def _with_address(runtime_env: dict | None, gcs_address: str) -> dict:
+    """`runtime_env` plus $RAY_ADDRESS for every process of the job (Ray's own helper actors included)."""
+    env = dict((runtime_env or {}).get("env_vars") or {})
+    env["RAY_ADDRESS"] = gcs_address
+    return {**(runtime_env or {}), "env_vars": env}
 
 
 def _free_port() -> int:
