@@ -2,7 +2,8 @@
 flow-matching training of a teacher, on the preprocessing job's shards, tracked in MLflow.
 
     python jobs/distill.py --preset ci --data outputs/preprocess-ci --objective flow_matching
-    python jobs/distill.py --preset ci --data outputs/preprocess-ci --teacher outputs/distill-ci/ss-flow_matching/...
+    python jobs/distill.py --preset ci --data outputs/preprocess-ci \
+        --teacher outputs/distill-ci/ss-flow_matching/export/ema/ss_flow_student
     python jobs/distill.py --preset trellis-ss --data s3://bucket/trellis --set scaling.num_workers=8
     python jobs/distill.py --preset demo --data outputs/preprocess-demo --teacher T --bench
 
