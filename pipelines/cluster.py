@@ -1,8 +1,8 @@
 """Where a job's processes run: the one Ray connection of every job and the one rule for local paths.
 
 * `init_ray`: connect to an explicit address (`ray.address`, or $RAY_ADDRESS, which `ray job submit` sets for
-  the entrypoint), else start a private local instance. Either way the GCS address is handed to every process
-  of the job as $RAY_ADDRESS. A bare `ray.init()` would join whatever cluster
+  the entrypoint), else start a private local instance. (A cluster's own processes learn its address from the
+  environment of `ray start`: see the README's cluster section.) A bare `ray.init()` would join whatever cluster
   `ray start` last registered on the machine (/tmp/ray/ray_current_cluster), possibly someone else's; and Ray's
   own helper processes that look the cluster up without an address log "Found multiple active Ray instances"
   and may attach to the latest one. So the private instance's GCS address is chosen up front and handed to
@@ -34,8 +34,6 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, inclu
         kw["runtime_env"] = runtime_env
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        if "://" not in address and address != "auto":  # a GCS address (what `ray job submit` hands its driver)
-            kw["runtime_env"] = _with_address(runtime_env, address)
         ray.init(address=address, **kw)
         return True
     # A private instance for this process only, on loopback, its GCS on a port chosen here so that its address

@@ -70,12 +70,13 @@ def _wait_job_agent(dashboard_url: str, timeout: float = 120) -> None:
 
 def test_readme_cluster_section_runs_as_written(tmp_path):
     head_block, jobs_block = section_blocks()
-    assert head_block[0] == "export RAY_AUTH_MODE=disabled" and head_block[1].startswith("ray start --head --block")
+    assert head_block[0] == "export RAY_AUTH_MODE=disabled" and head_block[-1].startswith("ray start --head --block")
     port, dash, ui_port = free_port(), free_port(), free_port()
-    head_line = (head_block[1].replace("--port=6379", f"--port={port}")
-                 .replace("--dashboard-port=8265", f"--dashboard-port={dash}") + " " + " ".join(ray_port_args(port, dash)))
+    head_lines = [line.replace("6379", str(port)).replace("--dashboard-port=8265", f"--dashboard-port={dash}")
+                  for line in head_block]
+    head_lines[-1] = "exec " + head_lines[-1] + " " + " ".join(ray_port_args(port, dash))
     env = _env()
-    head = subprocess.Popen(["bash", "-c", f"{head_block[0]}\nexec {head_line}"], env=env, cwd=PROJECT_ROOT,
+    head = subprocess.Popen(["bash", "-c", "\n".join(head_lines)], env=env, cwd=PROJECT_ROOT,
                             stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     ui = None
     try:
