@@ -276,11 +276,11 @@ def main(argv=None) -> int:
     import ray
     import ray.data
 
-    from jobs.distill import run as run_distill
+    from pipelines.cluster import init_ray
+    from pipelines.distill import run as run_distill
 
     with clock.phase("start Ray (local, 2 CPUs, no dashboard)"):
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-                 logging_level=logging.WARNING)
+        init_ray(num_cpus=2)
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         with clock.phase("tiny models (random DINOv2, SS/SLat encoders)"):

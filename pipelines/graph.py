@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from pipelines import storage
+from pipelines import cluster, storage
 from pipelines.config import PreprocessConfig, config_hash, join_uri
 from pipelines.rows import add_timing, fail
 from pipelines.stages import resolve_stage, stage_keys, stage_resources
@@ -70,16 +70,8 @@ def init_ray(cfg: PreprocessConfig) -> bool:
     kw: dict = {"log_to_driver": True}
     if env_vars:  # test hooks only; a submitted job keeps its own runtime_env
         kw["runtime_env"] = {"env_vars": env_vars}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        if cfg.ray.object_store_memory_gb:
-            kw["object_store_memory"] = int(cfg.ray.object_store_memory_gb * 1024**3)
-        # address="local": always a new instance. A bare ray.init() would join whatever cluster `ray start`
-        # last registered on this machine (/tmp/ray/ray_current_cluster), possibly someone else's.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, **kw)
-    return True
+    return cluster.init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+                            object_store_memory=(cfg.ray.object_store_memory_gb or 0) * 1024**3 or None, **kw)
 
 
 def build_dataset(cfg: PreprocessConfig, rows: list[dict], run_id: str, chash: str,

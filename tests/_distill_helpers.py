@@ -2,7 +2,9 @@
 tiny TRELLIS-format teacher, a real `mlflow server` on loopback, and the distill config for them."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -110,7 +112,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait()
 
-    def _wait(self, timeout: float = 120) -> None:
+    def _wait(self, timeout: float = 300) -> None:
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -128,6 +130,40 @@ class MlflowServer:
         self.log.close()
 
 
+# ------------------------------------------------------------------------------------------ worker hooks
+# Ray Train workers run `hook(loop, step, rows)` after every step (`mdt.training.loop`); this module is pickled by
+# value so that the workers need not import the tests directory.
+import ray.cloudpickle  # noqa: E402 (Ray pickles with its own copy of cloudpickle)
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class KillOnce:
+    """The last rank SIGKILLs its own process once at `step` (a marker file in the run dir makes it once)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, loop, step: int, rows) -> None:
+        marker = Path(loop.run_dir) / ".fail_injected"
+        if step == self.step and loop.rank == loop.world - 1 and not marker.exists():
+            marker.write_text(f"killed rank {loop.rank} (pid {os.getpid()}) at step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordSamples:
+    """Every rank appends (step, sha256 of each sample of the step's batch) to `<run dir>/samples-rank<r>.jsonl`."""
+
+    def __call__(self, loop, step: int, rows) -> None:
+        with open(Path(loop.run_dir) / f"samples-rank{loop.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "pid": os.getpid(), "sha256": [r["sha256"] for r in rows]}) + "\n")
+
+
+def recorded_samples(run_dir: str | Path, rank: int) -> list[dict]:
+    p = Path(run_dir) / f"samples-rank{rank}.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
 # ------------------------------------------------------------------------------------------ one shared run
 
 _FAULT_RUN: dict | None = None
@@ -136,8 +172,9 @@ _FAULT_RUN: dict | None = None
 def fault_injected_run() -> dict:
     """Once per test session: 2 CPU workers (gloo) distil a tiny teacher with MDT-dist on tiny shards for 9 steps
     (checkpoints every 3, snapshots every 3), logging to a real `mlflow server`; the last worker SIGKILLs itself
-    at step 5, Ray Train restarts the group from the step-3 checkpoint. Used by test_distill_job.py and
-    test_mlflow_tracking.py (the server is stopped at exit)."""
+    at step 5 (an injected hook), Ray Train restarts the group from the step-3 checkpoint; every rank records the
+    samples of each step. Used by test_distill_job.py and test_mlflow_tracking.py (the server is stopped at
+    exit)."""
     global _FAULT_RUN
     if _FAULT_RUN is not None:
         return _FAULT_RUN
@@ -145,7 +182,7 @@ def fault_injected_run() -> dict:
     import tempfile
 
     from _pipeline_helpers import connect_ray
-    from jobs.distill import run
+    from pipelines.distill import run
 
     tmp = Path(tempfile.mkdtemp(prefix="mdt-distill-test-"))
     server = MlflowServer(tmp / "mlflow")
@@ -154,10 +191,9 @@ def fault_injected_run() -> dict:
     teacher = perturbed_teacher(tmp / "teacher" / "ss_flow_tiny")
     connect_ray()
     cfg = ci_config(tmp, data, teacher, server.url, ["name=fault", "train.max_steps=9", "train.ckpt_every=3",
-                                                     "train.fail_at_step=5", "snapshot.every=3",
-                                                     "mlflow.register_model=ci-student"])
+                                                     "snapshot.every=3", "mlflow.register_model=ci-student"])
     t0 = time.time()
-    res = run(cfg)
+    res = run(cfg, hooks=[RecordSamples(), KillOnce(5)])
     _FAULT_RUN = {"tmp": tmp, "server": server, "cfg": cfg, "res": res, "wall_s": time.time() - t0,
                   "data": data, "teacher": teacher}
     return _FAULT_RUN

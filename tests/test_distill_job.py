@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _distill_helpers import fault_injected_run, metric_history, rest, rest_post
+from _distill_helpers import fault_injected_run, metric_history, recorded_samples, rest, rest_post
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -72,3 +72,26 @@ def test_worker_kill_resumes_from_last_checkpoint(fr):
     assert [r["info"]["run_id"] for r in found["runs"]] == [res.mlflow_run_id]  # one run, resumed in place
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["last_resumed_from_step"] == "3"
+
+
+def test_resume_replays_each_ranks_exact_sample_sequence(fr):
+    """Every rank restores its own data position: the steps redone after the kill (4 up to the step each rank had
+    reached) see exactly the samples the interrupted attempt saw at those steps, rank by rank (epochs >= 1 are
+    the cached permutation), and each rank keeps its own half of the data."""
+    run_dir = fr["res"].run_dir
+    per_rank = []
+    for rank in (0, 1):
+        recs = recorded_samples(run_dir, rank)
+        attempts: dict[int, dict[int, list[str]]] = {}
+        for r in recs:
+            attempts.setdefault(r["pid"], {})[r["step"]] = r["sha256"]
+        assert len(attempts) == 2, f"rank {rank}: expected two attempts, got {len(attempts)}"
+        first, second = sorted(attempts.values(), key=lambda a: min(a))
+        assert sorted(second) == list(range(4, 10))              # resumed after the step-3 checkpoint
+        redone = sorted(set(first) & set(second))
+        assert sorted(first)[:4] == [1, 2, 3, 4] and redone[0] == 4, (rank, sorted(first))
+        for step in redone:
+            assert first[step] == second[step], (rank, step, first[step], second[step])
+        per_rank.append({s: first.get(s) or second[s] for s in range(1, 10)})
+    for step in range(1, 10):
+        assert not set(per_rank[0][step]) & set(per_rank[1][step])  # ranks never share a sample

@@ -27,14 +27,14 @@ def _worker(rank: int, port: int, tmp: str, q) -> None:
         from mdt.training import Trainer
         from mdt.training import checkpoint as ck
         from mdt.training.build import build_student
-        from mdt.training.loop import wrap_student
+        from mdt.training.wrappers import wrap_student
 
         tmpp = Path(tmp)
         cfg = ci_config(tmpp, tmpp, None, None, ["objective.name=flow_matching", "train.fsdp=true",
                                                  "data.batch_split=2", "scaling.num_workers=2"])
         dev = torch.device("cpu")
         student = build_student(cfg.model, dev)
-        model = wrap_student(student, cfg, dev, 2)
+        model = wrap_student(student, cfg, 2)
         tr = Trainer(student, None, cfg, model=model, device=dev, distributed=True)
         sharded = all(hasattr(p, "device_mesh") for p in student.parameters())
         g = torch.Generator().manual_seed(rank)
@@ -45,7 +45,7 @@ def _worker(rank: int, port: int, tmp: str, q) -> None:
             ck.write_checkpoint(tmpp / "ck", state, {**tr.scalar_state(), "data": {}}, 0, None)
         dist.barrier()
         student2 = build_student(cfg.model, dev)
-        tr2 = Trainer(student2, None, cfg, model=wrap_student(student2, cfg, dev, 2), device=dev, distributed=True)
+        tr2 = Trainer(student2, None, cfg, model=wrap_student(student2, cfg, 2), device=dev, distributed=True)
         ck.restore(tr2, tmpp / "ck")
         r1 = tr.step(batch, torch.Generator().manual_seed(99))
         r2 = tr2.step(batch, torch.Generator().manual_seed(99))

@@ -38,6 +38,9 @@ def test_params_and_resolved_config(fr):
     assert params["objective.name"] == "mdt" and params["stage"] == "ss"
     assert params["train.max_steps"] == "9" and params["scaling.num_workers"] == "2"
     assert params["objective.mdt.mode"] == "discrete" and params["model.teacher"] == fr["teacher"]
+    # only the active objective's section (mdt) is a param
+    others = ("objective.flow_matching.", "objective.cm.", "objective.pcm.", "objective.scm.", "objective.target")
+    assert not [k for k in params if k.startswith(others)]
     files = [f["path"] for f in _artifacts(url, run_id, "config")]
     assert "config/resolved.yaml" in files
     assert b"objective:" in _download(url, run, "config/resolved.yaml")
@@ -100,6 +103,7 @@ def test_registered_model_version(fr):
     reg = rest(url, "/api/2.0/mlflow/registered-models/get", name="ci-student")["registered_model"]
     versions = reg.get("latest_versions", [])
     assert versions and versions[0]["run_id"] == run_id
-    assert versions[0]["source"].rstrip("/").endswith("export/student")
+    # the EMA weights: what evaluation samples from (mlflow.register_weights, default ema)
+    assert versions[0]["source"].rstrip("/").endswith("export/ema")
     tags = {t["key"]: t["value"] for t in rest(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]["data"]["tags"]}
-    assert tags["registered_model"] == "ci-student/1"
+    assert tags["registered_model"] == "ci-student/1" and tags["registered_weights"] == "ema"

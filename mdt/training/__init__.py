@@ -1,5 +1,6 @@
-"""Training: the optimisation step of any objective (`Trainer`), checkpoints, MLflow tracking and the Ray Train
-worker loop (`loop.train_loop_per_worker`). Everything except `loop` and `tracking` is plain PyTorch."""
+"""Training: the optimisation step of any objective (`Trainer`), how objectives call the networks (`wrappers`),
+checkpoints, the workers' MLflow calls and the Ray Train worker loop (`loop.WorkerLoop`). Everything except `loop`
+and `tracking` is plain PyTorch; the driver that runs the loop is `pipelines.distill`."""
 from .config import (OBJECTIVES, STAGES, ClipConfig, ConditionConfig, DataConfig, DistillConfig, EMAConfig,
                      MlflowConfig, ModelConfig, ObjectiveConfig, OptimConfig, RayConfig, ScalingConfig,
                      SnapshotConfig, TrainConfig)

@@ -1,17 +1,29 @@
-"""Benchmark of one distillation step (plain PyTorch, one process): conditioner, teacher forward, student forward,
-student forward+backward, and the whole `Trainer.step` of the configured objective, with the number of teacher
-and student calls one step makes. Used by `python jobs/distill.py --preset <p> --bench` (which adds the 1 vs 2
-Ray Train worker throughput comparison)."""
+"""Benchmark of one distillation step (plain PyTorch, one process), measured side by side in one call:
+
+* the parts: conditioner, teacher forward, student forward, student forward+backward, optimizer update (clip,
+  AdamW, EMA), with the number of teacher and student calls one step makes;
+* the whole `Trainer.step` of the configured objective, as a ratio to the sum of its parts (goal <= 1.1: the
+  step adds nothing the parts do not explain);
+* a naive step of the same maths (the teacher unfrozen and called with autograd recording, sequential guidance,
+  attention on the unfused math kernel), as a throughput ratio (goal >= 1.5).
+
+Used by `python jobs/distill.py --preset <p> --bench` (which adds the 1 vs 2 Ray Train worker throughput)."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from .build import build_conditioner, build_student, build_teacher
+from .machinery import autocast, resolve_precision
 from .step import Trainer
+
+STEP_VS_PARTS_GOAL_MAX = 1.1
+SPEEDUP_VS_NAIVE_GOAL_MIN = 1.5
 
 
 def _time(fn, repeat: int, warmup: int = 1) -> float:
@@ -64,7 +76,6 @@ def bench_step(cfg, batch: int | None = None, repeat: int = 5, threads: int | No
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    from .machinery import autocast, resolve_precision
 
     amp = resolve_precision(cfg.train.precision, dev)
     teacher = build_teacher(cfg.model, dev)
@@ -116,10 +127,88 @@ def bench_step(cfg, batch: int | None = None, repeat: int = 5, threads: int | No
     out["student_calls_with_grad"] = cs["grad"]
     out["step_ms"] = 1000 * _time(lambda: (trainer.step(data, gen), sync()), repeat)
     out["samples_per_s"] = b / (out["step_ms"] / 1000)
+    out["optimizer_ms"] = 1000 * _time(lambda: (_update(trainer, x, t, cnd, amp, dev), sync()), repeat) \
+        - out["student_forward_backward_ms"]
+    out["optimizer_ms"] = max(0.0, out["optimizer_ms"])
     est = (ct["calls"] * out.get("teacher_forward_ms", 0.0) + (cs["calls"] - cs["grad"]) * out["student_forward_ms"]
-           + cs["grad"] * out["student_forward_backward_ms"])
+           + cs["grad"] * out["student_forward_backward_ms"] + out["optimizer_ms"])
     out["step_ms_estimated_from_parts"] = est
+    out["step_vs_sum_of_parts"] = out["step_ms"] / est
+    out["step_vs_sum_of_parts_goal_max"] = STEP_VS_PARTS_GOAL_MAX
+
+    naive, knobs = naive_trainer(cfg, student, teacher, dev, amp)
+    out["naive"] = knobs
+    out["naive_step_ms"] = 1000 * _time(lambda: (naive.step(data, gen), sync()), repeat)
+    out["naive_samples_per_s"] = b / (out["naive_step_ms"] / 1000)
+    out["speedup_vs_naive"] = out["naive_step_ms"] / out["step_ms"]
+    out["speedup_vs_naive_goal_min"] = SPEEDUP_VS_NAIVE_GOAL_MIN
     return out
+
+
+def _update(trainer: Trainer, x, t, cnd, amp, dev) -> None:
+    """Student forward + backward, then what a step does after it: clip, AdamW, EMA (timed minus fwd+bwd)."""
+    with autocast(dev, amp):
+        y = trainer.student(x, t, cnd)
+    (y.feats if hasattr(y, "feats") else y).float().pow(2).mean().backward()
+    params = [p for p in trainer.student.parameters() if p.requires_grad]
+    trainer.clipper(params)
+    trainer.optimizer.step()
+    if trainer.ema is not None:
+        trainer.ema.update(trainer.student)
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+class _RecordingTeacher(torch.nn.Module):
+    """A teacher a naive trainer would write: parameters left trainable and autograd recording its forward
+    even where the objective asks for no_grad."""
+
+    def __init__(self, teacher: torch.nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, *args, **kwargs):
+        with torch.enable_grad():
+            return self.teacher(*args, **kwargs)
+
+
+class _Unfused(torch.nn.Module):
+    """Runs a network with scaled-dot-product attention on the unfused math kernel."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            return self.model(*args, **kwargs)
+
+
+def naive_trainer(cfg, student, teacher, dev, amp) -> tuple[Trainer, list[str]]:
+    """A Trainer of the same objective and hyper-parameters whose calls are made the naive way."""
+    knobs = ["attention on the unfused math kernel"]
+    ncfg = cfg
+    ocfg = getattr(cfg.objective, {"vm": "mdt"}.get(cfg.objective.name, cfg.objective.name))
+    for f in dataclasses.fields(ocfg):  # the guidance layout, where the objective offers a choice
+        if f.name in ("batched_guidance", "batch_guidance") and getattr(ocfg, f.name) is True:
+            ocfg = dataclasses.replace(ocfg, **{f.name: False})
+            knobs.append("sequential guidance (conditional and unconditional forwards one after the other)")
+        elif f.name == "sequential_guidance" and getattr(ocfg, f.name) is False:
+            ocfg = dataclasses.replace(ocfg, sequential_guidance=True)
+            knobs.append("sequential guidance (conditional and unconditional forwards one after the other)")
+    if ocfg is not getattr(cfg.objective, {"vm": "mdt"}.get(cfg.objective.name, cfg.objective.name)):
+        section = {"vm": "mdt"}.get(cfg.objective.name, cfg.objective.name)
+        ncfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, **{section: ocfg}))
+    naive = Trainer(copy.deepcopy(student), None, ncfg, device=dev, autocast_dtype=amp)
+    naive.student_calls.model = _Unfused(naive.student)
+    naive.student_calls.__dict__["module"] = _Unfused(naive.student)
+    if teacher is not None:
+        t = copy.deepcopy(teacher).requires_grad_(True)
+        naive.teacher = t
+        naive.teacher_calls = _Unfused(_RecordingTeacher(t))
+        knobs.append("teacher trainable, its forwards recorded by autograd (no no_grad / inference_mode)")
+    return naive, knobs
 
 
 def format_step(r: dict) -> str:
@@ -132,6 +221,10 @@ def format_step(r: dict) -> str:
               f"{r['student_calls_per_step'] - r['student_calls_with_grad']} per step",
               f"  student forward + backward      {r['student_forward_backward_ms']:9.1f} ms  x "
               f"{r['student_calls_with_grad']} per step",
-              f"  total step (Trainer.step)       {r['step_ms']:9.1f} ms  (sum of parts {r['step_ms_estimated_from_parts']:.1f} ms)"
-              f"  -> {r['samples_per_s']:.1f} samples/s"]
+              f"  optimizer (clip, AdamW, EMA)    {r['optimizer_ms']:9.1f} ms",
+              f"  total step (Trainer.step)       {r['step_ms']:9.1f} ms  (sum of parts {r['step_ms_estimated_from_parts']:.1f} ms,"
+              f" x{r['step_vs_sum_of_parts']:.2f}; goal <= {r['step_vs_sum_of_parts_goal_max']:g})"
+              f"  -> {r['samples_per_s']:.1f} samples/s",
+              f"  naive step, same maths          {r['naive_step_ms']:9.1f} ms  -> this step is x{r['speedup_vs_naive']:.2f} "
+              f"faster (goal >= {r['speedup_vs_naive_goal_min']:g}); naive = {'; '.join(r['naive'])}"]
     return "\n".join(lines)

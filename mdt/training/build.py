@@ -2,7 +2,6 @@
 frozen image conditioner. Plain PyTorch (used by the Ray Train loop, the demo and tests)."""
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from pathlib import Path
@@ -84,10 +83,6 @@ def build_conditioner(ccfg, device: torch.device):
     if dt is None:
         dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     return ImageConditioner(ccfg.model, image_size=ccfg.image_size, device=device, dtype=dt)
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
 
 
 def export_model(like: tuple[str, dict], state: dict[str, torch.Tensor], path: str | os.PathLike):

@@ -29,7 +29,7 @@ class DataConfig:
     shuffle_buffer: int = 64            # local shuffle buffer of each worker's stream (0: off)
     cache_in_memory: bool = False       # keep the worker's rows after the first epoch (tiny CPU datasets only)
     prefetch_batches: int = 1
-    storage_s3_endpoint_url: str | None = None  # pipelines.config.StorageConfig for s3:// shards
+    storage_s3_endpoint_url: str | None = None  # S3 endpoint of s3:// shards and outputs (else $AWS_ENDPOINT_URL)
     skip_on_resume: bool = True         # re-read and drop the batches of the interrupted epoch already consumed
 
 
@@ -110,7 +110,6 @@ class TrainConfig:
     wait_for_commit: bool = True        # block after each checkpoint until Ray Train has registered it
     commit_timeout_s: float = 600.0
     torch_threads: int | None = None    # per worker; None: cpus_per_worker
-    fail_at_step: int | None = None     # test hook: rank 0 kills its own process once at this step
 
 
 @dataclass
@@ -118,6 +117,7 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    data_cpus: float = 1.0              # logical CPUs kept free for Ray Data's read tasks beside the workers
     placement_strategy: str = "PACK"    # PACK | SPREAD | STRICT_SPREAD
     backend: str = "auto"               # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     max_failures: int = 3               # worker failures recovered from the last checkpoint
@@ -126,17 +126,19 @@ class ScalingConfig:
 @dataclass
 class RayConfig:
     address: str | None = None          # None: $RAY_ADDRESS (ray job submit) or a new local instance
-    num_cpus: int | None = None         # local instance only
+    num_cpus: int | None = None         # local instance: at least the workers' CPUs + scaling.data_cpus
+    autoscaling: bool = False           # the cluster grows on demand: no up-front check of its resources
     include_dashboard: bool = False     # local instance only
 
 
 @dataclass
 class MlflowConfig:
     enabled: bool = True
-    tracking_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db
+    tracking_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db (local output)
     experiment: str = "mdt-distill"
-    run_name: str | None = None         # default: the job name
-    register_model: str | None = None   # registered-model name of the exported student (None: <name>-student)
+    run_name: str | None = None         # default: the run name
+    register_model: str | None = None   # registered-model name (None: <name>-teacher for flow_matching, else -student)
+    register_weights: str = "ema"       # which exported weights are registered: ema (what evaluation uses) | student
     log_every: int | None = None        # None: train.log_every
 
 
@@ -156,7 +158,7 @@ class SnapshotConfig:
 
 @dataclass
 class DistillConfig:
-    name: str = "distill"               # run name: Ray Train RunConfig.name; re-running it resumes
+    name: str | None = None             # run name (Ray Train RunConfig.name; re-running it resumes); None: <stage>-<objective>
     output: str = "outputs/distill"     # storage path (local dir or s3://): checkpoints, exports, resolved config
     stage: str = "ss"                   # ss (dense SS latents) | slat (sparse SLat latents)
     data: DataConfig = field(default_factory=DataConfig)
@@ -173,6 +175,10 @@ class DistillConfig:
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     def validate(self) -> "DistillConfig":
+        if not self.name:
+            self.name = f"{self.stage}-{self.objective.name}"
+        if self.mlflow.register_weights not in ("ema", "student"):
+            raise ValueError("mlflow.register_weights must be 'ema' or 'student'")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.objective.name not in OBJECTIVES:

@@ -1,32 +1,34 @@
 """The Ray Train worker loop: shards -> batches -> `Trainer.step` -> metrics (MLflow, rank 0), snapshots,
 checkpoints (`ray.train.report`), resume (`ray.train.get_checkpoint`), export at the end.
 
-`train_loop_per_worker(config)` is what `jobs/distill.py` hands to `TorchTrainer`. `config` holds:
+`train_loop_per_worker(config)` is what `pipelines.distill` hands to `TorchTrainer`; it runs a `WorkerLoop`.
+`config` holds:
 
 * ``cfg``: the `DistillConfig`;
 * ``collate``: ``collate(rows, generator=None, cond_view=...) -> {"x0": dense [B, 8, 16³] | SparseTensor,
-  "cond": images [B, 3, S, S], ...}`` (the job passes `pipelines.shards.collate` with the stage, SLat statistics
-  and max-voxels filter bound; mdt does not import pipelines);
-* ``run_dir``: `<storage>/<name>` (MLflow run file, test hooks);
+  "cond": images [B, 3, S, S], ...}`` (the driver binds `pipelines.shards.collate` to the stage, SLat statistics
+  and max-voxels filter; mdt does not import pipelines);
+* ``run_dir``: `<storage>/<name>`;
 * ``mlflow``: ``{"tracking_uri", "run_id"}`` or None;
-* ``snapshot_rows``: a few shard rows (fixed conditions for snapshots) or None.
+* ``snapshot_rows``: a few shard rows (fixed conditions for snapshots) or None;
+* ``hooks`` (optional): callables ``hook(loop, step, rows)`` run after every step (tests inject faults and
+  record what each rank saw through them).
 
 Data parallelism: DDP (gloo on CPU, nccl on GPU; the process group is Ray Train's) or FSDP2 sharding of the
 student (`train.fsdp`). Every rank iterates its own `ray.train.get_dataset_shard("train")` (equal streaming
-splits, so all ranks take the same number of steps per epoch). Resume restores weights, EMA, optimizer, clipper,
-step, data position (epoch + batches already consumed, skipped on restart) and every rank's RNG.
+splits, so all ranks take the same number of steps per epoch; with the driver's `preserve_order` the split is
+deterministic). Resume restores weights, EMA, optimizer, clipper, step, and every rank's own data position
+(epoch + batches already consumed) and RNG streams.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,8 +37,16 @@ from . import checkpoint as ckpt_io
 from .build import build_conditioner, build_student, build_teacher, export_model
 from .machinery import resolve_precision
 from .step import Trainer, to_device
+from .wrappers import wrap_student
 
 log = logging.getLogger("mdt.training")
+
+# Random streams, all derived from train.seed: each rank draws its own objective noise / times and its own
+# condition views; the epoch order is the same function of (seed, epoch) on every restart.
+RANK_SEED_STRIDE = 1000          # objective stream of rank r: seed * 1000 + r
+DATA_STREAM_OFFSET = 500         # condition-view stream of rank r: seed * 1000 + 500 + r
+EPOCH_SEED_STRIDE = 7919         # shuffle seed of an epoch: seed * 7919 + epoch (a prime: epochs never collide)
+FIXED_BATCH_SEED_OFFSET = 12345  # draws of the fixed-batch progress loss: seed + 12345
 
 
 def seed_everything(seed: int) -> None:
@@ -45,66 +55,62 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap_student(student: torch.nn.Module, cfg, device: torch.device, world: int):
-    """DDP (default) or FSDP2 (`train.fsdp`) around the student; the student itself when world == 1."""
-    import torch.distributed as dist
-
-    if world <= 1 or not dist.is_initialized():
-        return student
-    if cfg.train.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for name in ("input_blocks", "blocks", "out_blocks"):
-            for blk in getattr(student, name, None) or []:
-                fully_shard(blk)
-        fully_shard(student)
-        return student
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(student, device_ids=None, find_unused_parameters=cfg.train.find_unused_parameters)
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * EPOCH_SEED_STRIDE + epoch
 
 
 class BatchStream:
-    """Endless epochs over this worker's dataset shard; tracks (epoch, batch index) for resume."""
+    """Endless epochs over this worker's dataset shard; (epoch, batch index) is its resume position.
 
-    def __init__(self, shard, cfg, rank: int, epoch: int = 0, skip: int = 0):
-        self.shard, self.cfg, self.rank = shard, cfg, rank
+    Epoch order: the shard's stream order (deterministic under `preserve_order`), locally shuffled with
+    `epoch_seed` when `data.shuffle_buffer` > 0. With `data.cache_in_memory` the rows are kept after the first
+    full pass, sorted by sha256, and every later epoch is the permutation `epoch_seed(seed, epoch)` of them; a
+    restart inside such an epoch first re-reads one pass to rebuild the same cache."""
+
+    def __init__(self, shard, data_cfg, seed: int, epoch: int = 0, skip: int = 0):
+        self.shard, self.d, self.seed = shard, data_cfg, seed
         self.epoch, self.index = epoch, 0
-        self.skip = skip if cfg.data.skip_on_resume else 0
-        self.cache: list[dict] | None = [] if cfg.data.cache_in_memory else None
-        self.cached_epoch_done = False
+        self.skip = skip if data_cfg.skip_on_resume else 0
+        self.cache: list[dict] | None = [] if data_cfg.cache_in_memory else None
+        self.cache_complete = False
 
-    def _epoch_iter(self) -> Iterator[Any]:
-        d = self.cfg.data
-        if self.cache is not None and self.cached_epoch_done:
-            g = np.random.default_rng(self.cfg.train.seed * 7919 + self.epoch)
-            perm = g.permutation(len(self.cache))
-            for i in range(0, len(perm), d.batch_size):
-                yield [self.cache[j] for j in perm[i:i + d.batch_size]]
-            return
-        kw = dict(batch_size=d.batch_size, batch_format="pyarrow", drop_last=False,
-                  prefetch_batches=d.prefetch_batches)
-        if d.shuffle_buffer and d.shuffle_buffer > 0:
-            kw.update(local_shuffle_buffer_size=d.shuffle_buffer,
-                      local_shuffle_seed=self.cfg.train.seed * 7919 + self.epoch)
+    def _read_pass(self, epoch: int) -> Iterator[list[dict]]:
+        kw = dict(batch_size=self.d.batch_size, batch_format="pyarrow", drop_last=False,
+                  prefetch_batches=self.d.prefetch_batches)
+        if self.d.shuffle_buffer and self.d.shuffle_buffer > 0:
+            kw.update(local_shuffle_buffer_size=self.d.shuffle_buffer, local_shuffle_seed=epoch_seed(self.seed, epoch))
         for tbl in self.shard.iter_batches(**kw):
-            rows = tbl.to_pylist()
+            yield tbl.to_pylist()
+
+    def _complete_cache(self, rows: list[dict]) -> None:
+        self.cache = sorted(rows, key=lambda r: r["sha256"])
+        self.cache_complete = True
+
+    def _epoch_batches(self) -> Iterator[list[dict]]:
+        if self.cache is not None and not self.cache_complete and self.epoch > 0:
+            self._complete_cache([r for rows in self._read_pass(0) for r in rows])  # restart inside epoch >= 1
+        if self.cache is not None and self.cache_complete:
+            perm = np.random.default_rng(epoch_seed(self.seed, self.epoch)).permutation(len(self.cache))
+            for i in range(0, len(perm), self.d.batch_size):
+                yield [self.cache[j] for j in perm[i:i + self.d.batch_size]]
+            return
+        seen: list[dict] = []
+        for rows in self._read_pass(self.epoch):
             if self.cache is not None:
-                self.cache.extend(rows)
+                seen.extend(rows)
             yield rows
         if self.cache is not None:
-            self.cached_epoch_done = True
+            self._complete_cache(seen)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[dict]]:
         while True:
             n = 0
-            for rows in self._epoch_iter():
+            for rows in self._epoch_batches():
                 n += 1
+                self.index = n
                 if self.skip > 0:
                     self.skip -= 1
-                    self.index = n
                     continue
-                self.index = n
                 yield rows
             if n == 0:
                 raise RuntimeError("the dataset shard of this worker is empty (fewer assets than workers?)")
@@ -117,7 +123,8 @@ class BatchStream:
 
 
 class Window:
-    """Averages of step metrics between two log points."""
+    """Averages of step metrics between two log points; `loss_bin_<i>` for each of the time bins that a step
+    of the window drew a t in (bin i: t in [i/n, (i+1)/n))."""
 
     def __init__(self, nbins: int = 10):
         self.nbins = nbins
@@ -172,224 +179,256 @@ def _device(cfg) -> torch.device:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
+    WorkerLoop(config).run()
 
-    cfg = config["cfg"]
-    collate = config["collate"]
-    run_dir: str = config["run_dir"]
-    tracking = config.get("mlflow")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = _device(cfg)
-    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    seed_everything(cfg.train.seed * 1000 + rank)
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)        # objective draws
-    data_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 500 + rank)  # condition-view choice
+class WorkerLoop:
+    """One Ray Train worker's training run: builds the networks and the trainer, resumes, then steps, logs,
+    snapshots and checkpoints until `train.max_steps`."""
 
-    teacher = build_teacher(cfg.model, device)
-    student = build_student(cfg.model, device, teacher)
-    like = (type(student).__name__, dict(student.trellis_args))  # before FSDP renames the class
-    model = wrap_student(student, cfg, device, world)
-    conditioner = build_conditioner(cfg.condition, device)
-    trainer = Trainer(student, teacher, cfg, model=model, device=device,
-                      autocast_dtype=resolve_precision(cfg.train.precision, device), distributed=world > 1)
+    def __init__(self, config: dict):
+        import ray.train
 
-    # ---------------------------------------------------------------------------------------- resume
-    position = {"epoch": 0, "batch_in_epoch": 0}
-    resumed_from = None
-    ck = ray.train.get_checkpoint()
-    if ck is not None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.cfg = cfg = config["cfg"]
+        self.collate = config["collate"]
+        self.run_dir: str = config["run_dir"]
+        self.tracking = config.get("mlflow")
+        self.hooks = list(config.get("hooks") or ())
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = _device(cfg)
+        torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+        rank_seed = cfg.train.seed * RANK_SEED_STRIDE + self.rank
+        seed_everything(rank_seed)
+        self.gen = torch.Generator().manual_seed(rank_seed)                           # objective draws
+        self.data_gen = torch.Generator().manual_seed(rank_seed + DATA_STREAM_OFFSET)  # condition-view choice
+
+        self.teacher = build_teacher(cfg.model, self.device)
+        self.student = build_student(cfg.model, self.device, self.teacher)
+        self.like = (type(self.student).__name__, dict(self.student.trellis_args))  # before FSDP renames the class
+        model = wrap_student(self.student, cfg, self.world)
+        self.conditioner = build_conditioner(cfg.condition, self.device)
+        self.trainer = Trainer(self.student, self.teacher, cfg, model=model, device=self.device,
+                               autocast_dtype=resolve_precision(cfg.train.precision, self.device),
+                               distributed=self.world > 1)
+        self.position = {"epoch": 0, "batch_in_epoch": 0}
+        self.resumed_from: int | None = None
+        self.logger = None
+        rows = config.get("snapshot_rows")
+        self.snap = SnapshotState(rows, cfg, self.collate, self.conditioner, self.device) \
+            if rows and (self.rank == 0 or cfg.train.fsdp) else None
+        self.fixed = None          # the first batch of this (re)start: a low-noise progress measure (rank 0)
+
+    # ------------------------------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        """Weights, optimizer, step, this rank's data position and RNG streams from the latest checkpoint."""
+        import ray.train
+
+        ck = ray.train.get_checkpoint()
+        if ck is None:
+            return
         with ck.as_directory() as d:
-            state = ckpt_io.restore(trainer, d)
-            rng = ckpt_io.read_rng(d, rank)
-            if rng is not None:
-                ckpt_io.set_rng_state(rng, gen)
-                if "data_generator" in rng:
-                    data_gen.set_state(ckpt_io._unb64(rng["data_generator"]))
-        position = state.get("data", position)
-        resumed_from = trainer.step_count
-        if tracking and state.get("mlflow_run_id") and state["mlflow_run_id"] != tracking["run_id"]:
+            state = ckpt_io.restore(self.trainer, d)
+            rng = ckpt_io.read_rng(d, self.rank)
+        if rng is not None:
+            ckpt_io.set_rng_state(rng, self.gen)
+            if "data_generator" in rng:
+                self.data_gen.set_state(ckpt_io._unb64(rng["data_generator"]))
+        self.position = (rng or {}).get("data") or state.get("data", self.position)
+        self.resumed_from = self.trainer.step_count
+        if self.tracking and state.get("mlflow_run_id") and state["mlflow_run_id"] != self.tracking["run_id"]:
             log.warning("checkpoint was logged to MLflow run %s, this run logs to %s", state["mlflow_run_id"],
-                        tracking["run_id"])
-        log.info("rank %d resumed from step %d (epoch %d, batch %d)", rank, trainer.step_count,
-                 position["epoch"], position["batch_in_epoch"])
+                        self.tracking["run_id"])
+        log.info("rank %d resumed from step %d (epoch %d, batch %d)", self.rank, self.trainer.step_count,
+                 self.position["epoch"], self.position["batch_in_epoch"])
 
-    logger = None
-    if rank == 0 and tracking:
+    def open_logger(self) -> None:
+        if self.rank != 0 or not self.tracking:
+            return
         from .tracking import MetricLogger
 
-        logger = MetricLogger(tracking["tracking_uri"], tracking["run_id"])
-        logger.alerted = trainer.skipped_total
-        if resumed_from is not None:
-            logger.log(resumed_from, {"resumed_from_step": resumed_from})
-            logger.set_tag("last_resumed_from_step", str(resumed_from))
+        self.logger = MetricLogger(self.tracking["tracking_uri"], self.tracking["run_id"])
+        self.logger.alerted = self.trainer.skipped_total
+        if self.resumed_from is not None:
+            self.logger.log(self.resumed_from, {"resumed_from_step": self.resumed_from})
+            self.logger.set_tag("last_resumed_from_step", str(self.resumed_from))
 
-    snap = SnapshotState(config.get("snapshot_rows"), cfg, collate, conditioner, device) \
-        if config.get("snapshot_rows") and (rank == 0 or cfg.train.fsdp) else None
+    # ------------------------------------------------------------------------------------------ run
+    def run(self) -> None:
+        import ray.train
 
-    shard = ray.train.get_dataset_shard("train")
-    stream = BatchStream(shard, cfg, rank, position["epoch"], position["batch_in_epoch"])
-    it = iter(stream)
-    window = Window(trainer.ocfg.num_bins)
-    log_every = cfg.mlflow.log_every or cfg.train.log_every
-    max_steps = cfg.train.max_steps
-    fail_marker = Path(run_dir) / ".fail_injected" if "://" not in run_dir else None
+        cfg, tr = self.cfg, self.trainer
+        self.resume()
+        self.open_logger()
+        self.stream = BatchStream(ray.train.get_dataset_shard("train"), cfg.data, cfg.train.seed,
+                                  self.position["epoch"], self.position["batch_in_epoch"])
+        it = iter(self.stream)
+        self.window = Window(tr.ocfg.num_bins)
+        log_every = cfg.mlflow.log_every or cfg.train.log_every
+        max_steps = cfg.train.max_steps
+        if tr.step_count == 0 and self.snap is not None and cfg.snapshot.every > 0:
+            self.snapshot(0)
+        self.nodes = self._gather_node_ids()
+        # throughput reported with each checkpoint: from the end of this (re)start's first step (dataset pipeline
+        # start-up and the first, slow step excluded) to now
+        self.t_start, self.steps_at_start = None, tr.step_count
+        while tr.step_count < max_steps:
+            t0 = time.perf_counter()
+            rows = next(it)
+            b = self.collate(rows, generator=self.data_gen)
+            cond = self.conditioner(b["cond"].to(self.device))
+            batch = to_device({"x0": b["x0"], "cond": cond}, self.device)
+            data_time = time.perf_counter() - t0
+            if self.fixed is None:
+                self.fixed = batch
+            res = tr.step(batch, self.gen)
+            self.window.add(res, data_time)
+            step = tr.step_count
+            if self.t_start is None:
+                self.t_start, self.steps_at_start = time.perf_counter(), step
+            for hook in self.hooks:
+                hook(self, step, rows)
+            if step % log_every == 0 or step == max_steps:
+                self.log(step, res)
+            if self.snap is not None and cfg.snapshot.every > 0 and step % cfg.snapshot.every == 0 \
+                    and step < max_steps:
+                self.snapshot(step)
+            final = step >= max_steps
+            if final or (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0):
+                if final and self.snap is not None:
+                    self.snapshot(step)
+                self.checkpoint(res, final)
 
-    if trainer.step_count == 0 and snap is not None and cfg.snapshot.every > 0:
-        snap.run(trainer, teacher, student, 0, logger)
-    fixed = None               # the first batch of this (re)start: a low-noise progress measure (rank 0)
-    nodes = _gather_node_ids(world)
-    # throughput reported with each checkpoint: from the end of this (re)start's first step (dataset pipeline
-    # start-up and the first, slow step excluded) to now
-    t_start, steps_at_start = None, trainer.step_count
+    # ------------------------------------------------------------------------------------------ log
+    def log(self, step: int, res) -> None:
+        """Window averages to MLflow (rank 0); the DDP weight check is a collective, so every rank takes part."""
+        cfg, tr = self.cfg, self.trainer
+        ddp = self.world > 1 and not cfg.train.fsdp
+        mismatch = self._ddp_param_mismatch() if ddp else 0.0
+        if self.logger is None:
+            self.window.reset()
+            return
+        m = self.window.metrics(self.world)
+        if not cfg.train.fsdp:
+            m["loss_fixed_batch"] = fixed_batch_loss(tr, self.fixed, cfg.train.seed)
+        if ddp:
+            m["ddp_param_mismatch"] = mismatch
+        m.update({"lr": res.lr, "skipped_steps": tr.skipped_total, "epoch": self.stream.epoch})
+        self.logger.log(step, m)
+        if tr.skipped_total > self.logger.alerted:
+            self.logger.alert_nonfinite(tr.skipped_total, step)
+        log.info("step %d/%d loss %.5f grad_norm %.3g %.1f samples/s", step, cfg.train.max_steps,
+                 m.get("loss", math.nan), m["grad_norm"], m["samples_per_s"])
+        self.window.reset()
 
-    while trainer.step_count < max_steps:
-        t0 = time.perf_counter()
-        rows = next(it)
-        b = collate(rows, generator=data_gen)
-        cond = conditioner(b["cond"].to(device))
-        batch = to_device({"x0": b["x0"], "cond": cond}, device)
-        data_time = time.perf_counter() - t0
-        if fixed is None:
-            fixed = batch
-        res = trainer.step(batch, gen)
-        window.add(res, data_time)
-        step = trainer.step_count
-        if t_start is None:
-            t_start, steps_at_start = time.perf_counter(), step
+    def snapshot(self, step: int) -> None:
+        self.snap.run(self.trainer, self.teacher, self.student, step, self.logger)
 
-        if (cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step and rank == world - 1
-                and fail_marker is not None and not fail_marker.exists()):
-            fail_marker.write_text(f"killed rank {rank} (pid {os.getpid()}) at step {step}\n")
-            log.warning("test hook: killing this worker (rank %d, pid %d) at step %d", rank, os.getpid(), step)
-            os.kill(os.getpid(), signal.SIGKILL)
+    # ------------------------------------------------------------------------------------------ checkpoint
+    def checkpoint(self, res, final: bool) -> None:
+        """Every rank writes its data position and RNG; rank 0 the weights, optimizer and state (FSDP: all ranks
+        gather the full state); Ray Train persists the directory."""
+        import ray.train
 
-        if step % log_every == 0 or step == max_steps:
-            mismatch = _ddp_param_mismatch(trainer, world) if (world > 1 and not cfg.train.fsdp) else 0.0
-        if logger is not None and (step % log_every == 0 or step == max_steps):
-            m = window.metrics(world)
-            if not cfg.train.fsdp:
-                m["loss_fixed_batch"] = fixed_batch_loss(trainer, fixed, cfg.train.seed)
-            if world > 1 and not cfg.train.fsdp:
-                m["ddp_param_mismatch"] = mismatch
-            m.update({"lr": res.lr, "skipped_steps": trainer.skipped_total, "epoch": stream.epoch})
-            logger.log(step, m)
-            if trainer.skipped_total > logger.alerted:
-                logger.alert_nonfinite(trainer.skipped_total, step)
-            log.info("step %d/%d loss %.5f grad_norm %.3g %.1f samples/s", step, max_steps, m.get("loss", math.nan),
-                     m["grad_norm"], m["samples_per_s"])
-            window.reset()
-        elif logger is None and rank == 0 and step % log_every == 0:
-            window.reset()
+        cfg, tr = self.cfg, self.trainer
+        done = tr.step_count - self.steps_at_start
+        rate = done * cfg.data.batch_size * self.world / max(1e-9, time.perf_counter() - self.t_start) \
+            if done > 0 else float("nan")
+        collected = ckpt_io.collect_state(tr) if (self.rank == 0 or cfg.train.fsdp) else None
+        step = tr.step_count
+        position = self.stream.position()
+        state = {**tr.scalar_state(), "data": position, "mlflow_run_id": (self.tracking or {}).get("run_id"),
+                 "model": {"name": self.like[0], "args": self.like[1]}, "objective": cfg.objective.name,
+                 "stage": cfg.stage, "world_size": self.world, "time": time.time(), "nodes": self.nodes,
+                 "samples_per_s_since_start": rate}
+        rng = ckpt_io.rng_state(self.gen)
+        rng["data_generator"] = ckpt_io._b64(self.data_gen.get_state())
+        rng["data"] = position
+        metrics = {"step": step, "loss": res.loss, "skipped_steps": tr.skipped_total, "samples_per_s": rate}
+        with tempfile.TemporaryDirectory(prefix="mdt-ckpt-") as tmp:
+            ckpt_io.write_checkpoint(tmp, collected if self.rank == 0 else None, state, self.rank, rng)
+            if final and self.rank == 0 and cfg.train.export:
+                self.export(tmp, collected)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{step:07d}")
+        if cfg.train.wait_for_commit:
+            # Block until the controller has registered this checkpoint: a worker lost right after `report`
+            # would otherwise take its not-yet-polled report with it, and a restart would fall back one interval.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                                   timeout_s=cfg.train.commit_timeout_s)
 
-        if snap is not None and cfg.snapshot.every > 0 and step % cfg.snapshot.every == 0 and step < max_steps:
-            snap.run(trainer, teacher, student, step, logger)
+    def export(self, tmp: str, collected: dict) -> None:
+        """TRELLIS-format student (and EMA) into `<checkpoint>/export/`, logged to MLflow; the weights named by
+        `mlflow.register_weights` (EMA by default: what evaluation samples) registered as a model version."""
+        cfg = self.cfg
+        stem = cfg.model.export_stem
+        out = Path(tmp) / "export"
+        export_model(self.like, collected["student"], out / "student" / stem)
+        if collected.get("ema") is not None:
+            export_model(self.like, collected["ema"], out / "ema" / stem)
+        if self.logger is None:
+            return
+        from .tracking import register_model
 
-        final = step >= max_steps
-        if final or (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0):
-            if final and snap is not None:
-                snap.run(trainer, teacher, student, step, logger)
-            done = trainer.step_count - steps_at_start
-            rate = done * cfg.data.batch_size * world / max(1e-9, time.perf_counter() - t_start) if done > 0 \
-                else float("nan")
-            _save_and_report(trainer, cfg, rank, world, stream.position(), tracking, gen, data_gen, res, final,
-                             like, logger, {"nodes": nodes, "samples_per_s_since_start": rate})
+        self.logger.artifact(out, "export")
+        which = cfg.mlflow.register_weights if collected.get("ema") is not None else "student"
+        role = "teacher" if cfg.objective.name == "flow_matching" else "student"
+        name = cfg.mlflow.register_model or f"{cfg.name}-{role}"
+        try:
+            version = register_model(self.tracking["tracking_uri"], self.tracking["run_id"], name, f"export/{which}",
+                                     description=f"{cfg.objective.name} {role} ({cfg.stage} stage, {which} "
+                                                 "weights), TRELLIS format")
+            self.logger.set_tag("registered_model", f"{name}/{version}")
+            self.logger.set_tag("registered_weights", which)
+            log.info("registered %s version %s (%s weights)", name, version, which)
+        except Exception as e:  # a registry-less store must not lose the run
+            log.warning("model registration failed: %s", e)
+            self.logger.set_tag("registered_model_error", str(e)[:500])
 
+    # ------------------------------------------------------------------------------------------ collectives
+    def _gather_node_ids(self) -> list[str]:
+        import ray
+        import torch.distributed as dist
 
-def _gather_node_ids(world: int) -> list[str]:
-    import ray
-    import torch.distributed as dist
+        me = ray.get_runtime_context().get_node_id()
+        if self.world <= 1 or not dist.is_initialized():
+            return [me]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, me)
+        return out
 
-    me = ray.get_runtime_context().get_node_id()
-    if world <= 1 or not dist.is_initialized():
-        return [me]
-    out: list = [None] * world
-    dist.all_gather_object(out, me)
-    return out
+    def _ddp_param_mismatch(self) -> float:
+        """Largest difference between ranks of a parameter checksum (TRELLIS's i_ddpcheck); 0 when in sync."""
+        import torch.distributed as dist
 
-
-def _ddp_param_mismatch(trainer, world: int) -> float:
-    """Largest difference between ranks of a parameter checksum (TRELLIS's i_ddpcheck); 0 when in sync."""
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        s = torch.stack([p.detach().double().sum() for p in trainer.student.parameters()]).cpu()
-    lo, hi = s.clone(), s.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    return float((hi - lo).abs().max())
+        with torch.no_grad():
+            s = torch.stack([p.detach().double().sum() for p in self.student.parameters()]).cpu()
+        lo, hi = s.clone(), s.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        return float((hi - lo).abs().max())
 
 
 def fixed_batch_loss(trainer, batch, seed: int) -> float:
     """The objective's loss on a fixed batch with fixed draws (no grad): comparable from step to step."""
     if batch is None:
         return float("nan")
-    g = torch.Generator().manual_seed(seed + 12345)
+    g = torch.Generator().manual_seed(seed + FIXED_BATCH_SEED_OFFSET)
     kw = {"target_model": None} if trainer.takes_target else {}
     was = trainer.student.training
     trainer.student.eval()
     try:
         with torch.no_grad():
-            terms = trainer.fn(trainer.student, trainer.teacher, batch, trainer.ocfg, generator=g, **kw)
+            terms = trainer.fn(trainer.student_calls, trainer.teacher_calls, batch, trainer.ocfg, generator=g, **kw)
     finally:
         trainer.student.train(was)
     return float(terms["loss"])
 
 
-def _save_and_report(trainer, cfg, rank, world, position, tracking, gen, data_gen, res, final, like, logger,
-                     extra: dict | None = None):
-    import ray.train
-
-    need_collect = rank == 0 or cfg.train.fsdp
-    collected = ckpt_io.collect_state(trainer) if need_collect else None
-    step = trainer.step_count
-    state = {**trainer.scalar_state(), "data": position, "mlflow_run_id": (tracking or {}).get("run_id"),
-             "model": {"name": like[0], "args": like[1]},
-             "objective": cfg.objective.name, "stage": cfg.stage, "world_size": world, "time": time.time(),
-             **(extra or {})}
-    rng = ckpt_io.rng_state(gen)
-    rng["data_generator"] = ckpt_io._b64(data_gen.get_state())
-    metrics = {"step": step, "loss": res.loss, "skipped_steps": trainer.skipped_total,
-               "samples_per_s": (extra or {}).get("samples_per_s_since_start", float("nan"))}
-    with tempfile.TemporaryDirectory(prefix="mdt-ckpt-") as tmp:
-        ckpt_io.write_checkpoint(tmp, collected if rank == 0 else None, state, rank, rng)
-        if final and rank == 0 and cfg.train.export:
-            _export(tmp, collected, cfg, like, tracking, logger)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{step:07d}")
-    if cfg.train.wait_for_commit:
-        # Block until the controller has registered this checkpoint: a worker lost right after `report`
-        # would otherwise take its not-yet-polled report with it, and a restart would fall back one interval.
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
-                                               timeout_s=cfg.train.commit_timeout_s)
-
-
-def _export(tmp: str, collected: dict, cfg, like, tracking, logger) -> None:
-    """TRELLIS-format student (and EMA) into `<checkpoint>/export/`, logged to MLflow and registered."""
-    stem = cfg.model.export_stem
-    out = Path(tmp) / "export"
-    export_model(like, collected["student"], out / "student" / stem)
-    if collected.get("ema") is not None:
-        export_model(like, collected["ema"], out / "ema" / stem)
-    if logger is not None:
-        from .tracking import register_model
-
-        logger.artifact(out, "export")
-        name = cfg.mlflow.register_model or f"{cfg.name}-student"
-        try:
-            version = register_model(tracking["tracking_uri"], tracking["run_id"], name, "export/student",
-                                     description=f"{cfg.objective.name} student ({cfg.stage} stage), TRELLIS format")
-            logger.set_tag("registered_model", f"{name}/{version}")
-            log.info("registered %s version %s", name, version)
-        except Exception as e:  # a registry-less store must not lose the run
-            log.warning("model registration failed: %s", e)
-            logger.set_tag("registered_model_error", str(e)[:500])
-
-
 class SnapshotState:
-    """Fixed snapshot inputs (conditions, noise, reference latents) and a cached teacher run."""
+    """Fixed snapshot inputs (conditions, noise, reference latents) and a cached teacher run. In a teacher
+    (flow-matching) run the trained network's columns are labelled "model", not "student"."""
 
     def __init__(self, rows, cfg, collate, conditioner, device):
         self.cfg = cfg
@@ -422,6 +461,8 @@ class SnapshotState:
             self.teacher_samples = cols[f"teacher {s.teacher_steps}"]
         if logger is None:
             return
+        if self.cfg.objective.name == "flow_matching":
+            cols = {k.replace("student", "model", 1): v for k, v in cols.items()}
         cols = {k: (v.cpu() if hasattr(v, "cpu") else v) for k, v in cols.items()}
         png = snapshot_png(cols, self.decoder, s.image_size, title=f"{self.cfg.name} step {step}",
                            reference=self.ref.cpu() if hasattr(self.ref, "cpu") else self.ref)

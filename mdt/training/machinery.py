@@ -64,22 +64,6 @@ class EMA:
         for n, s in self.shadow.items():
             s.copy_(state[n].to(s.device) if not hasattr(s, "device_mesh") else state[n])
 
-    @contextlib.contextmanager
-    def swapped_into(self, model: nn.Module):
-        """Temporarily load the EMA weights into `model` (e.g. for sampling / export)."""
-        backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.shadow}
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in self.shadow:
-                    p.copy_(self.shadow[n].to(p.dtype))
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in backup:
-                        p.copy_(backup[n])
-
 
 # --------------------------------------------------------------------------------------------------- clipping
 

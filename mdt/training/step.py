@@ -1,10 +1,11 @@
 """One optimisation step of any objective: micro-batches (gradient accumulation), forward of the objective under
 the chosen precision, backward, NaN/inf guard, adaptive clipping, AdamW, EMA.
 
-The student may be wrapped for data parallelism (DDP, or FSDP2 sharding); the objective is always called with
-the wrapper so that gradients are synchronised, and the teacher is frozen (eval mode, no parameter requires
-grad, objectives call it under no_grad). `Trainer` knows nothing about Ray: the Ray Train loop
-(`mdt.training.loop`) feeds it batches; tests drive it directly.
+The student may be wrapped for data parallelism (DDP, or FSDP2 sharding); objectives call it through
+`wrappers.StudentCalls` (the wrapper for calls that build a graph, so that gradients are synchronised; the
+unwrapped module in float32 for no-grad target calls and JVPs) and the frozen teacher through
+`wrappers.FrozenTeacher` (eval mode, no parameter requires grad, outside the student's autocast). `Trainer`
+knows nothing about Ray: the Ray Train loop (`mdt.training.loop`) feeds it batches; tests drive it directly.
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .machinery import EMA, AdaptiveGradClipper, autocast, objective_fn, warmup_factor
+from .wrappers import FrozenTeacher, StudentCalls
 
 
 def is_sparse(x: Any) -> bool:
@@ -99,6 +101,8 @@ class Trainer:
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
+        self.student_calls = StudentCalls(self.model, student)
+        self.teacher_calls = FrozenTeacher(teacher) if teacher is not None else None
         self.device = device or torch.device("cpu")
         self.autocast_dtype = autocast_dtype
         self.distributed = distributed and dist.is_available() and dist.is_initialized()
@@ -172,7 +176,8 @@ class Trainer:
             with self._no_sync(last):
                 with autocast(self.device, self.autocast_dtype):
                     kw = {"target_model": target} if self.takes_target else {}
-                    terms = self.fn(self.model, self.teacher, mb, self.ocfg, generator=generator, **kw)
+                    terms = self.fn(self.student_calls, self.teacher_calls, mb, self.ocfg, generator=generator,
+                                    **kw)
                 loss = terms["loss"].float() / n
                 if not torch.isfinite(loss):
                     nonfinite = True
@@ -223,6 +228,3 @@ class Trainer:
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.clipper.load_state_dict(state.get("clipper", {}))
 
-
-def make_step_callable(trainer: Trainer) -> Callable[[dict], StepResult]:
-    return trainer.step

@@ -1,0 +1,80 @@
+"""Where a job's processes run: the one Ray connection of every job and the one rule for local paths.
+
+* `init_ray`: connect to an explicit address (`ray.address`, or $RAY_ADDRESS, which `ray job submit` sets for
+  the entrypoint), else start a private local instance. (A cluster's own processes learn its address from the
+  environment of `ray start`: see the README's cluster section.) A bare `ray.init()` would join whatever cluster
+  `ray start` last registered on the machine (/tmp/ray/ray_current_cluster), possibly someone else's; and Ray's
+  own helper processes that look the cluster up without an address log "Found multiple active Ray instances"
+  and may attach to the latest one. So the private instance's GCS address is chosen up front and handed to
+  every process of the job as $RAY_ADDRESS (not to this process's environment: it outlives the instance).
+* `resolve_local_path`: Ray workers do not share the driver's working directory, so relative local paths are
+  made absolute on the driver; URIs (`s3://`, `hf://`, ...) stay as they are.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by `ray.init(address="local")` when it starts the GCS
+
+
+def init_ray(address: str | None = None, *, num_cpus: float | None = None, include_dashboard: bool = False,
+             object_store_memory: int | None = None, runtime_env: dict | None = None,
+             log_to_driver: bool = True) -> bool:
+    """Connect to / start Ray; True when this call did (False: this process was already connected)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kw: dict = {"log_to_driver": log_to_driver}
+    if runtime_env:
+        kw["runtime_env"] = runtime_env
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kw)
+        return True
+    # A private instance for this process only, on loopback, its GCS on a port chosen here so that its address
+    # can be handed to every process of the job ($RAY_ADDRESS): nothing then looks for "the latest cluster".
+    # Token authentication stays off for it: Ray 2.60 would otherwise turn it on and write ~/.ray/auth_token,
+    # which then changes every later `ray start` on the machine.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    gcs_address = f"127.0.0.1:{_free_port()}"
+    kw["runtime_env"] = _with_address(runtime_env, gcs_address)
+    if object_store_memory:
+        kw["object_store_memory"] = int(object_store_memory)
+    os.environ[GCS_PORT_VARIABLE] = gcs_address.rsplit(":", 1)[1]
+    try:
+        ray.init(address="local", num_cpus=None if num_cpus is None else math.ceil(num_cpus),
+                 include_dashboard=include_dashboard, _node_ip_address="127.0.0.1", **kw)
+    finally:
+        os.environ.pop(GCS_PORT_VARIABLE, None)
+    return True
+
+
+def _with_address(runtime_env: dict | None, gcs_address: str) -> dict:
+    """`runtime_env` plus $RAY_ADDRESS for every process of the job (Ray's own helper actors included)."""
+    env = dict((runtime_env or {}).get("env_vars") or {})
+    env["RAY_ADDRESS"] = gcs_address
+    return {**(runtime_env or {}), "env_vars": env}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_local_path(p: str | None, *, must_exist: bool = False) -> str | None:
+    """A relative local path -> absolute against the current directory; absolute paths and URIs unchanged.
+
+    With `must_exist`, a relative name that is not on disk (nor `<name>.json` / `<name>.safetensors`, a TRELLIS
+    checkpoint stem) is returned unchanged: it is a hub id such as `org/repo/ckpts/stem`."""
+    if not p or "://" in p or os.path.isabs(os.path.expanduser(p)):
+        return os.path.expanduser(p) if p and "://" not in p else p
+    q = Path(p).expanduser()
+    if must_exist and not (q.exists() or Path(f"{q}.json").exists() or Path(f"{q}.safetensors").exists()):
+        return p
+    return str(q.resolve())

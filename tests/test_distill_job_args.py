@@ -1,0 +1,118 @@
+"""The distillation job's arguments: every error exits 2 with one line before Ray starts or a network is built;
+a re-run under an existing name must be the same run; the cluster check names the shortfall."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _distill_helpers import perturbed_teacher, write_tiny_shards
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("args")
+    return tmp, write_tiny_shards(tmp / "data", n=2), perturbed_teacher(tmp / "teacher" / "ss_flow_tiny")
+
+
+def _main(argv, capsys):
+    import ray
+
+    from jobs.distill import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not ray.is_initialized()                      # nothing was started
+    return rc, err
+
+
+def test_argument_errors_exit_2_with_one_line_before_anything_starts(inputs, capsys, tmp_path):
+    tmp, data, teacher = inputs
+    out = ["--output", str(tmp_path / "runs")]
+    cases = [
+        (["--preset", "nope", "--data", str(data)], "nope"),
+        (["--preset", "ci", "--data", str(tmp_path / "missing"), "--objective", "flow_matching", *out], "no committed"),
+        (["--preset", "ci", "--data", str(data), "--teacher", str(tmp_path / "no" / "teacher"), *out], "--teacher"),
+        (["--preset", "ci", "--data", str(data), *out], "needs a teacher"),
+        (["--preset", "ci", "--data", str(data), "--objective", "nope", *out], "objective"),
+    ]
+    for argv, needle in cases:
+        rc, err = _main(argv, capsys)
+        assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_default_run_name_says_stage_and_objective():
+    from mdt.config import load_config
+    from mdt.training.config import DistillConfig
+
+    for objective in ("flow_matching", "mdt"):
+        cfg = load_config(DistillConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t"),
+                                                ("objective.name", objective)], prefix="distill_").validate()
+        assert cfg.name == f"ss-{objective}"
+
+
+def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path):
+    """The README's teacher line, then the MDT line under the teacher run's name: refused, not 'resumed'."""
+    from mdt.config import load_config
+    from mdt.training.config import DistillConfig
+    from pipelines import distill
+
+    tmp, data, teacher = inputs
+    base = [("data.uri", str(data)), ("output", str(tmp_path / "runs")), ("name", "shared")]
+    fm = load_config(DistillConfig, "ci", base + [("objective.name", "flow_matching")], prefix="distill_").validate()
+    distill.prepare(fm)
+    rdir = tmp_path / "runs" / "shared"
+    rdir.mkdir(parents=True)
+    (rdir / distill.RUN_IDENTITY_FILE).write_text(json.dumps(distill.run_identity(fm)))
+    distill.prepare(fm)                                    # the same run: resumes
+    more = load_config(DistillConfig, "ci", base + [("objective.name", "flow_matching"), ("train.max_steps", 60)],
+                       prefix="distill_").validate()
+    distill.prepare(more)                                  # more steps of the same run: fine
+    rc, err = _main(["--preset", "ci", "--data", str(data), "--teacher", teacher, "--output", str(tmp_path / "runs"),
+                     "--name", "shared"], capsys)
+    assert rc == 2 and len(err) == 1 and "objective 'flow_matching' -> 'mdt'" in err[0] and "--name" in err[0], err
+
+
+def test_relative_output_refused_under_job_submit(inputs, monkeypatch):
+    from mdt.config import load_config
+    from mdt.training.config import DistillConfig
+    from pipelines import distill
+
+    tmp, data, teacher = inputs
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}}))
+    cfg = load_config(DistillConfig, "ci", [("data.uri", str(data)), ("objective.name", "flow_matching")],
+                      prefix="distill_").validate()
+    with pytest.raises(distill.ArgumentError, match="relative"):
+        distill.prepare(cfg)
+
+
+def test_cluster_check_names_the_shortfall(monkeypatch):
+    """The ci preset as shipped needs 3 logical CPUs (2 workers x 1 + 1 for data reads); a 2-CPU cluster is
+    refused up front with the figures, a 3-CPU one accepted; a private instance is sized to fit."""
+    import ray
+
+    from mdt.config import load_config
+    from mdt.training.config import DistillConfig
+    from pipelines import distill
+
+    cfg = load_config(DistillConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")], prefix="distill_").validate()
+    assert distill.required_resources(cfg) == {"CPU": 3.0}
+    for cpus, ok in ((2, False), (3, True)):
+        monkeypatch.setattr(ray, "cluster_resources", lambda c=cpus: {"CPU": float(c)})
+        monkeypatch.setattr(ray, "nodes", lambda c=cpus: [{"Alive": True, "Resources": {"CPU": float(c)}}])
+        if ok:
+            distill.check_cluster(cfg)
+        else:
+            with pytest.raises(distill.ArgumentError, match=r"needs 3 CPU \(cluster has 2\)"):
+                distill.check_cluster(cfg)
+    # the GPU presets ask for one GPU per worker; an autoscaling cluster is not checked
+    big = load_config(DistillConfig, "trellis-image-large", [("data.uri", "/d")], prefix="distill_").validate()
+    assert distill.required_resources(big) == {"CPU": 8 * 8 + 1.0, "GPU": 8.0}
+    with pytest.raises(distill.ArgumentError, match=r"65 CPU \(cluster has 3\) and 8 GPU \(cluster has 0\)"):
+        distill.check_cluster(big)
+    big.ray.autoscaling = True
+    distill.check_cluster(big)
+    started = {}
+    monkeypatch.setattr(distill, "init_ray", lambda address, **kw: started.update(kw))
+    distill.start_ray(cfg)
+    assert started["num_cpus"] >= 3
