@@ -156,6 +156,10 @@ class GenerateConfig:
 # Models: where each comes from
 # ------------------------------------------------------------------------------------------------------------
 
+TINY_NOW = "random-weight tiny model, created by this run"
+TINY_EARLIER = "random-weight tiny model, created by an earlier run"
+
+
 @dataclass
 class ModelSource:
     path: str
