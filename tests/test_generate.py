@@ -22,7 +22,9 @@ EXAMPLE = ROOT / "docs" / "examples" / "mug.png"
 
 
 def run_job(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env_extra or {})}
+    # One intra-op thread: the suite shares 2 cores; a second thread per process only adds contention.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           **(env_extra or {})}
     env.pop("PYTHONPATH", None)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -303,18 +305,41 @@ def test_a_bad_input_is_a_recorded_failure_and_the_others_run(tiny_pipeline, tmp
 @pytest.mark.parametrize("args, message", [
     (["--preset", "demo", "--image", "missing.png", "--output", "o"], "--image missing.png: not a readable file"),
     (["--preset", "demo", "--image", str(EXAMPLE), "--output", "o", "--cfg", "1", "2", "3"], "--cfg takes one"),
+    (["--preset", "demo", "--image", str(EXAMPLE), "--output", "o", "--cfg", "-1"], "--cfg must be >= 0"),
     (["--preset", "demo", "--image", str(EXAMPLE), "--output", "o", "--ss-steps", "0"], "--ss-steps must be >= 1"),
+    (["--preset", "demo", "--image", str(EXAMPLE), "--output", "o", "--num-samples", "0"], "--num-samples must"),
     (["--preset", "demo", "--image", str(EXAMPLE), "--output", "o", "--ss-model", "nowhere/x"], "--ss-model"),
     (["--preset", "nope", "--image", str(EXAMPLE), "--output", "o"], "unknown preset 'nope'"),
+    (["--preset", "demo", "--image", str(EXAMPLE), "--output", "o", "--set", "decode.formats=[nerf]"],
+     "decode.formats: unknown ['nerf']"),
     (["--preset", "demo", "--image", str(EXAMPLE)], "--output"),
     (["--preset", "demo", "--image", str(EXAMPLE), "--output", "o", "--num-samples", "x"], "invalid int"),
+    (["--preset", "demo", "--output", "o"], "--image"),
 ])
-def test_cli_argument_errors_exit_2_with_one_line_before_building(tmp_path, args, message):
-    res = run_job([str(ROOT / "jobs" / "generate.py"), *args], cwd=tmp_path, timeout=120)
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and message in lines[0], res.stderr
+def test_cli_argument_errors_exit_2_with_one_line_before_building(tmp_path, monkeypatch, capsys, args, message):
+    import mdt.generate
+    from jobs.generate import main
+
+    def must_not_run(*a, **k):
+        raise AssertionError("generation started despite a bad argument")
+
+    monkeypatch.setattr(mdt.generate, "generate", must_not_run)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(args)
+    except SystemExit as exc:   # argparse's own errors
+        code = exc.code
+    assert code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "o").exists() and not (tmp_path / "outputs").exists()   # nothing was built
+
+
+def test_cli_exit_status_2_from_the_process(tmp_path):
+    res = run_job([str(ROOT / "jobs" / "generate.py"), "--preset", "demo", "--image", "missing.png", "--output",
+                   "o"], cwd=tmp_path, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "argument error: --image missing.png: not a readable file"
 
 
 def test_cli_incompatible_student_fails_with_one_line(tmp_path):
