@@ -17,8 +17,9 @@ Functions and classes (stable API):
   presets `jobs/configs/generate_<name>.yaml`.
 * `resolve_model_paths(cfg) -> dict[slot, ModelSource]`: which checkpoint each slot uses and where it came from
   (the preset / an override, a TRELLIS `pipeline.json`, or a random-weight tiny model created by this run).
-* `ImageTo3D.from_config(cfg)`; methods `condition`, `sample_structure`, `sample_latent`, `decode_gaussians`,
-  `decode_meshes`, `run`, `warmup`.
+* `ImageTo3D.from_config(cfg)`; `with_flows(ss_flow=, slat_flow=)` (same decoders, other flows); methods
+  `condition`, `sample_structure`, `decode_structure`, `sample_latent`, `decode_gaussians`, `decode_meshes`,
+  `run` (one image -> `Generation`), `warmup`, `occupancy_resolution`.
 * `load_image(path)`, `preprocess_image(image, size)`: hostile-input-safe loading and TRELLIS's crop.
 * `Generation` / `GeneratedSample`: what `run` returns (coords, Gaussians, mesh, occupancy mesh, timings, NFE).
 * `write_sample_files`, `write_previews`: the per-input files; `generate(cfg, images, output)`: the whole job.
@@ -413,6 +414,22 @@ class ImageTo3D:
         check_compatible(models, conditioner, mean)
         return cls(models, conditioner, cfg, mean, std, sources)
 
+    def with_flows(self, ss_flow: "str | nn.Module | None" = None,
+                   slat_flow: "str | nn.Module | None" = None) -> "ImageTo3D":
+        """The same chain (shared conditioner and decoders) with other flow models for either stage: a
+        checkpoint path (`<dir>/<stem>` or hub path) or a loaded module, e.g. teacher SS flow + student SLat."""
+        models, sources = dict(self.models), dict(self.sources)
+        for slot, new in (("ss_flow", ss_flow), ("slat_flow", slat_flow)):
+            if new is None:
+                continue
+            if not isinstance(new, nn.Module):
+                sources[slot] = ModelSource(str(new), "config")
+                new = _set_precision(from_pretrained(str(new), device=self.device), self.cfg.precision,
+                                     self.device).eval()
+            models[slot] = new
+        check_compatible(models, self.conditioner, self.slat_mean)
+        return ImageTo3D(models, self.conditioner, self.cfg, self.slat_mean, self.slat_std, sources)
+
     # ---- stages ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def condition(self, images: Tensor) -> Tensor:
@@ -571,10 +588,8 @@ def check_compatible(models: dict[str, nn.Module], conditioner: ImageConditioner
     """One readable error for models that cannot work together (instead of a shape error mid-run)."""
     problems = []
     for slot in ("ss_flow", "slat_flow"):
-        cc = models[slot].blocks[0].cross_attn.to_q.in_features if hasattr(models[slot], "blocks") else None
-        kv = getattr(models[slot].blocks[0].cross_attn, "to_kv", None)
-        cond_in = kv.in_features if kv is not None else cc
-        if cond_in is not None and cond_in != conditioner.channels:
+        cond_in = models[slot].blocks[0].cross_attn.to_kv.in_features   # keys/values come from the condition
+        if cond_in != conditioner.channels:
             problems.append(f"{slot} expects {cond_in}-channel condition tokens, DINOv2 gives {conditioner.channels}")
     ssf, ssd = models["ss_flow"], models["ss_decoder"]
     if ssf.out_channels != ssd.latent_channels:

@@ -211,13 +211,14 @@ def sparse_cube_grid(coords: Tensor, resolution: int, dilate: bool = True) -> tu
     def cube_key(c):
         return (c[:, 0] * resolution + c[:, 1]) * resolution + c[:, 2]
 
-    if dilate:
-        nb = torch.stack(torch.meshgrid(*[torch.arange(-1, 2, device=device)] * 3, indexing="ij"), -1).reshape(-1, 3)
-        cand = (coords.unsqueeze(1) + nb.unsqueeze(0)).reshape(-1, 3)
-        cand = cand[((cand >= 0) & (cand < resolution)).all(1)]
-        all_keys = torch.unique(torch.cat([cube_key(coords), cube_key(cand)]))
-    else:
-        all_keys = torch.unique(cube_key(coords))
+    all_keys = torch.unique(cube_key(coords))
+    if dilate:  # one neighbour offset at a time: peak memory stays a few times the cube count
+        for off in torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3):
+            if not off.any():
+                continue
+            cand = coords + off.to(device)
+            cand = cand[((cand >= 0) & (cand < resolution)).all(1)]
+            all_keys = torch.unique(torch.cat([all_keys, cube_key(cand)]))
     all_coords = torch.stack([all_keys // (resolution * resolution), (all_keys // resolution) % resolution,
                               all_keys % resolution], 1)
     given = torch.searchsorted(all_keys, cube_key(coords))
