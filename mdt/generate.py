@@ -254,19 +254,74 @@ def tiny_model_args(slot: str, cond_channels: int) -> tuple[str, dict]:
     return table[slot]
 
 
+def full_size_model_args(slot: str) -> tuple[str, dict]:
+    """The released TRELLIS-image-large configuration of `slot` (trellis-reference.md §1.3)."""
+    swin = dict(resolution=64, model_channels=768, latent_channels=8, num_blocks=12, num_heads=12, mlp_ratio=4,
+                attn_mode="swin", window_size=8, use_fp16=True)
+    flow = dict(in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024, num_blocks=24,
+                num_heads=16, mlp_ratio=4, pe_mode="ape", qk_rms_norm=True, use_fp16=True)
+    gs = tiny_model_args("slat_decoder_gs", 1024)[1]["representation_config"]
+    table = {
+        "ss_flow": ("SparseStructureFlowModel", dict(resolution=16, patch_size=1, **flow)),
+        "ss_decoder": ("SparseStructureDecoder", dict(out_channels=1, latent_channels=8, num_res_blocks=2,
+                                                      num_res_blocks_middle=2, channels=[512, 128, 32],
+                                                      use_fp16=True)),
+        "slat_flow": ("SLatFlowModel", dict(resolution=64, patch_size=2, num_io_res_blocks=2,
+                                            io_block_channels=[128], **flow)),
+        "slat_decoder_gs": ("SLatGaussianDecoder", dict(**swin, representation_config=gs)),
+        "slat_decoder_mesh": ("SLatMeshDecoder", dict(**swin, representation_config={"use_color": True})),
+    }
+    return table[slot]
+
+
+# Checkpoint stems of TRELLIS-image-large (pipeline.json `models` values are "ckpts/<stem>").
+TRELLIS_STEMS = {"ss_flow": "ss_flow_img_dit_L_16l8_fp16", "ss_decoder": "ss_dec_conv3d_16l8_fp16",
+                 "slat_flow": "slat_flow_img_dit_L_64l8p2_fp16",
+                 "slat_decoder_gs": "slat_dec_gs_swin8_B_64l8gs32_fp16",
+                 "slat_decoder_mesh": "slat_dec_mesh_swin8_B_64l8m256c_fp16"}
+# SLat normalisation of TRELLIS-image-large (trellis-reference.md §3.6), for repositories written here.
+TRELLIS_SLAT_MEAN = [-2.1687545776367188, -0.004347046371549368, -0.13352349400520325, -0.08418072760105133,
+                     -0.5271206498146057, 0.7238689064979553, -1.1414450407028198, 1.2039363384246826]
+TRELLIS_SLAT_STD = [2.377650737762451, 2.386378288269043, 2.124418020248413, 2.1748552322387695,
+                    2.663944721221924, 2.371192216873169, 2.6217446327209473, 2.684523105621338]
+
+
+def write_trellis_repo(directory: str | os.PathLike, full_size: bool = False, cond_channels: int = 64,
+                       occupancy: float | None = None, seed: int = 0) -> Path:
+    """A TRELLIS-image-large-shaped model repository with random weights: pipeline.json (sampler values and
+    SLat normalisation as released) + ckpts/<stem>.json/.safetensors for the five generation models. Tiny widths
+    by default (tests), or the released sizes (`full_size`, for latency benchmarks). Returns the directory."""
+    directory = Path(directory)
+    occupancy = occupancy if occupancy is not None else (0.08 if full_size else TINY_OCCUPANCY)
+    for i, slot in enumerate(SLOTS):
+        save_tiny_model(slot, directory / "ckpts" / TRELLIS_STEMS[slot], cond_channels=cond_channels,
+                        seed=seed + i, occupancy=occupancy, full_size=full_size)
+    sampler = {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5},
+               "params": {"steps": 25, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}}
+    pipeline = {"name": "TrellisImageTo3DPipeline", "args": {
+        "models": {PIPELINE_KEYS[s]: f"ckpts/{TRELLIS_STEMS[s]}" for s in SLOTS},
+        "sparse_structure_sampler": sampler, "slat_sampler": sampler,
+        "slat_normalization": {"mean": TRELLIS_SLAT_MEAN, "std": TRELLIS_SLAT_STD},
+        "image_cond_model": "dinov2_vitl14_reg"}}
+    (directory / "pipeline.json").write_text(json.dumps(pipeline, indent=2))
+    return directory
+
+
 TINY_OCCUPANCY = 0.004   # fraction of the 64³ grid a tiny random SS decoder marks occupied (~1k voxels)
 
 
-def save_tiny_model(slot: str, path: str | os.PathLike, cond_channels: int = 64, seed: int = 0) -> str:
-    """A random-weight tiny model of `slot`'s real architecture in TRELLIS format. Every parameter is redrawn
-    (std 1/sqrt(fan_in), norm weights around 1, zero-initialised output layers included) so that no output is
-    trivially zero; the tiny SS decoder's output bias is set so that about TINY_OCCUPANCY of the grid is occupied
-    for a standard-normal latent."""
+def save_tiny_model(slot: str, path: str | os.PathLike, cond_channels: int = 64, seed: int = 0,
+                    occupancy: float = TINY_OCCUPANCY, full_size: bool = False) -> str:
+    """A random-weight model of `slot`'s real architecture in TRELLIS format: tiny widths, or with `full_size` the
+    released configuration (trellis-reference.md §1.3, fp16 torso). Every parameter is redrawn (std 1/sqrt(fan_in),
+    norm weights around 1, zero-initialised output layers included) so that no output is trivially zero; the SS
+    decoder's output bias is set so that about `occupancy` of the grid is occupied for a standard-normal latent."""
     from mdt.models import build_model
 
-    name, args = tiny_model_args(slot, cond_channels)
+    name, args = full_size_model_args(slot) if full_size else tiny_model_args(slot, cond_channels)
     torch.manual_seed(seed)
     model = build_model(name, args)
+    model.float()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -279,8 +334,10 @@ def save_tiny_model(slot: str, path: str | os.PathLike, cond_channels: int = 64,
         if slot == "ss_decoder":
             z = torch.randn(2, 8, 16, 16, 16, generator=g)
             logits = model(z)
-            q = torch.quantile(logits.flatten()[::7], 1 - TINY_OCCUPANCY)
+            q = torch.quantile(logits.flatten()[::7], 1 - occupancy)
             model.out_layer[-1].bias -= q
+        if args.get("use_fp16"):
+            model.convert_to_fp16()
     save_pretrained(model, path)
     return str(path)
 

@@ -387,29 +387,19 @@ def test_readme_demo_command_runs_as_printed(tmp_path):
 def write_fake_hub(cache: Path) -> None:
     """A local Hugging Face cache holding microsoft/TRELLIS-image-large (pipeline.json + ckpts/ in TRELLIS format,
     tiny random weights) and facebook/dinov2-with-registers-large (tiny random weights): the trellis preset then
-    loads "from the hub" offline through the real code paths."""
+    loads "from the hub" offline through the real code paths. Few occupied voxels keep the 25 + 25 steps cheap."""
     from mdt.conditioning import save_tiny_dinov2
-    from mdt.generate import PIPELINE_KEYS, SLOTS, save_tiny_model
+    from mdt.generate import write_trellis_repo
 
     rev = "0" * 40
-    repo = cache / "models--microsoft--TRELLIS-image-large"
-    snap = repo / "snapshots" / rev
-    stems = {"ss_flow": "ss_flow_img_dit_L_16l8_fp16", "ss_decoder": "ss_dec_conv3d_16l8_fp16",
-             "slat_flow": "slat_flow_img_dit_L_64l8p2_fp16", "slat_decoder_gs": "slat_dec_gs_swin8_B_64l8gs32_fp16",
-             "slat_decoder_mesh": "slat_dec_mesh_swin8_B_64l8m256c_fp16"}
-    for i, slot in enumerate(SLOTS):
-        save_tiny_model(slot, snap / "ckpts" / stems[slot], cond_channels=64, seed=10 + i)
-    pipeline = {"name": "TrellisImageTo3DPipeline", "args": {
-        "models": {PIPELINE_KEYS[s]: f"ckpts/{stems[s]}" for s in SLOTS},
-        "slat_normalization": {"mean": [0.1 * i for i in range(8)], "std": [1.0 + 0.1 * i for i in range(8)]},
-        "image_cond_model": "dinov2_vitl14_reg"}}
-    (snap / "pipeline.json").write_text(json.dumps(pipeline))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(rev)
-    dino = cache / "models--facebook--dinov2-with-registers-large"
-    save_tiny_dinov2(dino / "snapshots" / rev, hidden_size=64)
-    (dino / "refs").mkdir(parents=True, exist_ok=True)
-    (dino / "refs" / "main").write_text(rev)
+    for repo_dir, write in (("models--microsoft--TRELLIS-image-large",
+                             lambda d: write_trellis_repo(d, cond_channels=64, occupancy=0.0005, seed=10)),
+                            ("models--facebook--dinov2-with-registers-large",
+                             lambda d: save_tiny_dinov2(d, hidden_size=64))):
+        repo = cache / repo_dir
+        write(repo / "snapshots" / rev)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(rev)
 
 
 def test_readme_trellis_command_loads_trellis_checkpoints_by_hub_id(tmp_path):
@@ -431,3 +421,14 @@ def test_readme_trellis_command_loads_trellis_checkpoints_by_hub_id(tmp_path):
     timings = json.loads((out / "timings.json").read_text())
     assert timings["nfe"] == {"ss_flow": 25 + 19, "slat_flow": 25 + 19}   # pipeline.json sampling (§3.2)
     assert len(trimesh.load(str(out / "mesh.glb"), force="mesh").faces) > 0
+
+
+def test_generation_latency_benchmark_prints_rows_side_by_side(tmp_path, capsys):
+    """`python -m mdt.bench.generate` on tiny random TRELLIS-shaped models (the GPU run uses --full-size)."""
+    from mdt.bench.generate import main
+
+    assert main(["--repo", str(tmp_path / "repo"), "--steps", "1", "2", "--repeats", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1+1 | 2+2 |" in out and "| 2+2 | 4+4 |" in out and "sampling: 2+2 steps / 1+1 steps =" in out
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows["1"]["seconds"]["ss_flow"] > 0 and rows["2"]["seconds"]["slat_flow"] > 0
