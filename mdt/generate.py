@@ -783,7 +783,7 @@ def generate(cfg: GenerateConfig, images: list[str], output: str | None = None,
         timings = dict(gen.timings)
         timings["export"] = round(t_export, 6)
         timings["previews"] = round(time.perf_counter() - t0, 6)
-        record = {"image": str(path), "warm": warmed, "device": str(pipe.device), "precision": cfg.precision,
+        record = {"image": str(path), "warm": cfg.warmup, "device": str(pipe.device), "precision": cfg.precision,
                   "seconds": timings,
                   "generation_s": round(sum(v for k_, v in gen.timings.items() if k_ != "preprocess"), 6),
                   "nfe": gen.nfe, "steps": {"ss": cfg.ss.steps, "slat": cfg.slat.steps},
@@ -800,7 +800,7 @@ def generate(cfg: GenerateConfig, images: list[str], output: str | None = None,
             entry["error"] = "; ".join(s.note for s in gen.samples if s.note) or "no asset was produced"
         status = "FAILED: " + entry["error"] if "error" in entry else f"{produced} asset files"
         echo(f"{name}: {status} -> {directory}  ({', '.join(f'{k_} {v:.3f}s' for k_, v in timings.items())})")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     summary["ok"] = sum("error" not in e for e in summary["inputs"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

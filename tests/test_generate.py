@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "mug.png"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads():
+    """The demo preset (torch_threads: 1) and the chain fixture set torch's global thread count; later test
+    modules get theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def run_job(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
     # One intra-op thread: the suite shares 2 cores; a second thread per process only adds contention.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -342,16 +351,20 @@ def test_cli_exit_status_2_from_the_process(tmp_path):
     assert res.stderr.strip() == "argument error: --image missing.png: not a readable file"
 
 
-def test_cli_incompatible_student_fails_with_one_line(tmp_path):
+def test_cli_incompatible_student_fails_with_one_line(tmp_path, monkeypatch, capsys):
     """A flow checkpoint whose condition width does not fit the DINOv2: exit 1, one readable line."""
+    from jobs.generate import main
     from mdt.generate import save_tiny_model
 
     link_repo(tmp_path)
+    monkeypatch.chdir(tmp_path)
     save_tiny_model("ss_flow", tmp_path / "student" / "ss_flow_wide", cond_channels=32)
-    res = run_job(["jobs/generate.py", "--preset", "demo", "--image", "docs/examples/mug.png", "--output", "o",
-                   "--ss-model", "student/ss_flow_wide"], cwd=tmp_path)
-    assert res.returncode == 1
-    assert "incompatible models: ss_flow expects 32-channel condition tokens, DINOv2 gives 64" in res.stderr
+    code = main(["--preset", "demo", "--image", "docs/examples/mug.png", "--output", "o",
+                 "--ss-model", "student/ss_flow_wide"])
+    assert code == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "Loading weights" not in ln]
+    assert err[-1] == ("generation could not run: ValueError: incompatible models: ss_flow expects 32-channel "
+                       "condition tokens, DINOv2 gives 64"), err
 
 
 def readme_generation_commands() -> list[str]:
@@ -427,7 +440,8 @@ def test_generation_latency_benchmark_prints_rows_side_by_side(tmp_path, capsys)
     """`python -m mdt.bench.generate` on tiny random TRELLIS-shaped models (the GPU run uses --full-size)."""
     from mdt.bench.generate import main
 
-    assert main(["--repo", str(tmp_path / "repo"), "--steps", "1", "2", "--repeats", "1", "--device", "cpu"]) == 0
+    assert main(["--repo", str(tmp_path / "repo"), "--steps", "1", "2", "--repeats", "1", "--device", "cpu",
+                 "--occupancy", "0.0005"]) == 0
     out = capsys.readouterr().out
     assert "| 1+1 | 2+2 |" in out and "| 2+2 | 4+4 |" in out and "sampling: 2+2 steps / 1+1 steps =" in out
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 25])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--occupancy", type=float, default=None,
+                   help="fraction of the 64³ grid the random SS decoder occupies (default 0.08 full-size, 0.004 tiny)")
     p.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "docs" / "examples" / "mug.png"))
     args = p.parse_args(argv)
 
@@ -39,14 +41,14 @@ def main(argv=None) -> int:
     repo = Path(args.repo)
     if not (repo / "pipeline.json").exists():
         print(f"writing random-weight {'full-size' if args.full_size else 'tiny'} models to {repo}", flush=True)
-        write_trellis_repo(repo, full_size=args.full_size)
+        write_trellis_repo(repo, full_size=args.full_size, occupancy=args.occupancy)
         if args.full_size:
             save_tiny_dinov2(repo / "dinov2", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16)
         else:
             save_tiny_dinov2(repo / "dinov2", hidden_size=64)
-    cfg = load_config(GenerateConfig, "trellis", [("models.pipeline", str(repo)), ("models.dinov2", str(repo / "dinov2")),
-                                                  ("device", args.device), ("precision", args.precision),
-                                                  ("num_samples", args.num_samples)], prefix="generate_")
+    overrides = [("models.pipeline", str(repo)), ("models.dinov2", str(repo / "dinov2")), ("device", args.device),
+                 ("precision", args.precision), ("num_samples", args.num_samples)]
+    cfg = load_config(GenerateConfig, "trellis", overrides, prefix="generate_")
     pipe = ImageTo3D.from_config(cfg)
     image = load_image(args.image)
     pipe.warmup(image)

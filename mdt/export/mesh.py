@@ -11,7 +11,7 @@ from torch import Tensor
 from .flexicubes import MeshData
 from .ply import Z_UP_TO_Y_UP
 
-# Unit-cube face quads per direction (+x, −x, +y, −y, +z, −z): corner offsets, counter-clockwise seen from outside.
+# Unit-cube face quads per direction (+x, −x, +y, −y, +z, −z): corner offsets, counter-clockwise from outside.
 _FACE_QUADS = {
     (1, 0, 0): ((1, 0, 0), (1, 1, 0), (1, 1, 1), (1, 0, 1)),
     (-1, 0, 0): ((0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 0)),
