@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -37,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,7 +43,6 @@ from mdt.conditioning import (DINOV2_HUB_ID, ImageConditioner, preprocess_condit
                               to_pil)
 from mdt.flow import FlowEulerSampler, count_nfe
 from mdt.models import Gaussians, TrellisModule, from_pretrained, save_pretrained
-from mdt.models.io import resolve_checkpoint
 from mdt.sparse import SparseTensor, sparse_cat, sparse_unbind
 
 log = logging.getLogger(__name__)
@@ -568,15 +565,17 @@ class ImageTo3D:
 
     @torch.no_grad()
     def decode_meshes(self, slat: SparseTensor) -> list:
-        from mdt.export.flexicubes import mesh_from_decoder_output
+        from mdt.export.flexicubes import MeshData, mesh_from_decoder_output
 
         dec, parts, out = self.models["slat_decoder_mesh"], sparse_unbind(slat), []
         resolution = dec.resolution * 4
         for group in self.chunks(slat):
             h = dec(sparse_cat([parts[i] for i in group]))
             for sl in h.layout:
-                out.append(mesh_from_decoder_output(h.coords[sl][:, 1:], h.feats[sl], resolution))
-            del h
+                m = mesh_from_decoder_output(h.coords[sl][:, 1:], h.feats[sl], resolution)
+                out.append(MeshData(m.vertices.cpu(), m.faces.cpu(),
+                                    None if m.attributes is None else m.attributes.cpu()))
+            del h  # the 4×-resolution decoder output is the largest tensor of the chain
         return out
 
     # ---- everything --------------------------------------------------------------------------------------
