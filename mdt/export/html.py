@@ -45,7 +45,7 @@ _SCRIPT = r"""
   });
   function draw(p) {
     var W = p.canvas.width, ctx = p.ctx, cy = Math.cos(state.yaw), sy = Math.sin(state.yaw);
-    var cp = Math.cos(state.pitch), sp = Math.sin(state.pitch), scale = 0.5 * W / 0.62 * state.zoom;
+    var cp = Math.cos(state.pitch), sp = Math.sin(state.pitch), scale = 0.5 * W / 0.75 * state.zoom;
     ctx.fillStyle = DATA.background; ctx.fillRect(0, 0, W, W);
     var i, x, y, z, xr, yr, dmin = 1e9, dmax = -1e9;
     for (i = 0; i < p.n; i++) {
