@@ -738,11 +738,20 @@ def generate(cfg: GenerateConfig, images: list[str], output: str | None = None,
     """Run the chain on every image; per input write `<output>/<name>/` (gaussians.ply, mesh.glb, preview.png,
     viewer.html, timings.json, occupancy.glb with decode.occupancy_mesh; with num_samples K > 1 the asset files
     go to `sample_<k>/`). Returns the run summary (also `<output>/summary.json`). A failing input is recorded
-    with its reason; the others still run."""
-    out = Path(output or cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    with its reason; the others still run. `cfg.torch_threads` applies for the duration of the call."""
+    threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
+    try:
+        return _generate(cfg, images, output, pipeline, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(cfg: GenerateConfig, images: list[str], output: str | None, pipeline: ImageTo3D | None,
+              echo) -> dict:
+    out = Path(output or cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
     pipe = pipeline or ImageTo3D.from_config(cfg)
     for slot, src in pipe.sources.items():
         echo(f"model {slot}: {src.path} [{src.origin}]")
