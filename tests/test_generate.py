@@ -446,3 +446,14 @@ def test_generation_latency_benchmark_prints_rows_side_by_side(tmp_path, capsys)
     assert "| 1+1 | 2+2 |" in out and "| 2+2 | 4+4 |" in out and "sampling: 2+2 steps / 1+1 steps =" in out
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert rows["1"]["seconds"]["ss_flow"] > 0 and rows["2"]["seconds"]["slat_flow"] > 0
+
+
+def test_oversized_image_is_refused_before_decoding(tmp_path):
+    """A small file that decodes to 81 M pixels (a decompression bomb) is refused from its header."""
+    from mdt.generate import MAX_IMAGE_PIXELS, load_image
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (9000, 9000)).save(path)
+    assert path.stat().st_size < 200_000 and 9000 * 9000 > MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match="9000x9000 pixels is more than"):
+        load_image(path)
