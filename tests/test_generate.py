@@ -265,6 +265,8 @@ def test_generate_writes_readable_assets_for_two_batched_samples(tiny_pipeline):
     voxels = [s["voxels"] for s in timings["samples"]]
     assert all(v > 0 for v in voxels)
     assert all(s["gaussians"] == 32 * s["voxels"] for s in timings["samples"])
+    for k, s in enumerate(timings["samples"]):   # 32 Gaussians per occupied voxel, all of them in the file
+        assert PlyData.read(str(d / f"sample_{k}" / "gaussians.ply"))["vertex"].count == 32 * s["voxels"]
     assert "<script src" not in (d / "viewer.html").read_text()
 
 
