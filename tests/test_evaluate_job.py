@@ -1,6 +1,6 @@
-"""The evaluation job end to end on a few tiny shards: `jobs/evaluate.py --preset ci` with tiny random-weight
-teacher/student/decoder, through the Ray Data graph, to results.json, table.md, plots, previews and one MLflow
-run linked to a distillation run; bad arguments exit 2 before anything starts."""
+"""The evaluation job end to end on a few tiny shards: the README's `jobs/evaluate.py --preset ci` command with
+tiny random-weight teacher/student/decoder, through the Ray Data graph, to results.json, table.md, plots,
+previews and one MLflow run (linked to a distillation run); bad arguments exit 2 before anything starts."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ def inputs(tmp_path_factory):
     from mdt.eval.snapshots import OccupancyProbe
 
     tmp = tmp_path_factory.mktemp("eval")
-    data = write_tiny_shards(tmp / "data", n=5)
+    data = write_tiny_shards(tmp / "pre", n=5)
     teacher = perturbed_teacher(tmp / "models" / "teacher")
     student = perturbed_teacher(tmp / "models" / "student", seed=2)
     probe = OccupancyProbe(8, hidden=8)
@@ -28,26 +28,38 @@ def inputs(tmp_path_factory):
             "decoder": str(tmp / "models" / "probe")}
 
 
+README_COMMAND = ("python jobs/evaluate.py --preset ci --data outputs/pre --teacher outputs/models/teacher "
+                  "--student outputs/models/student --decoder outputs/models/probe --output outputs/eval")
+
+
 def _args(inputs, out: Path, *extra: str) -> list[str]:
     return ["--preset", "ci", "--data", inputs["data"], "--teacher", inputs["teacher"], "--student",
             inputs["student"], "--decoder", inputs["decoder"], "--output", str(out), *extra]
 
 
-def test_evaluate_job_end_to_end(inputs, ray_connected, monkeypatch, capsys):
+def test_readme_command_end_to_end(inputs, ray_connected, tmp_path):
+    """The README's evaluation command, verbatim, in a directory holding its inputs (shards, tiny models)."""
+    import os
+    import subprocess
+    import sys
+
     from mlflow import MlflowClient
 
-    from jobs.evaluate import main
+    from infra.doc_commands import commands
 
-    tmp = inputs["tmp"]
-    monkeypatch.chdir(tmp)                                   # the ci preset's relative paths land here
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    c = MlflowClient(uri)
-    distill_run = c.create_run(c.create_experiment("distill")).info.run_id
-
-    assert main(_args(inputs, tmp / "eval", "--distill-run", distill_run)) == 0
-    printed = capsys.readouterr().out
-    run_dir = tmp / "eval" / "evaluate-ci"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert README_COMMAND in [c.text for c in commands(readme)]
+    root = Path(__file__).resolve().parents[1]
+    for d in ("jobs", "mdt", "pipelines"):
+        (tmp_path / d).symlink_to(root / d)
+    (tmp_path / "outputs").symlink_to(inputs["tmp"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(root),
+           "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ray_connected.address}
+    r = subprocess.run(["bash", "-c", README_COMMAND], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = inputs["tmp"] / "eval" / "evaluate-ci"
     res = json.loads((run_dir / "results.json").read_text())
     assert res["assets"] == 4                                 # max_assets of the preset (5 shards)
     labels = [r["sampler"] for r in res["rows"]]
@@ -56,30 +68,49 @@ def test_evaluate_job_end_to_end(inputs, ray_connected, monkeypatch, capsys):
     assert res["feature_nets"]["inception"]["name"].startswith("tiny-random-inception")
     assert res["feature_nets"]["dinov2"]["name"].startswith("tiny-random-dinov2")
     assert not res["feature_nets"]["inception"]["real_weights"]
-    for r in res["rows"]:
-        assert r["samples"] == 4
-        assert 0.0 <= r["iou"] <= 1.0 and 0.0 <= r["fscore"] <= 1.0 and r["chamfer"] >= 0.0
-        assert r["fd_incep"] >= 0.0 and r["fd_dinov2"] >= 0.0 and math.isfinite(r["fd_incep"])
-        assert r["latency_s"] > 0 and set(r["latency_stages_s"]) == {"condition", "ss_sample", "ss_decode"}
-    nfe = {r["sampler"]: r["nfe"] for r in res["rows"]}
+    for row in res["rows"]:
+        assert row["samples"] == 4
+        assert 0.0 <= row["iou"] <= 1.0 and 0.0 <= row["fscore"] <= 1.0 and row["chamfer"] >= 0.0
+        assert row["fd_incep"] >= 0.0 and row["fd_dinov2"] >= 0.0 and math.isfinite(row["fd_incep"])
+        assert row["latency_s"] > 0 and set(row["latency_stages_s"]) == {"condition", "ss_sample", "ss_decode"}
+    nfe = {row["sampler"]: row["nfe"] for row in res["rows"]}
     assert nfe == {"teacher 4-step": 4, "teacher 1-step": 1, "student 1-step": 1, "student 2-step": 2}
     ref = res["rows"][0]                                      # the reference sampler against itself
     assert ref["mse_ref"] == 0.0 and ref["iou_ref"] == 1.0 and ref["speedup"] == pytest.approx(1.0)
     assert res["rows"][1]["mse_ref"] > 0.0                    # a different sampler from the same noise
     table = (run_dir / "table.md").read_text()
-    assert "| teacher 4-step | 4 |" in table and "tiny-random-inception" in table and table in printed + table
+    assert "| teacher 4-step | 4 |" in table and "tiny-random-inception" in table
+    assert "| student 2-step |" in r.stdout
     assert (run_dir / "metrics.png").stat().st_size > 1000
-    assert sorted(p.name for p in (run_dir / "previews").iterdir()) == sorted(
-        f"{lbl.replace(' ', '_')}.png" for lbl in labels)
-    # one MLflow run per evaluation, linked both ways to the distillation run
+    assert {p.name for p in (run_dir / "previews").iterdir()} >= {f"{lbl.replace(' ', '_')}.png" for lbl in labels}
+    c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("mdt-eval-ci").experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.data.tags["mdt.distill_run_id"] == distill_run
-    assert c.get_run(distill_run).data.tags["mdt.eval_run_id"] == run.info.run_id
-    assert run.data.metrics["student_1-step.iou"] == pytest.approx(res["rows"][2]["iou"])
-    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert len(runs) == 1                                     # one MLflow run per evaluation
+    assert runs[0].data.metrics["student_1-step.iou"] == pytest.approx(res["rows"][2]["iou"])
+    arts = {a.path for a in c.list_artifacts(runs[0].info.run_id)}
     assert {"results.json", "table.md", "metrics.png", "previews"} <= arts
+
+
+def test_mlflow_run_is_linked_to_the_distillation_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from mdt.config import load_config
+    from pipelines.evaluate import EvaluateConfig, log_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    distill_run = c.create_run(c.create_experiment("distill")).info.run_id
+    cfg = load_config(EvaluateConfig, "ci", [("mlflow.tracking_uri", uri), ("mlflow.distill_run_id", distill_run)],
+                      prefix="evaluate_")
+    for f in ("results.json", "table.md", "metrics.png"):
+        (tmp_path / f).write_text("x")
+    rows = [{"sampler": "student 1-step", "nfe": 1, "iou": 0.5, "fd_incep": float("nan")}]
+    rid = log_mlflow(cfg, {"rows": rows}, tmp_path, [])
+    run = c.get_run(rid)
+    assert run.data.tags["mdt.distill_run_id"] == distill_run and run.data.params["mlflow.distill_run_id"] == \
+        distill_run
+    assert c.get_run(distill_run).data.tags["mdt.eval_run_id"] == rid
+    assert run.data.metrics == {"student_1-step.nfe": 1.0, "student_1-step.iou": 0.5}   # NaN is not logged
 
 
 @pytest.mark.parametrize("drop, message", [("--data", "data.uri"), ("--decoder", "ss_decoder"),
