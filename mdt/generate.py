@@ -1,0 +1,734 @@
+"""Image -> 3D: TRELLIS's image-to-3D chain with any mix of teacher / student flow models per stage.
+
+    cfg = load_config(GenerateConfig, "demo", prefix="generate_")          # jobs/configs/generate_demo.yaml
+    pipe = ImageTo3D.from_config(cfg)                                       # loads (or creates tiny) models
+    gen = pipe.run(load_image("cat.png"), num_samples=2, seed=42)          # -> Generation (per-stage timings)
+    gen.samples[0].gaussians, gen.samples[0].mesh, gen.samples[0].coords
+    report = generate(cfg, ["cat.png"], "outputs/gen")                     # all of it, files written per input
+
+The chain (trellis-reference.md §3): condition image (alpha crop / centring, premultiplied on black) -> DINOv2
+tokens -> SS flow (dense 16³×8 latent, Euler + CFG on an interval) -> SS decoder -> occupied voxels = logits > 0
+-> SLat flow on those coordinates (normalised latent, de-normalised after sampling) -> Gaussian decoder and mesh
+decoder (-> FlexiCubes). `num_samples` samples per image run as one batch in every stage; decoding and mesh
+extraction run over groups of whole samples holding at most `decode.max_voxels_per_chunk` voxels at a time.
+
+Functions and classes (stable API):
+* `GenerateConfig` (+ `StageSampler`, `GenerateModels`, `DecodeConfig`, `PreviewConfig`): the config tree,
+  presets `jobs/configs/generate_<name>.yaml`.
+* `resolve_model_paths(cfg) -> dict[slot, ModelSource]`: which checkpoint each slot uses and where it came from
+  (the preset / an override, a TRELLIS `pipeline.json`, or a random-weight tiny model created by this run).
+* `ImageTo3D.from_config(cfg)`; methods `condition`, `sample_structure`, `sample_latent`, `decode_gaussians`,
+  `decode_meshes`, `run`, `warmup`.
+* `load_image(path)`, `preprocess_image(image, size)`: hostile-input-safe loading and TRELLIS's crop.
+* `Generation` / `GeneratedSample`: what `run` returns (coords, Gaussians, mesh, occupancy mesh, timings, NFE).
+* `write_sample_files`, `write_previews`: the per-input files; `generate(cfg, images, output)`: the whole job.
+* `save_tiny_model(slot, path, cond_channels)`: random-weight tiny models of the real architectures.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mdt.conditioning import (DINOV2_HUB_ID, ImageConditioner, preprocess_condition_image, save_tiny_dinov2,
+                              to_pil)
+from mdt.flow import FlowEulerSampler, count_nfe
+from mdt.models import Gaussians, TrellisModule, from_pretrained, save_pretrained
+from mdt.models.io import resolve_checkpoint
+from mdt.sparse import SparseTensor, sparse_cat, sparse_unbind
+
+log = logging.getLogger(__name__)
+
+SLOTS = ("ss_flow", "ss_decoder", "slat_flow", "slat_decoder_gs", "slat_decoder_mesh")
+# TRELLIS pipeline.json `models` keys for our slots.
+PIPELINE_KEYS = {"ss_flow": "sparse_structure_flow_model", "ss_decoder": "sparse_structure_decoder",
+                 "slat_flow": "slat_flow_model", "slat_decoder_gs": "slat_decoder_gs",
+                 "slat_decoder_mesh": "slat_decoder_mesh"}
+FORMATS = ("gaussians", "mesh")
+MAX_IMAGE_PIXELS = 64_000_000       # larger inputs are refused (decompression bombs), far above any photo
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StageSampler:
+    """Euler sampling of one flow stage (TRELLIS's FlowEulerGuidanceIntervalSampler parameters)."""
+
+    steps: int = 25
+    cfg_strength: float = 5.0
+    cfg_interval: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    rescale_t: float = 3.0
+
+    def nfe(self) -> int:
+        return count_nfe(self.steps, self.cfg_strength, tuple(self.cfg_interval), self.rescale_t)
+
+
+@dataclass
+class GenerateModels:
+    """Checkpoints per slot: `<dir>/<stem>` or `<owner>/<repo>/<path/to/stem>` (TRELLIS json + safetensors).
+
+    A slot left null is taken from `pipeline` (a TRELLIS model repo: HF id or local directory with
+    pipeline.json). With `tiny_models` set, a slot whose checkpoint does not exist gets a random-weight tiny model
+    of the real architecture, written once under that directory (the output says so)."""
+
+    pipeline: str | None = None
+    dinov2: str | None = None
+    ss_flow: str | None = None
+    ss_decoder: str | None = None
+    slat_flow: str | None = None
+    slat_decoder_gs: str | None = None
+    slat_decoder_mesh: str | None = None
+    tiny_models: str | None = None
+
+
+@dataclass
+class DecodeConfig:
+    formats: list[str] = field(default_factory=lambda: ["gaussians", "mesh"])
+    max_voxels_per_chunk: int = 100_000   # SLat voxels decoded together (whole samples, at least one)
+    max_structure_voxels: int | None = None  # cap on occupied voxels per sample (the highest logits are kept)
+    occupancy_mesh: bool = False          # also a coarse mesh of the SS occupancy (occupancy.glb)
+
+
+@dataclass
+class PreviewConfig:
+    png: bool = True
+    html: bool = True
+    views: int = 4
+    size: int = 192
+    surface_points: int = 20000           # mesh surface samples shown per mesh
+
+
+@dataclass
+class GenerateConfig:
+    models: GenerateModels = field(default_factory=GenerateModels)
+    ss: StageSampler = field(default_factory=StageSampler)
+    slat: StageSampler = field(default_factory=StageSampler)
+    image_size: int = 518                 # DINOv2 input side (518 -> 37² patches for ViT-L/14)
+    alpha_threshold: float = 204.0        # bbox of alpha > 0.8·255, as TRELLIS's inference path
+    slat_normalization: dict[str, list[float]] | None = None   # {mean, std}; null: from pipeline.json
+    num_samples: int = 1
+    seed: int = 42
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"               # auto (fp16 torso on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    warmup: bool = True                   # one untimed pass first, so timings.json holds warm figures
+    torch_threads: int | None = None      # intra-op CPU threads for generate() (None: torch's default)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    output: str = "outputs/generate"
+
+    def validate(self) -> None:
+        from mdt.config import ConfigError
+
+        for name, s in (("ss", self.ss), ("slat", self.slat)):
+            if s.steps < 1:
+                raise ConfigError(f"{name}.steps must be >= 1, got {s.steps}")
+            if len(s.cfg_interval) != 2 or s.cfg_interval[0] > s.cfg_interval[1]:
+                raise ConfigError(f"{name}.cfg_interval must be [lo, hi] with lo <= hi, got {s.cfg_interval}")
+            if s.rescale_t <= 0:
+                raise ConfigError(f"{name}.rescale_t must be > 0")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
+        bad = [f for f in self.decode.formats if f not in FORMATS]
+        if bad:
+            raise ConfigError(f"decode.formats: unknown {bad}; known: {list(FORMATS)}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        if self.decode.max_voxels_per_chunk < 1:
+            raise ConfigError("decode.max_voxels_per_chunk must be >= 1")
+        if self.slat_normalization is not None and set(self.slat_normalization) != {"mean", "std"}:
+            raise ConfigError("slat_normalization must have exactly the keys mean and std")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Models: where each comes from
+# ------------------------------------------------------------------------------------------------------------
+
+TINY_NOW = "random-weight tiny model, created by this run"
+TINY_EARLIER = "random-weight tiny model, created by an earlier run"
+
+
+@dataclass
+class ModelSource:
+    path: str
+    origin: str        # "config" | "pipeline.json" | TINY_NOW | TINY_EARLIER
+
+
+def checkpoint_exists(path: str) -> bool:
+    return Path(str(path) + ".json").exists() and Path(str(path) + ".safetensors").exists()
+
+
+def looks_like_hub_path(path: str) -> bool:
+    parts = str(path).split("/")
+    return len(parts) >= 3 and not str(path).startswith((".", "/", "~")) and not Path(parts[0]).exists()
+
+
+def read_pipeline_json(pipeline: str) -> dict:
+    local = Path(pipeline) / "pipeline.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download  # honours HF_HUB_OFFLINE and the local cache
+
+    return json.loads(Path(hf_hub_download(pipeline, "pipeline.json")).read_text())
+
+
+def resolve_model_paths(cfg: GenerateConfig) -> tuple[dict[str, ModelSource], dict]:
+    """(slot -> ModelSource, the pipeline.json `args` or {}). Creates tiny models where the config says so."""
+    m = cfg.models
+    pipe_args = read_pipeline_json(m.pipeline).get("args", {}) if m.pipeline else {}
+    sources: dict[str, ModelSource] = {}
+    for slot in SLOTS:
+        path = getattr(m, slot)
+        origin = "config"
+        if path is None and pipe_args:
+            rel = pipe_args.get("models", {}).get(PIPELINE_KEYS[slot])
+            if rel is not None:
+                path, origin = f"{m.pipeline.rstrip('/')}/{rel}", "pipeline.json"
+        if path is not None and m.tiny_models and not checkpoint_exists(path) and not looks_like_hub_path(path):
+            path = None                       # a demo path that this clone has not produced yet
+        if path is None:
+            if not m.tiny_models:
+                raise FileNotFoundError(f"no checkpoint for {slot}: set models.{slot} or models.pipeline")
+            path = str(Path(m.tiny_models) / f"{slot}_tiny")
+            origin = TINY_EARLIER if checkpoint_exists(path) else TINY_NOW
+        sources[slot] = ModelSource(str(path), origin)
+    dino, origin = m.dinov2, "config"
+    if dino is None and pipe_args:
+        dino, origin = DINOV2_HUB_ID, "pipeline.json"  # image_cond_model dinov2_vitl14_reg = this HF checkpoint
+    if dino is not None and m.tiny_models and not (Path(dino) / "config.json").exists() \
+            and not _is_hub_repo_id(dino):
+        dino = None                           # a demo path that this clone has not produced yet
+    if dino is None:
+        if not m.tiny_models:
+            raise FileNotFoundError("no DINOv2 model: set models.dinov2 or models.pipeline")
+        dino = str(Path(m.tiny_models) / "dinov2_tiny")
+        origin = TINY_EARLIER if (Path(dino) / "config.json").exists() else TINY_NOW
+    sources["dinov2"] = ModelSource(str(dino), origin)
+    return sources, pipe_args
+
+
+def _is_hub_repo_id(s: str) -> bool:
+    parts = str(s).split("/")
+    return len(parts) == 2 and all(parts) and not str(s).startswith((".", "/", "~"))
+
+
+# Tiny versions of the real architectures (same classes, small widths), for tests and the CPU demo.
+def tiny_model_args(slot: str, cond_channels: int) -> tuple[str, dict]:
+    swin = dict(resolution=64, latent_channels=8, num_blocks=1, num_heads=4, mlp_ratio=2, attn_mode="swin",
+                window_size=8, pe_mode="ape", use_fp16=False)
+    table = {
+        "ss_flow": ("SparseStructureFlowModel", dict(
+            resolution=16, in_channels=8, out_channels=8, model_channels=64, cond_channels=cond_channels,
+            num_blocks=1, num_heads=4, mlp_ratio=2, patch_size=2, pe_mode="ape", qk_rms_norm=True,
+            use_fp16=False)),
+        "ss_decoder": ("SparseStructureDecoder", dict(
+            out_channels=1, latent_channels=8, num_res_blocks=1, num_res_blocks_middle=1, channels=[32, 16, 8],
+            use_fp16=False)),
+        "slat_flow": ("SLatFlowModel", dict(
+            resolution=64, in_channels=8, out_channels=8, model_channels=64, cond_channels=cond_channels,
+            num_blocks=1, num_heads=4, mlp_ratio=2, patch_size=2, num_io_res_blocks=1, io_block_channels=[32],
+            pe_mode="ape", qk_rms_norm=True, use_fp16=False)),
+        "slat_decoder_gs": ("SLatGaussianDecoder", dict(
+            model_channels=64, **swin, representation_config={
+                "lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
+                "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 32, "2d_filter_kernel_size": 0.1,
+                "3d_filter_kernel_size": 9e-4, "scaling_bias": 4e-3, "opacity_bias": 0.1,
+                "scaling_activation": "softplus"})),
+        # 256 channels: the subdivision blocks' GroupNorm(32) needs model_channels / 8 >= 32.
+        "slat_decoder_mesh": ("SLatMeshDecoder", dict(model_channels=256, **swin,
+                                                      representation_config={"use_color": True})),
+    }
+    return table[slot]
+
+
+TINY_OCCUPANCY = 0.004   # fraction of the 64³ grid a tiny random SS decoder marks occupied (~1k voxels)
+
+
+def save_tiny_model(slot: str, path: str | os.PathLike, cond_channels: int = 64, seed: int = 0) -> str:
+    """A random-weight tiny model of `slot`'s real architecture in TRELLIS format. Every parameter is redrawn
+    (std 1/sqrt(fan_in), norm weights around 1, zero-initialised output layers included) so that no output is
+    trivially zero; the tiny SS decoder's output bias is set so that about TINY_OCCUPANCY of the grid is occupied
+    for a standard-normal latent."""
+    from mdt.models import build_model
+
+    name, args = tiny_model_args(slot, cond_channels)
+    torch.manual_seed(seed)
+    model = build_model(name, args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.ndim == 1 or pname.endswith("gamma"):
+                base = 1.0 if (("norm" in pname and pname.endswith("weight")) or pname.endswith("gamma")) else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.numel() // p.shape[0] if "conv" not in pname or p.ndim != 5 else p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
+        if slot == "ss_decoder":
+            z = torch.randn(2, 8, 16, 16, 16, generator=g)
+            logits = model(z)
+            q = torch.quantile(logits.flatten()[::7], 1 - TINY_OCCUPANCY)
+            model.out_layer[-1].bias -= q
+    save_pretrained(model, path)
+    return str(path)
+
+
+def ensure_tiny_models(sources: dict[str, ModelSource], cfg: GenerateConfig) -> None:
+    """Write the tiny checkpoints `sources` says this run creates (DINOv2 first: its width is the flows'
+    condition width)."""
+    dino = sources["dinov2"]
+    if dino.origin == TINY_NOW:
+        save_tiny_dinov2(dino.path, hidden_size=64, image_size=cfg.image_size)
+    cond_channels = 64
+    if (Path(dino.path) / "config.json").exists():
+        cond_channels = int(json.loads((Path(dino.path) / "config.json").read_text()).get("hidden_size", 64))
+    for i, slot in enumerate(SLOTS):
+        src = sources[slot]
+        if src.origin == TINY_NOW:
+            save_tiny_model(slot, src.path, cond_channels=cond_channels, seed=i + 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------------------------
+
+def load_image(path: str | os.PathLike):
+    """Read one image file (only that file); refuse oversize files and decompression bombs."""
+    from PIL import Image
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{path.name}: {size} bytes is larger than the {MAX_IMAGE_BYTES} accepted")
+    with Image.open(path) as im:
+        w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{path.name}: {w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} accepted")
+        im.load()
+        return to_pil(im.copy())
+
+
+def preprocess_image(image, size: int = 518, alpha_threshold: float = 204.0) -> Tensor:
+    """TRELLIS's inference preprocessing: square 1.2× crop around the alpha bbox (alpha > 0.8·255), Lanczos
+    resize, RGB premultiplied on black -> [3, size, size]. Images without alpha are used whole (background
+    removal is not part of this chain)."""
+    return preprocess_condition_image(image, size=size, alpha_threshold=alpha_threshold)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The chain
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class GeneratedSample:
+    coords: Tensor                         # [N, 3] int, occupied voxels of the SS grid
+    gaussians: Gaussians | None = None
+    mesh: Any = None                       # mdt.export.flexicubes.MeshData
+    occupancy_mesh: Any = None
+    note: str = ""                         # why something is missing or was cut (empty occupancy, cap...)
+
+
+@dataclass
+class Generation:
+    samples: list[GeneratedSample]
+    timings: dict[str, float]              # seconds per stage (this call)
+    nfe: dict[str, int]
+    condition_image: Tensor                # [3, S, S] the preprocessed input
+
+
+class StageTimer:
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _set_precision(model: TrellisModule, precision: str, device: torch.device) -> TrellisModule:
+    if precision == "fp32" or device.type != "cuda":
+        return model.float()
+    if precision == "bf16":
+        model.float()
+        for _, module in model.torso_primitives():
+            module.to(torch.bfloat16)
+    elif precision == "fp16":
+        model.float()
+        model.convert_to_fp16()
+    return model  # auto: the published mixed layout from_pretrained keeps on CUDA
+
+
+class ImageTo3D:
+    """The loaded chain. Flow models of either stage may be a teacher or a student (any TRELLIS-format
+    checkpoint of the right class)."""
+
+    def __init__(self, models: dict[str, nn.Module], conditioner: ImageConditioner, cfg: GenerateConfig,
+                 slat_mean: Tensor, slat_std: Tensor, sources: dict[str, ModelSource] | None = None):
+        self.models, self.conditioner, self.cfg = models, conditioner, cfg
+        self.device = pick_device(cfg.device)
+        self.slat_mean, self.slat_std = slat_mean.to(self.device), slat_std.to(self.device)
+        self.sources = sources or {}
+        self.sampler = FlowEulerSampler()
+
+    @classmethod
+    def from_config(cls, cfg: GenerateConfig) -> "ImageTo3D":
+        cfg.validate()
+        sources, pipe_args = resolve_model_paths(cfg)
+        ensure_tiny_models(sources, cfg)
+        device = pick_device(cfg.device)
+        models = {}
+        for slot in SLOTS:
+            model = from_pretrained(sources[slot].path, device=device)
+            models[slot] = _set_precision(model, cfg.precision, device).eval()
+        dino_dtype = torch.float16 if device.type == "cuda" and cfg.precision != "fp32" else torch.float32
+        conditioner = ImageConditioner(sources["dinov2"].path, image_size=cfg.image_size, device=device,
+                                       dtype=dino_dtype)
+        norm = cfg.slat_normalization or pipe_args.get("slat_normalization")
+        if norm is None:
+            raise ValueError("no SLat normalisation: set slat_normalization or use a pipeline.json that has it")
+        mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
+        check_compatible(models, conditioner, mean)
+        return cls(models, conditioner, cfg, mean, std, sources)
+
+    # ---- stages ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def condition(self, images: Tensor) -> Tensor:
+        """[B, 3, S, S] in [0, 1] -> cond [B, T, C] (the negative condition is zeros)."""
+        return self.conditioner(images.to(self.device))
+
+    @torch.no_grad()
+    def sample_structure(self, cond: Tensor, num_samples: int, generator: torch.Generator,
+                         sampler: StageSampler | None = None) -> Tensor:
+        """cond [1, T, C] -> SS latents [K, 8, R, R, R] (one batch; noise drawn from `generator`)."""
+        s = sampler or self.cfg.ss
+        flow = self.models["ss_flow"]
+        r = flow.resolution
+        noise = torch.randn((num_samples, flow.in_channels, r, r, r), generator=generator, device=self.device)
+        return self.sampler.sample(flow, noise, cond, torch.zeros_like(cond), steps=s.steps,
+                                   rescale_t=s.rescale_t, cfg_strength=s.cfg_strength,
+                                   cfg_interval=tuple(s.cfg_interval))
+
+    @torch.no_grad()
+    def decode_structure(self, z: Tensor) -> tuple[list[Tensor], list[str]]:
+        """SS latents -> per sample the occupied voxel coords [N, 3] (decoder logits > 0) and a note."""
+        return self.occupied(self.models["ss_decoder"](z).float())
+
+    def occupied(self, logits: Tensor) -> tuple[list[Tensor], list[str]]:
+        """Per sample: coords [N, 3] of logits > 0 (capped to the highest `max_structure_voxels`), and a note."""
+        cap = self.cfg.decode.max_structure_voxels
+        coords, notes = [], []
+        for k in range(logits.shape[0]):
+            lg = logits[k, 0]
+            idx = torch.nonzero(lg > 0)
+            note = ""
+            if cap is not None and idx.shape[0] > cap:
+                vals = lg[idx[:, 0], idx[:, 1], idx[:, 2]]
+                keep = torch.topk(vals, cap).indices.sort().values
+                note = f"occupancy capped from {idx.shape[0]} to {cap} voxels (decode.max_structure_voxels)"
+                idx = idx[keep]
+            if idx.shape[0] == 0:
+                note = "empty occupancy (no SS decoder logit > 0): nothing to decode"
+            coords.append(idx.int())
+            notes.append(note)
+        return coords, notes
+
+    @torch.no_grad()
+    def sample_latent(self, cond: Tensor, coords: list[Tensor], generator: torch.Generator,
+                      sampler: StageSampler | None = None) -> SparseTensor:
+        """cond [1, T, C], per-sample coords (all non-empty) -> de-normalised SLat, one batch entry per sample."""
+        s = sampler or self.cfg.slat
+        flow = self.models["slat_flow"]
+        batch = torch.cat([torch.cat([torch.full((c.shape[0], 1), i, dtype=torch.int32, device=c.device), c], 1)
+                           for i, c in enumerate(coords)]).to(self.device)
+        noise = SparseTensor(torch.randn((batch.shape[0], flow.in_channels), generator=generator,
+                                         device=self.device), batch, batch_size=len(coords))
+        cond_k = cond.expand(len(coords), *cond.shape[1:])
+        z = self.sampler.sample(flow, noise, cond_k, torch.zeros_like(cond_k), steps=s.steps,
+                                rescale_t=s.rescale_t, cfg_strength=s.cfg_strength,
+                                cfg_interval=tuple(s.cfg_interval))
+        return z.replace(z.feats.float() * self.slat_std + self.slat_mean)
+
+    def chunks(self, slat: SparseTensor) -> list[list[int]]:
+        """Groups of whole samples holding at most decode.max_voxels_per_chunk voxels (at least one sample)."""
+        budget, groups, cur, n = self.cfg.decode.max_voxels_per_chunk, [], [], 0
+        for i, c in enumerate(slat.counts.tolist()):
+            if cur and n + c > budget:
+                groups.append(cur)
+                cur, n = [], 0
+            cur.append(i)
+            n += c
+        if cur:
+            groups.append(cur)
+        return groups
+
+    @torch.no_grad()
+    def decode_gaussians(self, slat: SparseTensor) -> list[Gaussians]:
+        dec, parts, out = self.models["slat_decoder_gs"], sparse_unbind(slat), []
+        for group in self.chunks(slat):
+            x = sparse_cat([parts[i] for i in group])
+            out.extend(_gaussians_to_float(g) for g in dec(x))
+        return out
+
+    @torch.no_grad()
+    def decode_meshes(self, slat: SparseTensor) -> list:
+        from mdt.export.flexicubes import mesh_from_decoder_output
+
+        dec, parts, out = self.models["slat_decoder_mesh"], sparse_unbind(slat), []
+        resolution = dec.resolution * 4
+        for group in self.chunks(slat):
+            h = dec(sparse_cat([parts[i] for i in group]))
+            for sl in h.layout:
+                out.append(mesh_from_decoder_output(h.coords[sl][:, 1:], h.feats[sl], resolution))
+            del h
+        return out
+
+    # ---- everything --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, image, num_samples: int | None = None, seed: int | None = None,
+            formats: list[str] | None = None, ss: StageSampler | None = None,
+            slat: StageSampler | None = None) -> Generation:
+        """One input image (PIL / array / bytes, or an already preprocessed [3, S, S] tensor) -> `num_samples`
+        samples in one batch. `ss` / `slat` override the config's samplers for this call."""
+        from mdt.export.mesh import occupancy_mesh
+
+        k = num_samples or self.cfg.num_samples
+        formats = formats or self.cfg.decode.formats
+        ss, slat_s = ss or self.cfg.ss, slat or self.cfg.slat
+        timer = StageTimer(self.device)
+        with timer("preprocess"):
+            img = image if isinstance(image, Tensor) else preprocess_image(image, self.cfg.image_size,
+                                                                           self.cfg.alpha_threshold)
+        with timer("condition"):
+            cond = self.condition(img.unsqueeze(0))
+        generator = torch.Generator(self.device).manual_seed(self.cfg.seed if seed is None else seed)
+        with timer("ss_flow"):
+            z = self.sample_structure(cond, k, generator, ss)
+        with timer("ss_decode"):
+            coords, notes = self.decode_structure(z)
+        resolution = self.occupancy_resolution()
+        samples = [GeneratedSample(coords=c.cpu(), note=n) for c, n in zip(coords, notes)]
+        if self.cfg.decode.occupancy_mesh:
+            with timer("occupancy_mesh"):
+                for smp in samples:
+                    smp.occupancy_mesh = occupancy_mesh(smp.coords, resolution)
+        live = [i for i, c in enumerate(coords) if c.shape[0] > 0]
+        if live:
+            with timer("slat_flow"):
+                latent = self.sample_latent(cond, [coords[i] for i in live], generator, slat_s)
+            if "gaussians" in formats:
+                with timer("decode_gaussians"):
+                    for i, g in zip(live, self.decode_gaussians(latent)):
+                        samples[i].gaussians = g
+            if "mesh" in formats:
+                with timer("decode_mesh"):
+                    for i, m in zip(live, self.decode_meshes(latent)):
+                        samples[i].mesh = m
+        return Generation(samples, {k_: round(v, 6) for k_, v in timer.seconds.items()},
+                          {"ss_flow": ss.nfe(), "slat_flow": slat_s.nfe()}, img.cpu())
+
+    def occupancy_resolution(self) -> int:
+        """Side of the occupancy grid the SS decoder produces (×2 per upsampling block of the latent grid)."""
+        ups = sum(1 for b in self.models["ss_decoder"].blocks if type(b).__name__ == "UpsampleBlock3d")
+        return self.models["ss_flow"].resolution * 2 ** ups
+
+    def warmup(self, image, num_samples: int | None = None) -> None:
+        """One untimed pass with 1 step per stage and the same batch shape (kernels, caches, allocator)."""
+        one = StageSampler(steps=1, cfg_strength=0.0, cfg_interval=[0.0, 1.0], rescale_t=1.0)
+        self.run(image, num_samples=num_samples, ss=one, slat=one)
+
+
+def _gaussians_to_float(g: Gaussians) -> Gaussians:
+    return Gaussians(xyz=g.xyz.float().cpu(), features_dc=g.features_dc.float().cpu(),
+                     scaling=g.scaling.float().cpu(), rotation=g.rotation.float().cpu(),
+                     opacity=g.opacity.float().cpu(), scaling_bias=g.scaling_bias, opacity_bias=g.opacity_bias,
+                     filter_3d=g.filter_3d)
+
+
+def check_compatible(models: dict[str, nn.Module], conditioner: ImageConditioner, slat_mean: Tensor) -> None:
+    """One readable error for models that cannot work together (instead of a shape error mid-run)."""
+    problems = []
+    for slot in ("ss_flow", "slat_flow"):
+        cc = models[slot].blocks[0].cross_attn.to_q.in_features if hasattr(models[slot], "blocks") else None
+        kv = getattr(models[slot].blocks[0].cross_attn, "to_kv", None)
+        cond_in = kv.in_features if kv is not None else cc
+        if cond_in is not None and cond_in != conditioner.channels:
+            problems.append(f"{slot} expects {cond_in}-channel condition tokens, DINOv2 gives {conditioner.channels}")
+    ssf, ssd = models["ss_flow"], models["ss_decoder"]
+    if ssf.out_channels != ssd.latent_channels:
+        problems.append(f"ss_flow makes {ssf.out_channels}-channel latents, ss_decoder takes {ssd.latent_channels}")
+    lat = models["slat_flow"].out_channels
+    for slot in ("slat_decoder_gs", "slat_decoder_mesh"):
+        if models[slot].latent_channels != lat:
+            problems.append(f"{slot} takes {models[slot].latent_channels}-channel latents, slat_flow makes {lat}")
+    if slat_mean.numel() != lat:
+        problems.append(f"slat_normalization has {slat_mean.numel()} channels, slat_flow makes {lat}")
+    if problems:
+        raise ValueError("incompatible models: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------------------
+
+def sample_point_clouds(sample: GeneratedSample, resolution: int, surface_points: int, prefix: str = ""):
+    """What previews show of one sample: Gaussian centres, mesh surface samples, occupied voxel centres."""
+    from mdt.export.mesh import sample_surface
+    from mdt.export.ply import gaussian_colors
+    from mdt.export.preview import PointCloud, shade_normals
+
+    clouds = []
+    if sample.gaussians is not None:
+        g = sample.gaussians
+        keep = g.activated_opacity.reshape(-1) > 0.05
+        clouds.append(PointCloud(f"{prefix}gaussians", g.world_xyz[keep], gaussian_colors(g)[keep]))
+    if sample.mesh is not None and sample.mesh.num_faces:
+        pts, nrm, col = sample_surface(sample.mesh, surface_points)
+        clouds.append(PointCloud(f"{prefix}mesh", pts, shade_normals(nrm, col)))
+    if sample.occupancy_mesh is not None and sample.occupancy_mesh.num_faces:
+        pts, nrm, col = sample_surface(sample.occupancy_mesh, surface_points)
+        clouds.append(PointCloud(f"{prefix}occupancy", pts, shade_normals(nrm, col)))
+    elif sample.coords.shape[0]:
+        c = (sample.coords.float() + 0.5) / resolution - 0.5
+        clouds.append(PointCloud(f"{prefix}occupancy", c, torch.full_like(c, 0.5)))
+    return clouds
+
+
+def write_sample_files(directory: Path, sample: GeneratedSample) -> dict[str, str]:
+    """gaussians.ply, mesh.glb, occupancy.glb (when present) -> {kind: path}."""
+    from mdt.export.mesh import write_glb
+    from mdt.export.ply import write_gaussian_ply
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if sample.gaussians is not None:
+        files["gaussians"] = str(write_gaussian_ply(directory / "gaussians.ply", sample.gaussians))
+    if sample.mesh is not None and sample.mesh.num_faces:
+        files["mesh"] = str(write_glb(directory / "mesh.glb", sample.mesh))
+    elif sample.mesh is not None:
+        sample.note = (sample.note + "; " if sample.note else "") + "mesh extraction found no surface"
+    if sample.occupancy_mesh is not None and sample.occupancy_mesh.num_faces:
+        files["occupancy_mesh"] = str(write_glb(directory / "occupancy.glb", sample.occupancy_mesh))
+    return files
+
+
+def write_previews(directory: Path, name: str, gen: Generation, resolution: int, cfg: PreviewConfig) -> dict:
+    from mdt.export.html import write_orbit_viewer
+    from mdt.export.preview import save_preview
+
+    many = len(gen.samples) > 1
+    clouds = []
+    for k, s in enumerate(gen.samples):
+        clouds += sample_point_clouds(s, resolution, cfg.surface_points, prefix=f"sample {k}: " if many else "")
+    files = {}
+    if not clouds:
+        return files
+    if cfg.png:
+        files["preview"] = str(save_preview(directory / "preview.png", clouds, views=cfg.views, size=cfg.size))
+    if cfg.html:
+        files["viewer"] = str(write_orbit_viewer(directory / "viewer.html", clouds, title=name))
+    return files
+
+
+def safe_name(path: str, taken: set[str]) -> str:
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(path).stem) or "image"
+    name, i = stem, 1
+    while name in taken:
+        i += 1
+        name = f"{stem}_{i}"
+    taken.add(name)
+    return name
+
+
+def generate(cfg: GenerateConfig, images: list[str], output: str | None = None,
+             pipeline: ImageTo3D | None = None, echo=print) -> dict:
+    """Run the chain on every image; per input write `<output>/<name>/` (gaussians.ply, mesh.glb, preview.png,
+    viewer.html, timings.json, occupancy.glb with decode.occupancy_mesh; with num_samples K > 1 the asset files
+    go to `sample_<k>/`). Returns the run summary (also `<output>/summary.json`). A failing input is recorded
+    with its reason; the others still run."""
+    out = Path(output or cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    pipe = pipeline or ImageTo3D.from_config(cfg)
+    for slot, src in pipe.sources.items():
+        echo(f"model {slot}: {src.path} [{src.origin}]")
+    summary = {"models": {k: vars(v) for k, v in pipe.sources.items()}, "device": str(pipe.device),
+               "precision": cfg.precision, "ss": vars(cfg.ss), "slat": vars(cfg.slat),
+               "num_samples": cfg.num_samples, "seed": cfg.seed, "inputs": []}
+    taken: set[str] = set()
+    warmed = not cfg.warmup
+    for path in images:
+        name = safe_name(path, taken)
+        entry: dict[str, Any] = {"image": str(path), "name": name, "dir": str(out / name)}
+        summary["inputs"].append(entry)
+        try:
+            image = load_image(path)
+            if not warmed:
+                t0 = time.perf_counter()
+                pipe.warmup(image)
+                entry["warmup_s"] = round(time.perf_counter() - t0, 3)
+                warmed = True
+            gen = pipe.run(image)
+        except Exception as exc:  # one bad input is a recorded failure, not the end of the run
+            log.debug("input %s failed", path, exc_info=True)
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            echo(f"{name}: FAILED: {entry['error']}")
+            continue
+        directory = out / name
+        directory.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        resolution = pipe.occupancy_resolution()
+        files: dict[str, Any] = {}
+        for k, sample in enumerate(gen.samples):
+            sdir = directory if len(gen.samples) == 1 else directory / f"sample_{k}"
+            files[str(k)] = write_sample_files(sdir, sample)
+        t_export = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        previews = write_previews(directory, name, gen, resolution, cfg.preview)
+        timings = dict(gen.timings)
+        timings["export"] = round(t_export, 6)
+        timings["previews"] = round(time.perf_counter() - t0, 6)
+        record = {"image": str(path), "warm": warmed, "device": str(pipe.device), "precision": cfg.precision,
+                  "seconds": timings,
+                  "generation_s": round(sum(v for k_, v in gen.timings.items() if k_ != "preprocess"), 6),
+                  "nfe": gen.nfe, "steps": {"ss": cfg.ss.steps, "slat": cfg.slat.steps},
+                  "num_samples": len(gen.samples),
+                  "samples": [{"voxels": int(s.coords.shape[0]),
+                               "gaussians": 0 if s.gaussians is None else int(s.gaussians.xyz.shape[0]),
+                               "mesh_faces": 0 if s.mesh is None else s.mesh.num_faces,
+                               "note": s.note} for s in gen.samples]}
+        (directory / "timings.json").write_text(json.dumps(record, indent=2))
+        entry.update({"files": files, "previews": previews, "timings": str(directory / "timings.json"),
+                      "seconds": timings, "samples": record["samples"]})
+        produced = sum(len(f) for f in files.values())
+        if not produced:
+            entry["error"] = "; ".join(s.note for s in gen.samples if s.note) or "no asset was produced"
+        status = "FAILED: " + entry["error"] if "error" in entry else f"{produced} asset files"
+        echo(f"{name}: {status} -> {directory}  ({', '.join(f'{k_} {v:.3f}s' for k_, v in timings.items())})")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["ok"] = sum("error" not in e for e in summary["inputs"])
+    return summary
+
