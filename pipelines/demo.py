@@ -65,6 +65,7 @@ class DemoConfig:
     generate_images: int = 2            # condition images turned into 3-D by the student
     evaluate_overrides: list[str] = field(default_factory=list)  # on top of the evaluate_demo preset
     min_teacher_iou: float = 0.5        # the teacher's 25-step samples vs their conditioning shapes
+    structured_latents: bool = True     # SS encoder latents = a smooth function of the shape (else random)
 
 
 @dataclass
@@ -110,12 +111,14 @@ def distill_driver():
     return run
 
 
-def prepare_models(out: Path) -> dict[str, str]:
+def prepare_models(out: Path, structured_latents: bool = True) -> dict[str, str]:
+    """Tiny random DINOv2 and SLat encoder; the SS encoder with occupancy-fraction weights (`structured_latents`,
+    `mdt.eval.calibration.set_occupancy_fraction_weights`) or random ones, standardised on simple shapes."""
     import numpy as np
     import torch
 
     from mdt.conditioning import save_tiny_dinov2
-    from mdt.eval.calibration import standardize_latents
+    from mdt.eval.calibration import set_occupancy_fraction_weights, standardize_latents
     from mdt.models import from_pretrained, save_pretrained
     from pipelines.encode import save_tiny_encoders
     from pipelines.synthetic_meshes import box_surface_voxels, sphere_surface_voxels
@@ -131,6 +134,8 @@ def prepare_models(out: Path) -> dict[str, str]:
         shapes += [box_surface_voxels((-a, -b, -c), (a, b, c), 64)
                    for a, b, c in ((0.4, 0.2, 0.1), (0.1, 0.3, 0.45), (0.3, 0.3, 0.3), (0.45, 0.1, 0.25))]
         enc = from_pretrained(paths["ss_encoder"])
+        if structured_latents:
+            set_occupancy_fraction_weights(enc)
         standardize_latents(enc, torch.from_numpy(np.stack(shapes)).float()[:, None])
         save_pretrained(enc, paths["ss_encoder"])
     return paths
@@ -289,7 +294,7 @@ def run(cfg: DemoConfig) -> DemoResult:
         graph.init_ray(PreprocessConfig(ray=RayConfig(num_cpus=2)))
     try:
         with clock.phase("tiny models (random DINOv2, SS/SLat encoders)"):
-            models = prepare_models(out)
+            models = prepare_models(out, cfg.structured_latents)
         data = out / "preprocess"
         with clock.phase(f"preprocess {cfg.assets.count} simple shapes (Ray Data)"):
             if (data / "manifest.json").exists():

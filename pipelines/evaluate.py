@@ -18,7 +18,8 @@ and seed, so results do not depend on batching or actor count), decodes the occu
 The driver pools the rows: per sampler the Fréchet distances between generated and ground-truth render features
 (FD_incep, FD_dinov2), means of the per-sample metrics, NFE, and warm per-stage latency (median of
 `latency.repeats` after `latency.warmup` calls, measured in one task with the actors' resources). Outputs in
-`<output>/<name>/`: results.json, table.md, metrics.png, previews/<sampler>.png, and the same in one MLflow run
+`<output>/<name>/`: results.json, table.md, metrics.png, previews/<sampler>.html (interactive 3-D view: ground
+truth, reference and sampler side by side) and .png, and the same in one MLflow run
 (tag `mdt.distill_run_id` links it to the distillation run).
 """
 from __future__ import annotations
@@ -390,32 +391,44 @@ def summarize(cfg: EvaluateConfig, rows: dict[str, np.ndarray], latency: dict[st
 
 
 def write_previews(cfg: EvaluateConfig, rows: dict[str, np.ndarray], directory: Path) -> list[str]:
-    """One PNG grid per sampler: ground truth beside the sampler's first-seed samples (`previews` assets)."""
+    """Per sampler: `<label>.html`, a self-contained interactive 3-D view (orbit; works offline in MLflow's
+    artifact viewer) and `<label>.png`, a grid — the ground truth, the reference sampler and the sampler side by
+    side for the first `previews` assets (first seed), as decoded occupied voxels."""
+    import torch
+
     from mdt.eval.snapshots import image_grid, render_voxels
+    from mdt.export.html import write_orbit_viewer
+    from mdt.export.preview import PointCloud
 
     directory.mkdir(parents=True, exist_ok=True)
     sampler, seed, sha = (np.asarray(rows[c]) for c in ("sampler", "seed", "sha256"))
     gt_rows = np.flatnonzero(sampler == GROUND_TRUTH)
     assets = sorted(sha[gt_rows])[:cfg.previews]
-    first = np.frombuffer(rows["occupancy"][gt_rows[0]], np.uint8)
-    res = round((np.unpackbits(first).size) ** (1 / 3))
+    res = round(np.unpackbits(np.frombuffer(rows["occupancy"][gt_rows[0]], np.uint8)).size ** (1 / 3))
+    colours = {GROUND_TRUTH: (0.55, 0.55, 0.55), cfg.sampling.reference: (0.85, 0.55, 0.35)}
 
-    def occ(i):
+    def occ(label, a, s):
+        i = int(np.flatnonzero((sampler == label) & (sha == a) & (seed == s))[0])
         return np.unpackbits(np.frombuffer(rows["occupancy"][i], np.uint8))[:res ** 3].reshape(res, res, res)
 
-    def index(label, a, s):
-        return int(np.flatnonzero((sampler == label) & (sha == a) & (seed == s))[0])
+    def cloud(title, o, colour):
+        pts = torch.from_numpy((np.argwhere(o) + 0.5) / res - 0.5).float()
+        return PointCloud(title, pts, torch.tensor(colour).expand(len(pts), 3))
 
     paths = []
     for spec in cfg.samplers:
-        cells = [[render_voxels(occ(index(GROUND_TRUTH, a, -1)), size=96, colour=(0.55, 0.55, 0.55)),
-                  render_voxels(occ(index(cfg.sampling.reference, a, 0)), size=96, colour=(0.85, 0.55, 0.35)),
-                  render_voxels(occ(index(spec.label, a, 0)), size=96)] for a in assets]
-        png = image_grid(cells, [a[:8] for a in assets], ["ground truth", cfg.sampling.reference, spec.label],
-                         title=f"{spec.label}: decoded occupancy")
-        p = directory / f"{spec.label.replace(' ', '_')}.png"
-        p.write_bytes(png)
-        paths.append(str(p))
+        columns = [(GROUND_TRUTH, -1), (cfg.sampling.reference, 0), (spec.label, 0)]
+        grid = [[occ(lbl, a, s) for lbl, s in columns] for a in assets]
+        stem = directory / spec.label.replace(" ", "_")
+        cells = [[render_voxels(o, size=96, colour=colours.get(lbl, (0.35, 0.55, 0.85)))
+                  for o, (lbl, _) in zip(r, columns)] for r in grid]
+        Path(f"{stem}.png").write_bytes(image_grid(cells, [a[:8] for a in assets], [c[0] for c in columns],
+                                                   title=f"{spec.label}: decoded occupancy"))
+        panels = [cloud(f"{a[:8]} {lbl}", o, colours.get(lbl, (0.35, 0.55, 0.85)))
+                  for a, r in zip(assets, grid) for o, (lbl, _) in zip(r, columns)]
+        write_orbit_viewer(f"{stem}.html", panels, title=f"{cfg.name}: {spec.label} vs ground truth and "
+                                                         f"{cfg.sampling.reference}", size=220)
+        paths += [f"{stem}.html", f"{stem}.png"]
     return paths
 
 

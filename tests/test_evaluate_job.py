@@ -82,13 +82,19 @@ def test_readme_command_end_to_end(inputs, ray_connected, tmp_path):
     assert "| teacher 4-step | 4 |" in table and "tiny-random-inception" in table
     assert "| student 2-step |" in r.stdout
     assert (run_dir / "metrics.png").stat().st_size > 1000
-    assert {p.name for p in (run_dir / "previews").iterdir()} >= {f"{lbl.replace(' ', '_')}.png" for lbl in labels}
+    previews = {p.name for p in (run_dir / "previews").iterdir()}
+    assert previews == {f"{lbl.replace(' ', '_')}.{ext}" for lbl in labels for ext in ("png", "html")}
+    page = (run_dir / "previews" / "student_1-step.html").read_text()
+    assert "ground truth" in page and "teacher 4-step" in page and "http" not in page.lower().replace(
+        "http-equiv", "")                                     # self-contained: nothing fetched from anywhere
     c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("mdt-eval-ci").experiment_id])
     assert len(runs) == 1                                     # one MLflow run per evaluation
     assert runs[0].data.metrics["student_1-step.iou"] == pytest.approx(res["rows"][2]["iou"])
     arts = {a.path for a in c.list_artifacts(runs[0].info.run_id)}
     assert {"results.json", "table.md", "metrics.png", "previews"} <= arts
+    html_arts = {a.path for a in c.list_artifacts(runs[0].info.run_id, "previews")}
+    assert "previews/student_1-step.html" in html_arts
 
 
 def test_mlflow_run_is_linked_to_the_distillation_run(tmp_path):
