@@ -243,8 +243,11 @@ def train(cfg) -> tuple[str, str | None, str]:
     return str(Path(res.export_dir) / "ema" / cfg.model.export_stem), res.mlflow_run_id, res.run_dir
 
 
-def generate_samples(out: Path, data: str, student: str, probe: str, models: dict, n: int) -> dict:
-    """The student's 1-step SS samples through the image -> 3-D chain for `n` condition images of the shards."""
+def generate_samples(out: Path, data: str, student: str, models: dict, n: int) -> dict:
+    """Image -> 3-D (`mdt.generate`, preset generate_demo) with the 1-step student as the SS flow, for `n`
+    condition images of the shards. The SS decoder, SLat flow and SLat decoders are random-weight tiny models
+    (the demo trains only the SS stage), so the inspectable outputs are the SS occupancy mesh and the previews;
+    the chain's files, formats and timings are the real ones."""
     from mdt.config import load_config
     from mdt.generate import GenerateConfig, generate
     from pipelines import shards
@@ -258,9 +261,12 @@ def generate_samples(out: Path, data: str, student: str, probe: str, models: dic
         p = src / f"{row['sha256'][:8]}.png"
         p.write_bytes(row["cond_images"][0])
         images.append(str(p))
-    cfg = load_config(GenerateConfig, "demo", [("models.ss_flow", student), ("models.ss_decoder", probe),
-                                                ("models.dinov2", models["dinov2"])], prefix="generate_")
-    return generate(cfg, images, str(out / "generate"))
+    cfg = load_config(GenerateConfig, "demo", [
+        ("models.ss_flow", student), ("models.dinov2", models["dinov2"]),
+        ("models.tiny_models", str(out / "models" / "generate-tiny")), ("ss.steps", 1), ("ss.cfg_strength", 0.0),
+        ("output", str(out / "generate"))], prefix="generate_")
+    cfg.validate()
+    return generate(cfg, images, cfg.output)
 
 
 def evaluate(out: Path, data: str, teacher: str, student: str, probe: str, models: dict, tracking_uri: str,
@@ -315,7 +321,7 @@ def run(cfg: DemoConfig) -> DemoResult:
                                   cfg.student.steps, cfg.student.overrides)
             student, student_run, student_dir = train(scfg)
         with clock.phase("generate: image -> 3-D with the 1-step student"):
-            generated = generate_samples(out, data, student, probe, models, cfg.generate_images)
+            generated = generate_samples(out, data, student, models, cfg.generate_images)
         with clock.phase("evaluate: teacher 25/4/2/1 and student 1/2/4 steps (Ray Data)"):
             ev = evaluate(out, data, teacher, student, probe, models, tracking_uri, student_run,
                           cfg.evaluate_overrides)
