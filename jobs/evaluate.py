@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python jobs/evaluate.py` and `ray job submit --working-dir .`
     sys.path.insert(0, str(ROOT))
 
-from mdt.config import ConfigError, add_config_args, dump_yaml, load_config  # noqa: E402
+from mdt.config import ConfigError, add_config_args, dump_yaml  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,15 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from pipelines.evaluate import EvaluateConfig
+    from pipelines.evaluate import make_config
 
-    overrides = list(args.overrides)
-    for flag, key in (("data", "data.uri"), ("teacher", "models.teacher"), ("student", "models.student"),
-                      ("decoder", "models.ss_decoder"), ("output", "output"),
-                      ("distill_run", "mlflow.distill_run_id")):
-        if getattr(args, flag):
-            overrides.append((key, getattr(args, flag)))
-    return load_config(EvaluateConfig, args.preset, overrides, prefix="evaluate_")
+    return make_config(args.preset, data=args.data, teacher=args.teacher, student=args.student,
+                       decoder=args.decoder, output=args.output, distill_run_id=args.distill_run,
+                       overrides=args.overrides)
 
 
 def main(argv=None) -> int:

@@ -271,13 +271,12 @@ def generate_samples(out: Path, data: str, student: str, models: dict, n: int) -
 
 def evaluate(out: Path, data: str, teacher: str, student: str, probe: str, models: dict, tracking_uri: str,
              distill_run: str | None, overrides: list[str]):
-    from mdt.config import load_config
     from pipelines import evaluate as ev
 
-    cfg = load_config(ev.EvaluateConfig, "demo", [
-        ("data.uri", data), ("models.teacher", teacher), ("models.student", student), ("models.ss_decoder", probe),
-        ("condition.model", models["dinov2"]), ("output", str(out / "eval")), ("mlflow.tracking_uri", tracking_uri),
-        ("mlflow.distill_run_id", distill_run)] + list(overrides), prefix="evaluate_")
+    cfg = ev.make_config("demo", data=data, teacher=teacher, student=student, decoder=probe,
+                         output=str(out / "eval"), distill_run_id=distill_run,
+                         overrides=[("condition.model", models["dinov2"]), ("mlflow.tracking_uri", tracking_uri)]
+                         + list(overrides))
     return ev.run(cfg.validate())
 
 

@@ -174,6 +174,20 @@ class EvaluateConfig:
         return self
 
 
+def make_config(preset: str = "demo", *, data: str | None = None, teacher: str | None = None,
+                student: str | None = None, decoder: str | None = None, output: str | None = None,
+                distill_run_id: str | None = None, overrides=()) -> EvaluateConfig:
+    """`jobs/configs/evaluate_<preset>.yaml` with the given paths (those left None keep the preset's) and
+    further overrides ("a.b=c" strings or (key, value) pairs) — e.g. for a training job that evaluates its
+    student at the end: `run(make_config("trellis", data=..., student=export, distill_run_id=run_id))`."""
+    from mdt.config import load_config
+
+    given = {"data.uri": data, "models.teacher": teacher, "models.student": student, "models.ss_decoder": decoder,
+             "output": output, "mlflow.distill_run_id": distill_run_id}
+    ov = [(k, v) for k, v in given.items() if v is not None] + list(overrides)
+    return load_config(EvaluateConfig, preset, ov, prefix="evaluate_")
+
+
 # ------------------------------------------------------------------------------------------------ split
 
 
