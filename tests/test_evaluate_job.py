@@ -138,3 +138,17 @@ def test_unknown_key_exits_2(inputs, tmp_path, capsys):
 
     assert main(_args(inputs, tmp_path, "--set", "sampling.seedz=2")) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_holdout_split_is_a_fixed_fraction_by_asset():
+    import hashlib
+
+    from pipelines.evaluate import EvalDataConfig, in_split, split_of
+
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
+    held = [s for s in shas if split_of(s, 0.1) == "holdout"]
+    assert 0.08 < len(held) / len(shas) < 0.12
+    assert held == [s for s in shas if split_of(s, 0.1) == "holdout"]            # deterministic
+    assert set(held) != {s for s in shas if split_of(s, 0.1, seed=1) == "holdout"}  # the seed changes it
+    train = EvalDataConfig(split="train", holdout_fraction=0.1)
+    assert not any(in_split(s, train) for s in held) and all(in_split(s, EvalDataConfig(split="all")) for s in held)
