@@ -349,7 +349,7 @@ def measure_latency(cfg: EvaluateConfig, cond_image: np.ndarray) -> dict[str, di
     threads = cfg.compute.torch_threads or max(1, math.ceil(cfg.compute.num_cpus))
     torch.set_num_threads(threads)
     models = Models(cfg, _device(cfg))
-    image = torch.from_numpy(cond_image)[None]
+    image = torch.from_numpy(np.array(cond_image, np.float32))[None]
     noise = torch.randn((1, *models.latent_shape()), generator=torch.Generator().manual_seed(cfg.sampling.seed),
                         device="cpu").to(models.device)
     out = {}

@@ -170,6 +170,6 @@ def test_student_worse_with_more_steps_is_flagged_with_a_reason():
             {"sampler": "student 4-step", "kind": "student", "steps": 4, "nfe": 4, "iou": 0.6}]
     notes = flag_regressions(rows)
     assert len(notes) == 1 and notes[0].startswith("student 4-step") and "likely reason" in notes[0]
-    assert "flag" not in rows[2] and "0.75 -> 0.6" in rows[3]["flag"]
+    assert "flag" not in rows[2] and rows[3]["flag"] == "worse than 2-step: IoU cond 0.75 -> 0.6"
     table = markdown_table(rows)
     assert table.count("⚠") == 1 and "| student 4-step | 4 |" in table

@@ -66,7 +66,7 @@ def flag_regressions(rows: list[dict], reason: str = STUDENT_MULTISTEP_REASON) -
     for prev, cur in zip(students, students[1:]):
         worse = [m for m in REGRESSION_CHECKS if m in cur and m in prev and _worse(m, prev[m], cur[m])]
         if worse:
-            detail = ", ".join(f"{COLUMNS[m][0].split()[0]} {prev[m]:.4g} -> {cur[m]:.4g}" for m in worse)
+            detail = ", ".join(f"{COLUMNS[m][0].rstrip(' ↓↑')} {prev[m]:.3g} -> {cur[m]:.3g}" for m in worse)
             cur["flag"] = f"worse than {prev['steps']}-step: {detail}"
             notes.append(f"{cur['sampler']}: worse than {prev['sampler']} ({detail}); likely reason: {reason}")
     return notes
