@@ -282,9 +282,15 @@ class SamplerActor:
         self.feature_nets = {"incep": load_feature_net("inception", cfg.metrics.inception),
                              "dinov2": load_feature_net("dinov2", cfg.metrics.dinov2)}
 
-    def _features(self, occ: torch.Tensor) -> dict[str, bytes]:
-        imgs = render_views(occ, self.cfg.metrics.views, self.cfg.metrics.render_size)
-        return {f"feat_{k}": _f32(net(imgs)) for k, net in self.feature_nets.items()}
+    def _features(self, shapes: list[torch.Tensor]) -> dict[str, list[bytes]]:
+        """Per shape, the features of its `views` renders (one feature-net pass over all renders of the batch)."""
+        v = self.cfg.metrics.views
+        imgs = np.concatenate([render_views(o, v, self.cfg.metrics.render_size) for o in shapes])
+        out = {}
+        for k, net in self.feature_nets.items():
+            f = net(imgs)
+            out[f"feat_{k}"] = [_f32(f[i * v:(i + 1) * v]) for i in range(len(shapes))]
+        return out
 
     def __call__(self, batch) -> dict[str, list]:
         from mdt.eval.shapes import chamfer_fscore, paired_iou, surface_points
@@ -301,7 +307,7 @@ class SamplerActor:
             _noise_seed(cfg.sampling.seed, r["sha256"], j))) for j in range(k) for r in rows])   # seed-major
         cond_k = cond.repeat(k, *([1] * (cond.dim() - 1)))
         out: dict[str, list] = {c: [] for c in ("sha256", "seed", "sampler", "iou", "chamfer", "fscore", "mse_ref",
-                                                "iou_ref", "occupancy", "feat_incep", "feat_dinov2")}
+                                                "iou_ref", "occupancy")}
 
         def emit(sha, seed, sampler, occ, **m):
             out["sha256"].append(sha)
@@ -310,8 +316,9 @@ class SamplerActor:
             for c in ("iou", "chamfer", "fscore", "mse_ref", "iou_ref"):
                 out[c].append(float(m.get(c, float("nan"))))
             out["occupancy"].append(np.packbits(occ.numpy().astype(bool)).tobytes())
-            for name, v in self._features(occ).items():
-                out[name].append(v)
+            shapes.append(occ)
+
+        shapes: list[torch.Tensor] = []
 
         samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for spec in cfg.samplers:
@@ -336,6 +343,7 @@ class SamplerActor:
                 cd, fs = chamfer_fscore(pts[i], gt_points[i % n], tau)
                 emit(rows[i % n]["sha256"], i // n, spec.label, occ[i], iou=iou[i], chamfer=cd, fscore=fs,
                      mse_ref=mse_ref[i], iou_ref=iou_ref[i])
+        out.update(self._features(shapes))
         return out
 
 
