@@ -1,11 +1,12 @@
-"""Evaluation metrics: sample-set distances for low-dimensional data and voxel-shape metrics."""
+"""Evaluation metrics: sample-set distances, voxel-shape and surface-point metrics, image feature networks for
+appearance Fréchet distances, warm latency, latent calibration and the per-sampler report."""
 from .distribution import (RandomFeatureMap, frechet_distance, frechet_from_stats, gaussian_stats,
                            random_directions, sliced_wasserstein)
-from .shapes import (OccupancyFeatureNet, boundary, chamfer_matrix, coverage_mmd, grouped_coverage_mmd,
-                     iou_matrix, surface_points)
+from .shapes import (OccupancyFeatureNet, boundary, chamfer_fscore, chamfer_matrix, coverage_mmd,
+                     grouped_coverage_mmd, iou_matrix, paired_iou, surface_points)
 
 __all__ = [
     "sliced_wasserstein", "frechet_distance", "frechet_from_stats", "gaussian_stats", "random_directions",
-    "RandomFeatureMap", "iou_matrix", "boundary", "surface_points", "chamfer_matrix", "coverage_mmd",
-    "grouped_coverage_mmd", "OccupancyFeatureNet",
+    "RandomFeatureMap", "iou_matrix", "paired_iou", "boundary", "surface_points", "chamfer_matrix",
+    "chamfer_fscore", "coverage_mmd", "grouped_coverage_mmd", "OccupancyFeatureNet",
 ]

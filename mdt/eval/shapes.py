@@ -4,6 +4,9 @@
 * `surface_points(occ)`: centres of the boundary voxels (occupied with an empty 6-neighbour), in [-1, 1]^3,
   subsampled to at most `max_points` with a fixed seed; `chamfer_matrix(pa, pb)` -> [n, m] symmetric Chamfer
   distance (mean nearest-neighbour Euclidean distance, averaged over both directions).
+* `paired_iou(a, b)` -> [n] IoU of a[i] with b[i]; `chamfer_fscore(pa, pb, threshold)` -> (Chamfer distance,
+  F-score) of two point sets (F-score: harmonic mean of the fractions of points of each set within `threshold`
+  of the other, Tatarchenko et al.), with the same Chamfer convention as `chamfer_matrix`.
 * `coverage_mmd(d)`: for a distance matrix d [n_ref, n_gen], COV = fraction of reference shapes that are the
   nearest reference of at least one generated shape, MMD = mean over references of the distance to the closest
   generated shape (Achlioptas et al.'s COV / MMD).
@@ -28,6 +31,15 @@ def iou_matrix(a: Tensor, b: Tensor) -> Tensor:
     inter = fa @ fb.T
     union = fa.sum(1, keepdim=True) + fb.sum(1)[None] - inter
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter)).double()
+
+
+def paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of a[i] with b[i] for shapes [n, ...] (boolean): [n] float64; two empty shapes: 1."""
+    fa = a.reshape(a.shape[0], -1).bool()
+    fb = b.reshape(b.shape[0], -1).bool()
+    inter = (fa & fb).sum(1).double()
+    union = (fa | fb).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def boundary(occ: Tensor) -> Tensor:
@@ -85,6 +97,24 @@ def chamfer_matrix(pa: list[Tensor], pb: list[Tensor]) -> Tensor:
         both_empty = (~ma[i].any()) & (~mb.any(1))
         out[i] = torch.where(both_empty, torch.zeros_like(row), out[i])
     return out
+
+
+def chamfer_fscore(pa: Tensor, pb: Tensor, threshold: float) -> tuple[float, float]:
+    """(Chamfer distance, F-score at `threshold`) between point sets pa [P, 3] and pb [Q, 3].
+
+    Chamfer: (mean_a min_b |a - b| + mean_b min_a |a - b|) / 2 (Euclidean, as `chamfer_matrix`); F-score:
+    2 P R / (P + R) with precision P = fraction of pa within `threshold` of pb and recall R the converse.
+    One empty set: (EMPTY_CHAMFER, 0); both empty: (0, 1)."""
+    pa = torch.as_tensor(pa, dtype=torch.float64).reshape(-1, 3)
+    pb = torch.as_tensor(pb, dtype=torch.float64).reshape(-1, 3)
+    if len(pa) == 0 or len(pb) == 0:
+        return (0.0, 1.0) if len(pa) == len(pb) else (EMPTY_CHAMFER, 0.0)
+    d = torch.cdist(pa, pb, compute_mode="donot_use_mm_for_euclid_dist")   # exact: 0 for equal points
+    ab, ba = d.min(1).values, d.min(0).values
+    precision = (ab <= threshold).double().mean().item()
+    recall = (ba <= threshold).double().mean().item()
+    f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return float((ab.mean() + ba.mean()) / 2), float(f)
 
 
 def coverage_mmd(d: Tensor) -> tuple[float, float]:

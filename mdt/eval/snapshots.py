@@ -70,9 +70,13 @@ def occupancy_grid(coords: np.ndarray | Tensor, resolution: int = 16, source_res
 
 
 def fit_occupancy_probe(latents: Tensor, occupancy: Tensor, steps: int = 300, lr: float = 3e-3, hidden: int = 32,
-                        batch_size: int = 16, seed: int = 0, log: Callable[[str], None] | None = None
-                        ) -> OccupancyProbe:
-    """Fit an `OccupancyProbe` on latents [N, C, R, R, R] and occupancies [N, R', R', R'] (R' = R·upsample)."""
+                        batch_size: int = 16, seed: int = 0, log: Callable[[str], None] | None = None,
+                        noise_std: float = 0.0) -> OccupancyProbe:
+    """Fit an `OccupancyProbe` on latents [N, C, R, R, R] and occupancies [N, R', R', R'] (R' = R·upsample).
+
+    `noise_std` > 0 adds Gaussian noise of that std to the latents during fitting, so that the probe decodes
+    latents a little off the data (samples of an imperfect flow model) to the nearest shape, as a VAE decoder
+    trained with a KL posterior's noise does."""
     up = occupancy.shape[-1] // latents.shape[-1]
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -84,7 +88,10 @@ def fit_occupancy_probe(latents: Tensor, occupancy: Tensor, steps: int = 300, lr
     n = latents.shape[0]
     for i in range(steps):
         idx = torch.randint(n, (min(batch_size, n),), generator=g)
-        logits = probe(latents[idx])[:, 0]
+        z = latents[idx]
+        if noise_std > 0:
+            z = z + noise_std * torch.randn(z.shape, generator=g)
+        logits = probe(z)[:, 0]
         loss = F.binary_cross_entropy_with_logits(logits, occupancy[idx].float(), pos_weight=pos_weight)
         opt.zero_grad()
         loss.backward()

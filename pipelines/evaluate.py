@@ -1,0 +1,601 @@
+"""Evaluation of teacher and student samplers: a Ray Data batch-inference graph over a split of preprocessing shards.
+
+    result = run(cfg)          # cfg: EvaluateConfig (jobs/configs/evaluate_*.yaml)
+
+Graph: shards (`pipelines.shards.read_shards`) -> split filter (a fixed hash of sha256: `holdout` / `train` /
+`all`) -> `SamplerActor` pool (`compute.num_actors` actors, `compute.num_gpus` each: GPU actors on a cluster, CPU
+here) -> one row per (asset, seed, sampler) with its measurements, plus one per asset for the ground truth.
+Each actor loads the conditioner, the SS models, the SS decoder and the two feature networks once and, per
+batch of assets, samples every configured sampler from the same noise and condition (noise seeded per asset
+and seed, so results do not depend on batching or actor count), decodes the occupancy and measures:
+
+* geometry against the conditioning asset's voxels at the decoder's resolution: voxel IoU, Chamfer distance
+  and F-score of boundary-voxel centres (threshold `metrics.fscore_voxels` voxels), no learned weights;
+* agreement with the reference sampler (the 25-step teacher) from the same noise: latent MSE and IoU;
+* appearance features: `metrics.views` renders of the decoded occupancy (and of the ground truth, drawn by the
+  same renderer) through Inception-v3 and DINOv2 (`mdt.eval.features`; the result names the networks used).
+
+The driver pools the rows: per sampler the Fréchet distances between generated and ground-truth render features
+(FD_incep, FD_dinov2), means of the per-sample metrics, NFE, and warm per-stage latency (median of
+`latency.repeats` after `latency.warmup` calls, measured in one task with the actors' resources). Outputs in
+`<output>/<name>/`: results.json, table.md, metrics.png, previews/<sampler>.html (interactive 3-D view: ground
+truth, reference and sampler side by side) and .png, and the same in one MLflow run
+(tag `mdt.distill_run_id` links it to the distillation run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mdt.training.config import ConditionConfig
+from pipelines.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("holdout", "train", "all")
+GROUND_TRUTH = "ground truth"
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass
+class SamplerSpec:
+    """One way of sampling the SS stage: the teacher (Euler, `steps`) or the distilled student (`steps`)."""
+
+    model: str = "teacher"              # teacher | student
+    steps: int = 25
+    name: str = ""                      # default: "<model> <steps>-step"
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.model} {self.steps}-step"
+
+
+def default_samplers() -> list[SamplerSpec]:
+    return [SamplerSpec("teacher", s) for s in (25, 4, 2, 1)] + [SamplerSpec("student", s) for s in (1, 2, 4)]
+
+
+@dataclass
+class EvalDataConfig:
+    uri: str = ""                       # preprocessing output (local dir or s3://)
+    split: str = "holdout"              # holdout | train | all (a fixed hash of sha256 decides)
+    holdout_fraction: float = 0.1
+    split_seed: int = 0
+    max_assets: int | None = None       # first N assets of the split (by sha256), None: all
+    cond_view: int = 0                  # which condition view conditions the sample
+
+
+@dataclass
+class EvalModelsConfig:
+    teacher: str | None = None          # SS flow checkpoint `<dir>/<stem>` (mdt.models.from_pretrained)
+    student: str | None = None          # distilled SS student checkpoint
+    ss_decoder: str = ""                # TRELLIS SS decoder or OccupancyProbe (mdt.eval.snapshots.load_decoder)
+
+
+@dataclass
+class EvalSamplingConfig:
+    seeds: int = 1                      # samples per asset (each sampler uses the same noises)
+    seed: int = 0
+    teacher_cfg: float = 0.0            # classifier-free guidance (TRELLIS convention), teacher
+    teacher_cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    teacher_rescale_t: float = 1.0
+    student_cfg: float = 0.0
+    reference: str = "teacher 25-step"  # sampler whose samples are the `*_ref` reference
+
+
+@dataclass
+class EvalMetricsConfig:
+    inception: str | None = None        # FID Inception TorchScript file; None: the torch hub cache
+    dinov2: str | None = None           # DINOv2 dir or hub id in the local cache; None: facebook/dinov2-large
+    views: int = 4                      # renders per shape for the appearance features
+    render_size: int = 128
+    fscore_voxels: float = 1.0          # F-score threshold, in voxels of the decoded grid
+    max_points: int = 4096              # surface points per shape for Chamfer / F-score
+
+
+@dataclass
+class EvalLatencyConfig:
+    repeats: int = 5
+    warmup: int = 2
+
+
+@dataclass
+class EvalComputeConfig:
+    num_actors: int = 1
+    num_gpus: float = 0.0               # per actor (and for the latency task)
+    num_cpus: float = 1.0
+    batch_size: int = 4                 # assets per actor call
+    torch_threads: int | None = None    # None: num_cpus rounded up
+
+
+@dataclass
+class EvalMlflowConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db
+    experiment: str = "mdt-eval"
+    run_name: str | None = None         # default: the evaluation's name
+    distill_run_id: str | None = None   # the distillation run evaluated (tag + param on the evaluation run)
+
+
+@dataclass
+class EvaluateConfig:
+    name: str = "evaluate"
+    output: str = "outputs/eval"
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    models: EvalModelsConfig = field(default_factory=EvalModelsConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+    samplers: list[SamplerSpec] = field(default_factory=default_samplers)
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    metrics: EvalMetricsConfig = field(default_factory=EvalMetricsConfig)
+    latency: EvalLatencyConfig = field(default_factory=EvalLatencyConfig)
+    compute: EvalComputeConfig = field(default_factory=EvalComputeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: EvalMlflowConfig = field(default_factory=EvalMlflowConfig)
+    previews: int = 4                   # assets shown per sampler in the preview images
+
+    def validate(self) -> "EvaluateConfig":
+        """Raises ValueError with one line on the first inconsistency (nothing is started before this)."""
+        if not self.data.uri:
+            raise ValueError("data.uri (--data) is required")
+        if self.data.split not in SPLITS:
+            raise ValueError(f"data.split must be one of {SPLITS}, got {self.data.split!r}")
+        if not 0 < self.data.holdout_fraction < 1:
+            raise ValueError("data.holdout_fraction must be in (0, 1)")
+        if not self.samplers:
+            raise ValueError("samplers: at least one sampler is needed")
+        labels = [s.label for s in self.samplers]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"samplers: duplicate names {labels}")
+        for s in self.samplers:
+            if s.model not in ("teacher", "student"):
+                raise ValueError(f"sampler {s.label!r}: model must be teacher or student")
+            if s.steps < 1:
+                raise ValueError(f"sampler {s.label!r}: steps must be >= 1")
+            if not getattr(self.models, s.model):
+                raise ValueError(f"sampler {s.label!r} needs models.{s.model} (--{s.model})")
+        if not self.models.ss_decoder:
+            raise ValueError("models.ss_decoder (--decoder) is required: the metrics are on decoded occupancy")
+        if self.sampling.reference not in labels:
+            raise ValueError(f"sampling.reference {self.sampling.reference!r} is not one of the samplers {labels}")
+        if self.sampling.seeds < 1 or self.latency.repeats < 1 or self.metrics.views < 1:
+            raise ValueError("sampling.seeds, latency.repeats and metrics.views must be >= 1")
+        return self
+
+
+def make_config(preset: str = "demo", *, data: str | None = None, teacher: str | None = None,
+                student: str | None = None, decoder: str | None = None, output: str | None = None,
+                distill_run_id: str | None = None, overrides=()) -> EvaluateConfig:
+    """`jobs/configs/evaluate_<preset>.yaml` with the given paths (those left None keep the preset's) and
+    further overrides ("a.b=c" strings or (key, value) pairs) — e.g. for a training job that evaluates its
+    student at the end: `run(make_config("trellis", data=..., student=export, distill_run_id=run_id))`."""
+    from mdt.config import load_config
+
+    given = {"data.uri": data, "models.teacher": teacher, "models.student": student, "models.ss_decoder": decoder,
+             "output": output, "mlflow.distill_run_id": distill_run_id}
+    ov = [(k, v) for k, v in given.items() if v is not None] + list(overrides)
+    return load_config(EvaluateConfig, preset, ov, prefix="evaluate_")
+
+
+# ------------------------------------------------------------------------------------------------ split
+
+
+def split_of(sha256: str, fraction: float, seed: int = 0) -> str:
+    """'holdout' for a fixed pseudo-random `fraction` of assets (by a hash of seed and sha256), else 'train'."""
+    h = int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:12], 16) / float(16 ** 12)
+    return "holdout" if h < fraction else "train"
+
+
+def in_split(sha256: str, data: EvalDataConfig) -> bool:
+    return data.split == "all" or split_of(sha256, data.holdout_fraction, data.split_seed) == data.split
+
+
+def _noise_seed(seed: int, sha256: str, k: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{sha256}:{k}".encode()).hexdigest()[:15], 16)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def _device(cfg: EvaluateConfig) -> torch.device:
+    return torch.device("cuda" if cfg.compute.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+
+
+class Models:
+    """Everything a sampler needs, loaded once per process: conditioner, SS teacher/student, SS decoder."""
+
+    def __init__(self, cfg: EvaluateConfig, device: torch.device):
+        from mdt.eval.snapshots import load_decoder
+        from mdt.models import from_pretrained
+        from mdt.training.build import build_conditioner
+
+        self.cfg, self.device = cfg, device
+        self.conditioner = build_conditioner(cfg.condition, device)
+        self.nets = {k: from_pretrained(getattr(cfg.models, k), device=device).eval().requires_grad_(False)
+                     for k in ("teacher", "student") if getattr(cfg.models, k)}
+        self.decoder = load_decoder(cfg.models.ss_decoder).to(device)
+
+    @torch.no_grad()
+    def condition(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conditioner(images.to(self.device))
+
+    @torch.no_grad()
+    def sample(self, spec: SamplerSpec, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        from mdt.distill import student_sample
+        from mdt.flow import FlowEulerSampler
+
+        s = self.cfg.sampling
+        net = self.nets[spec.model]
+        if spec.model == "teacher":
+            return FlowEulerSampler().sample(net, noise, cond, torch.zeros_like(cond), steps=spec.steps,
+                                             rescale_t=s.teacher_rescale_t, cfg_strength=s.teacher_cfg,
+                                             cfg_interval=tuple(s.teacher_cfg_interval))
+        return student_sample(net, noise, cond, steps=spec.steps, cfg_strength=s.student_cfg)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from mdt.eval.snapshots import decode_occupancy
+
+        return decode_occupancy(self.decoder, latents)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        net = next(iter(self.nets.values()))
+        return (net.in_channels, *(net.resolution,) * 3)
+
+
+# ------------------------------------------------------------------------------------------------ actor
+
+
+def render_views(occ: torch.Tensor, views: int, size: int) -> np.ndarray:
+    """`views` renders around the shape (azimuths evenly spaced, 30° above): uint8 [views, size, size, 3]."""
+    from mdt.eval.snapshots import render_voxels
+
+    return np.stack([render_voxels(occ, size=size, azimuth=45.0 + 360.0 * k / views, elevation=-60.0)
+                     for k in range(views)])
+
+
+def _f32(a) -> bytes:
+    return np.asarray(a, np.float32).tobytes()
+
+
+class SamplerActor:
+    """Ray Data callable class: a batch of shard rows -> measurement rows (see the module docstring)."""
+
+    def __init__(self, cfg: EvaluateConfig):
+        from mdt.eval.features import load_feature_net
+
+        threads = cfg.compute.torch_threads or max(1, math.ceil(cfg.compute.num_cpus))
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.models = Models(cfg, _device(cfg))
+        self.feature_nets = {"incep": load_feature_net("inception", cfg.metrics.inception),
+                             "dinov2": load_feature_net("dinov2", cfg.metrics.dinov2)}
+
+    def _features(self, shapes: list[torch.Tensor]) -> dict[str, list[bytes]]:
+        """Per shape, the features of its `views` renders (one feature-net pass over all renders of the batch)."""
+        v = self.cfg.metrics.views
+        imgs = np.concatenate([render_views(o, v, self.cfg.metrics.render_size) for o in shapes])
+        out = {}
+        for k, net in self.feature_nets.items():
+            f = net(imgs)
+            out[f"feat_{k}"] = [_f32(f[i * v:(i + 1) * v]) for i in range(len(shapes))]
+        return out
+
+    def __call__(self, batch) -> dict[str, list]:
+        from mdt.eval.shapes import chamfer_fscore, paired_iou, surface_points
+        from mdt.eval.snapshots import occupancy_grid
+        from pipelines.shards import _as_rows, collate_cond
+
+        cfg = self.cfg
+        rows = _as_rows(batch)
+        cond = self.models.condition(collate_cond(rows, view=cfg.data.cond_view,
+                                                  image_size=cfg.condition.image_size))
+        shape = self.models.latent_shape()
+        n, k = len(rows), cfg.sampling.seeds
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+            _noise_seed(cfg.sampling.seed, r["sha256"], j))) for j in range(k) for r in rows])   # seed-major
+        cond_k = cond.repeat(k, *([1] * (cond.dim() - 1)))
+        out: dict[str, list] = {c: [] for c in ("sha256", "seed", "sampler", "iou", "chamfer", "fscore", "mse_ref",
+                                                "iou_ref", "occupancy")}
+
+        def emit(sha, seed, sampler, occ, **m):
+            out["sha256"].append(sha)
+            out["seed"].append(seed)
+            out["sampler"].append(sampler)
+            for c in ("iou", "chamfer", "fscore", "mse_ref", "iou_ref"):
+                out[c].append(float(m.get(c, float("nan"))))
+            out["occupancy"].append(np.packbits(occ.numpy().astype(bool)).tobytes())
+            shapes.append(occ)
+
+        shapes: list[torch.Tensor] = []
+
+        samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for spec in cfg.samplers:
+            x = self.models.sample(spec, noise.to(self.models.device), cond_k).float().cpu()
+            samples[spec.label] = (x, self.models.decode(x))
+        ref_x, ref_occ = samples[cfg.sampling.reference]
+        res = ref_occ.shape[-1]
+        gt = torch.stack([occupancy_grid(np.frombuffer(r["slat_coords"], np.uint8).reshape(-1, 3), res)
+                          for r in rows])
+        gt_points = surface_points(gt, cfg.metrics.max_points)
+        for r, g in zip(rows, gt):
+            emit(r["sha256"], -1, GROUND_TRUTH, g)
+        tau = cfg.metrics.fscore_voxels * 2.0 / res            # surface points live in [-1, 1]^3
+        gt_k = gt.repeat(k, 1, 1, 1)
+        for spec in cfg.samplers:
+            x, occ = samples[spec.label]
+            iou = paired_iou(occ, gt_k)
+            iou_ref = paired_iou(occ, ref_occ)
+            mse_ref = (x - ref_x).pow(2).flatten(1).mean(1)
+            pts = surface_points(occ, cfg.metrics.max_points)
+            for i in range(n * k):
+                cd, fs = chamfer_fscore(pts[i], gt_points[i % n], tau)
+                emit(rows[i % n]["sha256"], i // n, spec.label, occ[i], iou=iou[i], chamfer=cd, fscore=fs,
+                     mse_ref=mse_ref[i], iou_ref=iou_ref[i])
+        out.update(self._features(shapes))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ latency
+
+
+def measure_latency(cfg: EvaluateConfig, cond_image: np.ndarray) -> dict[str, dict]:
+    """Warm per-stage latency of every sampler for one asset (batch 1): {sampler: {stage: warm_latency}}."""
+    from mdt.eval.latency import warm_latency
+
+    threads = cfg.compute.torch_threads or max(1, math.ceil(cfg.compute.num_cpus))
+    torch.set_num_threads(threads)
+    models = Models(cfg, _device(cfg))
+    image = torch.from_numpy(np.array(cond_image, np.float32))[None]
+    noise = torch.randn((1, *models.latent_shape()), generator=torch.Generator().manual_seed(cfg.sampling.seed),
+                        device="cpu").to(models.device)
+    out = {}
+    for spec in cfg.samplers:
+        lat = {"condition": warm_latency(lambda: models.condition(image), cfg.latency.repeats, cfg.latency.warmup)}
+        cond = models.condition(image)
+        lat["ss_sample"] = warm_latency(lambda: models.sample(spec, noise, cond), cfg.latency.repeats,
+                                        cfg.latency.warmup)
+        x = models.sample(spec, noise, cond)
+        lat["ss_decode"] = warm_latency(lambda: models.decode(x), cfg.latency.repeats, cfg.latency.warmup)
+        out[spec.label] = lat
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class EvalResult:
+    run_dir: str
+    results: dict
+    table: str
+    mlflow_run_id: str | None = None
+
+
+def summarize(cfg: EvaluateConfig, rows: dict[str, np.ndarray], latency: dict[str, dict], nfe: dict[str, int]
+              ) -> list[dict]:
+    from mdt.eval import report
+
+    sampler = np.asarray(rows["sampler"])
+
+    def feats(name: str, label: str) -> np.ndarray:
+        return np.stack([np.frombuffer(b, np.float32) for b in np.asarray(rows[name], object)[sampler == label]]
+                        ).reshape(-1, len(np.frombuffer(rows[name][0], np.float32)) // cfg.metrics.views)
+
+    gt_feats = {k: feats(f"feat_{k}", GROUND_TRUTH) for k in ("incep", "dinov2")}
+    out = []
+    for spec in cfg.samplers:
+        m = sampler == spec.label
+        r = {"sampler": spec.label, "kind": spec.model, "steps": spec.steps, "nfe": nfe[spec.label],
+             "samples": int(m.sum())}
+        for k in ("incep", "dinov2"):
+            r[f"fd_{k}"] = report.fd(feats(f"feat_{k}", spec.label), gt_feats[k])
+        for c in ("chamfer", "fscore", "iou", "mse_ref", "iou_ref"):
+            r[c] = float(np.nanmean(np.asarray(rows[c], np.float64)[m]))
+        lat = latency.get(spec.label)
+        if lat:
+            r["latency_stages_s"] = {st: v["median_s"] for st, v in lat.items()}
+            r["latency_s"] = sum(r["latency_stages_s"].values())
+        out.append(r)
+    report.add_speedup(out, cfg.sampling.reference)
+    return out
+
+
+def write_previews(cfg: EvaluateConfig, rows: dict[str, np.ndarray], directory: Path) -> list[str]:
+    """Per sampler: `<label>.html`, a self-contained interactive 3-D view (orbit; works offline in MLflow's
+    artifact viewer) and `<label>.png`, a grid — the ground truth, the reference sampler and the sampler side by
+    side for the first `previews` assets (first seed), as decoded occupied voxels."""
+    import torch
+
+    from mdt.eval.snapshots import image_grid, render_voxels
+    from mdt.export.html import write_orbit_viewer
+    from mdt.export.preview import PointCloud
+
+    directory.mkdir(parents=True, exist_ok=True)
+    sampler, seed, sha = (np.asarray(rows[c]) for c in ("sampler", "seed", "sha256"))
+    gt_rows = np.flatnonzero(sampler == GROUND_TRUTH)
+    assets = sorted(sha[gt_rows])[:cfg.previews]
+    res = round(np.unpackbits(np.frombuffer(rows["occupancy"][gt_rows[0]], np.uint8)).size ** (1 / 3))
+    colours = {GROUND_TRUTH: (0.55, 0.55, 0.55), cfg.sampling.reference: (0.85, 0.55, 0.35)}
+
+    def occ(label, a, s):
+        i = int(np.flatnonzero((sampler == label) & (sha == a) & (seed == s))[0])
+        return np.unpackbits(np.frombuffer(rows["occupancy"][i], np.uint8))[:res ** 3].reshape(res, res, res)
+
+    def cloud(title, o, colour):
+        pts = torch.from_numpy((np.argwhere(o) + 0.5) / res - 0.5).float()
+        return PointCloud(title, pts, torch.tensor(colour).expand(len(pts), 3))
+
+    paths = []
+    for spec in cfg.samplers:
+        columns = [(GROUND_TRUTH, -1), (cfg.sampling.reference, 0), (spec.label, 0)]
+        grid = [[occ(lbl, a, s) for lbl, s in columns] for a in assets]
+        stem = directory / spec.label.replace(" ", "_")
+        cells = [[render_voxels(o, size=96, colour=colours.get(lbl, (0.35, 0.55, 0.85)))
+                  for o, (lbl, _) in zip(r, columns)] for r in grid]
+        Path(f"{stem}.png").write_bytes(image_grid(cells, [a[:8] for a in assets], [c[0] for c in columns],
+                                                   title=f"{spec.label}: decoded occupancy"))
+        panels = [cloud(f"{a[:8]} {lbl}", o, colours.get(lbl, (0.35, 0.55, 0.85)))
+                  for a, r in zip(assets, grid) for o, (lbl, _) in zip(r, columns)]
+        write_orbit_viewer(f"{stem}.html", panels, title=f"{cfg.name}: {spec.label} vs ground truth and "
+                                                         f"{cfg.sampling.reference}", size=220)
+        paths += [f"{stem}.html", f"{stem}.png"]
+    return paths
+
+
+def _collect(ds) -> dict[str, np.ndarray]:
+    cols: dict[str, list] = {}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for k, v in batch.items():
+            cols.setdefault(k, []).extend(list(v))
+    return {k: np.asarray(v, dtype=object) if k.startswith(("feat_", "occupancy")) else np.asarray(v)
+            for k, v in cols.items()}
+
+
+def run(cfg: EvaluateConfig) -> EvalResult:
+    """Run the evaluation graph and write results.json, table.md, metrics.png, previews and the MLflow run."""
+    import ray
+    import ray.data
+
+    from mdt.eval import report
+    from mdt.eval.features import load_feature_net
+    from pipelines import shards
+    from pipelines.graph import init_ray
+
+    cfg.validate()
+    t0 = time.time()
+    run_dir = Path(cfg.output) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = init_ray(cfg)
+    try:
+        ds = shards.read_shards(cfg.data.uri, columns=["sha256", "slat_coords", "cond_images"])
+        data = cfg.data
+        ds = ds.filter(lambda r, d=data: in_split(r["sha256"], d), num_cpus=shards.READ_NUM_CPUS)
+        if data.max_assets:
+            ds = ds.sort("sha256").limit(data.max_assets)
+        ds = ds.map_batches(SamplerActor, fn_constructor_args=(cfg,), batch_size=cfg.compute.batch_size,
+                            batch_format="pyarrow", concurrency=cfg.compute.num_actors,
+                            num_gpus=cfg.compute.num_gpus or None, num_cpus=cfg.compute.num_cpus)
+        rows = _collect(ds)
+        if not len(rows.get("sampler", [])):
+            raise RuntimeError(f"no assets in split {data.split!r} of {data.uri}")
+        first = next(shards.iter_rows(data.uri, columns=["sha256", "cond_images"]))
+        image = shards.decode_cond_image(first["cond_images"][data.cond_view % len(first["cond_images"])],
+                                         cfg.condition.image_size)
+        latency_task = ray.remote(measure_latency).options(num_cpus=cfg.compute.num_cpus,
+                                                          num_gpus=cfg.compute.num_gpus or None)
+        latency = ray.get(latency_task.remote(cfg, image))
+    finally:
+        if started:
+            ray.shutdown()
+
+    models_nfe = {s.label: _nfe(cfg, s) for s in cfg.samplers}
+    table_rows = summarize(cfg, rows, latency, models_nfe)
+    notes = report.flag_regressions(table_rows)
+    table = report.markdown_table(table_rows)
+    nets = {k: load_feature_net(k, getattr(cfg.metrics, k)).describe() for k in ("inception", "dinov2")}
+    n_assets = int((np.asarray(rows["sampler"]) == GROUND_TRUTH).sum())
+    results = {
+        "name": cfg.name, "data": cfg.data.uri, "split": cfg.data.split, "assets": n_assets,
+        "seeds": cfg.sampling.seeds, "reference": cfg.sampling.reference, "feature_nets": nets,
+        "renders": f"{cfg.metrics.views} views of the decoded SS occupancy (and of the ground-truth voxels) "
+                   f"at {cfg.metrics.render_size} px, drawn by mdt.eval.snapshots.render_voxels",
+        "geometry": f"voxel IoU, Chamfer distance and F-score (threshold {cfg.metrics.fscore_voxels} voxel) of "
+                    f"boundary-voxel centres in [-1, 1]^3, against the conditioning asset's voxels",
+        "latency": f"warm median of {cfg.latency.repeats} calls after {cfg.latency.warmup} warm-up calls, batch 1, "
+                   f"per stage (condition, ss_sample, ss_decode), device {_device(cfg).type}",
+        "rows": table_rows, "notes": notes, "models": dataclasses.asdict(cfg.models),
+        "distill_run_id": cfg.mlflow.distill_run_id, "wall_s": round(time.time() - t0, 1),
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (run_dir / "table.md").write_text(_table_md(results, table))
+    report.plot_metrics(table_rows, str(run_dir / "metrics.png"))
+    previews = write_previews(cfg, rows, run_dir / "previews")
+    run_id = log_mlflow(cfg, results, run_dir, previews) if cfg.mlflow.enabled else None
+    return EvalResult(str(run_dir), results, table, run_id)
+
+
+def _nfe(cfg: EvaluateConfig, spec: SamplerSpec) -> int:
+    from mdt.flow import count_nfe
+
+    s = cfg.sampling
+    if spec.model == "teacher":
+        return count_nfe(spec.steps, s.teacher_cfg, tuple(s.teacher_cfg_interval), s.teacher_rescale_t)
+    return spec.steps * (2 if s.student_cfg > 0 else 1)
+
+
+def _table_md(results: dict, table: str) -> str:
+    nets = results["feature_nets"]
+    lines = [f"# {results['name']}: {results['assets']} assets ({results['split']} split) x {results['seeds']} "
+             f"seed(s)", "", table, "",
+             f"- feature networks: Inception = {nets['inception']['name']}, DINOv2 = {nets['dinov2']['name']}"
+             + ("" if nets["inception"]["real_weights"] and nets["dinov2"]["real_weights"] else
+                " (random weights: FD values rank samplers but are not comparable with published ones)"),
+             f"- renders: {results['renders']}", f"- geometry: {results['geometry']}",
+             f"- 'ref' = the {results['reference']} sample from the same noise and condition",
+             f"- latency: {results['latency']}"]
+    lines += [f"- ⚠ {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def log_mlflow(cfg: EvaluateConfig, results: dict, run_dir: Path, previews: list[str]) -> str | None:
+    """One MLflow run per evaluation: params, per-sampler metrics, the files as artifacts, linked to the
+    distillation run (tag/param `mdt.distill_run_id` here, tag `mdt.eval_run_id` there)."""
+    from mdt.training import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    c = tracking.client(uri)
+    exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, uri)
+    tags = {"mdt.kind": "evaluation"}
+    if cfg.mlflow.distill_run_id:
+        tags["mdt.distill_run_id"] = cfg.mlflow.distill_run_id
+    run = c.create_run(exp, run_name=cfg.mlflow.run_name or cfg.name, tags=tags)
+    rid = run.info.run_id
+    from mdt.config import to_dict
+
+    tracking.log_params(c, rid, tracking.flatten(to_dict(cfg)))
+    for r in results["rows"]:
+        key = r["sampler"].replace(" ", "_")
+        for m in ("nfe", "fd_incep", "fd_dinov2", "chamfer", "fscore", "iou", "mse_ref", "iou_ref", "latency_ms",
+                  "speedup"):
+            v = r.get(m)
+            if v is not None and math.isfinite(float(v)):
+                c.log_metric(rid, f"{key}.{m}", float(v))
+    for f in ("results.json", "table.md", "metrics.png"):
+        c.log_artifact(rid, str(run_dir / f))
+    for p in previews:
+        c.log_artifact(rid, p, "previews")
+    if cfg.mlflow.distill_run_id:
+        try:
+            c.set_tag(cfg.mlflow.distill_run_id, "mdt.eval_run_id", rid)
+        except Exception as e:  # the distillation run may live in another store
+            log.warning("could not tag distillation run %s: %s", cfg.mlflow.distill_run_id, e)
+    c.set_terminated(rid)
+    return rid
+
+
+def absolutize_paths(cfg: EvaluateConfig) -> None:
+    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    def fix(p):
+        return str(Path(p).resolve()) if p and "://" not in p and not p.startswith("sqlite:") else p
+    cfg.output = fix(cfg.output)
+    cfg.data.uri = fix(cfg.data.uri)
+    for k in ("teacher", "student", "ss_decoder"):
+        setattr(cfg.models, k, fix(getattr(cfg.models, k)))
+    if cfg.condition.tiny or Path(cfg.condition.model).exists():
+        cfg.condition.model = fix(cfg.condition.model)
+    for k in ("inception", "dinov2"):
+        v = getattr(cfg.metrics, k)
+        if v and Path(v).exists():
+            setattr(cfg.metrics, k, fix(v))

@@ -1,0 +1,133 @@
+"""`make demo` piece by piece (the whole run takes ~15 min on 2 cores, too long for the suite): the shipped preset
+and every preset it builds on load and validate, the demo's assets, its structured SS encoder, its probe, and
+its evaluation stage (the `evaluate_demo` preset as shipped) on tiny shards."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_make_demo_runs_the_demo_job_with_its_shipped_preset():
+    make = (ROOT / "Makefile").read_text()
+    assert "\t$(BIN)/python jobs/demo.py\n" in make            # no arguments: the preset as shipped
+    r = subprocess.run([sys.executable, "jobs/demo.py", "--print-config"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert "structured_latents: true" in r.stdout and "min_teacher_iou: 0.5" in r.stdout
+
+
+def test_bad_demo_override_exits_2():
+    r = subprocess.run([sys.executable, "jobs/demo.py", "--set", "teacher.stepz=3"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "teacher.stepz" in r.stderr
+
+
+def test_every_config_the_demo_builds_loads_and_validates(tmp_path):
+    from mdt.config import load_config
+    from pipelines import demo
+    from pipelines.evaluate import EvaluateConfig
+
+    cfg = load_config(demo.DemoConfig, "cpu", prefix="demo_")
+    models = {"dinov2": str(tmp_path / "dino")}
+    t = demo.distill_config("demo-teacher", tmp_path, str(tmp_path / "data"), models, "probe", "sqlite:///x.db",
+                            "flow_matching", None, cfg.teacher.steps, cfg.teacher.overrides)
+    s = demo.distill_config("demo-mdt", tmp_path, str(tmp_path / "data"), models, "probe", "sqlite:///x.db", "mdt",
+                            "teacher", cfg.student.steps, cfg.student.overrides)
+    assert t.train.max_steps == 800 and t.data.cond_view == 0 and t.model.teacher is None
+    assert s.objective.name == "mdt" and s.data.cond_view == 0 and s.model.teacher == "teacher"
+    ev = load_config(EvaluateConfig, "demo", [("data.uri", "d"), ("models.teacher", "t"), ("models.student", "s"),
+                                              ("models.ss_decoder", "p")] + cfg.evaluate_overrides,
+                     prefix="evaluate_").validate()
+    assert ev.data.cond_view == s.data.cond_view             # evaluated on the view it was trained on
+    assert [x.label for x in ev.samplers] == ["teacher 25-step", "teacher 4-step", "teacher 2-step",
+                                              "teacher 1-step", "student 1-step", "student 2-step", "student 4-step"]
+
+
+def test_demo_assets_are_centred_single_primitives_with_distinct_colours(tmp_path):
+    import trimesh
+
+    from mdt.config import load_config
+    from pipelines import demo
+
+    cfg = load_config(demo.DemoConfig, "cpu", prefix="demo_")
+    demo.write_assets(tmp_path, cfg.assets)
+    files = sorted(tmp_path.glob("*.glb"))
+    assert len(files) == cfg.assets.count
+    colours = set()
+    for f in files:
+        scene = trimesh.load(io.BytesIO(f.read_bytes()), file_type="glb")
+        assert len(scene.geometry) == 1
+        mesh = next(iter(scene.geometry.values()))
+        lo, hi = mesh.bounds
+        assert np.allclose(lo, -hi, atol=1e-6) and hi.max() > 0.15   # centred, not degenerate
+        colours.add(tuple(np.unique(mesh.visual.vertex_colors, axis=0)[0]))
+    assert len(colours) == cfg.assets.count
+
+
+def test_structured_ss_encoder_latent_is_a_function_of_the_cell_occupied_fraction():
+    """Cells covering the same occupied fraction of their 4³ block get the same latent (the channels without the
+    neighbourhood blur), different fractions different latents; the fraction is computed here by pooling."""
+    import torch.nn.functional as F
+
+    from mdt.eval.calibration import set_occupancy_fraction_weights
+    from mdt.models import SparseStructureEncoder
+
+    enc = SparseStructureEncoder(in_channels=1, latent_channels=8, num_res_blocks=1, num_res_blocks_middle=1,
+                                 channels=[8, 16, 32], use_fp16=False).eval()
+    set_occupancy_fraction_weights(enc)
+    g = torch.Generator().manual_seed(0)
+    occ = (torch.rand(2, 1, 64, 64, 64, generator=g) < torch.rand(2, 1, 16, 16, 16, generator=g).repeat_interleave(
+        4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4) ** 3).float()
+    with torch.no_grad():
+        z = enc(occ)[:, :4]                                    # the cell-only channels
+    p = F.avg_pool3d(occ, 4)                                   # [2, 1, 16, 16, 16]
+    z, p = z.permute(0, 2, 3, 4, 1).reshape(-1, 4), (p.flatten() * 64).round().long()
+    groups = [z[p == k] for k in p.unique() if (p == k).sum() > 1]
+    assert len(groups) > 10
+    assert max(float((gz - gz.mean(0)).abs().max()) for gz in groups) < 1e-4
+    means = torch.stack([gz.mean(0) for gz in groups])
+    assert torch.cdist(means, means).add(torch.eye(len(means)) * 1e9).min() > 1e-4
+
+
+def test_probe_noise_makes_decoding_tolerant_of_off_data_latents():
+    from mdt.eval.shapes import paired_iou
+    from mdt.eval.snapshots import fit_occupancy_probe
+
+    g = torch.Generator().manual_seed(0)
+    occ = torch.rand(8, 8, 8, 8, generator=g) > 0.7
+    x = occ[:, None].float().repeat(1, 4, 1, 1, 1) * 2 - 1     # a latent that encodes the occupancy
+    probe = fit_occupancy_probe(x, occ, steps=150, hidden=8, batch_size=8, noise_std=0.5)
+    noisy = x + 0.5 * torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        assert paired_iou(probe(noisy)[:, 0] > 0, occ).mean() > 0.9
+
+
+@pytest.mark.ray
+def test_demo_evaluation_stage_with_its_preset(tmp_path, monkeypatch, ray_connected):
+    """The evaluation the demo runs (`evaluate_demo` as shipped, the demo's model paths) on tiny shards."""
+    from _distill_helpers import TINY_SS_ARGS, perturbed_teacher, write_tiny_shards
+    from mdt.eval.snapshots import OccupancyProbe
+    from jobs.evaluate import main
+
+    monkeypatch.chdir(tmp_path)                                # the preset's outputs/demo/... paths land here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = write_tiny_shards(tmp_path / "pre", n=3, image_size=56)
+    args = {**TINY_SS_ARGS, "cond_channels": 64}               # the demo's tiny DINOv2 width
+    teacher = perturbed_teacher(tmp_path / "t" / "teacher", args)
+    student = perturbed_teacher(tmp_path / "s" / "student", args, seed=3)
+    OccupancyProbe(8, hidden=8).save(tmp_path / "probe")
+    rc = main(["--preset", "demo", "--data", str(data), "--teacher", teacher, "--student", student,
+               "--decoder", str(tmp_path / "probe")])
+    assert rc == 0
+    res = json.loads((tmp_path / "outputs" / "demo" / "eval" / "evaluate-demo" / "results.json").read_text())
+    assert res["assets"] == 3 and res["seeds"] == 2 and len(res["rows"]) == 7
+    assert all(r["samples"] == 6 for r in res["rows"])
