@@ -1,0 +1,126 @@
+"""The house's floors: jobs/ -> pipelines/ -> mdt/, no arrow back up, no import cycle, thin jobs.
+
+Imports are read from the source (every `import` / `from ... import`, at module level or inside functions), so a
+lazy import that goes the wrong way is caught as well as a top-level one.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOORS = {"jobs": 2, "pipelines": 1, "mdt": 0}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for top in FLOORS:
+        for p in sorted((ROOT / top).rglob("*.py")):
+            out[_module_name(p)] = p
+    return out
+
+
+def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Project modules imported anywhere in `path` (resolved to the longest known module name)."""
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def resolve(target: str) -> None:
+        parts = target.split(".")
+        for i in range(len(parts), 0, -1):
+            cand = ".".join(parts[:i])
+            if cand in known:
+                found.add(cand)
+                return
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                resolve(a.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for a in node.names:  # `from pkg import submodule` imports the submodule, else a name of `mod`
+                if f"{mod}.{a.name}" in known:
+                    found.add(f"{mod}.{a.name}")
+                else:
+                    resolve(mod)
+    found.discard(name)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    known = _modules()
+    return {name: _imports(name, path, known) for name, path in known.items()}
+
+
+def test_imports_go_down_the_floors_only():
+    bad = []
+    for mod, deps in _graph().items():
+        floor = FLOORS[mod.split(".")[0]]
+        for d in deps:
+            if FLOORS[d.split(".")[0]] > floor:
+                bad.append(f"{mod} imports {d}")
+    assert not bad, "imports that go up a floor:\n" + "\n".join(sorted(bad))
+
+
+def test_no_job_is_imported():
+    graph = _graph()
+    users = sorted(f"{m} imports {d}" for m, deps in graph.items() for d in deps
+                   if d.startswith("jobs.") and not m.startswith("jobs."))
+    assert not users, "\n".join(users)
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    # Package __init__ files re-export their children; an edge child -> its own package is not a cycle of ideas.
+    edges = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(edges.get(m, ())):
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
+def test_jobs_are_thin(job):
+    lines = (ROOT / "jobs" / job).read_text().count("\n")
+    assert lines <= 125, f"jobs/{job} has {lines} lines; a job parses, builds its config, calls one library function"
+
+
+def test_the_checker_sees_a_wrong_way_import(tmp_path):
+    """The graph builder resolves relative and lazy imports (a checker that sees nothing passes everything)."""
+    known = {"mdt": ROOT / "mdt/__init__.py", "mdt.flow": ROOT / "mdt/flow.py", "pipelines": ROOT / "pipelines",
+             "pipelines.graph": ROOT / "pipelines/graph.py", "mdt.x": tmp_path / "x.py"}
+    src = tmp_path / "x.py"
+    src.write_text("from . import flow\n\ndef f():\n    from pipelines import graph\n")
+    assert _imports("mdt.x", src, known) == {"mdt.flow", "pipelines.graph"}
