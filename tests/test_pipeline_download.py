@@ -309,3 +309,26 @@ def test_host_limiter_actor_blocks_until_release(ray_connected):
     assert other
     ray.kill(lim)
     ray.kill(expired)
+
+
+def test_large_files_stream_from_the_cache(tmp_path):
+    """Files above download.carry_max_bytes do not travel in the row: the stage that needs them streams them
+    from the cache to its own disk (single files and bundles)."""
+    from _pipeline_helpers import obj_asset
+
+    g = glb_bytes(21)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "big.glb").write_bytes(g)
+    for name, data in obj_asset().items():
+        (tmp_path / "src" / name).write_bytes(data)
+    d = Download(make_cfg(tmp_path, **{"download.carry_max_bytes": 100}))
+    r = d(row(str(tmp_path / "src" / "big.glb")))
+    assert r["error"] is None and r["mesh_bytes"] is None and r["mesh_size"] == len(g)
+    assert materialize_mesh(r, tmp_path / "w1").read_bytes() == g
+    b = d(row(str(tmp_path / "src" / "raw_model.obj")))
+    assert b["error"] is None and b["mesh_bytes"] is None and b["mesh_bundle"] is True
+    main = materialize_mesh(b, tmp_path / "w2")
+    assert main.read_bytes() == obj_asset()["raw_model.obj"]
+    assert sorted(p.name for p in main.parent.iterdir()) == ["model.mtl", "raw_model.obj", "texture.png"]
+    small = Download(make_cfg(tmp_path))(row(str(tmp_path / "src" / "big.glb"), fid="again"))
+    assert small["mesh_bytes"] == g  # under the default threshold the bytes ride in the row
