@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -124,3 +125,4 @@ def test_readme_cluster_section_runs_as_written(tmp_path):
         if ui is not None:
             stop_process_group(ui, timeout=20)
         stop_process_group(head, timeout=20)
+        shutil.rmtree(f"/tmp/ray-mdt-{port}", ignore_errors=True)
