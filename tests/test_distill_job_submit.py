@@ -2,13 +2,15 @@
 --block`, with the authentication choice the section makes), then its second block as one bash script —
 preprocessing, a flow-matching teacher and its MDT-dist student submitted with `ray job submit --working-dir .`
 — and its `mlflow ui` line. Substituted, because the machine is shared: the ports (free ones, every Ray
-component's given explicitly) and `$OUT` (a temporary directory instead of the checkout's `outputs/`).
+component's given explicitly), the head's temp dir (one per port) and `$OUT` (a temporary directory instead of
+the checkout's `outputs/`).
 The head's process group is stopped at the end (never `ray stop`)."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -73,7 +75,7 @@ def test_readme_cluster_section_runs_as_written(tmp_path):
     assert head_block[0] == "export RAY_AUTH_MODE=disabled" and head_block[-1].startswith("ray start --head --block")
     port, dash, ui_port = free_port(), free_port(), free_port()
     head_lines = [line.replace("6379", str(port)).replace("--dashboard-port=8265", f"--dashboard-port={dash}")
-                  for line in head_block]
+                  .replace("--temp-dir=/tmp/ray-mdt", f"--temp-dir=/tmp/ray-mdt-{port}") for line in head_block]
     head_lines[-1] = "exec " + head_lines[-1] + " " + " ".join(ray_port_args(port, dash))
     env = _env()
     head = subprocess.Popen(["bash", "-c", "\n".join(head_lines)], env=env, cwd=PROJECT_ROOT,
@@ -123,3 +125,4 @@ def test_readme_cluster_section_runs_as_written(tmp_path):
         if ui is not None:
             stop_process_group(ui, timeout=20)
         stop_process_group(head, timeout=20)
+        shutil.rmtree(f"/tmp/ray-mdt-{port}", ignore_errors=True)
