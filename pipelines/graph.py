@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,17 +60,9 @@ class RunResult:
 
 
 def init_ray(cfg: PreprocessConfig) -> bool:
-    """Connect to / start Ray. Returns True when this call started (or connected) it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("PIPELINE_TEST_")}
-    kw: dict = {"log_to_driver": True}
-    if env_vars:  # test hooks only; a submitted job keeps its own runtime_env
-        kw["runtime_env"] = {"env_vars": env_vars}
+    """Connect to / start Ray with the job's `ray` section; True when this call started (or connected) it."""
     return cluster.init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                            object_store_memory=(cfg.ray.object_store_memory_gb or 0) * 1024**3 or None, **kw)
+                            object_store_memory=(cfg.ray.object_store_memory_gb or 0) * 1024**3 or None)
 
 
 def build_dataset(cfg: PreprocessConfig, rows: list[dict], run_id: str, chash: str,
@@ -146,10 +137,7 @@ def cleanup_orphans(cfg: PreprocessConfig, chash: str, committed: set[str]) -> i
 
 def absolutize_paths(cfg: PreprocessConfig) -> None:
     """Local paths in the config become absolute on the driver: Ray workers do not share its cwd."""
-
-    def fix(p):
-        return p if (not p or "://" in p) else os.path.abspath(os.path.expanduser(p))
-
+    fix = cluster.resolve_local_path
     cfg.output = fix(cfg.output)
     cfg.download.cache_uri = fix(cfg.download.cache_uri)
     cfg.download.extract_dir = fix(cfg.download.extract_dir)

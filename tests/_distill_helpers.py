@@ -31,17 +31,17 @@ def free_port() -> int:
 
 
 def write_tiny_shards(out: Path, n: int = 8, image_size: int = 56, views: int = 2) -> Path:
-    """`n` synthetic assets through download's bytes + FakeCompute + the real ShardWriter/manifest (no Ray)."""
+    """`n` synthetic assets through download's bytes + StandInCompute + the real ShardWriter/manifest (no Ray)."""
     from mdt.config import load_config
     from pipelines import shards
     from pipelines.config import PreprocessConfig, config_hash
     from pipelines.synthetic_meshes import synthetic_mesh_glb
-    from pipelines.testing import FakeCompute
+    from pipelines.stand_in import StandInCompute
 
     cfg = load_config(PreprocessConfig, "ci", [f"output={out}", f"cond.image_size={image_size}",
                                                f"cond.num_views={views}"], prefix="preprocess_")
     chash = config_hash(cfg)
-    fc = FakeCompute(cfg)
+    fc = StandInCompute(cfg)
     rows = []
     for i in range(n):
         data = synthetic_mesh_glb(i)

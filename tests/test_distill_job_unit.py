@@ -3,13 +3,12 @@ accumulation, the NaN/inf guard, checkpoints (exact resume), presets and snapsho
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _distill_helpers import TINY_SS_ARGS, ci_config, perturbed_teacher, write_tiny_shards
+from _distill_helpers import ci_config, perturbed_teacher, write_tiny_shards
 
 from mdt.config import load_config
 from mdt.training import EMA, AdaptiveGradClipper, Trainer, split_batch
@@ -184,7 +183,7 @@ def test_cli_exit_codes(capsys):
 
 
 def test_snapshot_grid_renders_voxels_and_sparse_samples():
-    from mdt.eval.snapshots import (OccupancyProbe, fit_occupancy_probe, load_decoder, render_voxels,
+    from mdt.eval.snapshots import (OccupancyProbe, fit_occupancy_probe, render_voxels,
                                     snapshot_png)
     from mdt.sparse import SparseTensor
 

@@ -12,7 +12,6 @@ All functions take torch tensors or numpy arrays [N, D] and return Python floats
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 

@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
