@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond Python: PostgreSQL's server (for the MLflow team-server test,
-# tests/test_infra_stack.py) and Chromium (headless screenshots of the HTML 3-D previews,
-# tests/test_generate_browser.py). Idempotent, non-interactive, for Debian 12 as root (CI) or with sudo.
+# tests/test_infra_stack.py), Chromium (headless screenshots of the HTML 3-D previews,
+# tests/test_generate_browser.py) and strace (which files a preprocessing job opens,
+# tests/test_pipeline_hostile.py). Idempotent, non-interactive, for Debian 12 as root (CI) or with sudo.
 #
 #   bash infra/ci/install-system-deps.sh                  # as root or with sudo (may ask for a password)
 #   bash infra/ci/install-system-deps.sh --if-permitted   # `make test`: install only as root or with
@@ -12,10 +13,14 @@
 set -euo pipefail
 
 # ---------------------------------------------------------------------------------------------------------
-# Chromium: a separate block with its own checks; it never ends the script, so PostgreSQL below still runs.
+# Chromium and strace: a separate block with its own checks; it never ends the script, so PostgreSQL below
+# still runs.
 install_chromium() {
-  if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then
-    echo "install-system-deps: Chromium already installed"
+  local pkgs=()
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || pkgs+=(chromium)
+  command -v strace >/dev/null || pkgs+=(strace)
+  if [[ ${#pkgs[@]} == 0 ]]; then
+    echo "install-system-deps: Chromium and strace already installed"
     return 0
   fi
   local sudo_cmd=""
@@ -23,25 +28,25 @@ install_chromium() {
     if command -v sudo >/dev/null && { [[ "${1:-}" != --if-permitted ]] || sudo -n true 2>/dev/null; }; then
       sudo_cmd="sudo"
     else
-      echo "install-system-deps: Chromium is not installed and this user may not install it; the HTML preview" \
+      echo "install-system-deps: ${pkgs[*]} not installed and this user may not install them; the HTML preview" \
         "screenshot test will skip (run: sudo bash infra/ci/install-system-deps.sh)" >&2
       return 0
     fi
   fi
   if ! command -v apt-get >/dev/null; then
-    echo "install-system-deps: no apt-get here: install Chromium yourself for the HTML preview test" >&2
+    echo "install-system-deps: no apt-get here: install ${pkgs[*]} yourself for the HTML preview and open-tracing tests" >&2
     return 0
   fi
   local attempt
   for attempt in 1 2 3; do
     if DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get update -q \
-        && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q --no-install-recommends chromium; then
-      echo "install-system-deps: installed Chromium"
+        && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q --no-install-recommends "${pkgs[@]}"; then
+      echo "install-system-deps: installed ${pkgs[*]}"
       return 0
     fi
     sleep $((attempt * 5))
   done
-  echo "install-system-deps: apt-get failed 3 times to install Chromium" >&2
+  echo "install-system-deps: apt-get failed 3 times to install ${pkgs[*]}" >&2
   [[ "${1:-}" == --if-permitted ]] || return 1
 }
 install_chromium "${1:-}"
