@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -355,5 +354,3 @@ def mlflow_ui_hint(tracking_uri: str) -> str:
             f"--port 5000   then open http://127.0.0.1:5000 (experiment 'mdt-distill-demo': runs demo-teacher, "
             f"demo-mdt and evaluate-demo; 3-D previews under the evaluation run's Artifacts/previews)")
 
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
