@@ -29,11 +29,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -587,8 +585,8 @@ def log_mlflow(cfg: EvaluateConfig, results: dict, run_dir: Path, previews: list
 
 def absolutize_paths(cfg: EvaluateConfig) -> None:
     """Local paths made absolute: Ray workers do not share the driver's working directory."""
-    def fix(p):
-        return str(Path(p).resolve()) if p and "://" not in p and not p.startswith("sqlite:") else p
+    from pipelines.cluster import resolve_local_path as fix
+
     cfg.output = fix(cfg.output)
     cfg.data.uri = fix(cfg.data.uri)
     for k in ("teacher", "student", "ss_decoder"):
