@@ -15,18 +15,21 @@ def inputs(tmp_path_factory):
     return tmp, write_tiny_shards(tmp / "data", n=2), perturbed_teacher(tmp / "teacher" / "ss_flow_tiny")
 
 
-def _main(argv, capsys):
-    import ray
-
+def _main(argv, capsys, monkeypatch):
+    """Run the CLI in-process; Ray must not be started (or joined) on the way to the error. Another test module
+    may have left this process connected to Ray, so the check is on the job's one Ray entry point."""
     from jobs.distill import main
+    from pipelines import distill
 
+    ray_calls = []
+    monkeypatch.setattr(distill, "init_ray", lambda *a, **k: ray_calls.append((a, k)))
     rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert not ray.is_initialized()                      # nothing was started
+    assert not ray_calls, f"Ray was started for {argv}"
     return rc, err
 
 
-def test_argument_errors_exit_2_with_one_line_before_anything_starts(inputs, capsys, tmp_path):
+def test_argument_errors_exit_2_with_one_line_before_anything_starts(inputs, capsys, tmp_path, monkeypatch):
     tmp, data, teacher = inputs
     out = ["--output", str(tmp_path / "runs")]
     cases = [
@@ -37,7 +40,7 @@ def test_argument_errors_exit_2_with_one_line_before_anything_starts(inputs, cap
         (["--preset", "ci", "--data", str(data), "--objective", "nope", *out], "objective"),
     ]
     for argv, needle in cases:
-        rc, err = _main(argv, capsys)
+        rc, err = _main(argv, capsys, monkeypatch)
         assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
 
 
@@ -51,7 +54,7 @@ def test_default_run_name_says_stage_and_objective():
         assert cfg.name == f"ss-{objective}"
 
 
-def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path):
+def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path, monkeypatch):
     """The README's teacher line, then the MDT line under the teacher run's name: refused, not 'resumed'."""
     from mdt.config import load_config
     from mdt.training.config import DistillConfig
@@ -69,7 +72,7 @@ def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path):
                        prefix="distill_").validate()
     distill.prepare(more)                                  # more steps of the same run: fine
     rc, err = _main(["--preset", "ci", "--data", str(data), "--teacher", teacher, "--output", str(tmp_path / "runs"),
-                     "--name", "shared"], capsys)
+                     "--name", "shared"], capsys, monkeypatch)
     assert rc == 2 and len(err) == 1 and "objective 'flow_matching' -> 'mdt'" in err[0] and "--name" in err[0], err
 
 
