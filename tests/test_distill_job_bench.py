@@ -27,6 +27,7 @@ def test_bench_json_has_the_ratio_fields(tmp_path, monkeypatch, capsys):
     step = out["step"]
     assert step["teacher_calls_per_step"] > 0 and step["student_calls_with_grad"] > 0
     assert step["naive"] and any("teacher" in k for k in step["naive"])
+    assert any("sequential guidance" in k for k in step["naive"])   # the objective guides: two forwards there
     assert step["step_vs_sum_of_parts"] == step["step_ms"] / step["step_ms_estimated_from_parts"]
     printed = capsys.readouterr().out
     assert "step time / sum of its parts" in printed and "vs the naive step" in printed

@@ -189,17 +189,12 @@ def naive_trainer(cfg, student, teacher, dev, amp) -> tuple[Trainer, list[str]]:
     """A Trainer of the same objective and hyper-parameters whose calls are made the naive way."""
     knobs = ["attention on the unfused math kernel"]
     ncfg = cfg
-    ocfg = getattr(cfg.objective, {"vm": "mdt"}.get(cfg.objective.name, cfg.objective.name))
-    for f in dataclasses.fields(ocfg):  # the guidance layout, where the objective offers a choice
-        if f.name in ("batched_guidance", "batch_guidance") and getattr(ocfg, f.name) is True:
-            ocfg = dataclasses.replace(ocfg, **{f.name: False})
-            knobs.append("sequential guidance (conditional and unconditional forwards one after the other)")
-        elif f.name == "sequential_guidance" and getattr(ocfg, f.name) is False:
-            ocfg = dataclasses.replace(ocfg, sequential_guidance=True)
-            knobs.append("sequential guidance (conditional and unconditional forwards one after the other)")
-    if ocfg is not getattr(cfg.objective, {"vm": "mdt"}.get(cfg.objective.name, cfg.objective.name)):
-        section = {"vm": "mdt"}.get(cfg.objective.name, cfg.objective.name)
+    section = {"vm": "mdt"}.get(cfg.objective.name, cfg.objective.name)
+    ocfg = getattr(cfg.objective, section)
+    if getattr(ocfg, "cfg_batched", False):  # objectives with guidance: one [x; x] forward -> two forwards
+        ocfg = dataclasses.replace(ocfg, cfg_batched=False)
         ncfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, **{section: ocfg}))
+        knobs.append("sequential guidance (conditional and unconditional forwards one after the other)")
     naive = Trainer(copy.deepcopy(student), None, ncfg, device=dev, autocast_dtype=amp)
     naive.student_calls.model = _Unfused(naive.student)
     naive.student_calls.__dict__["module"] = _Unfused(naive.student)
