@@ -237,9 +237,13 @@ def head_argv(doc_line: str, port: int, dashboard_port: int) -> list[str]:
     """Section 1's `ray start --head` with free ports for 6379 / 8265 and every other port explicit (Ray's fixed
     defaults clash with other Ray instances on a shared machine)."""
     argv = shlex.split(doc_line)
+    assert argv[0] == "RAY_ADDRESS=127.0.0.1:6379", "the head's processes must be told their cluster"
+    argv = argv[1:]                                            # the variable goes into the head's environment
     assert argv[:3] == ["ray", "start", "--head"] and "--port=6379" in argv and "--dashboard-port=8265" in argv
+    assert "--temp-dir=/tmp/ray-mdt" in argv
     argv = [f"--port={port}" if a == "--port=6379" else f"--dashboard-port={dashboard_port}"
-            if a == "--dashboard-port=8265" else a for a in argv]
+            if a == "--dashboard-port=8265" else f"--temp-dir=/tmp/ray-mdt-{port}" if a.startswith("--temp-dir=")
+            else a for a in argv]
     argv += ray_port_args(port, dashboard_port)
     argv[0] = str(VENV_BIN / "ray")
     return argv
@@ -268,12 +272,14 @@ def stack(tmp_path_factory):
         path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
 
         # Ray: section 1's head; its processes run the jobs, so they get the S3 stand-in and the venv's python
-        head_line = next(c.text for c in section("1") if c.text.startswith("ray start --head"))
+        head_line = next(c.text for c in section("1") if "ray start --head" in c.text)
         port, dash = free_port(), free_port()
         head_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_", "MLFLOW_"))}
         head_env.update(S3_CREDS, **LOOPBACK, PATH=path, AWS_ENDPOINT_URL=s3_endpoint, RAY_AUTH_MODE="disabled",
+                        RAY_ADDRESS=f"127.0.0.1:{port}",
                         RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true")
         head = Group(head_argv(head_line, port, dash), head_env, work / "ray-head.log")
+        cleanup.append(lambda d=f"/tmp/ray-mdt-{port}": shutil.rmtree(d, ignore_errors=True))
         cleanup.append(head.stop)
 
         pg = LocalPostgres(bindir)
@@ -340,7 +346,7 @@ def wait_job_agent(dashboard_url: str, timeout: float = 90) -> None:
 @pytest.fixture(scope="module")
 def rehearsal(stack):
     """Section 1's commands after `ray start`, verbatim, against the stand-ins."""
-    lines = [c.text for c in section("1") if not c.text.startswith("ray start --head")]
+    lines = [c.text for c in section("1") if "ray start --head" not in c.text]
     body = script(lines, {"RAY_ADDRESS": stack.dashboard_url, "OUT": "s3://mdt-runs/rehearsal",
                           "MLFLOW_TRACKING_URI": stack.mlflow_url})
     body += 'echo "MDT_RUN=$RUN"\n'

@@ -294,7 +294,7 @@ class DocChecker:
         self.produced: dict[str, Path] = {}
         self.rules = [
             (r"^export ", self.export),
-            (r"^ray start --head ", self.section1),
+            (r"^(RAY_ADDRESS=\S+ )?ray start --head ", self.section1),
             (r"^ray job submit ", self.job_submit),
             (r"^ray job (status|logs|list) ", self.section1),
             (r"^ray (up|down|dashboard) ", self.ray_cluster_cli),
