@@ -3,9 +3,10 @@
 `scm` and MDT-dist with `mode: continuous` take a forward-mode JVP of the student (no grad). Under DDP the
 wrapper's forward copies buffers in place (`broadcast_buffers`; the SS flow has a `pos_emb` buffer), which
 `torch.func.jvp` refuses; under FSDP2 the sharded module's hooks gather the parameters. Both objectives train on
-the SS flow under DDP and FSDP2 and on the sparse SLat flow under DDP, with the ranks' weights equal afterwards.
-(FSDP2 of a sparse student is not covered: FSDP2's backward hooks look for tensors in a module's outputs and do
-not see inside a SparseTensor.)
+the SS flow and on the sparse SLat flow, under DDP and under FSDP2, and so does flow matching (no JVP) on SLat:
+FSDP2 finds the tensors of a sparse block's inputs and outputs only inside containers it walks (a SparseTensor is a
+dataclass for that), otherwise the block's parameters stay resharded in backward. After one step the ranks'
+weights are equal, and FSDP2's update equals DDP's from the same start on the same batches.
 """
 from __future__ import annotations
 
@@ -55,13 +56,14 @@ def _worker(rank: int, port: int, q) -> None:
 
         for stage, name, args in (("ss", "SparseStructureFlowModel", TINY_SS_ARGS),
                                   ("slat", "SLatFlowModel", TINY_SLAT_ARGS)):
-            for objective in ("scm", "mdt"):
-                for fsdp in ((False, True) if stage == "ss" else (False,)):
+            for objective in ("scm", "mdt") + (("flow_matching",) if stage == "slat" else ()):
+                for fsdp in (False, True):
                     cfg = load_config(DistillConfig, "ci", [
                         ("data.uri", "/unused"), ("stage", stage), ("objective.name", objective),
                         ("objective.mdt.mode", "continuous"), ("objective.mdt.jvp", "func"),
                         ("objective.scm.jvp", "func"), ("train.fsdp", fsdp), ("data.batch_split", 1),
-                        ("model.teacher", "/unused")], prefix="distill_")
+                        ("model.teacher", "/unused"), ("objective.flow_matching.p_uncond", 0.0)],
+                        prefix="distill_")
                     torch.manual_seed(0)
                     teacher = build_model(name, dict(args)).eval().requires_grad_(False)
                     torch.manual_seed(0)
@@ -69,13 +71,16 @@ def _worker(rank: int, port: int, q) -> None:
                     with torch.no_grad():  # leave the zero-initialised output layer: a non-trivial target
                         for p in list(student.parameters()) + list(teacher.parameters()):
                             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+                    before = [p.detach().clone() for p in student.parameters()]
                     model = wrap_student(student, cfg, 2)
                     tr = Trainer(student, teacher, cfg, model=model, distributed=True)
                     res = tr.step(_batch(stage, rank), torch.Generator().manual_seed(rank))
                     with torch.no_grad():
-                        s = torch.stack([(p.full_tensor() if hasattr(p, "full_tensor") else p).double().sum()
-                                         for p in student.parameters()])
-                    out.append((stage, objective, fsdp, res.loss, res.skipped, s.sum().item()))
+                        after = [(p.full_tensor() if hasattr(p, "full_tensor") else p).double()
+                                 for p in student.parameters()]
+                    moved = sum((a - b.double()).abs().sum() for a, b in zip(after, before)).item()
+                    out.append((stage, objective, fsdp, res.loss, res.skipped, sum(a.sum() for a in after).item(),
+                                moved))
         q.put((rank, out, None))
     except Exception as e:  # reported to the test, which fails with it
         import traceback
@@ -100,11 +105,18 @@ def test_jvp_objectives_under_ddp_and_fsdp_on_ss_and_slat():
     for rank, _, err in results:
         assert err is None, f"rank {rank}:\n{err}"
     (_, r0, _), (_, r1, _) = results
-    assert len(r0) == len(r1) == 6
+    assert len(r0) == len(r1) == 10
+    assert {a[:3] for a in r0} >= {("slat", o, True) for o in ("scm", "mdt", "flow_matching")}
     for a, b in zip(r0, r1):
-        stage, objective, fsdp, loss, skipped, checksum = a
-        assert math.isfinite(loss) and not skipped, a
+        stage, objective, fsdp, loss, skipped, checksum, _ = a
+        assert math.isfinite(loss) and loss > 0 and not skipped, a
         assert b[:3] == a[:3] and checksum == b[5], (a, b)       # one update, the same on both ranks
+    by_key = {a[:3]: a for a in r0}
+    for (stage, objective, fsdp), a in by_key.items():
+        if fsdp:  # sharded: the same update as DDP; a block left out of backward would move ~lr x its size less
+            ddp = by_key[(stage, objective, False)]
+            assert a[6] > 0 and a[6] == pytest.approx(ddp[6], rel=1e-3), (a, ddp)
+            assert a[5] == pytest.approx(ddp[5], rel=0, abs=1e-4), (a, ddp)
 
 
 def test_teacher_outside_autocast_and_student_targets_in_fp32():

@@ -3,17 +3,30 @@
 Rows of one sample are contiguous and samples come in ascending batch order (the TRELLIS convention), so a
 sample's rows are a slice. Tensors derived from one another on the same coordinates share a cache
 (neighbour maps, the fine level a downsample came from), which is why `replace` exists.
+
+`SparseTensor` is declared a dataclass (fields feats, coords, _cache; its own `__init__`) because that is the
+container torch's module hooks look inside: FSDP2 registers its pre-backward unshard on the grad-requiring tensors
+of a sharded module's output, and its post-backward on those of the inputs, found by walking tuples, dicts and
+dataclasses (`torch.distributed.fsdp._common_utils.collect_grad_tensors`), then rebuilds them with
+`dataclasses.replace`; moving inputs to a device walks the same containers. Without it, a sharded sparse block's
+parameters stay resharded in backward.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 
+@dataclasses.dataclass(init=False, repr=False, eq=False)
 class SparseTensor:
     """feats [N, C] at coords int32 [N, 4] = (batch, x, y, z)."""
+
+    feats: Tensor
+    coords: Tensor
+    _cache: dict          # shared by tensors on the same coordinates (see `replace`); holds batch_size
 
     def __init__(self, feats: Tensor, coords: Tensor, batch_size: int | None = None,
                  _cache: dict | None = None):
