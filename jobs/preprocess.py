@@ -6,8 +6,9 @@
         --set filter.min_aesthetic=5.5
     ray job submit --working-dir . -- python jobs/preprocess.py --preset demo --source synthetic:8
 
-Exit status: 0 when the job ran to the end (assets that failed are in the ledger and the report);
-2 for a bad preset/override/argument; 1 when the job itself could not run (no source, unreachable storage...).
+Exit status: 0 when the job ran to the end with at least one asset done (assets that failed are in the ledger and
+the report); 2 for a bad preset/override/argument; 1 when the job itself could not run (no source, unreachable
+storage...) or when every asset it processed failed.
 """
 from __future__ import annotations
 
@@ -74,8 +75,15 @@ def main(argv=None) -> int:
         logging.getLogger("preprocess").exception("the job could not run")
         return 1
     print(report.to_markdown(result.report), flush=True)
-    print(f"output: {cfg.output}\nmanifest: {cfg.output.rstrip('/')}/manifest.json\n"
-          f"report: {graph.run_dir(cfg, result.run_id)}/report.md", flush=True)
+    report_md = f"{graph.run_dir(cfg, result.run_id)}/report.md"
+    print(f"output: {cfg.output}\nmanifest: {cfg.output.rstrip('/')}/manifest.json\nreport: {report_md}", flush=True)
+    rep = result.report or {}
+    if rep.get("failed") and not rep.get("done"):
+        from pipelines.ledger import Ledger
+
+        print(f"preprocess: 0 of {rep.get('processed')} assets succeeded ({rep['failed']} failed); reasons in "
+              f"{report_md} and the ledger {Ledger(cfg.output, result.config_hash).dir}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -73,6 +73,25 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main(["--preset", "ci", "--source", f"local:{tmp_path}/missing", "--output", str(tmp_path / "o")]) == 1
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_run_where_every_asset_fails_exits_1(tmp_path):
+    """Nothing succeeded: the report and ledger are written, and the job says so with exit 1 (not 0)."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "not_a_mesh.glb").write_bytes(b"this is a text file, not a mesh\n" * 8)
+    (assets / "half_a_header.glb").write_bytes(b"glTF\x02\x00\x00\x00")
+    out = tmp_path / "out"
+    r = subprocess.run(job_cmd(out, "--source", f"local:{assets}"), env=job_env(), cwd=PROJECT_ROOT,
+                       capture_output=True, text=True, timeout=280)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    (rep,) = reports(out)
+    assert (rep["processed"], rep["done"], rep["failed"]) == (2, 0, 2), rep
+    (chash,) = [p.name for p in (out / "ledger").iterdir()]
+    assert "preprocess: 0 of 2 assets succeeded (2 failed)" in r.stderr
+    assert str(out / "ledger" / chash) in r.stderr.strip().splitlines()[-1]
+
+
 def test_mlflow_report_logging(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     from pipelines.report import log_mlflow
