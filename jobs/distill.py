@@ -7,6 +7,9 @@ flow-matching training of a teacher, on the preprocessing job's shards, tracked 
     python jobs/distill.py --preset trellis-ss --data s3://bucket/trellis --set scaling.num_workers=8
     python jobs/distill.py --preset demo --data outputs/preprocess-demo --teacher T --bench
 
+With `--set eval.enabled=true --set eval.decoder=D` (`eval.*`), the exported student is evaluated after training
+(`jobs/evaluate.py`'s graph, SS stage) and its table is logged onto the run's MLflow run.
+
 The run name defaults to `<stage>-<objective>`; re-running the same `--name` and `--output` resumes from the last
 checkpoint and logs into the same MLflow run (a different objective, stage, teacher or model under that name is
 refused). Exit status: 0 done; 2 bad preset/override/argument (before anything starts); 1 the run failed.
@@ -89,6 +92,8 @@ def main(argv=None) -> int:
         print(f"argument error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(res.__dict__, indent=2), flush=True)
+    if res.eval_dir:
+        print(Path(res.eval_dir, "table.md").read_text(), flush=True)
     if res.tracking_uri:
         print(f"MLflow: mlflow ui --backend-store-uri {res.tracking_uri}  (run {res.mlflow_run_id})", flush=True)
     if res.error:

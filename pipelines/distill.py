@@ -5,7 +5,9 @@ tracked in one MLflow run, with `result.json` beside the checkpoints.
     prepare(cfg)  -> cfg with local paths made absolute; ArgumentError (the job exits 2) for a missing dataset or
                      teacher, a relative output under `ray job submit`, or a re-run that does not match the run
                      already stored under the same name
-    run(cfg)      -> DistillResult (trains to `train.max_steps`, resuming when the run exists)
+    run(cfg)      -> DistillResult (trains to `train.max_steps`, resuming when the run exists; then, with
+                     `eval.enabled`, evaluates the export on the same Ray instance and logs the table onto the
+                     run's MLflow run)
     bench(cfg)    -> one-step breakdown vs the sum of its parts, vs a naive step, and 1 -> 2 worker throughput
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ class DistillResult:  # noqa: D101 (fields documented inline)
     wall_s: float
     error: str | None = None
     metrics: dict | None = None  # the last ray.train.report of rank 0 (step, loss, samples_per_s, ...)
+    eval_dir: str | None = None  # `eval.enabled`: the evaluation's results (table.md, results.json, previews)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -112,7 +115,59 @@ def prepare(cfg):
     _check_checkpoint(cfg.model.teacher, "--teacher")
     _check_checkpoint(cfg.model.student, "--student")
     check_resume(cfg, run_dir(cfg))
+    if cfg.eval.enabled:
+        cfg.eval.decoder = resolve_local_path(cfg.eval.decoder, must_exist=True)
+        cfg.eval.data = resolve_local_path(cfg.eval.data)
+        cfg.eval.output = resolve_local_path(cfg.eval.output)
+        _check_checkpoint(cfg.eval.decoder, "eval.decoder")
+        try:
+            eval_config(cfg).validate()
+        except ValueError as e:  # an unknown preset or override (ConfigError), an inconsistent setting
+            raise ArgumentError(f"eval: {str(e).splitlines()[0]}") from None
     return cfg
+
+
+def eval_config(cfg, tracking: dict | None = None):
+    """The evaluation of this run's export (`eval.*`): the evaluation preset on the run's data (or `eval.data`),
+    with the run's conditioner, the exported weights MLflow registers as the student against the run's teacher
+    (a flow-matching run: as the teacher, teacher samplers only), results under `<output>/<name>/eval`, its
+    MLflow run in the training run's store and linked to it."""
+    from pipelines import evaluate
+
+    e = cfg.eval
+    if not e.output and "://" in cfg.output:
+        raise ArgumentError(f"output {cfg.output} is not local: give eval.output (a local directory)")
+    weights = "student" if (cfg.mlflow.register_weights == "student" or not cfg.ema.enabled) else "ema"
+    exported = f"{run_dir(cfg)}/export/{weights}/{cfg.model.export_stem}"
+    as_teacher = cfg.objective.name == "flow_matching"
+    ec = evaluate.make_config(e.preset, data=e.data or cfg.data.uri,
+                              teacher=exported if as_teacher else cfg.model.teacher,
+                              student=None if as_teacher else exported, decoder=e.decoder,
+                              output=e.output or run_dir(cfg), distill_run_id=(tracking or {}).get("run_id"),
+                              overrides=list(e.overrides) + ([("data.split", e.split)] if e.split else []))
+    ec.name = "eval"
+    ec.condition = dataclasses.replace(cfg.condition)
+    if as_teacher:
+        ec.samplers = [s for s in ec.samplers if s.model == "teacher"]
+    ec.mlflow.enabled = bool(tracking)
+    ec.mlflow.tracking_uri = (tracking or {}).get("tracking_uri")
+    ec.mlflow.run_name = f"{cfg.name} eval"
+    return ec
+
+
+def evaluate_export(cfg, tracking: dict | None) -> str:
+    """Run the evaluation of `eval_config` (on the Ray instance this process is connected to) and log its table
+    and headline metrics onto the training run; the evaluation's directory."""
+    from pipelines import evaluate
+    from pipelines.tracking import log_eval_table
+
+    ec = eval_config(cfg, tracking)
+    evaluate.absolutize_paths(ec)
+    result = evaluate.run(ec)
+    if tracking:
+        log_eval_table(tracking["tracking_uri"], tracking["run_id"], result.run_dir,
+                       evaluate.headline_metrics(result.results))
+    return result.run_dir
 
 
 def run_dir(cfg) -> str:
@@ -221,13 +276,20 @@ def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
     except Exception as e:  # TrainingFailedError after max_failures
         log.exception("training failed")
         ckpt, error, metrics = None, f"{type(e).__name__}: {e}", None
+    export = latest_export(cfg, ckpt, st) if ckpt else None
+    eval_dir = None
+    if cfg.eval.enabled and not error:
+        try:
+            eval_dir = evaluate_export(cfg, tracking)
+        except Exception as e:
+            log.exception("evaluation failed")
+            error = f"evaluation failed: {type(e).__name__}: {e}"
     if tracking:
         from mdt.training.tracking import client
 
         client(tracking["tracking_uri"]).set_terminated(tracking["run_id"], "FAILED" if error else "FINISHED")
-    export = latest_export(cfg, ckpt, st) if ckpt else None
     res = DistillResult(cfg.name, rdir, ckpt, export, (tracking or {}).get("run_id"),
-                        (tracking or {}).get("tracking_uri"), time.time() - t0, error, metrics)
+                        (tracking or {}).get("tracking_uri"), time.time() - t0, error, metrics, eval_dir)
     storage.write_bytes_atomic(f"{rdir}/result.json", json.dumps(res.__dict__, indent=2).encode(), st)
     storage.write_bytes_atomic(f"{rdir}/resolved_config.yaml", dump_yaml(resolved).encode(), st)
     return res
@@ -272,7 +334,8 @@ def bench(cfg, workers: list[int], steps: int) -> dict:
                                       export=False, torch_threads=max(1, cores // n)),
             scaling=dataclasses.replace(cfg.scaling, num_workers=n),
             snapshot=dataclasses.replace(cfg.snapshot, every=0, num_conditions=0),
-            mlflow=dataclasses.replace(cfg.mlflow, enabled=False))
+            mlflow=dataclasses.replace(cfg.mlflow, enabled=False),
+            eval=dataclasses.replace(cfg.eval, enabled=False))
         variants.append(c)
     need = max((required_resources(c) for c in variants), key=lambda r: r["CPU"])
     start_ray(cfg, need)

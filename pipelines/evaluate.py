@@ -524,6 +524,24 @@ def run(cfg: EvaluateConfig) -> EvalResult:
     return EvalResult(str(run_dir), results, table, run_id)
 
 
+def headline_metrics(results: dict) -> dict[str, float]:
+    """A few figures of the table: FD_dinov2 and IoU of the reference sampler and of each kind's fewest-step
+    other sampler (with its speedup over the reference), keyed `<figure>_<kind>_<steps>step`."""
+    rows, ref = results["rows"], results["reference"]
+    picked = [r for r in rows if r["sampler"] == ref]
+    for kind in ("student", "teacher"):
+        others = [r for r in rows if r["kind"] == kind and r["sampler"] != ref]
+        if others:
+            picked.append(min(others, key=lambda r: r["steps"]))
+    out = {}
+    for r in picked:
+        key = f"{r['kind']}_{r['steps']}step"
+        out[f"FD_dinov2_{key}"], out[f"IoU_{key}"] = r.get("fd_dinov2"), r.get("iou")
+        if r["sampler"] != ref:
+            out[f"speedup_{key}"] = r.get("speedup")
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+
 def _nfe(cfg: EvaluateConfig, spec: SamplerSpec) -> int:
     from mdt.flow import count_nfe
 

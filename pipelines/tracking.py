@@ -134,14 +134,16 @@ def start_training_run(cfg, run_dir: str, resolved: dict, yaml_text: str, storag
     return {"tracking_uri": uri, "run_id": run_id}
 
 
-def log_eval_table(tracking_uri: str, run_id: str, rows: list[dict], headline: dict[str, float],
+def log_eval_table(tracking_uri: str, run_id: str, eval_dir: str, headline: dict[str, float],
                    name: str = "eval") -> None:
-    """An evaluation table as one artifact (`<name>/table.json`, list of row dicts) plus a few headline metrics
-    (`<name>.<key>`), instead of one single-point chart per cell."""
+    """An evaluation's table as one artifact folder (`<name>/table.md` and `<name>/results.json`, from
+    `eval_dir`) plus a few headline metrics (`<name>/<key>`), instead of one single-point chart per cell."""
+    import shutil
+
     c = client(tracking_uri)
     with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "table.json"
-        p.write_text(json.dumps(rows, indent=2))
-        c.log_artifact(run_id, str(p), name)
+        for f in ("table.md", "results.json"):
+            shutil.copy(Path(eval_dir) / f, Path(d) / f)
+        c.log_artifacts(run_id, d, name)
     for k, v in headline.items():
-        c.log_metric(run_id, f"{name}.{k}", float(v))
+        c.log_metric(run_id, f"{name}/{k}", float(v))

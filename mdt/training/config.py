@@ -157,6 +157,22 @@ class SnapshotConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation of the run's exported weights after training succeeds (`pipelines.evaluate`; SS stage only):
+    the exported EMA student (`mlflow.register_weights`) against the run's teacher, or, for a flow-matching
+    run, the trained model as the teacher. Its table lands on the run's MLflow run as one artifact (`eval/`)
+    with a few headline metrics (`eval/FD_dinov2_student_1step`, ...)."""
+
+    enabled: bool = False
+    preset: str = "demo"                # jobs/configs/evaluate_<preset>.yaml: ci | demo | trellis
+    decoder: str | None = None          # SS decoder checkpoint or occupancy probe (required when enabled)
+    data: str | None = None             # shards evaluated on; None: data.uri
+    split: str | None = None            # holdout | train | all; None: the preset's
+    output: str | None = None           # results under <output>/eval; None: <output>/<name> (needs a local output)
+    overrides: list[str] = field(default_factory=list)  # further evaluation settings, e.g. [sampling.seeds=2]
+
+
+@dataclass
 class DistillConfig:
     name: str | None = None             # run name (Ray Train RunConfig.name; re-running it resumes); None: <stage>-<objective>
     output: str = "outputs/distill"     # storage path (local dir or s3://): checkpoints, exports, resolved config
@@ -173,6 +189,7 @@ class DistillConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "DistillConfig":
         if not self.name:
@@ -195,4 +212,8 @@ class DistillConfig:
             raise ValueError("train.precision must be auto, fp32 or bf16")
         if self.train.fsdp and self.scaling.num_workers < 2:
             raise ValueError("train.fsdp needs scaling.num_workers >= 2")
+        if self.eval.enabled and self.stage != "ss":
+            raise ValueError(f"eval.enabled: the evaluation covers the SS stage only (stage is {self.stage!r})")
+        if self.eval.enabled and not self.eval.decoder:
+            raise ValueError("eval.enabled needs eval.decoder (an SS decoder checkpoint or occupancy probe)")
         return self

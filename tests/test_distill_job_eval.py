@@ -1,0 +1,93 @@
+"""Evaluation at the end of training (`eval.*`): the distillation job evaluates its exported EMA student against
+its teacher on the same Ray instance and logs the table onto the distillation's MLflow run as one artifact
+folder with a few headline metrics; a bad `eval.*` setting exits 2 with one line before Ray starts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _distill_helpers import PROJECT_ROOT, perturbed_teacher, write_tiny_shards
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from mdt.eval.snapshots import OccupancyProbe
+
+    tmp = tmp_path_factory.mktemp("distill-eval")
+    probe = OccupancyProbe(8, hidden=8)
+    probe.save(tmp / "models" / "probe")
+    return {"tmp": tmp, "data": str(write_tiny_shards(tmp / "data", n=4)),
+            "teacher": perturbed_teacher(tmp / "models" / "ss_flow_tiny"), "decoder": str(tmp / "models" / "probe")}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_eval_after_training_logs_one_table_and_headline_metrics(inputs, tmp_path):
+    from mlflow import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    out = tmp_path / "runs"
+    r = subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "distill.py"), "--preset", "ci",
+                        "--data", inputs["data"], "--teacher", inputs["teacher"], "--output", str(out),
+                        "--steps", "2", "--set", "eval.enabled=true", "--set", "eval.preset=ci",
+                        "--set", f"eval.decoder={inputs['decoder']}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    res = json.loads((out / "ss-mdt" / "result.json").read_text())
+    assert res["error"] is None and res["eval_dir"] == str(out / "ss-mdt" / "eval")
+    results = json.loads((out / "ss-mdt" / "eval" / "results.json").read_text())
+    assert results["models"]["student"] == str(out / "ss-mdt" / "export" / "ema" / "ss_flow_student")
+    assert results["models"]["teacher"] == inputs["teacher"]
+    assert results["distill_run_id"] == res["mlflow_run_id"]
+    assert [row["sampler"] for row in results["rows"]] == ["teacher 4-step", "teacher 1-step", "student 1-step",
+                                                           "student 2-step"]
+    assert "| student 1-step |" in r.stdout                  # the job prints the table
+
+    c = MlflowClient(tracking_uri=res["tracking_uri"])
+    run = c.get_run(res["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert sorted(a.path for a in c.list_artifacts(run.info.run_id, "eval")) == ["eval/results.json",
+                                                                                 "eval/table.md"]
+    logged = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    student_1 = next(row for row in results["rows"] if row["sampler"] == "student 1-step")
+    assert logged["eval/FD_dinov2_student_1step"] == pytest.approx(student_1["fd_dinov2"])
+    assert logged["eval/IoU_student_1step"] == pytest.approx(student_1["iou"])
+    assert {"eval/FD_dinov2_teacher_4step", "eval/IoU_teacher_4step", "eval/speedup_student_1step"} <= set(logged)
+    assert len(logged) <= 8                                   # headline figures, not one chart per cell
+    eval_run = c.get_run(run.data.tags["mdt.eval_run_id"])    # the evaluation's own run, linked both ways
+    assert eval_run.data.tags["mdt.distill_run_id"] == run.info.run_id
+
+
+def _main(argv, capsys, monkeypatch):
+    from jobs.distill import main
+    from pipelines import distill
+
+    ray_calls = []
+    monkeypatch.setattr(distill, "init_ray", lambda *a, **k: ray_calls.append((a, k)))
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not ray_calls, f"Ray was started for {argv}"
+    return rc, err
+
+
+def test_bad_eval_settings_exit_2_with_one_line_before_ray(inputs, capsys, tmp_path, monkeypatch):
+    base = ["--preset", "ci", "--data", inputs["data"], "--teacher", inputs["teacher"],
+            "--output", str(tmp_path / "runs"), "--set", "eval.enabled=true"]
+    dec = ["--set", f"eval.decoder={inputs['decoder']}"]
+    cases = [
+        (base, "eval.decoder"),
+        (base + ["--set", f"eval.decoder={tmp_path / 'no-probe'}"], "eval.decoder"),
+        (base + dec + ["--set", "eval.preset=nope"], "eval: "),
+        (base + dec + ["--set", "eval.preset=ci", "--set", "eval.split=nope"], "data.split"),
+        (base + dec + ["--stage", "slat"], "SS stage"),
+    ]
+    for argv, needle in cases:
+        rc, err = _main(argv, capsys, monkeypatch)
+        assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
