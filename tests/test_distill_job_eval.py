@@ -4,14 +4,11 @@ folder with a few headline metrics; a bad `eval.*` setting exits 2 with one line
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from _distill_helpers import PROJECT_ROOT, perturbed_teacher, write_tiny_shards
+from _distill_helpers import perturbed_teacher, write_tiny_shards
 
 
 @pytest.fixture(scope="module")
@@ -28,41 +25,42 @@ def inputs(tmp_path_factory):
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_eval_after_training_logs_one_table_and_headline_metrics(inputs, tmp_path):
+def test_eval_after_training_logs_one_table_and_headline_metrics(inputs, ray_connected, tmp_path):
+    """MDT-dist for 2 steps, then the `ci` evaluation preset (cut to 2 assets, 1 view) on the export."""
     from mlflow import MlflowClient
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
-    env["PYTHONPATH"] = str(PROJECT_ROOT)
-    out = tmp_path / "runs"
-    r = subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "distill.py"), "--preset", "ci",
-                        "--data", inputs["data"], "--teacher", inputs["teacher"], "--output", str(out),
-                        "--steps", "2", "--set", "eval.enabled=true", "--set", "eval.preset=ci",
-                        "--set", f"eval.decoder={inputs['decoder']}"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    res = json.loads((out / "ss-mdt" / "result.json").read_text())
-    assert res["error"] is None and res["eval_dir"] == str(out / "ss-mdt" / "eval")
-    results = json.loads((out / "ss-mdt" / "eval" / "results.json").read_text())
-    assert results["models"]["student"] == str(out / "ss-mdt" / "export" / "ema" / "ss_flow_student")
+    from _distill_helpers import ci_config
+    from pipelines.distill import run
+
+    cfg = ci_config(tmp_path, Path(inputs["data"]), inputs["teacher"], f"sqlite:///{tmp_path / 'mlflow.db'}", [
+        "train.max_steps=2", "scaling.num_workers=1", "snapshot.num_conditions=0", "eval.enabled=true",
+        "eval.preset=ci",
+        f"eval.decoder={inputs['decoder']}",
+        "eval.overrides=[data.max_assets=2, metrics.views=1, latency.repeats=1, latency.warmup=0, previews=1]"])
+    res = run(cfg)
+    out = tmp_path / "runs" / "ss-mdt"
+    assert res.error is None and res.eval_dir == str(out / "eval")
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["assets"] == 2
+    assert results["models"]["student"] == str(out / "export" / "ema" / "ss_flow_student")
     assert results["models"]["teacher"] == inputs["teacher"]
-    assert results["distill_run_id"] == res["mlflow_run_id"]
+    assert results["distill_run_id"] == res.mlflow_run_id
     assert [row["sampler"] for row in results["rows"]] == ["teacher 4-step", "teacher 1-step", "student 1-step",
                                                            "student 2-step"]
-    assert "| student 1-step |" in r.stdout                  # the job prints the table
 
-    c = MlflowClient(tracking_uri=res["tracking_uri"])
-    run = c.get_run(res["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    assert sorted(a.path for a in c.list_artifacts(run.info.run_id, "eval")) == ["eval/results.json",
-                                                                                 "eval/table.md"]
-    logged = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    c = MlflowClient(tracking_uri=res.tracking_uri)
+    run_ = c.get_run(res.mlflow_run_id)
+    assert run_.info.status == "FINISHED"
+    assert sorted(a.path for a in c.list_artifacts(run_.info.run_id, "eval")) == ["eval/results.json",
+                                                                                  "eval/table.md"]
+    logged = {k: v for k, v in run_.data.metrics.items() if k.startswith("eval/")}
     student_1 = next(row for row in results["rows"] if row["sampler"] == "student 1-step")
     assert logged["eval/FD_dinov2_student_1step"] == pytest.approx(student_1["fd_dinov2"])
     assert logged["eval/IoU_student_1step"] == pytest.approx(student_1["iou"])
     assert {"eval/FD_dinov2_teacher_4step", "eval/IoU_teacher_4step", "eval/speedup_student_1step"} <= set(logged)
     assert len(logged) <= 8                                   # headline figures, not one chart per cell
-    eval_run = c.get_run(run.data.tags["mdt.eval_run_id"])    # the evaluation's own run, linked both ways
-    assert eval_run.data.tags["mdt.distill_run_id"] == run.info.run_id
+    eval_run = c.get_run(run_.data.tags["mdt.eval_run_id"])   # the evaluation's own run, linked both ways
+    assert eval_run.data.tags["mdt.distill_run_id"] == run_.info.run_id
 
 
 def _main(argv, capsys, monkeypatch):
