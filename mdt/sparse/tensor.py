@@ -8,8 +8,9 @@ sample's rows are a slice. Tensors derived from one another on the same coordina
 container torch's module hooks look inside: FSDP2 registers its pre-backward unshard on the grad-requiring tensors
 of a sharded module's output, and its post-backward on those of the inputs, found by walking tuples, dicts and
 dataclasses (`torch.distributed.fsdp._common_utils.collect_grad_tensors`), then rebuilds them with
-`dataclasses.replace`; moving inputs to a device walks the same containers. Without it, a sharded sparse block's
-parameters stay resharded in backward.
+`dataclasses.replace`; its mixed-precision cast of the inputs walks dataclasses too (moving inputs to a device
+does not: the trainer moves its batches itself). Without it, a sharded sparse block's parameters stay resharded
+in backward.
 """
 from __future__ import annotations
 
