@@ -89,3 +89,26 @@ def test_bad_eval_settings_exit_2_with_one_line_before_ray(inputs, capsys, tmp_p
     for argv, needle in cases:
         rc, err = _main(argv, capsys, monkeypatch)
         assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_eval_config_evaluates_what_the_run_exports(inputs, tmp_path):
+    """A distillation run: its registered export (EMA, or the raw student when asked) as the student against its
+    teacher; a flow-matching run: its export as the teacher, teacher samplers only; the run's conditioner."""
+    from _distill_helpers import ci_config
+    from pipelines.distill import eval_config, run_dir
+
+    common = ["eval.enabled=true", "eval.preset=ci", f"eval.decoder={inputs['decoder']}", "eval.split=train"]
+    mdt = ci_config(tmp_path, Path(inputs["data"]), inputs["teacher"], None, common)
+    ec = eval_config(mdt, {"run_id": "r1", "tracking_uri": "sqlite:///x.db"}).validate()
+    assert (ec.models.teacher, ec.models.student) == (inputs["teacher"],
+                                                      f"{run_dir(mdt)}/export/ema/ss_flow_student")
+    assert {s.model for s in ec.samplers} == {"teacher", "student"}
+    assert ec.condition == mdt.condition and ec.data.uri == inputs["data"] and ec.data.split == "train"
+    assert (ec.mlflow.distill_run_id, ec.mlflow.tracking_uri, ec.output) == ("r1", "sqlite:///x.db", run_dir(mdt))
+    raw = ci_config(tmp_path, Path(inputs["data"]), inputs["teacher"], None,
+                    common + ["mlflow.register_weights=student"])
+    assert eval_config(raw).models.student == f"{run_dir(raw)}/export/student/ss_flow_student"
+    fm = ci_config(tmp_path, Path(inputs["data"]), None, None, common + ["objective.name=flow_matching"])
+    ec = eval_config(fm).validate()
+    assert (ec.models.teacher, ec.models.student) == (f"{run_dir(fm)}/export/ema/ss_flow_student", None)
+    assert {s.model for s in ec.samplers} == {"teacher"} and not ec.mlflow.enabled
