@@ -1,6 +1,7 @@
 """Metrics between sets of voxel shapes (boolean occupancy grids [N, R, R, R]).
 
 * `iou_matrix(a, b)` -> [n, m] intersection-over-union; the shape distance is 1 - IoU.
+* `subsample_points(points, max_points, generator)`: a uniform random subset of at most `max_points` rows.
 * `surface_points(occ)`: centres of the boundary voxels (occupied with an empty 6-neighbour), in [-1, 1]^3,
   subsampled to at most `max_points` with a fixed seed; `chamfer_matrix(pa, pb)` -> [n, m] symmetric Chamfer
   distance (mean nearest-neighbour Euclidean distance, averaged over both directions).
@@ -53,18 +54,20 @@ def boundary(occ: Tensor) -> Tensor:
     return (occ.bool() & (neighbours.squeeze(1) < 5.5))
 
 
+def subsample_points(points: Tensor, max_points: int, generator: torch.Generator) -> Tensor:
+    """At most `max_points` rows of points [P, D], a uniform random subset without replacement (order kept
+    when nothing is dropped)."""
+    if points.shape[0] <= max_points:
+        return points
+    return points[torch.randperm(points.shape[0], generator=generator)[:max_points]]
+
+
 def surface_points(occ: Tensor, max_points: int = 256, seed: int = 0) -> list[Tensor]:
     """Boundary-voxel centres of each shape in [-1, 1]^3 (at most max_points each, fixed subsample)."""
     res = occ.shape[-1]
     surf = boundary(occ)
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for s in surf:
-        idx = s.nonzero().double()
-        if idx.shape[0] > max_points:
-            idx = idx[torch.randperm(idx.shape[0], generator=g)[:max_points]]
-        out.append((idx + 0.5) / res * 2 - 1)
-    return out
+    return [(subsample_points(s.nonzero().double(), max_points, g) + 0.5) / res * 2 - 1 for s in surf]
 
 
 def _pad(points: list[Tensor]) -> tuple[Tensor, Tensor]:
