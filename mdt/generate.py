@@ -308,14 +308,16 @@ TINY_OCCUPANCY = 0.004   # fraction of the 64³ grid a tiny random SS decoder ma
 
 
 def save_tiny_model(slot: str, path: str | os.PathLike, cond_channels: int = 64, seed: int = 0,
-                    occupancy: float = TINY_OCCUPANCY, full_size: bool = False) -> str:
+                    occupancy: float = TINY_OCCUPANCY, full_size: bool = False, arch: dict | None = None) -> str:
     """A random-weight model of `slot`'s real architecture in TRELLIS format: tiny widths, or with `full_size` the
-    released configuration (trellis-reference.md §1.3, fp16 torso). Every parameter is redrawn (std 1/sqrt(fan_in),
-    norm weights around 1, zero-initialised output layers included) so that no output is trivially zero; the SS
-    decoder's output bias is set so that about `occupancy` of the grid is occupied for a standard-normal latent."""
+    released configuration (trellis-reference.md §1.3, fp16 torso); `arch` overrides constructor arguments (e.g.
+    narrower SS decoder channels for cheaper tests). Every parameter is redrawn (std 1/sqrt(fan_in), norm weights
+    around 1, zero-initialised output layers included) so that no output is trivially zero; the SS decoder's
+    output bias is set so that about `occupancy` of the grid is occupied for a standard-normal latent."""
     from mdt.models import build_model
 
     name, args = full_size_model_args(slot) if full_size else tiny_model_args(slot, cond_channels)
+    args = {**args, **(arch or {})}
     torch.manual_seed(seed)
     model = build_model(name, args)
     model.float()

@@ -533,9 +533,14 @@ def measure_latency(cfg: EvaluateConfig, cond_image: np.ndarray) -> dict[str, di
         lat["ss_sample"] = warm_latency(lambda: models.sample(spec, noise, cond), cfg.latency.repeats,
                                         cfg.latency.warmup)
         x = models.sample(spec, noise, cond)
-        lat["ss_decode"] = warm_latency(lambda: models.decode(x), cfg.latency.repeats, cfg.latency.warmup)
+        decoded = {}
+
+        def decode():
+            decoded["occ"] = models.decode(x)
+
+        lat["ss_decode"] = warm_latency(decode, cfg.latency.repeats, cfg.latency.warmup)
         if models.slat_nets:
-            coords = [models.decode(x)[0].nonzero().int()]
+            coords = [decoded["occ"][0].nonzero().int()]
             if coords[0].shape[0]:
                 lat["slat_sample"] = warm_latency(lambda: models.sample_slat(spec, coords, cond, [cfg.sampling.seed]),
                                                   cfg.latency.repeats, cfg.latency.warmup)
@@ -596,10 +601,8 @@ def summarize(cfg: EvaluateConfig, rows: dict[str, np.ndarray], latency: dict[st
 def write_previews(cfg: EvaluateConfig, rows: dict[str, np.ndarray], directory: Path) -> list[str]:
     """Per sampler: `<label>.html`, a self-contained interactive 3-D view (orbit; works offline in MLflow's
     artifact viewer) and `<label>.png`, a grid — the ground truth, the reference sampler and the sampler side by
-    side for the first `previews` assets (first seed), as decoded occupied voxels and, for the full chain, as
-    decoded Gaussians (their centres in DC colour, the points the asset metrics use)."""
-    import torch
-
+    side for the first `previews` assets (first seed), as decoded occupied voxels; for the full chain the grid
+    shows the decoded Gaussians (centres in DC colour, the points the asset metrics use) and the 3-D view both."""
     from mdt.eval.snapshots import image_grid, render_voxels
     from mdt.export.html import write_orbit_viewer
     from mdt.export.preview import PointCloud, render_points
@@ -624,29 +627,34 @@ def write_previews(cfg: EvaluateConfig, rows: dict[str, np.ndarray], directory: 
         c = torch.from_numpy(np.frombuffer(rows["asset_cloud"][i], np.float32).reshape(-1, 6).copy())
         return PointCloud(title, c[:, :3], c[:, 3:])
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # many small point-splat renders: intra-op threads only add start-up cost
     paths = []
-    for spec in cfg.samplers:
-        columns = [(GROUND_TRUTH, -1), (cfg.sampling.reference, 0), (spec.label, 0)]
-        grid = [[occ(lbl, a, s) for lbl, s in columns] for a in assets]
-        stem = directory / spec.label.replace(" ", "_")
-        cells = [[render_voxels(o, size=96, colour=colours.get(lbl, (0.35, 0.55, 0.85)))
-                  for o, (lbl, _) in zip(r, columns)] for r in grid]
-        titles, what = [c[0] for c in columns], "decoded occupancy"
-        panels = [cloud(f"{a[:8]} {lbl}", o, colours.get(lbl, (0.35, 0.55, 0.85)))
-                  for a, r in zip(assets, grid) for o, (lbl, _) in zip(r, columns)]
-        if "asset_cloud" in rows:
-            clouds = [[gaussians(f"{a[:8]} {lbl} (Gaussians)", lbl, a, s) for lbl, s in columns] for a in assets]
-            for row_cells, row_clouds in zip(cells, clouds):
-                row_cells += [render_points(c.points, c.colors, azimuth=45.0, elevation=30.0, size=96)
-                              for c in row_clouds]
-            titles += [f"{lbl} (Gaussians)" for lbl, _ in columns]
-            what += " and decoded Gaussians"
-            panels += [c for r in clouds for c in r]
-        Path(f"{stem}.png").write_bytes(image_grid(cells, [a[:8] for a in assets], titles,
-                                                   title=f"{spec.label}: {what}"))
-        write_orbit_viewer(f"{stem}.html", panels, title=f"{cfg.name}: {spec.label} vs ground truth and "
-                                                         f"{cfg.sampling.reference}", size=220)
-        paths += [f"{stem}.html", f"{stem}.png"]
+    try:
+        for spec in cfg.samplers:
+            columns = [(GROUND_TRUTH, -1), (cfg.sampling.reference, 0), (spec.label, 0)]
+            grid = [[occ(lbl, a, s) for lbl, s in columns] for a in assets]
+            stem = directory / spec.label.replace(" ", "_")
+            panels = [cloud(f"{a[:8]} {lbl}", o, colours.get(lbl, (0.35, 0.55, 0.85)))
+                      for a, r in zip(assets, grid) for o, (lbl, _) in zip(r, columns)]
+            if "asset_cloud" in rows:   # the assets: the grid shows the Gaussians, the 3-D view both
+                clouds = [[gaussians(f"{a[:8]} {lbl} (Gaussians)", lbl, a, s) for lbl, s in columns]
+                          for a in assets]
+                cells = [[render_points(c.points, c.colors, azimuth=45.0, elevation=30.0, size=96) for c in r]
+                         for r in clouds]
+                panels += [c for r in clouds for c in r]
+                what = "decoded Gaussians (centres in DC colour)"
+            else:
+                cells = [[render_voxels(o, size=96, colour=colours.get(lbl, (0.35, 0.55, 0.85)))
+                          for o, (lbl, _) in zip(r, columns)] for r in grid]
+                what = "decoded occupancy"
+            Path(f"{stem}.png").write_bytes(image_grid(cells, [a[:8] for a in assets], [c[0] for c in columns],
+                                                       title=f"{spec.label}: {what}"))
+            write_orbit_viewer(f"{stem}.html", panels, title=f"{cfg.name}: {spec.label} vs ground truth and "
+                                                             f"{cfg.sampling.reference}", size=220)
+            paths += [f"{stem}.html", f"{stem}.png"]
+    finally:
+        torch.set_num_threads(threads)
     return paths
 
 

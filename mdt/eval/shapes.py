@@ -108,14 +108,16 @@ def chamfer_fscore(pa: Tensor, pb: Tensor, threshold: float) -> tuple[float, flo
     Chamfer: (mean_a min_b |a - b| + mean_b min_a |a - b|) / 2 (Euclidean, as `chamfer_matrix`); F-score:
     2 P R / (P + R) with precision P = fraction of pa within `threshold` of pb and recall R the converse.
     One empty set: (EMPTY_CHAMFER, 0); both empty: (0, 1)."""
-    pa = torch.as_tensor(pa, dtype=torch.float64).reshape(-1, 3)
-    pb = torch.as_tensor(pb, dtype=torch.float64).reshape(-1, 3)
+    from scipy.spatial import cKDTree
+
+    pa = torch.as_tensor(pa, dtype=torch.float64).reshape(-1, 3).cpu().numpy()
+    pb = torch.as_tensor(pb, dtype=torch.float64).reshape(-1, 3).cpu().numpy()
     if len(pa) == 0 or len(pb) == 0:
         return (0.0, 1.0) if len(pa) == len(pb) else (EMPTY_CHAMFER, 0.0)
-    d = torch.cdist(pa, pb, compute_mode="donot_use_mm_for_euclid_dist")   # exact: 0 for equal points
-    ab, ba = d.min(1).values, d.min(0).values
-    precision = (ab <= threshold).double().mean().item()
-    recall = (ba <= threshold).double().mean().item()
+    # exact nearest neighbours (k-d trees: O(P log Q) instead of the P x Q distance matrix); 0 for equal points
+    ab, ba = cKDTree(pb).query(pa)[0], cKDTree(pa).query(pb)[0]
+    precision = float((ab <= threshold).mean())
+    recall = float((ba <= threshold).mean())
     f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return float((ab.mean() + ba.mean()) / 2), float(f)
 
