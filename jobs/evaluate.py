@@ -4,11 +4,11 @@ plots and previews, all logged to one MLflow run). With the SLat models (--slat-
 sampler runs the whole chain and the decoded Gaussian assets are measured against the ground-truth assets.
 
     python jobs/evaluate.py --preset ci --data outputs/pre --teacher T --student S --decoder D --output outputs/eval
-    python jobs/evaluate.py --preset ci --data outputs/pre --teacher T --student S --decoder D \
+    python jobs/evaluate.py --preset ci --data outputs/pre --teacher T --student S --decoder D \\
         --slat-teacher ST --slat-student SS --slat-decoder GS --output outputs/eval-assets
     ray job submit --working-dir . -- python jobs/evaluate.py --preset trellis --data s3://bucket/toys4k \\
         --teacher JeffreyXiang/TRELLIS-image-large/ckpts/ss_flow_img_dit_L_16l8_fp16 --student s3://.../ss_student \\
-        --decoder JeffreyXiang/TRELLIS-image-large/ckpts/ss_dec_conv3d_16l8_fp16 --distill-run <mlflow run id>
+        --slat-student s3://.../slat_student --distill-run <mlflow run id>   # SLat teacher, decoders: the preset
 
 Exit status: 0 when every sampler was evaluated; 2 for a bad preset/override/argument (before anything starts);
 1 when the evaluation could not run (no shards, no asset in the split, a model that does not load...).

@@ -15,9 +15,24 @@ and seed, so results do not depend on batching or actor count), decodes the occu
 * appearance features: `metrics.views` renders of the decoded occupancy (and of the ground truth, drawn by the
   same renderer) through Inception-v3 and DINOv2 (`mdt.eval.features`; the result names the networks used).
 
+With the SLat models configured (`models.slat_decoder` + the SLat flows) every sampler runs the whole chain: its
+decoded occupancy's voxels -> SLat sample (`SamplerSpec.slat_model` in `slat_steps`, SLat noise seeded per asset
+and seed) -> de-normalised with the SLat statistics (`models.slat_normalization`, default the shards' manifest
+statistics the distillation job trains with) -> Gaussian decoder -> 3-D Gaussians (`mdt.generate`'s SLat noise and
+decoding helpers, `mdt.flow` / `mdt.distill` samplers), and the assets are measured (`mdt.eval.assets`):
+`metrics.views` point-splat renders of the Gaussians (the preview renderer: centres in DC colour) -> asset
+features, and Chamfer distance / F-score of at most `metrics.max_points` visible Gaussian centres. The ground-truth
+asset is the shard row's SLat latent (`slat_coords`, `slat_feats`, stored as encoded, i.e. already in the
+decoder's space) decoded by the same Gaussian decoder and drawn by the same renderer. The paper renders the
+ground-truth meshes instead; here both sides share decoder and renderer, so the asset metrics measure the flows'
+samples against the decoder's view of the true latents and leave the decoder's reconstruction error out
+(results.json `notes` says so).
+
 The driver pools the rows: per sampler the Fréchet distances between generated and ground-truth render features
-(FD_incep, FD_dinov2), means of the per-sample metrics, NFE, and warm per-stage latency (median of
-`latency.repeats` after `latency.warmup` calls, measured in one task with the actors' resources). Outputs in
+(FD_incep, FD_dinov2; with the full chain also FD_incep_asset, FD_dinov2_asset), means of the per-sample metrics,
+NFE (both stages for the full chain), and warm per-stage latency (median of `latency.repeats` after
+`latency.warmup` calls, measured in one task with the actors' resources; stages condition, ss_sample, ss_decode
+and, for the full chain, slat_sample, slat_decode). Outputs in
 `<output>/<name>/`: results.json, table.md, metrics.png, previews/<sampler>.html (interactive 3-D view: ground
 truth, reference and sampler side by side) and .png, and the same in one MLflow run
 (tag `mdt.distill_run_id` links it to the distillation run).
