@@ -1,11 +1,14 @@
 """Evaluation job: teacher and student samplers on a split of preprocessing shards -> FD_incep, FD_dinov2,
 Chamfer / F-score / voxel IoU, NFE and warm latency per sampler (a Table-2-style Markdown table, results.json,
-plots and previews, all logged to one MLflow run).
+plots and previews, all logged to one MLflow run). With the SLat models (--slat-decoder and the SLat flows) each
+sampler runs the whole chain and the decoded Gaussian assets are measured against the ground-truth assets.
 
     python jobs/evaluate.py --preset ci --data outputs/pre --teacher T --student S --decoder D --output outputs/eval
+    python jobs/evaluate.py --preset ci --data outputs/pre --teacher T --student S --decoder D \\
+        --slat-teacher ST --slat-student SS --slat-decoder GS --output outputs/eval-assets
     ray job submit --working-dir . -- python jobs/evaluate.py --preset trellis --data s3://bucket/toys4k \\
         --teacher JeffreyXiang/TRELLIS-image-large/ckpts/ss_flow_img_dit_L_16l8_fp16 --student s3://.../ss_student \\
-        --decoder JeffreyXiang/TRELLIS-image-large/ckpts/ss_dec_conv3d_16l8_fp16 --distill-run <mlflow run id>
+        --slat-student s3://.../slat_student --distill-run <mlflow run id>   # SLat teacher, decoders: the preset
 
 Exit status: 0 when every sampler was evaluated; 2 for a bad preset/override/argument (before anything starts);
 1 when the evaluation could not run (no shards, no asset in the split, a model that does not load...).
@@ -33,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", help="SS flow teacher checkpoint: models.teacher")
     p.add_argument("--student", help="distilled SS student checkpoint: models.student")
     p.add_argument("--decoder", help="SS decoder or occupancy probe: models.ss_decoder")
+    p.add_argument("--slat-teacher", help="SLat flow teacher checkpoint: models.slat_teacher")
+    p.add_argument("--slat-student", help="distilled SLat student checkpoint: models.slat_student")
+    p.add_argument("--slat-decoder", help="SLat Gaussian decoder (evaluates the whole chain): models.slat_decoder")
     p.add_argument("--output", help="output directory (results under <output>/<name>/)")
     p.add_argument("--distill-run", help="MLflow run id of the distillation run evaluated (linked by a tag)")
     return p.parse_args(argv)
@@ -43,7 +49,8 @@ def build_config(args: argparse.Namespace):
 
     return make_config(args.preset, data=args.data, teacher=args.teacher, student=args.student,
                        decoder=args.decoder, output=args.output, distill_run_id=args.distill_run,
-                       overrides=args.overrides)
+                       slat_teacher=args.slat_teacher, slat_student=args.slat_student,
+                       slat_decoder=args.slat_decoder, overrides=args.overrides)
 
 
 def main(argv=None) -> int:

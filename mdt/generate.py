@@ -308,14 +308,16 @@ TINY_OCCUPANCY = 0.004   # fraction of the 64³ grid a tiny random SS decoder ma
 
 
 def save_tiny_model(slot: str, path: str | os.PathLike, cond_channels: int = 64, seed: int = 0,
-                    occupancy: float = TINY_OCCUPANCY, full_size: bool = False) -> str:
+                    occupancy: float = TINY_OCCUPANCY, full_size: bool = False, arch: dict | None = None) -> str:
     """A random-weight model of `slot`'s real architecture in TRELLIS format: tiny widths, or with `full_size` the
-    released configuration (trellis-reference.md §1.3, fp16 torso). Every parameter is redrawn (std 1/sqrt(fan_in),
-    norm weights around 1, zero-initialised output layers included) so that no output is trivially zero; the SS
-    decoder's output bias is set so that about `occupancy` of the grid is occupied for a standard-normal latent."""
+    released configuration (trellis-reference.md §1.3, fp16 torso); `arch` overrides constructor arguments (e.g.
+    narrower SS decoder channels for cheaper tests). Every parameter is redrawn (std 1/sqrt(fan_in), norm weights
+    around 1, zero-initialised output layers included) so that no output is trivially zero; the SS decoder's
+    output bias is set so that about `occupancy` of the grid is occupied for a standard-normal latent."""
     from mdt.models import build_model
 
     name, args = full_size_model_args(slot) if full_size else tiny_model_args(slot, cond_channels)
+    args = {**args, **(arch or {})}
     torch.manual_seed(seed)
     model = build_model(name, args)
     model.float()
@@ -532,36 +534,20 @@ class ImageTo3D:
         """cond [1, T, C], per-sample coords (all non-empty) -> de-normalised SLat, one batch entry per sample."""
         s = sampler or self.cfg.slat
         flow = self.models["slat_flow"]
-        batch = torch.cat([torch.cat([torch.full((c.shape[0], 1), i, dtype=torch.int32, device=c.device), c], 1)
-                           for i, c in enumerate(coords)]).to(self.device)
-        noise = SparseTensor(torch.randn((batch.shape[0], flow.in_channels), generator=generator,
-                                         device=self.device), batch, batch_size=len(coords))
+        noise = sparse_noise(coords, flow.in_channels, generator, self.device)
         cond_k = cond.expand(len(coords), *cond.shape[1:])
         z = self.sampler.sample(flow, noise, cond_k, torch.zeros_like(cond_k), steps=s.steps,
                                 rescale_t=s.rescale_t, cfg_strength=s.cfg_strength,
                                 cfg_interval=tuple(s.cfg_interval))
-        return z.replace(z.feats.float() * self.slat_std + self.slat_mean)
+        return denormalize_slat(z, self.slat_mean, self.slat_std)
 
     def chunks(self, slat: SparseTensor) -> list[list[int]]:
         """Groups of whole samples holding at most decode.max_voxels_per_chunk voxels (at least one sample)."""
-        budget, groups, cur, n = self.cfg.decode.max_voxels_per_chunk, [], [], 0
-        for i, c in enumerate(slat.counts.tolist()):
-            if cur and n + c > budget:
-                groups.append(cur)
-                cur, n = [], 0
-            cur.append(i)
-            n += c
-        if cur:
-            groups.append(cur)
-        return groups
+        return sample_groups(slat.counts.tolist(), self.cfg.decode.max_voxels_per_chunk)
 
     @torch.no_grad()
     def decode_gaussians(self, slat: SparseTensor) -> list[Gaussians]:
-        dec, parts, out = self.models["slat_decoder_gs"], sparse_unbind(slat), []
-        for group in self.chunks(slat):
-            x = sparse_cat([parts[i] for i in group])
-            out.extend(_gaussians_to_float(g) for g in dec(x))
-        return out
+        return decode_gaussians(self.models["slat_decoder_gs"], slat, self.cfg.decode.max_voxels_per_chunk)
 
     @torch.no_grad()
     def decode_meshes(self, slat: SparseTensor) -> list:
@@ -633,6 +619,50 @@ class ImageTo3D:
         self.run(image, num_samples=num_samples, ss=one, slat=one)
 
 
+def sparse_noise(coords: list[Tensor], channels: int, generator: "torch.Generator | list[torch.Generator]",
+                 device: torch.device) -> SparseTensor:
+    """Standard-normal SLat noise on per-sample voxel coordinates [N_i, 3], one batch entry per sample: drawn
+    from one generator for the whole batch, or sample i from `generator[i]` (noise that does not depend on which
+    samples share the batch)."""
+    batch = torch.cat([torch.cat([torch.full((c.shape[0], 1), i, dtype=torch.int32, device=c.device), c.int()], 1)
+                       for i, c in enumerate(coords)]).to(device)
+    if isinstance(generator, torch.Generator):
+        feats = torch.randn((batch.shape[0], channels), generator=generator, device=generator.device)
+    else:
+        feats = torch.cat([torch.randn((c.shape[0], channels), generator=g, device=g.device)
+                           for c, g in zip(coords, generator)])
+    return SparseTensor(feats.to(device), batch, batch_size=len(coords))
+
+
+def denormalize_slat(z: SparseTensor, mean: Tensor, std: Tensor) -> SparseTensor:
+    """A sampled (normalised) SLat -> the decoders' latent space: feats * std + mean, per channel."""
+    return z.replace(z.feats.float() * std.to(z.feats.device) + mean.to(z.feats.device))
+
+
+def sample_groups(counts: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of whole samples holding at most `budget` voxels (at least one sample per group)."""
+    groups, cur, n = [], [], 0
+    for i, c in enumerate(counts):
+        if cur and n + c > budget:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += c
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+@torch.no_grad()
+def decode_gaussians(decoder: nn.Module, slat: SparseTensor, max_voxels_per_chunk: int) -> list[Gaussians]:
+    """A de-normalised SLat batch -> per sample its float32 CPU Gaussians, decoded over groups of whole samples
+    holding at most `max_voxels_per_chunk` voxels (decoding, not sampling, bounds the memory)."""
+    parts, out = sparse_unbind(slat), []
+    for group in sample_groups(slat.counts.tolist(), max_voxels_per_chunk):
+        out.extend(_gaussians_to_float(g) for g in decoder(sparse_cat([parts[i] for i in group])))
+    return out
+
+
 def _gaussians_to_float(g: Gaussians) -> Gaussians:
     return Gaussians(xyz=g.xyz.float().cpu(), features_dc=g.features_dc.float().cpu(),
                      scaling=g.scaling.float().cpu(), rotation=g.rotation.float().cpu(),
@@ -667,14 +697,11 @@ def check_compatible(models: dict[str, nn.Module], conditioner: ImageConditioner
 def sample_point_clouds(sample: GeneratedSample, resolution: int, surface_points: int, prefix: str = ""):
     """What previews show of one sample: Gaussian centres, mesh surface samples, occupied voxel centres."""
     from mdt.export.mesh import sample_surface
-    from mdt.export.ply import gaussian_colors
-    from mdt.export.preview import PointCloud, shade_normals
+    from mdt.export.preview import PointCloud, gaussian_cloud, shade_normals
 
     clouds = []
     if sample.gaussians is not None:
-        g = sample.gaussians
-        keep = g.activated_opacity.reshape(-1) > 0.05
-        clouds.append(PointCloud(f"{prefix}gaussians", g.world_xyz[keep], gaussian_colors(g)[keep]))
+        clouds.append(gaussian_cloud(sample.gaussians, f"{prefix}gaussians"))
     if sample.mesh is not None and sample.mesh.num_faces:
         pts, nrm, col = sample_surface(sample.mesh, surface_points)
         clouds.append(PointCloud(f"{prefix}mesh", pts, shade_normals(nrm, col)))

@@ -3,7 +3,9 @@
 
 A sampler row (dict) carries: `sampler`, `kind` (teacher | student), `steps`, `nfe`, `fd_incep`, `fd_dinov2`,
 `chamfer`, `fscore`, `iou` (with the conditioning asset), `mse_ref` / `iou_ref` (to the reference sampler's sample
-from the same noise and condition), `latency_s` (warm median per asset, all stages) and `speedup`.
+from the same noise and condition), `latency_s` (warm median per asset, all stages) and `speedup`; for the full
+two-stage chain also `fd_incep_asset`, `fd_dinov2_asset`, `chamfer_asset`, `fscore_asset` (of the decoded
+Gaussians against the ground-truth assets).
 """
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ from .distribution import frechet_distance
 # metric -> (column title, higher is better, format)
 COLUMNS = {
     "nfe": ("NFE", None, "{:d}"),
+    "fd_incep_asset": ("FD_incep asset ↓", False, "{:.3f}"),
+    "fd_dinov2_asset": ("FD_dinov2 asset ↓", False, "{:.3f}"),
+    "chamfer_asset": ("CD asset ↓", False, "{:.4f}"),
+    "fscore_asset": ("F-score asset ↑", True, "{:.3f}"),
     "fd_incep": ("FD_incep ↓", False, "{:.3f}"),
     "fd_dinov2": ("FD_dinov2 ↓", False, "{:.3f}"),
     "chamfer": ("CD ↓", False, "{:.4f}"),
@@ -29,7 +35,8 @@ COLUMNS = {
 }
 # the quality metrics checked for a student that gets worse with more steps (with the tolerance that counts)
 REGRESSION_CHECKS = {"iou": 0.01, "iou_ref": 0.01, "mse_ref": 0.0, "fd_incep": 0.0, "fd_dinov2": 0.0,
-                     "chamfer": 0.0, "fscore": 0.01}
+                     "chamfer": 0.0, "fscore": 0.01, "fd_incep_asset": 0.0, "fd_dinov2_asset": 0.0,
+                     "chamfer_asset": 0.0, "fscore_asset": 0.01}
 STUDENT_MULTISTEP_REASON = (
     "the MDT-dist student is trained for the one-step jump (its velocity-distillation target is the average "
     "velocity from t to 0); Euler sub-steps apply that average over a shorter interval and re-evaluate the "
@@ -89,8 +96,9 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
     return "\n".join(lines)
 
 
-def plot_metrics(rows: Sequence[dict], path: str, metrics: Sequence[str] = ("fd_incep", "fd_dinov2", "iou",
-                                                                            "chamfer", "latency_ms")) -> str:
+def plot_metrics(rows: Sequence[dict], path: str, metrics: Sequence[str] = (
+        "fd_incep_asset", "fd_dinov2_asset", "chamfer_asset", "fd_incep", "fd_dinov2", "iou", "chamfer",
+        "latency_ms")) -> str:
     """One panel per metric: value vs NFE, a line per sampler kind (teacher, student). Writes a PNG."""
     import matplotlib
 

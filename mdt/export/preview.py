@@ -28,6 +28,15 @@ class PointCloud:
     colors: Tensor
 
 
+def gaussian_cloud(gaussians, title: str = "gaussians", min_opacity: float = 0.05) -> PointCloud:
+    """What a preview draws of 3-D Gaussians (`mdt.models.Gaussians`): the centres (world frame) of those with
+    activated opacity above `min_opacity`, in their DC colour."""
+    from mdt.export.ply import gaussian_colors
+
+    keep = gaussians.activated_opacity.reshape(-1) > min_opacity
+    return PointCloud(title, gaussians.world_xyz[keep], gaussian_colors(gaussians)[keep])
+
+
 def view_rotation(azimuth_deg: float, elevation_deg: float) -> Tensor:
     """World (Z-up) -> camera (x right, y up, z towards the viewer) for a camera orbiting at the given angles."""
     az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
