@@ -90,13 +90,13 @@ def _ci() -> dict:
     mix["teacher"].update(steps=600)
     mix["distill"].update(steps=60)
     mix["eval_per_class"] = 100
-    mix["seeds"] = [0, 1]
+    mix["seeds"] = [0]            # one test seed: the protocol's 2 x 6 validation runs already double the job count
     mix["timing_batch"] = 500
     shp["spec"]["num_classes"] = 6
     shp["teacher"].update(steps=60, batch_size=16)
     shp["distill"].update(steps=4, batch_size=8)
     shp["eval_per_class"] = 3
-    shp["seeds"] = [0, 1]
+    shp["seeds"] = [0]
     shp["timing_batch"] = 2
     spr["spec"]["num_classes"] = 4
     spr["teacher"].update(steps=6, batch_size=2)
