@@ -5,7 +5,7 @@
   noise) and the teacher evaluated at 1, 2, 4 and 25 steps from the evaluation noise (its 25-step samples are the
   paired reference of the students); saves both sample sets.
 * `distill_job`: one method, one seed, one configuration (DistillHP overrides of the preset's `distill`): distil
-  from the teacher and evaluate at 1, 2 and 4 steps.
+  from the teacher and evaluate at 1, 2 and 4 steps (validation runs: only at the selection's step counts).
 Every job takes plain dicts (picklable) and returns a dict of metrics, logs and CPU/wall times.
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _reference(problem, x):
 
 
 def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | None = None, label: str | None = None,
-                threads: int = 1) -> dict:
+                eval_steps: tuple[int, ...] = EVAL_STEPS, threads: int = 1) -> dict:
     _setup_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
     problem = build_problem(pp)
@@ -138,7 +138,7 @@ def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | No
     ref_r = _reference(problem, _load_samples(saved["ref"]))
     paired_r = _reference(problem, _load_samples(saved["paired"]))
     metrics = {}
-    for steps in EVAL_STEPS:
+    for steps in eval_steps:
         x = _generate(method, student, problem, es, EVAL_NOISE_OFFSET + seed, steps, hp.cfg, pp.get("eval_batch"))
         metrics[str(steps)] = problem.evaluate(x, es, ref_r, paired_r)
     return {"job": "distill", "problem": pp["name"], "method": method, "label": label or method, "seed": seed,
