@@ -113,7 +113,8 @@ class SCMConfig:
     fd_step: float = 1e-3
     cfg_batched: bool = True
     num_bins: int = NUM_BINS
-    adaptive_weighting: bool = False     # learned per-time log-weight w_phi(t) (scm_loss's `weight_net`)
+    adaptive_weighting: bool = False     # learned per-time log-weight w_phi(t) (scm_loss's `weight_net`; the
+                                         # benchmark trainer supplies it, the distillation job refuses the option)
 
 
 def tangent_warmup_factor(step: int, warmup_steps: int) -> float:
