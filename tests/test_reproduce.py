@@ -171,7 +171,8 @@ def test_ci_preset_fair_protocol(ci_run):
                 assert set(c["per_seed"]) == {str(s) for s in entry["val_seeds"]}
                 assert c["score"] == pytest.approx(sum(vals) / len(vals)), (problem, method)
                 scores.append(c["score"] if sel["lower_is_better"] else -c["score"])
-            assert m["chosen_index"] == scores.index(min(scores)) and m["chosen"] == m["configs"][m["chosen_index"]]["config"]
+            assert m["chosen_index"] == scores.index(min(scores))
+            assert m["chosen"] == m["configs"][m["chosen_index"]]["config"]
             # validation runs: one per configuration and validation seed, none on a test seed
             val = [r for r in logs if r["problem"] == problem and r.get("role") == "val" and r["method"] == method]
             assert sorted((r["seed"], r["label"]) for r in val) == sorted(

@@ -142,5 +142,6 @@ def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | No
         x = _generate(method, student, problem, es, EVAL_NOISE_OFFSET + seed, steps, hp.cfg, pp.get("eval_batch"))
         metrics[str(steps)] = problem.evaluate(x, es, ref_r, paired_r)
     return {"job": "distill", "problem": pp["name"], "method": method, "label": label or method, "seed": seed,
-            "overrides": dict(overrides or {}), "metrics": metrics, "log": log, "train_wall_s": train_wall, "train_cpu_s": train_cpu,
+            "overrides": dict(overrides or {}), "metrics": metrics, "log": log, "train_wall_s": train_wall,
+            "train_cpu_s": train_cpu,
             "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
