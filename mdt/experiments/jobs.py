@@ -143,5 +143,4 @@ def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | No
         metrics[str(steps)] = problem.evaluate(x, es, ref_r, paired_r)
     return {"job": "distill", "problem": pp["name"], "method": method, "label": label or method, "seed": seed,
             "overrides": dict(overrides or {}), "metrics": metrics, "log": log, "train_wall_s": train_wall,
-            "train_cpu_s": train_cpu,
-            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            "train_cpu_s": train_cpu, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
