@@ -38,6 +38,8 @@ def test_argument_errors_exit_2_with_one_line_before_anything_starts(inputs, cap
         (["--preset", "ci", "--data", str(data), "--teacher", str(tmp_path / "no" / "teacher"), *out], "--teacher"),
         (["--preset", "ci", "--data", str(data), *out], "needs a teacher"),
         (["--preset", "ci", "--data", str(data), "--objective", "nope", *out], "objective"),
+        (["--preset", "ci", "--data", str(data), "--teacher", teacher, "--objective", "scm",
+          "--set", "objective.scm.adaptive_weighting=true", *out], "adaptive_weighting"),
     ]
     for argv, needle in cases:
         rc, err = _main(argv, capsys, monkeypatch)

@@ -6,6 +6,8 @@ are known. Everything runs in float64 so that "exact" means ~1e-12.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -498,6 +500,74 @@ def test_scm_exact_student_has_zero_loss(phases):
         mdt_cfg = MDTConfig(mode="continuous", w_vm=2.0, d_norm=False)
         out = vm_target(toy, teacher, batch["x0"], batch["noise"], batch["t"], batch["cond"], None, 2.0, mdt_cfg)
         assert l_scm.item() == pytest.approx((out.pred - out.target).pow(2).mean().item(), rel=1e-10)
+
+
+def test_scm_adaptive_weight_optimum_is_minus_log_of_the_error():
+    """sCM adaptive weighting: for a fixed student the loss in w is  mean_i exp(w) m_i - w  (m_i the per-sample mean
+    squared error); d/dw = exp(w) mean(m) - 1 = 0 gives w* = -log mean(m). With every sample at the same t the
+    loss is stationary in w_phi's parameters at w = -log mean(m) and larger on either side, and at a constant
+    log-weight a the student's gradient is exp(a) times the unweighted one (d/dtheta exp(a) m = exp(a) dm/dtheta)."""
+    from mdt.distill import AdaptiveWeight
+
+    student, _ = toy_pair()
+    teacher = AnalyticVelocity(FLOW)
+    batch = make_batch(21, t=torch.full((4,), 0.6, dtype=D64))
+    plain_cfg = SCMConfig(w=1.0)
+    adapt_cfg = SCMConfig(w=1.0, adaptive_weighting=True)
+    with pytest.raises(ValueError, match="weight_net"):
+        scm_loss(student, teacher, batch, adapt_cfg)
+    m = scm_loss(student, teacher, batch, plain_cfg)["loss"].item()
+    assert m > 1e-4
+    weight = AdaptiveWeight().double()
+    assert scm_loss(student, teacher, batch, adapt_cfg, weight_net=weight)["loss"].item() == pytest.approx(m)
+    student.requires_grad_(False)
+
+    def loss_at(w_const: float):
+        with torch.no_grad():
+            weight.linear.bias.fill_(w_const)
+        weight.zero_grad()
+        loss = scm_loss(student, teacher, batch, adapt_cfg, weight_net=weight)["loss"]
+        loss.backward()
+        return loss.item(), weight.linear.bias.grad.item()
+
+    w_star = -math.log(m)
+    l_star, g_star = loss_at(w_star)
+    assert g_star == pytest.approx(0.0, abs=1e-9) and l_star == pytest.approx(1 + math.log(m), rel=1e-9)
+    for dw in (-0.3, 0.3):
+        l_off, g_off = loss_at(w_star + dw)
+        assert l_off > l_star and math.copysign(1, g_off) == math.copysign(1, dw)
+    # the student's gradient under a constant log-weight a
+    student.requires_grad_(True)
+    a = 0.7
+    const = AdaptiveWeight().double()
+    with torch.no_grad():
+        const.linear.bias.fill_(a)
+    zero_grads(student)
+    scm_loss(student, teacher, batch, plain_cfg)["loss"].backward()
+    g_plain = grads(student)
+    zero_grads(student)
+    scm_loss(student, teacher, batch, adapt_cfg, weight_net=const)["loss"].backward()
+    for gp, ga in zip(g_plain, grads(student)):
+        assert torch.allclose(ga, math.exp(a) * gp, rtol=1e-9, atol=1e-14)
+
+
+def test_scm_tangent_warmup():
+    """r ramps linearly 0 -> 1 over the warm-up; at r = 0 the JVP term is gone, so without tangent normalisation
+    the target is F- + (v_T - F-) = v_T and the loss is the plain regression onto the teacher velocity."""
+    from mdt.distill import tangent_warmup_factor
+
+    assert [tangent_warmup_factor(s, 4) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert tangent_warmup_factor(0, 0) == 1.0
+    student, _ = toy_pair()
+    teacher = AnalyticVelocity(FLOW)
+    batch = make_batch(22)
+    cfg = SCMConfig(w=0.0, tangent_norm_c=0.0, tangent_warmup=0.0)
+    loss = scm_loss(student, teacher, batch, cfg)["loss"]
+    xt = xt_of(batch)
+    direct = (student(xt, batch["t"] * 1000, batch["cond"]) - teacher(xt, batch["t"] * 1000, batch["cond"]))
+    assert loss.item() == pytest.approx(direct.pow(2).mean().item(), rel=1e-10)
+    assert scm_loss(student, teacher, batch, SCMConfig(w=0.0, tangent_norm_c=0.0))["loss"].item() != \
+        pytest.approx(loss.item(), rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_ci_preset_nfe_and_sanity(ci_run):
     assert res["notes"]["orderings"]["mixture"]["baselines"]["values"]["teacher"] == t[0]
     # distillation moves every student towards the 25-step teacher: at 1 step each distilled method is closer to
     # the teacher's 25-step samples (paired and in distribution) than the undistilled teacher's single step
-    for method in ("cm", "pcm", "scm", "vm", "mdt"):
+    for method in ("cm", "pcm", "scm", "vm", "mdt", "mdt_paper"):
         for metric in ("swd_teacher", "pair_l2_teacher"):
             assert mix[method]["1"][metric]["mean"] < mix["teacher"]["1"][metric]["mean"], (method, metric)
     # shapes: more teacher steps are closer to the teacher's own 25-step samples (paired IoU rises)
@@ -137,10 +137,100 @@ def test_ci_preset_nfe_and_sanity(ci_run):
     # the printed ordering verdicts agree with the numbers in the table
     for problem in PROBLEMS:
         entry = res["notes"]["orderings"][problem]
-        for chain in ("baselines", "ablation"):
+        for chain in ("baselines", "ablation", "ablation_paper_vd"):
             vals = entry[chain]["values"]
             for m, v in vals.items():
                 assert v == res[problem][m]["1"][entry["metric"]]["mean"]
+
+
+@pytest.mark.slow
+def test_ci_preset_fair_protocol(ci_run):
+    """results.json["protocol"]: every distilled method declared the same number of configurations, each scored on
+    the validation seeds (disjoint from the test seeds) by the primary metric averaged over 1 and 2 steps; the chosen
+    configuration is the best of those scores, and the reported runs are exactly the chosen configuration on the
+    test seeds."""
+    from mdt.experiments.methods import STUDENT_METHODS
+
+    out, stdout = ci_run
+    res = json.loads((out / "results.json").read_text())
+    logs = json.loads((out / "logs.json").read_text())
+    proto = res["protocol"]["problems"]
+    assert set(proto) == set(PROBLEMS)
+    for problem, entry in proto.items():
+        assert not set(entry["val_seeds"]) & set(entry["test_seeds"]), problem
+        sel = entry["selection"]
+        assert sel["metric"] == res["notes"]["orderings"][problem]["metric"] and sel["steps"] == ["1", "2"]
+        sizes = {m: len(entry["methods"][m]["configs"]) for m in STUDENT_METHODS}
+        assert set(entry["methods"]) == set(STUDENT_METHODS) and set(sizes.values()) == {2}, sizes
+        for method in STUDENT_METHODS:
+            m = entry["methods"][method]
+            # each score is recomputed from its per-seed values; the chosen one is the best finite score
+            scores = []
+            for c in m["configs"]:
+                vals = [v for per in c["per_seed"].values() for v in per.values()]
+                assert set(c["per_seed"]) == {str(s) for s in entry["val_seeds"]}
+                assert c["score"] == pytest.approx(sum(vals) / len(vals)), (problem, method)
+                scores.append(c["score"] if sel["lower_is_better"] else -c["score"])
+            assert m["chosen_index"] == scores.index(min(scores))
+            assert m["chosen"] == m["configs"][m["chosen_index"]]["config"]
+            # validation runs: one per configuration and validation seed, none on a test seed
+            val = [r for r in logs if r["problem"] == problem and r.get("role") == "val" and r["method"] == method]
+            assert sorted((r["seed"], r["label"]) for r in val) == sorted(
+                (s, f"{method}@{i}") for s in entry["val_seeds"] for i in range(2))
+            # reported runs: the chosen configuration, on every test seed and nowhere else
+            test = [r for r in logs if r["problem"] == problem and r.get("role") == "test" and r["method"] == method]
+            assert sorted(r["seed"] for r in test) == sorted(entry["test_seeds"]), (problem, method)
+            assert all(r["overrides"] == m["chosen"] for r in test), (problem, method)
+    assert "Selection (validation seeds" in stdout and "VM+VD paper-VD" in stdout
+
+
+def test_protocol_grid_rules():
+    from mdt.experiments.presets import get_preset
+    from mdt.experiments.protocol import grid_configs, select
+
+    pp = get_preset("ci")["problems"][0]
+    grid = grid_configs(pp)
+    assert all(len(c) == 2 for c in grid.values())
+    bad = json.loads(json.dumps(pp))
+    bad["grid"]["cm"]["lr"] = [1e-4, 2e-4]                 # 4 configurations for CM, 2 for the others
+    with pytest.raises(ValueError, match="same number"):
+        grid_configs(bad)
+    bad = json.loads(json.dumps(pp))
+    bad["val_seeds"] = [pp["seeds"][0]]
+    with pytest.raises(ValueError, match="overlap"):
+        grid_configs(bad)
+    bad = json.loads(json.dumps(pp))
+    bad["grid"]["vm"]["no_such_knob"] = [1]
+    with pytest.raises(ValueError, match="DistillHP"):
+        grid_configs(bad)
+    # a diverged (NaN) configuration ranks last whatever the direction; ties keep the grid order
+    assert select([float("nan"), 0.3, 0.2], lower_is_better=True) == 2
+    assert select([float("nan"), 0.3, 0.2], lower_is_better=False) == 1
+    assert select([0.5, 0.5], lower_is_better=True) == 0
+
+
+def test_small_preset_as_shipped_is_a_valid_fair_protocol():
+    """The documented `--preset small` command's configuration: 3 test seeds per real problem, validation seeds
+    disjoint from them, lr x key knob = 4 configurations for every method, every configuration a valid DistillHP and
+    every problem buildable."""
+    from mdt.experiments.jobs import build_problem
+    from mdt.experiments.methods import DistillHP, TeacherHP
+    from mdt.experiments.presets import get_preset
+    from mdt.experiments.protocol import grid_configs
+
+    preset = get_preset("small")
+    assert {pp["name"] for pp in preset["problems"]} == set(PROBLEMS)
+    for pp in preset["problems"]:
+        grid = grid_configs(pp)
+        assert all(len(c) == 4 for c in grid.values()), pp["name"]
+        assert all(len({c["lr"] for c in cs}) == 2 for cs in grid.values())
+        if pp["name"] != "shapes_sparse":
+            assert len(pp["seeds"]) == 3
+        TeacherHP(**pp["teacher"])
+        for cs in grid.values():
+            for c in cs:
+                DistillHP(**{**pp["distill"], **c})
+        build_problem(pp)
 
 
 def test_ablation_run_spec_parsing():

@@ -35,12 +35,24 @@ sCM (continuous-time consistency, `scm_loss`), TrigFlow-free, for the flow param
     (t - s) F = 0 at t = s, i.e. when F is the exact mean velocity over [s, t] -- so the exact student has zero
     loss, not only up to a discretisation error. Note that F_theta- + g with r = 1, s = 0 and no tangent
     normalisation is exactly the MDT "continuous" VM target v_T - t dF/dt without d_norm: MDT-dist normalises
-    only dF/dt, sCM the whole tangent. Not implemented: sCM's learned adaptive time weighting and its TrigFlow
-    time sampling (we use the same logit-normal schedule as MDT).
+    only dF/dt, sCM the whole tangent.
+
+    sCM's two stabilisers (Lu & Song 2024, section 4):
+    * tangent warm-up: r multiplies the self-referencing JVP term and is ramped linearly from 0 to 1 over the
+      first `warmup_steps` updates (`tangent_warmup_factor`, applied by the trainer; sCM ramps over 10k updates);
+      SCMConfig.tangent_warmup is the r of one call (default 1, no warm-up).
+    * adaptive weighting (SCMConfig.adaptive_weighting, default off): a small network w_phi(t) (`AdaptiveWeight`)
+      learns a log-weight per time and the loss becomes
+          mean_i [ exp(w_phi(t_i)) / D_i ||F_theta - sg(F_theta- + g)||_i^2 - w_phi(t_i) ],
+      D_i the sample's element count. For a per-sample mean squared error m(t) the optimum over w is
+      exp(w) = 1 / m(t), so the weighted error is ~1 at every t: the time-dependence of the loss's variance is
+      learned away instead of hand-designed. phi is trained with the student (same optimiser).
+    Not implemented: sCM's TrigFlow time distribution (we use MDT's logit-normal schedule for every method).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Any, Sequence
 
 import torch
@@ -50,7 +62,7 @@ from mdt import flow
 from mdt.flow import SIGMA_MIN, data, per_sample
 
 from .losses import (NUM_BINS, call, compute_dtype, draw_choice, guided_call, mean_loss, per_instance, sample_norm,
-                     time_bins, time_derivative)
+                     sample_numel, sample_sum, time_bins, time_derivative)
 from .mdt_dist import phase_floor
 
 
@@ -101,6 +113,32 @@ class SCMConfig:
     fd_step: float = 1e-3
     cfg_batched: bool = True
     num_bins: int = NUM_BINS
+    adaptive_weighting: bool = False     # learned per-time log-weight w_phi(t) (scm_loss's `weight_net`; the
+                                         # benchmark trainer supplies it, the distillation job refuses the option)
+
+
+def tangent_warmup_factor(step: int, warmup_steps: int) -> float:
+    """sCM's tangent warm-up r for update `step` (0-based): linear 0 -> 1 over `warmup_steps`, 1 when <= 0."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)
+
+
+class AdaptiveWeight(torch.nn.Module):
+    """sCM's adaptive log-weight w_phi(t): fixed sinusoidal features of t in [0, 1], one linear layer.
+
+    The layer starts at zero, so training starts from the unweighted loss (w = 0, weight 1)."""
+
+    def __init__(self, num_freqs: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_freqs, dtype=torch.float32))
+        self.linear = torch.nn.Linear(2 * num_freqs, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        arg = t.float()[:, None] * self.freqs
+        return self.linear(torch.cat([arg.sin(), arg.cos()], dim=1)).squeeze(1)
 
 
 def _noise(batch: dict, generator: torch.Generator | None) -> Tensor:
@@ -172,13 +210,17 @@ def pcm_loss(student: Any, teacher: Any, batch: dict, cfg: PCMConfig, generator:
 
 
 def scm_loss(student: Any, teacher: Any, batch: dict, cfg: SCMConfig, generator: torch.Generator | None = None,
-             target_model: Any = None) -> dict[str, Tensor]:
+             target_model: Any = None, weight_net: Any = None) -> dict[str, Tensor]:
     """Continuous-time consistency distillation (sCM, flow parameterisation; derivation in the module docstring).
 
     loss = mean (F_theta - sg(F_theta- + g))^2 with g = v_T - F_theta- - r (t - s) dF_theta-/dt, normalised per
-    sample. batch: x0, cond, optional neg_cond, t [B], noise. Draw order: t', eps, w.
-    Returns {"loss", "loss_scm", "tangent_norm" (mean ||g|| before normalisation), "loss_bins"}.
+    sample; with cfg.adaptive_weighting, mean_i exp(w_i) m_i - w_i with m_i the sample's mean squared error and
+    w_i = weight_net(t_i) (required then). batch: x0, cond, optional neg_cond, t [B], noise. Draw order: t', eps, w.
+    Returns {"loss", "loss_scm" (the unweighted mean squared error), "tangent_norm" (mean ||g|| before
+    normalisation), "loss_bins"} (+ "adaptive_w", the mean log-weight, with adaptive weighting).
     """
+    if cfg.adaptive_weighting and weight_net is None:
+        raise ValueError("SCMConfig.adaptive_weighting needs weight_net (e.g. consistency.AdaptiveWeight())")
     x0, cond = batch["x0"], batch["cond"]
     neg_cond = flow.negative_condition(cond, batch.get("neg_cond"))
     f0 = data(x0)
@@ -210,6 +252,12 @@ def scm_loss(student: Any, teacher: Any, batch: dict, cfg: SCMConfig, generator:
         g = g / (per_sample(g_norm, x0) + cfg.tangent_norm_c)
     target = (f_minus.to(dt) + g).detach()
     sq = (v_s.to(dt) - target).pow(2)
-    loss = mean_loss(sq)
-    return {"loss": loss, "loss_scm": loss.detach(), "tangent_norm": g_norm.mean().detach(),
-            "loss_bins": time_bins(t, per_instance(sq, x0), cfg.num_bins)}
+    plain = mean_loss(sq)
+    out = {"loss_scm": plain.detach(), "tangent_norm": g_norm.mean().detach(),
+           "loss_bins": time_bins(t, per_instance(sq, x0), cfg.num_bins)}
+    if not cfg.adaptive_weighting:
+        return {"loss": plain, **out}
+    logw = weight_net(t).to(dt)
+    per_sample_mse = sample_sum(sq, x0) / sample_numel(x0).to(device=sq.device, dtype=dt)
+    loss = (logw.exp() * per_sample_mse - logw).mean()
+    return {"loss": loss, **out, "adaptive_w": logw.mean().detach()}

@@ -5,7 +5,8 @@
 
 Each `--run LABEL:METHOD[:KEY=VALUE,...]` distils METHOD from the teacher saved in DIR/work with the preset's
 budget and the DistillHP overrides given (same seeds, data streams, evaluation noise and references as the main
-run, so a run without overrides reproduces the main run's numbers). Results are printed (mean ± std over the seeds
+run, so a run with a method's chosen configuration -- results.json "protocol" -- as its overrides reproduces the
+main run's numbers for that method). Results are printed (mean ± std over the seeds
 of every metric at 1, 2 and 4 steps) and merged into DIR/ablations.json as
 {problem: {label: {"method", "overrides", "metrics": {steps: {metric: {mean, std}}}, "per_seed": [...]}}}.
 """

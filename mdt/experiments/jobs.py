@@ -4,7 +4,8 @@
 * `reference_job`: for one seed, the evaluation set, the teacher's 25-step CFG reference samples (independent
   noise) and the teacher evaluated at 1, 2, 4 and 25 steps from the evaluation noise (its 25-step samples are the
   paired reference of the students); saves both sample sets.
-* `distill_job`: one method, one seed: distil from the teacher and evaluate at 1, 2 and 4 steps.
+* `distill_job`: one method, one seed, one configuration (DistillHP overrides of the preset's `distill`): distil
+  from the teacher and evaluate at 1, 2 and 4 steps (validation runs: only at the selection's step counts).
 Every job takes plain dicts (picklable) and returns a dict of metrics, logs and CPU/wall times.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from mdt.sparse import SparseTensor
 
-from .methods import DistillHP, TeacherHP, distill, sample, train_teacher
+from .methods import STUDENT_METHODS, DistillHP, TeacherHP, distill, sample, train_teacher
 from .mixture import MixtureProblem, MixtureSpec
 from .shapes import ShapeSpec, ShapesProblem, SparseShapesProblem
 
@@ -26,6 +27,8 @@ TEACHER_STEPS = 25
 REF_NOISE_OFFSET = 50_000      # seed offset of the reference teacher samples' noise
 EVAL_NOISE_OFFSET = 60_000     # seed offset of the evaluation noise (shared by all methods of a seed)
 TRAIN_SEED_OFFSET = 1_000      # distillation data/noise stream of seed s: 1000 + 97 s + method index
+# evaluation sets are drawn with seed 10_000 + s (held-out floor: s + 500), so validation seeds (10, ...) and test
+# seeds (0, 1, 2) never share evaluation data, noise or a distillation stream
 
 
 def build_problem(pp: dict):
@@ -120,13 +123,13 @@ def _reference(problem, x):
 
 
 def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | None = None, label: str | None = None,
-                threads: int = 1) -> dict:
+                eval_steps: tuple[int, ...] = EVAL_STEPS, threads: int = 1) -> dict:
     _setup_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
     problem = build_problem(pp)
     teacher = _load_teacher(problem, pp, out)
     hp = DistillHP(**{**pp["distill"], **(overrides or {})})
-    stream = TRAIN_SEED_OFFSET + 97 * seed + ("cm", "pcm", "scm", "vm", "mdt").index(method)
+    stream = TRAIN_SEED_OFFSET + 97 * seed + STUDENT_METHODS.index(method)
     student, log = distill(method, teacher, problem.train_batch, hp, seed=stream,
                            log_every=max(1, hp.steps // 20))
     train_wall, train_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -135,9 +138,9 @@ def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | No
     ref_r = _reference(problem, _load_samples(saved["ref"]))
     paired_r = _reference(problem, _load_samples(saved["paired"]))
     metrics = {}
-    for steps in EVAL_STEPS:
+    for steps in eval_steps:
         x = _generate(method, student, problem, es, EVAL_NOISE_OFFSET + seed, steps, hp.cfg, pp.get("eval_batch"))
         metrics[str(steps)] = problem.evaluate(x, es, ref_r, paired_r)
     return {"job": "distill", "problem": pp["name"], "method": method, "label": label or method, "seed": seed,
-            "metrics": metrics, "log": log, "train_wall_s": train_wall, "train_cpu_s": train_cpu,
-            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            "overrides": dict(overrides or {}), "metrics": metrics, "log": log, "train_wall_s": train_wall,
+            "train_cpu_s": train_cpu, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}

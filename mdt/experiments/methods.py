@@ -1,8 +1,9 @@
 """Methods of the benchmark: the objective and its config per method, teacher training, distillation, sampling.
 
 Methods: `teacher` (no distillation; the teacher sampled with CFG at few steps), `cm`, `pcm`, `scm` (consistency
-baselines), `vm` (MDT-dist Velocity Matching only) and `mdt` (VM + VD). Every distillation method starts from the
-teacher's weights and gets the same budget: the same number of student updates, batch size, optimiser
+baselines), `vm` (MDT-dist Velocity Matching only), `mdt` (VM + VD, VD weighted as the released trainer) and
+`mdt_paper` (VM + VD with the paper's (1 - t) VD weighting, docs/method.md). Every distillation method starts from
+the teacher's weights and gets the same budget: the same number of student updates, batch size, optimiser
 (AdamW, constant lr after a short warm-up, grad-norm clip) and time schedule. Students are sampled without CFG
 (the teacher's guidance is distilled into them) with the Euler rule on the uniform grid (the MDT-dist snapshot
 sampler, `mdt.distill.student_sample` mode "euler"); the teacher with `FlowEulerSampler` and CFG.
@@ -17,11 +18,12 @@ from typing import Any, Callable
 
 import torch
 
-from mdt.distill import (CMConfig, FlowMatchingConfig, MDTConfig, PCMConfig, SCMConfig, cm_loss,
-                         flow_matching_loss, mdt_loss, pcm_loss, scm_loss, student_sample, vm_loss)
+from mdt.distill import (AdaptiveWeight, CMConfig, FlowMatchingConfig, MDTConfig, PCMConfig, SCMConfig, cm_loss,
+                         flow_matching_loss, mdt_loss, pcm_loss, scm_loss, student_sample, tangent_warmup_factor,
+                         vm_loss)
 from mdt.flow import FlowEulerSampler, count_nfe
 
-METHODS = ("teacher", "cm", "pcm", "scm", "vm", "mdt")
+METHODS = ("teacher", "cm", "pcm", "scm", "vm", "mdt", "mdt_paper")
 STUDENT_METHODS = METHODS[1:]
 CONSISTENCY_METHODS = ("cm", "pcm", "scm")
 
@@ -58,6 +60,7 @@ class DistillHP:
     pcm_phases: int = 2
     scm_tangent_c: float = 0.1
     scm_warmup: int = 0         # steps over which sCM's tangent warm-up r ramps 0 -> 1 (0: no warm-up)
+    scm_adaptive: bool = False  # sCM's learned adaptive time weighting w_phi(t) (mdt.distill.AdaptiveWeight)
     target_ema: float = 0.0     # CM/PCM/sCM: > 0 takes the target from an EMA copy of the student with this rate
     vm_mode: str = "discrete"
     d_norm: bool = True
@@ -66,7 +69,8 @@ class DistillHP:
     w_vd: float | None = None   # None: = cfg
     lambda_vm: float = 1.0
     lambda_vd: float = 1.0
-    vd_weighting: str = "released"   # "paper": the (1 - t) factor of the VD gradient (docs/method.md)
+    vd_weighting: str = "released"   # "paper": the (1 - t) factor of the VD gradient (docs/method.md);
+                                     # method `mdt_paper` always uses "paper"
     jvp: str = "func"
 
 
@@ -77,14 +81,14 @@ def objective(method: str, hp: DistillHP, step: int = 0) -> tuple[Callable, Any]
     if method == "pcm":
         return pcm_loss, PCMConfig(delta=hp.delta, phases=hp.pcm_phases, w=hp.cfg, **sched)
     if method == "scm":
-        r = 1.0 if hp.scm_warmup <= 0 else min(1.0, step / hp.scm_warmup)
-        return scm_loss, SCMConfig(w=hp.cfg, tangent_norm_c=hp.scm_tangent_c, tangent_warmup=r, jvp=hp.jvp,
-                                   **sched)
-    if method in ("vm", "mdt"):
+        return scm_loss, SCMConfig(w=hp.cfg, tangent_norm_c=hp.scm_tangent_c,
+                                   tangent_warmup=tangent_warmup_factor(step, hp.scm_warmup),
+                                   adaptive_weighting=hp.scm_adaptive, jvp=hp.jvp, **sched)
+    if method in ("vm", "mdt", "mdt_paper"):
         cfg = MDTConfig(mode=hp.vm_mode, delta=hp.delta, w_vm=hp.cfg if hp.w_vm is None else hp.w_vm,
                         w_vd=hp.cfg if hp.w_vd is None else hp.w_vd, lambda_vm=hp.lambda_vm,
-                        lambda_vd=hp.lambda_vd if method == "mdt" else 0.0, d_norm=hp.d_norm,
-                        d_norm_c=hp.d_norm_c, vd_weighting=hp.vd_weighting, jvp=hp.jvp, **sched)
+                        lambda_vd=0.0 if method == "vm" else hp.lambda_vd, d_norm=hp.d_norm, d_norm_c=hp.d_norm_c,
+                        vd_weighting="paper" if method == "mdt_paper" else hp.vd_weighting, jvp=hp.jvp, **sched)
         return (vm_loss if method == "vm" else mdt_loss), cfg
     raise ValueError(f"no objective for method {method!r}")
 
@@ -138,17 +142,22 @@ def distill(method: str, teacher: torch.nn.Module, sample_batch: Callable, hp: D
     `callback(step, student)` (optional) runs after every `log_every` updates; its dict return is logged."""
     teacher = teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=hp.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    g = torch.Generator().manual_seed(seed)
-    target = None
+    params = list(student.parameters())
+    extra = {}
     if method in CONSISTENCY_METHODS and hp.target_ema > 0:
-        target = copy.deepcopy(student).eval().requires_grad_(False)
+        extra["target_model"] = copy.deepcopy(student).eval().requires_grad_(False)
+    if method == "scm" and hp.scm_adaptive:
+        # w_phi(t) trains with the student (same optimiser); the student's grad clip does not include it
+        extra["weight_net"] = AdaptiveWeight()
+        params += list(extra["weight_net"].parameters())
+    target = extra.get("target_model")
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    g = torch.Generator().manual_seed(seed)
     log, acc, t0, bad = [], {}, time.perf_counter(), 0
     for step in range(hp.steps):
         for group in opt.param_groups:
             group["lr"] = hp.lr * _lr_factor(step, hp.steps, hp.warmup, cosine=False)
         fn, cfg = objective(method, hp, step)
-        extra = {"target_model": target} if target is not None else {}
         terms = fn(student, teacher, sample_batch(hp.batch_size, g), cfg, generator=g, **extra)
         loss = terms["loss"]
         opt.zero_grad(set_to_none=True)

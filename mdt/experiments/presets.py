@@ -1,10 +1,11 @@
-"""Presets of the reproduction benchmark (`ci`: a few minutes, `small`: <= 25 min on 2 CPU cores).
+"""Presets of the reproduction benchmark (`ci`: a few minutes, `small`: <= 30 min on 2 CPU cores).
 
 Every problem entry is a plain dict (it travels to the worker processes):
   name, kind ("mixture" | "shapes" | "shapes_sparse"), spec (problem), model (network size),
   teacher (methods.TeacherHP), distill (methods.DistillHP: the shared student budget and per-method knobs),
-  eval_per_class, eval_batch, seeds, timing_batch, primary (metric used for the ordering checks),
-  ablations (extra distillation runs on seed 0 for the notes: label, method, overrides).
+  eval_per_class, eval_batch, seeds (test seeds), timing_batch, primary (metric used for the ordering checks and the
+  selection), ablations (extra distillation runs on seed 0 for the notes: label, method, overrides), and the
+  protocol's grid, val_seeds and selection (see below).
 
 Hyper-parameters (why they differ from MDT-dist's TRELLIS-scale defaults w_vm 40, w_vd 100, lr 4e-8):
 * lr: 4e-8 moves a toy network by nothing in a few hundred steps; the students use AdamW 1e-4 (mixture 2e-4)
@@ -18,6 +19,14 @@ Hyper-parameters (why they differ from MDT-dist's TRELLIS-scale defaults w_vm 40
   on the mixture and finite differences (mdt.distill jvp="fd") on the transformers (cost, see notes).
 * t schedule: logit-normal(0, 1) for teacher and students (TRELLIS image-large uses mean 1; on these problems the
   teacher's low-t detail matters and mean 0 trains it better in the budget).
+* sCM at its best: adaptive time weighting on (scm_adaptive), tangent warm-up length in its grid.
+
+Fair protocol (mdt.experiments.protocol): `grid` declares per method lr x the method's key knob, the same number of
+configurations for every method (CM: EMA target rate; PCM: phase count; sCM: tangent warm-up steps; VM: d_norm;
+VM+VD released and paper-exact: lambda_VD); every configuration is distilled on `val_seeds` and scored by the
+primary metric averaged over 1 and 2 steps; the best one per method is distilled again on the test `seeds`, which
+alone are reported. The `small` student budgets are below the pre-protocol ones (mixture 800 -> 400 updates,
+shapes 200 -> 120) so that the 4-configuration grid fits the 30-minute, 2-core target.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ MIXTURE = {
     "spec": {"dim": 8, "num_classes": 10, "components": 3, "hidden": 128, "depth": 3},
     "teacher": {"steps": 2000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ema": 0.995, "t_mean": 0.0},
     "distill": {"steps": 800, "batch_size": 256, "lr": 2e-4, "warmup": 20, "cfg": 0.5, "delta": 0.02,
-                "pcm_phases": 2, "t_mean": 0.0, "jvp": "func", "d_norm": True},
+                "pcm_phases": 2, "t_mean": 0.0, "jvp": "func", "d_norm": True, "scm_adaptive": True},
     "eval_per_class": 300, "eval_batch": None, "seeds": [0, 1, 2], "timing_batch": 1000,
     "primary": "swd_teacher",
     "ablations": [],
@@ -41,7 +50,7 @@ SHAPES = {
               "num_tokens": 4},
     "teacher": {"steps": 1500, "batch_size": 32, "lr": 1e-3, "warmup": 100, "ema": 0.99, "t_mean": 0.0},
     "distill": {"steps": 200, "batch_size": 16, "lr": 1e-4, "warmup": 10, "cfg": 2.0, "delta": 0.02,
-                "pcm_phases": 2, "t_mean": 0.0, "jvp": "fd", "d_norm": True},
+                "pcm_phases": 2, "t_mean": 0.0, "jvp": "fd", "d_norm": True, "scm_adaptive": True},
     "eval_per_class": 16, "eval_batch": 128, "seeds": [0, 1, 2], "timing_batch": 16,
     "primary": "fd_teacher",
     "ablations": [],
@@ -54,11 +63,26 @@ SHAPES_SPARSE = {
               "num_tokens": 4},
     "teacher": {"steps": 60, "batch_size": 4, "lr": 1e-3, "warmup": 10, "ema": 0.9, "t_mean": 0.0},
     "distill": {"steps": 8, "batch_size": 4, "lr": 1e-4, "warmup": 2, "cfg": 1.0, "delta": 0.02,
-                "pcm_phases": 2, "t_mean": 0.0, "jvp": "fd", "d_norm": True},
+                "pcm_phases": 2, "t_mean": 0.0, "jvp": "fd", "d_norm": True, "scm_adaptive": True},
     "eval_per_class": 1, "eval_batch": None, "seeds": [0], "timing_batch": 4,
     "primary": "mse_teacher",
     "ablations": [],
 }
+
+
+VAL_SEEDS = [10]      # validation seeds of every problem (test seeds: the problem's "seeds")
+
+
+def with_protocol(pp: dict, lrs: list[float]) -> dict:
+    """Declare the problem's grid: `lrs` x each method's key knob (2 values), the same size for every method."""
+    steps = pp["distill"]["steps"]
+    knobs = {"cm": {"target_ema": [0.0, 0.95]}, "pcm": {"pcm_phases": [2, 4]},
+             "scm": {"scm_warmup": [0, max(1, steps // 4)]}, "vm": {"d_norm": [True, False]},
+             "mdt": {"lambda_vd": [1.0, 0.1]}, "mdt_paper": {"lambda_vd": [1.0, 0.1]}}
+    pp["grid"] = {m: {"lr": list(lrs), **k} for m, k in knobs.items()}
+    pp["val_seeds"] = list(VAL_SEEDS)
+    pp["selection"] = {"metric": pp["primary"], "steps": ["1", "2"]}
+    return pp
 
 
 def _ci() -> dict:
@@ -66,24 +90,28 @@ def _ci() -> dict:
     mix["teacher"].update(steps=600)
     mix["distill"].update(steps=60)
     mix["eval_per_class"] = 100
-    mix["seeds"] = [0, 1]
+    mix["seeds"] = [0]            # one test seed: the protocol's 2 x 6 validation runs already double the job count
     mix["timing_batch"] = 500
     shp["spec"]["num_classes"] = 6
     shp["teacher"].update(steps=60, batch_size=16)
     shp["distill"].update(steps=4, batch_size=8)
     shp["eval_per_class"] = 3
-    shp["seeds"] = [0, 1]
+    shp["seeds"] = [0]
     shp["timing_batch"] = 2
     spr["spec"]["num_classes"] = 4
     spr["teacher"].update(steps=6, batch_size=2)
     spr["distill"].update(steps=2, batch_size=2)
     spr["timing_batch"] = 1
-    return {"name": "ci", "problems": [shp, mix, spr], "workers": 2, "timing_repeats": 2}
+    problems = [with_protocol(pp, [pp["distill"]["lr"]]) for pp in (shp, mix, spr)]    # 1 lr x 2 knob values
+    return {"name": "ci", "problems": problems, "workers": 2, "timing_repeats": 2}
 
 
 def _small() -> dict:
-    return {"name": "small", "problems": [copy.deepcopy(SHAPES), copy.deepcopy(MIXTURE), copy.deepcopy(SHAPES_SPARSE)],
-            "workers": 2, "timing_repeats": 5}
+    mix, shp, spr = copy.deepcopy(MIXTURE), copy.deepcopy(SHAPES), copy.deepcopy(SHAPES_SPARSE)
+    mix["distill"].update(steps=400)
+    shp["distill"].update(steps=120)
+    problems = [with_protocol(pp, [pp["distill"]["lr"], pp["distill"]["lr"] / 5]) for pp in (shp, mix, spr)]
+    return {"name": "small", "problems": problems, "workers": 2, "timing_repeats": 5}
 
 
 PRESETS = {"ci": _ci, "small": _small}

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import jobs
+from . import jobs, protocol
 from .methods import METHODS, STUDENT_METHODS, DistillHP, nfe, trellis_nfe
 from .presets import get_preset
 
@@ -49,7 +49,7 @@ PROBLEM_TITLES = {
     "shapes": "SS-like shapes: 24 classes, 32^3 occupancy -> 16^3x8 latents, tiny SparseStructureFlowModel",
     "shapes_sparse": "SLat-like sparse variant: per-voxel features on occupied voxels, tiny SLatFlowModel",
 }
-RESERVED = ("meta", "nfe", "nfe_trellis", "wall_time", "notes", "data_floor")
+RESERVED = ("meta", "nfe", "nfe_trellis", "wall_time", "notes", "data_floor", "protocol")
 STEPS = ("1", "2", "4")
 
 
@@ -88,33 +88,88 @@ class Scheduler:
             self.pool.join()
 
 
-def run_jobs(preset: dict, out: Path, workers: int, log) -> list[dict]:
+def run_jobs(preset: dict, out: Path, workers: int, log) -> tuple[list[dict], dict]:
+    """Teacher -> references (validation and test seeds) -> every grid configuration on the validation seeds ->
+    per method, once all its validation runs are in, the selected configuration on the test seeds (+ ablations).
+    Returns the finished jobs (each with its `role`: teacher, ref, val, test or ablation) and the protocol record."""
     problems = {pp["name"]: pp for pp in preset["problems"]}
+    grids = {name: protocol.grid_configs(pp) for name, pp in problems.items()}
+    val_runs = {name: {m: [[] for _ in grids[name][m]] for m in STUDENT_METHODS} for name in problems}
+    chosen: dict = {name: {} for name in problems}
+    test_refs: dict = {name: [] for name in problems}
     sched = Scheduler(workers)
     out_s = str(out)
     for pp in preset["problems"]:
         sched.submit(f"teacher/{pp['name']}", jobs.teacher_job, pp, out_s)
+
+    def submit_test(name: str, method: str, seed: int) -> None:
+        sched.submit(f"test/{name}/{method}/{seed}", jobs.distill_job, problems[name], out_s, method, seed,
+                     grids[name][method][chosen[name][method]], method)
+
     done: list[dict] = []
     try:
         for key, res in sched.results():
-            done.append(res)
             kind, name = key.split("/")[:2]
+            res["role"] = kind
+            done.append(res)
             pp = problems[name]
             log(f"  [{time.strftime('%H:%M:%S')}] done {key} ({res['wall_s']:.1f}s wall, {res['cpu_s']:.1f}s cpu)")
             if kind == "teacher":
-                for seed in pp["seeds"]:
+                for seed in pp["val_seeds"] + pp["seeds"]:
                     sched.submit(f"ref/{name}/{seed}", jobs.reference_job, pp, out_s, seed)
+            elif kind == "ref" and res["seed"] in pp["val_seeds"]:
+                sel_steps = tuple(int(s) for s in pp["selection"]["steps"])     # evaluated only where scored
+                for method in STUDENT_METHODS:
+                    for i, ov in enumerate(grids[name][method]):
+                        sched.submit(f"val/{name}/{method}/{res['seed']}/{i}", jobs.distill_job, pp, out_s, method,
+                                     res["seed"], ov, f"{method}@{i}", sel_steps)
             elif kind == "ref":
                 seed = res["seed"]
-                for method in STUDENT_METHODS:
-                    sched.submit(f"distill/{name}/{method}/{seed}", jobs.distill_job, pp, out_s, method, seed)
+                test_refs[name].append(seed)
+                for method in chosen[name]:
+                    submit_test(name, method, seed)
                 if seed == pp["seeds"][0]:
                     for ab in pp.get("ablations", []):
                         sched.submit(f"ablation/{name}/{ab['label']}/{seed}", jobs.distill_job, pp, out_s,
                                      ab["method"], seed, ab["overrides"], ab["label"])
+            elif kind == "val":
+                method, i = res["method"], int(key.split("/")[4])
+                val_runs[name][method][i].append(res["metrics"])
+                runs = val_runs[name][method]
+                if all(len(r) == len(pp["val_seeds"]) for r in runs):
+                    sel = pp["selection"]
+                    scores = [protocol.config_score(r, sel["metric"], sel["steps"]) for r in runs]
+                    chosen[name][method] = protocol.select(scores, lower_is_better(name, sel["metric"]))
+                    for seed in test_refs[name]:
+                        submit_test(name, method, seed)
     finally:
         sched.close()
-    return done
+    return done, protocol_record(preset, grids, val_runs, chosen)
+
+
+def protocol_record(preset: dict, grids: dict, val_runs: dict, chosen: dict) -> dict:
+    """results.json["protocol"]: per problem the declared grid, the selection rule, every configuration's
+    validation score and the chosen configuration per method."""
+    rec = {"rule": ("every configuration of a method's grid is distilled on the validation seeds and scored by the "
+                    "problem's primary metric averaged over the selection step counts and the validation seeds "
+                    "(non-finite scores rank last); the best configuration is distilled again on the test seeds, "
+                    "which alone are reported"), "problems": {}}
+    for pp in preset["problems"]:
+        name, sel = pp["name"], pp["selection"]
+        lib = lower_is_better(name, sel["metric"])
+        entry = {"grid": pp["grid"], "selection": {**sel, "lower_is_better": lib}, "val_seeds": pp["val_seeds"],
+                 "test_seeds": pp["seeds"], "methods": {}}
+        for method in STUDENT_METHODS:
+            configs = []
+            for ov, runs in zip(grids[name][method], val_runs[name][method]):
+                configs.append({"config": ov, "score": protocol.config_score(runs, sel["metric"], sel["steps"]),
+                                "per_seed": {str(s): {st: r[st][sel["metric"]] for st in sel["steps"]}
+                                             for s, r in zip(pp["val_seeds"], runs)}})
+            i = chosen[name].get(method)
+            entry["methods"][method] = {"configs": configs, "chosen_index": i,
+                                        "chosen": None if i is None else grids[name][method][i]}
+        rec["problems"][name] = entry
+    return rec
 
 
 # ---- aggregation -----------------------------------------------------------------------------------------------
@@ -130,7 +185,8 @@ def aggregate(done: list[dict], preset: dict) -> tuple[dict, dict]:
         name = pp["name"]
         per = {m: {} for m in METHODS}
         for r in done:
-            if r.get("problem") != name or r["job"] not in ("reference", "distill") or r.get("label", r.get("method")) != r.get("method"):
+            # reported: the teacher on the test seeds and the selected configurations' test runs
+            if r.get("problem") != name or r["role"] not in ("ref", "test") or r["seed"] not in pp["seeds"]:
                 continue
             for steps, metrics in r["metrics"].items():
                 for k, v in metrics.items():
@@ -138,7 +194,7 @@ def aggregate(done: list[dict], preset: dict) -> tuple[dict, dict]:
         results[name] = {m: {s: {k: _mean_std(v) for k, v in sorted(ms.items())}
                              for s, ms in sorted(per[m].items(), key=lambda kv: int(kv[0]))} for m in METHODS}
         fl = [r["data_floor"] for r in done if r.get("problem") == name and r["job"] == "reference"
-              and r.get("data_floor")]
+              and r["seed"] in pp["seeds"] and r.get("data_floor")]
         if fl:
             floors[name] = {k: _mean_std([f[k] for f in fl]) for k in fl[0] if k.endswith("_data")}
     return results, floors
@@ -211,7 +267,8 @@ def lower_is_better(problem_name: str, metric: str) -> bool:
 
 def ordering_notes(results: dict, preset: dict) -> dict:
     """Check the paper's orderings at 1 step on each problem's primary metric (and on every metric)."""
-    chains = {"baselines": ["teacher", "cm", "pcm", "scm", "mdt"], "ablation": ["teacher", "vm", "mdt"]}
+    chains = {"baselines": ["teacher", "cm", "pcm", "scm", "mdt"], "ablation": ["teacher", "vm", "mdt"],
+              "ablation_paper_vd": ["teacher", "vm", "mdt_paper"]}
     notes = {}
     for pp in preset["problems"]:
         name, primary = pp["name"], pp["primary"]
@@ -246,14 +303,13 @@ def ordering_notes(results: dict, preset: dict) -> dict:
 def ablation_notes(done: list[dict], preset: dict, results: dict) -> dict:
     out = {}
     for pp in preset["problems"]:
-        rows = [r for r in done if r.get("problem") == pp["name"] and r["job"] == "distill"
-                and r.get("label") != r.get("method")]
+        rows = [r for r in done if r.get("problem") == pp["name"] and r["role"] == "ablation"]
         if not rows:
             continue
         primary = pp["primary"]
         seed0 = pp["seeds"][0]
         ref = {m: {s: next(r["metrics"][s][primary] for r in done if r.get("problem") == pp["name"]
-                           and r.get("method") == m and r.get("seed") == seed0 and r.get("label", m) == m)
+                           and r.get("method") == m and r.get("seed") == seed0 and r["role"] == "test")
                    for s in STEPS} for m in ("mdt", "vm")}
         out[pp["name"]] = {"metric": primary, "seed": seed0,
                            "baseline_mdt": ref["mdt"], "baseline_vm": ref["vm"],
@@ -272,7 +328,7 @@ def _fmt(d: dict | None) -> str:
     return f"{m:.{digits}f}±{s:.{digits}f}"
 
 
-def format_tables(results: dict, preset: dict, nfe_table: dict) -> str:
+def format_tables(results: dict, preset: dict, nfe_table: dict, protocol_rec: dict | None = None) -> str:
     lines = []
     for pp in preset["problems"]:
         name = pp["name"]
@@ -282,12 +338,16 @@ def format_tables(results: dict, preset: dict, nfe_table: dict) -> str:
         width = max(14, *(len(h) + 1 for h in heads))
         cfg = pp["distill"]["cfg"]
         pcm_phases = int(pp["distill"].get("pcm_phases", DistillHP.pcm_phases))
+        if protocol_rec is not None:                       # PCM's phase count is in its grid: the selected one
+            chosen = protocol_rec["problems"][name]["methods"]["pcm"]["chosen"] or {}
+            pcm_phases = int(chosen.get("pcm_phases", pcm_phases))
         nseeds = len(pp["seeds"])
 
         def row(method: str, steps: str) -> str:
             n_eval = nfe(method, int(steps), cfg)
             cells = "".join(f"{_fmt(res[method].get(steps, {}).get(m)):>{width}}" for m in metrics)
-            label = {"teacher": "none (teacher)", "vm": "VM", "mdt": "VM+VD (MDT)", "cm": "CM",
+            label = {"teacher": "none (teacher)", "vm": "VM", "mdt": "VM+VD (MDT)", "mdt_paper": "VM+VD paper-VD",
+                     "cm": "CM",
                      "pcm": f"PCM (K={pcm_phases})" + (" *" if int(steps) < pcm_phases else ""),
                      "scm": "sCM"}[method]
             return f"{label:<16}{steps:>6}{n_eval:>5}{cells}"
@@ -301,18 +361,32 @@ def format_tables(results: dict, preset: dict, nfe_table: dict) -> str:
         lines.append(row("teacher", "25"))
         for steps in STEPS:
             lines.append("")
-            for method in ("teacher", "cm", "pcm", "scm", "mdt"):
+            for method in ("teacher", "cm", "pcm", "scm", "mdt", "mdt_paper"):
                 lines.append(row(method, steps))
         lines.append(f"PCM (K={pcm_phases}) is scored at its phase count (steps = K, the grid hits every phase "
                      f"boundary) and below it (*: fewer steps than phases, outside what it was trained for).")
         lines.append("")
-        lines.append(f"Table 3 [{name}] ablation: none / VM / VM+VD")
+        lines.append(f"Table 3 [{name}] ablation: none / VM / VM+VD (released VD weighting) / VM+VD (paper's)")
         lines.append(header)
         lines.append("-" * len(header))
         for steps in STEPS:
-            for method in ("teacher", "vm", "mdt"):
+            for method in ("teacher", "vm", "mdt", "mdt_paper"):
                 lines.append(row(method, steps))
             lines.append("")
+    return "\n".join(lines)
+
+
+def format_protocol(rec: dict) -> str:
+    lines = ["", "Selection (validation seeds; score = primary metric averaged over the selection step counts)"]
+    for name, entry in rec["problems"].items():
+        sel = entry["selection"]
+        lines.append(f"[{name}] {sel['metric']}{'↓' if sel['lower_is_better'] else '↑'} @ steps "
+                     f"{'+'.join(sel['steps'])}, validation seeds {entry['val_seeds']}, test seeds "
+                     f"{entry['test_seeds']}")
+        for method, m in entry["methods"].items():
+            scores = ", ".join(f"{c['score']:.4g}" for c in m["configs"])
+            lines.append(f"  {method:<10} chosen {m['chosen']}  (scores of the {len(m['configs'])} configurations: "
+                         f"{scores})")
     return "\n".join(lines)
 
 
@@ -349,7 +423,7 @@ def plot(results: dict, preset: dict, floors: dict, path: Path) -> None:
 
     probs = preset["problems"]
     fig, axes = plt.subplots(2, len(probs), figsize=(5.2 * len(probs), 8), squeeze=False)
-    colours = {"teacher": "k", "cm": "C0", "pcm": "C1", "scm": "C2", "vm": "C3", "mdt": "C4"}
+    colours = {"teacher": "k", "cm": "C0", "pcm": "C1", "scm": "C2", "vm": "C3", "mdt": "C4", "mdt_paper": "C5"}
     for j, pp in enumerate(probs):
         name = pp["name"]
         res = results[name]
@@ -432,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"mdt.experiments.reproduce --preset {args.preset}: {len(preset['problems'])} problems, {workers} workers, "
         f"methods {', '.join(METHODS)}")
-    done = run_jobs(preset, out, workers, log)
+    done, protocol_rec = run_jobs(preset, out, workers, log)
     t_jobs = time.perf_counter() - t_start
     log(f"jobs finished in {t_jobs:.1f}s; measuring sampling wall time with {args.timing_threads} threads")
     nfe_table, wall = measure_wall_time(preset, out, args.timing_threads)
@@ -443,10 +517,13 @@ def main(argv: list[str] | None = None) -> int:
         "hyperparameters": {pp["name"]: {"teacher": pp["teacher"], "distill": pp["distill"], "model": pp.get("model"),
                                          "spec": pp.get("spec")} for pp in preset["problems"]},
         "protocol": ("one teacher per problem (flow matching, EMA weights, p_uncond 0.1); every student starts from "
-                     "the teacher's weights with the same number of AdamW updates, batch size, lr and clip; students "
-                     "sample with the Euler rule on the uniform grid without CFG (the teacher's CFG strength is used "
-                     "inside every objective); the teacher samples with Euler + CFG at the same strength. A seed "
-                     "changes the distillation stream, the evaluation noise and the held-out set."),
+                     "the teacher's weights with the same number of AdamW updates, batch size and clip; lr and the "
+                     "method's key knob come from the preset's declared grid (the same number of configurations per "
+                     "method), selected on validation seeds and reported on disjoint test seeds (results.json "
+                     "'protocol'); students sample with the Euler rule on the uniform grid without CFG (the "
+                     "teacher's CFG strength is used inside every objective); the teacher samples with Euler + CFG "
+                     "at the same strength. A seed changes the distillation stream, the evaluation noise and the "
+                     "held-out set."),
         "orderings": ordering_notes(results, preset),
         "nfe_requirements": nfe_ok,
     }
@@ -466,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                                        for pp in preset["problems"]},
             "command": " ".join([Path(sys.executable).name, "-m", "mdt.experiments.reproduce"] + (argv or sys.argv[1:]))}
     payload = {**results, "meta": meta, "nfe": nfe_table, "nfe_trellis": trellis_nfe(), "wall_time": wall,
-               "notes": notes, "data_floor": floors}
+               "notes": notes, "data_floor": floors, "protocol": protocol_rec}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     logs = [{k: v for k, v in r.items() if k != "metrics"} for r in done]
     (out / "logs.json").write_text(json.dumps(logs, indent=1))
@@ -474,12 +551,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep_work:
         shutil.rmtree(out / "work", ignore_errors=True)
 
-    log(format_tables(results, preset, nfe_table))
+    log(format_protocol(protocol_rec))
+    log(format_tables(results, preset, nfe_table, protocol_rec))
     log(format_nfe(nfe_table, wall))
     log(format_trellis_nfe(payload["nfe_trellis"]))
     log("")
     for name, entry in notes["orderings"].items():
-        for chain in ("baselines", "ablation"):
+        for chain in ("baselines", "ablation", "ablation_paper_vd"):
             e = entry[chain]
             log(f"ordering [{name}] {entry['metric']} @1 step, expected {e['expected']}: "
                 f"{'HOLDS' if e['holds'] else 'does not hold'}; observed {e['observed_worst_to_best']}")

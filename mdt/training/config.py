@@ -204,6 +204,10 @@ class DistillConfig:
             raise ValueError(f"objective {self.objective.name!r} needs a teacher (model.teacher / --teacher)")
         if self.objective.target not in ("student", "ema"):
             raise ValueError("objective.target must be 'student' or 'ema'")
+        if self.objective.name == "scm" and self.objective.scm.adaptive_weighting:
+            # the learned weight network would need its own optimiser state and checkpoint slot in this trainer
+            raise ValueError("objective.scm.adaptive_weighting is supported by the reproduction benchmark's trainer "
+                             "(mdt.experiments), not by the distillation job")
         if self.data.batch_split < 1 or self.data.batch_size < self.data.batch_split:
             raise ValueError("need 1 <= data.batch_split <= data.batch_size")
         if not self.data.uri:
