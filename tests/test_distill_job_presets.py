@@ -50,7 +50,7 @@ def test_ci_preset_as_shipped(shards, tmp_path):
     run = c.get_run(res["mlflow_run_id"])
     assert run.data.params["objective.name"] == "flow_matching" and run.info.status == "FINISHED"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
-    versions = c.search_model_versions(f"name='ss-flow_matching-teacher'")
+    versions = c.search_model_versions("name='ss-flow_matching-teacher'")
     assert versions and versions[0].source.rstrip("/").endswith("export/ema")
 
 
