@@ -76,6 +76,20 @@ def _save_perturbed(model, path: Path, seed: int, scale: float) -> str:
     return str(path)
 
 
+
+def run_cli_without_ray(argv, capsys, monkeypatch) -> tuple[int, list[str]]:
+    """Run `jobs/distill.py` in-process; Ray must not be started (or joined) on the way to the error. Another test
+    module may have left this process connected to Ray, so the check is on the job's one Ray entry point."""
+    from jobs.distill import main
+    from pipelines import distill
+
+    ray_calls = []
+    monkeypatch.setattr(distill, "init_ray", lambda *a, **k: ray_calls.append((a, k)))
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not ray_calls, f"Ray was started for {argv}"
+    return rc, err
+
 def ci_overrides(tmp: Path, data: Path, teacher: str | None, tracking_uri: str | None, **extra) -> list[str]:
     ov = [f"data.uri={data}", f"output={tmp / 'runs'}", f"condition.model={tmp / 'tiny-dinov2'}",
           "scaling.cpus_per_worker=0.5", "train.torch_threads=1"]

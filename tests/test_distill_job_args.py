@@ -6,27 +6,13 @@ import json
 
 import pytest
 
-from _distill_helpers import perturbed_teacher, write_tiny_shards
+from _distill_helpers import perturbed_teacher, run_cli_without_ray, write_tiny_shards
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("args")
     return tmp, write_tiny_shards(tmp / "data", n=2), perturbed_teacher(tmp / "teacher" / "ss_flow_tiny")
-
-
-def _main(argv, capsys, monkeypatch):
-    """Run the CLI in-process; Ray must not be started (or joined) on the way to the error. Another test module
-    may have left this process connected to Ray, so the check is on the job's one Ray entry point."""
-    from jobs.distill import main
-    from pipelines import distill
-
-    ray_calls = []
-    monkeypatch.setattr(distill, "init_ray", lambda *a, **k: ray_calls.append((a, k)))
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert not ray_calls, f"Ray was started for {argv}"
-    return rc, err
 
 
 def test_argument_errors_exit_2_with_one_line_before_anything_starts(inputs, capsys, tmp_path, monkeypatch):
@@ -42,7 +28,7 @@ def test_argument_errors_exit_2_with_one_line_before_anything_starts(inputs, cap
           "--set", "objective.scm.adaptive_weighting=true", *out], "adaptive_weighting"),
     ]
     for argv, needle in cases:
-        rc, err = _main(argv, capsys, monkeypatch)
+        rc, err = run_cli_without_ray(argv, capsys, monkeypatch)
         assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
 
 
@@ -73,7 +59,7 @@ def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path, 
     more = load_config(DistillConfig, "ci", base + [("objective.name", "flow_matching"), ("train.max_steps", 60)],
                        prefix="distill_").validate()
     distill.prepare(more)                                  # more steps of the same run: fine
-    rc, err = _main(["--preset", "ci", "--data", str(data), "--teacher", teacher, "--output", str(tmp_path / "runs"),
+    rc, err = run_cli_without_ray(["--preset", "ci", "--data", str(data), "--teacher", teacher, "--output", str(tmp_path / "runs"),
                      "--name", "shared"], capsys, monkeypatch)
     assert rc == 2 and len(err) == 1 and "objective 'flow_matching' -> 'mdt'" in err[0] and "--name" in err[0], err
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from _distill_helpers import perturbed_teacher, write_tiny_shards
+from _distill_helpers import perturbed_teacher, run_cli_without_ray, write_tiny_shards
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +63,6 @@ def test_eval_after_training_logs_one_table_and_headline_metrics(inputs, ray_con
     assert eval_run.data.tags["mdt.distill_run_id"] == run_.info.run_id
 
 
-def _main(argv, capsys, monkeypatch):
-    from jobs.distill import main
-    from pipelines import distill
-
-    ray_calls = []
-    monkeypatch.setattr(distill, "init_ray", lambda *a, **k: ray_calls.append((a, k)))
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert not ray_calls, f"Ray was started for {argv}"
-    return rc, err
-
-
 def test_bad_eval_settings_exit_2_with_one_line_before_ray(inputs, capsys, tmp_path, monkeypatch):
     base = ["--preset", "ci", "--data", inputs["data"], "--teacher", inputs["teacher"],
             "--output", str(tmp_path / "runs"), "--set", "eval.enabled=true"]
@@ -87,7 +75,7 @@ def test_bad_eval_settings_exit_2_with_one_line_before_ray(inputs, capsys, tmp_p
         (base + dec + ["--stage", "slat"], "SS stage"),
     ]
     for argv, needle in cases:
-        rc, err = _main(argv, capsys, monkeypatch)
+        rc, err = run_cli_without_ray(argv, capsys, monkeypatch)
         assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
 
 
