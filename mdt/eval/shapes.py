@@ -45,13 +45,14 @@ def paired_iou(a: Tensor, b: Tensor) -> Tensor:
 
 def boundary(occ: Tensor) -> Tensor:
     """Occupied voxels with at least one empty (or out-of-grid) 6-neighbour: [N, R, R, R] bool."""
-    o = occ.float().unsqueeze(1)
-    pad = F.pad(o, (1, 1, 1, 1, 1, 1), value=0.0)
-    k = torch.zeros(1, 1, 3, 3, 3)
-    for d in ((0, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 1), (1, 1, 0), (1, 1, 2)):
-        k[0, 0, d[0], d[1], d[2]] = 1.0
-    neighbours = F.conv3d(pad, k)
-    return (occ.bool() & (neighbours.squeeze(1) < 5.5))
+    occ = occ.bool()
+    n, r = occ.shape[0], occ.shape[-1]
+    pad = torch.zeros(n, r + 2, r + 2, r + 2, dtype=torch.bool)             # outside the grid counts as empty
+    pad[:, 1:-1, 1:-1, 1:-1] = occ
+    c = slice(1, -1)
+    interior = (pad[:, 2:, c, c] & pad[:, :-2, c, c] & pad[:, c, 2:, c] & pad[:, c, :-2, c]
+                & pad[:, c, c, 2:] & pad[:, c, c, :-2])
+    return occ & ~interior
 
 
 def subsample_points(points: Tensor, max_points: int, generator: torch.Generator) -> Tensor:
@@ -80,26 +81,50 @@ def _pad(points: list[Tensor]) -> tuple[Tensor, Tensor]:
     return pts, mask
 
 
+def _integer_scale(points: Tensor) -> float | None:
+    """A power of two s such that every coordinate times s is an integer of magnitude <= 1024 (voxel centres on
+    a grid of up to 1024 cells per side), or None. On such coordinates the float32 squared distances of
+    `chamfer_matrix` are integers below 2^24, i.e. exact."""
+    bound = float(points.abs().max()) if points.numel() else 0.0
+    for k in range(12):
+        s = float(2 ** k)
+        if bound * s > 1024:
+            return None
+        if torch.equal(points * s, torch.round(points * s)):
+            return s
+    return None
+
+
 def chamfer_matrix(pa: list[Tensor], pb: list[Tensor]) -> Tensor:
-    """Symmetric Chamfer distance between every point set of pa and of pb: [n, m] (float64)."""
+    """Symmetric Chamfer distance between every point set of pa and of pb: [n, m] (float64).
+
+    Squared distances come from one matrix product per row (|a|^2 + |b|^2 - 2 a.b); the square root is taken of
+    the nearest-neighbour minima only (it is monotonic). When all coordinates lie on a dyadic grid (voxel centres)
+    the products run in float32 on integer coordinates, where they are exact; otherwise in float64."""
     a, ma = _pad(pa)
     b, mb = _pad(pb)
-    out = torch.empty(len(pa), len(pb), dtype=torch.float64)
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
-    for i in range(len(pa)):
-        d = torch.cdist(a[i:i + 1].expand(len(pb), -1, -1), b)            # [m, Pa, Pb]
-        d = torch.where(mb[:, None, :], d, inf)
-        ab = d.min(2).values                                              # [m, Pa]
-        ab = torch.where(ma[i][None], ab, torch.zeros_like(ab)).sum(1) / ma[i].sum().clamp(min=1)
-        d = torch.where(ma[i][None, :, None], d, inf)
-        ba = d.min(1).values                                              # [m, Pb]
-        ba = torch.where(mb, ba, torch.zeros_like(ba)).sum(1) / mb.sum(1).clamp(min=1)
-        row = (ab + ba) / 2
-        empty = (~ma[i].any()) | (~mb.any(1))
-        out[i] = torch.where(empty, torch.full_like(row, EMPTY_CHAMFER), row)
-        both_empty = (~ma[i].any()) & (~mb.any(1))
-        out[i] = torch.where(both_empty, torch.zeros_like(row), out[i])
-    return out
+    n, m, pb_max = len(pa), len(pb), b.shape[1]
+    real = torch.cat([a[ma], b[mb]])
+    scale = _integer_scale(real)
+    dtype = torch.float32 if scale is not None else torch.float64
+    scale = scale or 1.0
+    # padded slots sit far from every real point, so they are never a real point's nearest neighbour
+    far = 3 * float(real.abs().max() if real.numel() else 0.0) * scale + 1
+    a = torch.where(ma[..., None], a * scale, far).to(dtype)
+    b = torch.where(mb[..., None], b * scale, far).to(dtype)
+    b_flat = b.reshape(m * pb_max, 3)
+    b_sq, a_sq = b_flat.pow(2).sum(1), a.pow(2).sum(2)
+    na, nb = ma.sum(1).clamp(min=1), mb.sum(1).clamp(min=1)
+    mbf = mb.double()
+    out = torch.empty(n, m, dtype=torch.float64)
+    for i in range(n):
+        sq = torch.addmm(b_sq[None], a[i], b_flat.T, alpha=-2).add_(a_sq[i][:, None]).view(-1, m, pb_max)
+        ab = sq.amin(2).double().clamp_(min=0).sqrt_().T / scale        # [m, Pa]: a's points -> nearest in b_j
+        ba = sq.amin(0).double().clamp_(min=0).sqrt_() / scale          # [m, Pb]: b_j's points -> nearest in a
+        out[i] = ((ab * ma[i]).sum(1) / na[i] + (ba * mbf).sum(1) / nb) / 2
+    empty_a, empty_b = ~ma.any(1), ~mb.any(1)
+    out = torch.where(empty_a[:, None] | empty_b[None], torch.full_like(out, EMPTY_CHAMFER), out)
+    return torch.where(empty_a[:, None] & empty_b[None], torch.zeros_like(out), out)
 
 
 def chamfer_fscore(pa: Tensor, pb: Tensor, threshold: float) -> tuple[float, float]:

@@ -3,9 +3,11 @@
 * `teacher_job`: flow-matching training of a problem's teacher; saves the EMA weights.
 * `reference_job`: for one seed, the evaluation set, the teacher's 25-step CFG reference samples (independent
   noise) and the teacher evaluated at 1, 2, 4 and 25 steps from the evaluation noise (its 25-step samples are the
-  paired reference of the students); saves both sample sets.
+  paired reference of the students); saves both sample sets and the evaluation context built from them (the
+  evaluation set and the reference structures), which every distillation job of the seed loads.
 * `distill_job`: one method, one seed, one configuration (DistillHP overrides of the preset's `distill`): distil
-  from the teacher and evaluate at 1, 2 and 4 steps (validation runs: only at the selection's step counts).
+  from the teacher and evaluate at 1, 2 and 4 steps (validation runs: only the selection metric at the
+  selection's step counts).
 Every job takes plain dicts (picklable) and returns a dict of metrics, logs and CPU/wall times.
 """
 from __future__ import annotations
@@ -72,6 +74,27 @@ def _load_samples(d: dict):
     return SparseTensor(d["feats"], d["coords"], batch_size=d["batch_size"])
 
 
+def _to_saved(obj):
+    """Nested dicts / lists of tensors and SparseTensors -> the same with SparseTensors as `_save_samples` dicts."""
+    if isinstance(obj, SparseTensor):
+        return {"sparse": _save_samples(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_saved(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_saved(v) for v in obj)
+    return obj
+
+
+def _from_saved(obj):
+    if isinstance(obj, dict):
+        if set(obj) == {"sparse"}:
+            return _load_samples(obj["sparse"])
+        return {k: _from_saved(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_saved(v) for v in obj)
+    return obj
+
+
 def _generate(method: str, model, problem, es: dict, noise_seed: int, steps: int, cfg: float, batch: int | None):
     noise = problem.noise(es, noise_seed)
     x = sample(method, model, noise, es["cond"], steps, cfg, batch=batch)
@@ -100,8 +123,10 @@ def reference_job(pp: dict, out: str, seed: int, threads: int = 1) -> dict:
     batch = pp.get("eval_batch")
     ref = _generate("teacher", teacher, problem, es, REF_NOISE_OFFSET + seed, TEACHER_STEPS, cfg, batch)
     paired = _generate("teacher", teacher, problem, es, EVAL_NOISE_OFFSET + seed, TEACHER_STEPS, cfg, batch)
-    torch.save({"ref": _save_samples(ref), "paired": _save_samples(paired)}, _paths(out, pp["name"])["ref"](seed))
     ref_r, paired_r = _reference(problem, ref), _reference(problem, paired)
+    context = {"eval_set": es, "ref": ref_r, "paired": paired_r}
+    torch.save({"ref": _save_samples(ref), "paired": _save_samples(paired), "context": _to_saved(context)},
+               _paths(out, pp["name"])["ref"](seed))
     metrics = {str(TEACHER_STEPS): problem.evaluate(paired, es, ref_r, paired_r)}
     for steps in EVAL_STEPS:
         x = _generate("teacher", teacher, problem, es, EVAL_NOISE_OFFSET + seed, steps, cfg, batch)
@@ -122,8 +147,22 @@ def _reference(problem, x):
     return x
 
 
+def _eval_context(problem, pp: dict, out: str, seed: int) -> tuple[dict, object, object]:
+    """(evaluation set, reference structures of the teacher's reference and paired samples) of a seed, as saved by
+    `reference_job`; rebuilt from the saved samples for work directories written before the context was saved."""
+    saved = torch.load(_paths(out, pp["name"])["ref"](seed), weights_only=False)
+    if "context" in saved:
+        ctx = _from_saved(saved["context"])
+        return ctx["eval_set"], ctx["ref"], ctx["paired"]
+    es = problem.eval_set(pp["eval_per_class"], seed)
+    return (es, _reference(problem, _load_samples(saved["ref"])),
+            _reference(problem, _load_samples(saved["paired"])))
+
+
 def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | None = None, label: str | None = None,
-                eval_steps: tuple[int, ...] = EVAL_STEPS, threads: int = 1) -> dict:
+                eval_steps: tuple[int, ...] = EVAL_STEPS, metrics: tuple[str, ...] | None = None,
+                threads: int = 1) -> dict:
+    """`metrics`: the metric names to compute (None: all of the problem's)."""
     _setup_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
     problem = build_problem(pp)
@@ -133,14 +172,11 @@ def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | No
     student, log = distill(method, teacher, problem.train_batch, hp, seed=stream,
                            log_every=max(1, hp.steps // 20))
     train_wall, train_cpu = time.perf_counter() - t0, time.process_time() - c0
-    es = problem.eval_set(pp["eval_per_class"], seed)
-    saved = torch.load(_paths(out, pp["name"])["ref"](seed), weights_only=False)
-    ref_r = _reference(problem, _load_samples(saved["ref"]))
-    paired_r = _reference(problem, _load_samples(saved["paired"]))
-    metrics = {}
+    es, ref_r, paired_r = _eval_context(problem, pp, out, seed)
+    results = {}
     for steps in eval_steps:
         x = _generate(method, student, problem, es, EVAL_NOISE_OFFSET + seed, steps, hp.cfg, pp.get("eval_batch"))
-        metrics[str(steps)] = problem.evaluate(x, es, ref_r, paired_r)
+        results[str(steps)] = problem.evaluate(x, es, ref_r, paired_r, metrics)
     return {"job": "distill", "problem": pp["name"], "method": method, "label": label or method, "seed": seed,
-            "overrides": dict(overrides or {}), "metrics": metrics, "log": log, "train_wall_s": train_wall,
+            "overrides": dict(overrides or {}), "metrics": results, "log": log, "train_wall_s": train_wall,
             "train_cpu_s": train_cpu, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}

@@ -51,6 +51,17 @@ def config_score(per_seed_metrics: list[dict], metric: str, steps=SELECTION_STEP
     return sum(vals) / len(vals) if all(math.isfinite(v) for v in vals) else float("nan")
 
 
+def wanted_metrics(known, metrics=None) -> set[str]:
+    """The metric names an evaluation computes: all of `known` (a problem's metrics) when `metrics` is None, else
+    `metrics` (validation runs need only the selection metric), which must all be known."""
+    if metrics is None:
+        return set(known)
+    unknown = set(metrics) - set(known)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)} (known: {sorted(known)})")
+    return set(metrics)
+
+
 def select(scores: list[float], lower_is_better: bool) -> int:
     """Index of the best score (non-finite scores rank last; the first of equal scores wins)."""
     sign = 1.0 if lower_is_better else -1.0

@@ -118,11 +118,13 @@ def run_jobs(preset: dict, out: Path, workers: int, log) -> tuple[list[dict], di
                 for seed in pp["val_seeds"] + pp["seeds"]:
                     sched.submit(f"ref/{name}/{seed}", jobs.reference_job, pp, out_s, seed)
             elif kind == "ref" and res["seed"] in pp["val_seeds"]:
-                sel_steps = tuple(int(s) for s in pp["selection"]["steps"])     # evaluated only where scored
+                # evaluated only where scored: the selection metric at the selection's step counts
+                sel_steps = tuple(int(s) for s in pp["selection"]["steps"])
+                sel_metrics = (pp["selection"]["metric"],)
                 for method in STUDENT_METHODS:
                     for i, ov in enumerate(grids[name][method]):
                         sched.submit(f"val/{name}/{method}/{res['seed']}/{i}", jobs.distill_job, pp, out_s, method,
-                                     res["seed"], ov, f"{method}@{i}", sel_steps)
+                                     res["seed"], ov, f"{method}@{i}", sel_steps, sel_metrics)
             elif kind == "ref":
                 seed = res["seed"]
                 test_refs[name].append(seed)

@@ -34,6 +34,7 @@ from mdt.eval.shapes import boundary, grouped_coverage_mmd
 from mdt.sparse import SparseTensor
 
 from .nets import slat_flow, ss_flow
+from .protocol import wanted_metrics
 
 RES = 32
 
@@ -315,26 +316,40 @@ class ShapesProblem(_ShapeBase):
     def decode(self, x: Tensor) -> Tensor:
         return unpack(x)
 
-    def reference(self, x: Tensor) -> dict:
+    def reference(self, x: Tensor, parts=("points", "feats")) -> dict:
+        """Decoded occupancy plus the requested derived structures: surface points (Chamfer) and features (FD)."""
         occ = unpack(x)
-        return {"occ": occ, "points": surface_points(occ), "feats": self.features(occ)}
+        out = {"occ": occ}
+        if "points" in parts:
+            out["points"] = surface_points(occ)
+        if "feats" in parts:
+            out["feats"] = self.features(occ)
+        return out
 
-    def evaluate(self, x: Tensor, es: dict, ref_teacher: dict, paired_teacher: dict | None) -> dict:
-        gen = self.reference(x)
+    def evaluate(self, x: Tensor, es: dict, ref_teacher: dict, paired_teacher: dict | None,
+                 metrics=None) -> dict:
+        """All metrics, or only those named in `metrics` (each computed exactly as in the full evaluation)."""
+        wanted = wanted_metrics(self.metrics_lower_is_better, metrics)
+        gen = self.reference(x, parts=[p for p, prefix in (("points", "mmd_cd_"), ("feats", "fd_"))
+                                       if any(k.startswith(prefix) for k in wanted)])
         labels = es["labels"]
         out = {}
         refs = {"data": {"occ": es["data"], "points": es["data_points"], "feats": es["data_feats"]},
                 "teacher": ref_teacher}
+        classes = [(labels == c).nonzero().squeeze(1).tolist() for c in range(self.num_classes)]
         for name, ref in refs.items():
-            iou_blocks, cd_blocks = [], []
-            for c in range(self.num_classes):
-                m = (labels == c).nonzero().squeeze(1).tolist()
-                iou_blocks.append(1 - iou_matrix(ref["occ"][m], gen["occ"][m]))
-                cd_blocks.append(chamfer_matrix([ref["points"][i] for i in m], [gen["points"][i] for i in m]))
-            out[f"cov_iou_{name}"], out[f"mmd_iou_{name}"] = grouped_coverage_mmd(iou_blocks)
-            out[f"mmd_cd_{name}"] = grouped_coverage_mmd(cd_blocks)[1]
-            out[f"fd_{name}"] = frechet_distance(gen["feats"], ref["feats"])
-        if paired_teacher is not None:
+            if wanted & {f"cov_iou_{name}", f"mmd_iou_{name}"}:
+                iou_blocks = [1 - iou_matrix(ref["occ"][m], gen["occ"][m]) for m in classes]
+                out[f"cov_iou_{name}"], out[f"mmd_iou_{name}"] = grouped_coverage_mmd(iou_blocks)
+            if f"mmd_cd_{name}" in wanted:
+                cd_blocks = [chamfer_matrix([ref["points"][i] for i in m], [gen["points"][i] for i in m])
+                             for m in classes]
+                out[f"mmd_cd_{name}"] = grouped_coverage_mmd(cd_blocks)[1]
+            if f"fd_{name}" in wanted:
+                out[f"fd_{name}"] = frechet_distance(gen["feats"], ref["feats"])
+        if "pair_iou_teacher" not in wanted:
+            pass
+        elif paired_teacher is not None:
             a = gen["occ"].reshape(len(labels), -1).float()
             b = paired_teacher["occ"].reshape(len(labels), -1).float()
             inter = (a * b).sum(1)
@@ -342,7 +357,7 @@ class ShapesProblem(_ShapeBase):
             out["pair_iou_teacher"] = float(torch.where(union > 0, inter / union.clamp(min=1), 1.0).mean())
         else:
             out["pair_iou_teacher"] = 1.0
-        return out
+        return {k: out[k] for k in self.metrics_lower_is_better if k in wanted}
 
 
 # ---- sparse (SLat-like) variant ------------------------------------------------------------------------------
@@ -415,7 +430,10 @@ class SparseShapesProblem(_ShapeBase):
             rows.append(torch.cat([f.mean(0), f.std(0), colour.abs().mean(0)]))
         return torch.stack(rows)
 
-    def evaluate(self, x: SparseTensor, es: dict, ref_teacher: dict, paired_teacher: dict | None) -> dict:
+    def evaluate(self, x: SparseTensor, es: dict, ref_teacher: dict, paired_teacher: dict | None,
+                 metrics=None) -> dict:
+        """All metrics, or only those named in `metrics` (all are cheap here: computed, then selected)."""
+        wanted = wanted_metrics(self.metrics_lower_is_better, metrics)
         data = es["data"]
         geo = [0, 1, 2, 6, 7]
         out = {"mse_geo_data": float((x.feats[:, geo] - data.feats[:, geo]).pow(2).mean()),
@@ -431,4 +449,4 @@ class SparseShapesProblem(_ShapeBase):
             out["mse_teacher"] = float((x.feats - paired_teacher["x"].feats).pow(2).mean())
         else:
             out["mse_teacher"] = 0.0
-        return out
+        return {k: v for k, v in out.items() if k in wanted}
