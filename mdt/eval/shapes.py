@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -86,13 +88,12 @@ def _integer_scale(points: Tensor) -> float | None:
     a grid of up to 1024 cells per side), or None. On such coordinates the float32 squared distances of
     `chamfer_matrix` are integers below 2^24, i.e. exact."""
     bound = float(points.abs().max()) if points.numel() else 0.0
-    for k in range(12):
-        s = float(2 ** k)
-        if bound * s > 1024:
-            return None
-        if torch.equal(points * s, torch.round(points * s)):
-            return s
-    return None
+    if not math.isfinite(bound):
+        return None
+    # the largest admissible s: if x s is not an integer, x s' is not one for any smaller power of two s' either
+    s = 2.0 ** min(11, math.floor(math.log2(1024 / bound))) if bound > 0 else 1.0
+    scaled = points * s
+    return s if torch.equal(scaled, torch.round(scaled)) else None
 
 
 def chamfer_matrix(pa: list[Tensor], pb: list[Tensor]) -> Tensor:
