@@ -4,7 +4,9 @@
 * `reference_job`: for one seed, the evaluation set, the teacher's 25-step CFG reference samples (independent
   noise) and the teacher evaluated at 1, 2, 4 and 25 steps from the evaluation noise (its 25-step samples are the
   paired reference of the students); saves both sample sets and the evaluation context built from them (the
-  evaluation set and the reference structures), which every distillation job of the seed loads.
+  evaluation set and the reference structures), which every distillation job of the seed loads. On validation
+  seeds (`teacher_metrics=False`) only the samples and the context: the teacher's metrics are reported on the test
+  seeds alone.
 * `distill_job`: one method, one seed, one configuration (DistillHP overrides of the preset's `distill`): distil
   from the teacher and evaluate at 1, 2 and 4 steps (validation runs: only the selection metric at the
   selection's step counts).
@@ -113,7 +115,7 @@ def teacher_job(pp: dict, out: str, threads: int = 1) -> dict:
             "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
-def reference_job(pp: dict, out: str, seed: int, threads: int = 1) -> dict:
+def reference_job(pp: dict, out: str, seed: int, teacher_metrics: bool = True, threads: int = 1) -> dict:
     _setup_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
     problem = build_problem(pp)
@@ -127,16 +129,17 @@ def reference_job(pp: dict, out: str, seed: int, threads: int = 1) -> dict:
     context = {"eval_set": es, "ref": ref_r, "paired": paired_r}
     torch.save({"ref": _save_samples(ref), "paired": _save_samples(paired), "context": _to_saved(context)},
                _paths(out, pp["name"])["ref"](seed))
-    metrics = {str(TEACHER_STEPS): problem.evaluate(paired, es, ref_r, paired_r)}
-    for steps in EVAL_STEPS:
-        x = _generate("teacher", teacher, problem, es, EVAL_NOISE_OFFSET + seed, steps, cfg, batch)
-        metrics[str(steps)] = problem.evaluate(x, es, ref_r, paired_r)
-    # finite-sample floor: held-out data against a second, independent held-out set
-    # (not for the sparse variant, whose samples live on the evaluation set's own coordinates)
-    data_floor = None
-    if hasattr(problem, "data_as_sample"):
-        floor = problem.eval_set(pp["eval_per_class"], seed + 500)
-        data_floor = problem.evaluate(problem.data_as_sample(floor), es, ref_r, None)
+    metrics, data_floor = {}, None
+    if teacher_metrics:
+        metrics[str(TEACHER_STEPS)] = problem.evaluate(paired, es, ref_r, paired_r)
+        for steps in EVAL_STEPS:
+            x = _generate("teacher", teacher, problem, es, EVAL_NOISE_OFFSET + seed, steps, cfg, batch)
+            metrics[str(steps)] = problem.evaluate(x, es, ref_r, paired_r)
+        # finite-sample floor: held-out data against a second, independent held-out set
+        # (not for the sparse variant, whose samples live on the evaluation set's own coordinates)
+        if hasattr(problem, "data_as_sample"):
+            floor = problem.eval_set(pp["eval_per_class"], seed + 500)
+            data_floor = problem.evaluate(problem.data_as_sample(floor), es, ref_r, None)
     return {"job": "reference", "problem": pp["name"], "method": "teacher", "seed": seed, "metrics": metrics,
             "data_floor": data_floor, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 

@@ -123,12 +123,9 @@ class MixtureProblem:
                     out[f"fd_{ref_name}"] += frechet_distance(self.features(gx), self.features(ref[m])) / k
         if "nll" in wanted:
             out["nll"] = float(-self.log_prob(x, labels).mean())
-        if "pair_l2_teacher" not in wanted:
-            pass
-        elif paired_teacher is not None:
-            out["pair_l2_teacher"] = float((x.double() - paired_teacher.double()).norm(dim=1).mean())
-        else:
-            out["pair_l2_teacher"] = 0.0
+        if "pair_l2_teacher" in wanted:
+            out["pair_l2_teacher"] = (0.0 if paired_teacher is None else
+                                      float((x.double() - paired_teacher.double()).norm(dim=1).mean()))
         return out
 
     def nonfinite_guard(self, x: Tensor) -> Tensor:

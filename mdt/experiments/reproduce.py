@@ -115,8 +115,8 @@ def run_jobs(preset: dict, out: Path, workers: int, log) -> tuple[list[dict], di
             pp = problems[name]
             log(f"  [{time.strftime('%H:%M:%S')}] done {key} ({res['wall_s']:.1f}s wall, {res['cpu_s']:.1f}s cpu)")
             if kind == "teacher":
-                for seed in pp["val_seeds"] + pp["seeds"]:
-                    sched.submit(f"ref/{name}/{seed}", jobs.reference_job, pp, out_s, seed)
+                for seed in pp["val_seeds"] + pp["seeds"]:      # the teacher's metrics: test seeds only
+                    sched.submit(f"ref/{name}/{seed}", jobs.reference_job, pp, out_s, seed, seed in pp["seeds"])
             elif kind == "ref" and res["seed"] in pp["val_seeds"]:
                 # evaluated only where scored: the selection metric at the selection's step counts
                 sel_steps = tuple(int(s) for s in pp["selection"]["steps"])

@@ -347,15 +347,13 @@ class ShapesProblem(_ShapeBase):
                 out[f"mmd_cd_{name}"] = grouped_coverage_mmd(cd_blocks)[1]
             if f"fd_{name}" in wanted:
                 out[f"fd_{name}"] = frechet_distance(gen["feats"], ref["feats"])
-        if "pair_iou_teacher" not in wanted:
-            pass
-        elif paired_teacher is not None:
+        if "pair_iou_teacher" in wanted and paired_teacher is not None:
             a = gen["occ"].reshape(len(labels), -1).float()
             b = paired_teacher["occ"].reshape(len(labels), -1).float()
             inter = (a * b).sum(1)
             union = a.sum(1) + b.sum(1) - inter
             out["pair_iou_teacher"] = float(torch.where(union > 0, inter / union.clamp(min=1), 1.0).mean())
-        else:
+        elif "pair_iou_teacher" in wanted:
             out["pair_iou_teacher"] = 1.0
         return {k: out[k] for k in self.metrics_lower_is_better if k in wanted}
 
