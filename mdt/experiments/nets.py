@@ -5,6 +5,11 @@
 * `ClassTokenFlow`: wraps a TRELLIS flow (`SparseStructureFlowModel` or `SLatFlowModel` from mdt.models) with a
   learned class-embedding table [K, T, Cc]: cond is a one-hot [B, K] and the flow receives tokens = onehot @ table
   [B, T, Cc]. The zero one-hot therefore gives exactly the zero token tensor, TRELLIS's negative condition.
+  Optional `skip_channels` (dense flows): v = net(x, t, tokens) + a(t) x with a learned per-channel a(t)
+  (zero at initialisation). A patch-p flow reads and writes each token's Cin p^3 values through model_channels
+  features, so without a path from x_t to the output the velocity lies in a model_channels-dimensional subspace
+  per token and the noise outside it is never removed by the sampler (with p = 4, 64 channels: 448 of 512
+  dimensions per token keep their initial noise); a(t) x lets the flow shrink it to the data's scale.
 """
 from __future__ import annotations
 
@@ -54,28 +59,39 @@ class MixtureVelocityNet(nn.Module):
 class ClassTokenFlow(nn.Module):
     """A TRELLIS flow conditioned on class tokens: forward(x, t, onehot [B, K]) = net(x, t, onehot @ table)."""
 
-    def __init__(self, net: nn.Module, num_classes: int, num_tokens: int, cond_channels: int, seed: int = 0):
+    def __init__(self, net: nn.Module, num_classes: int, num_tokens: int, cond_channels: int, seed: int = 0,
+                 skip_channels: int = 0):
         super().__init__()
         self.net = net
         g = torch.Generator().manual_seed(seed)
         self.class_tokens = nn.Parameter(torch.randn(num_classes, num_tokens, cond_channels, generator=g))
+        self.skip = None
+        if skip_channels:
+            self.skip = nn.Sequential(TimestepEmbedder(32), nn.SiLU(), nn.Linear(32, skip_channels))
+            nn.init.zeros_(self.skip[-1].weight)
+            nn.init.zeros_(self.skip[-1].bias)
 
     def tokens(self, cond: Tensor) -> Tensor:
         return torch.einsum("bk,ktc->btc", cond.to(self.class_tokens.dtype), self.class_tokens)
 
     def forward(self, x, t: Tensor, cond: Tensor):
-        return self.net(x, t, self.tokens(cond))
+        v = self.net(x, t, self.tokens(cond))
+        if self.skip is None:
+            return v
+        a = self.skip(t).to(v.dtype)
+        return v + a.reshape(*a.shape, *([1] * (x.dim() - 2))) * x
 
 
 def ss_flow(num_classes: int, model_channels: int = 64, num_blocks: int = 2, num_heads: int = 4,
-            patch_size: int = 4, cond_channels: int = 32, num_tokens: int = 4, seed: int = 0) -> ClassTokenFlow:
-    """A tiny dense SS flow (16^3 x 8 latents) with class tokens."""
+            patch_size: int = 4, cond_channels: int = 32, num_tokens: int = 4, noise_skip: bool = False,
+            seed: int = 0) -> ClassTokenFlow:
+    """A tiny dense SS flow (16^3 x 8 latents) with class tokens (noise_skip: the a(t) x path, ClassTokenFlow)."""
     torch.manual_seed(seed)
     net = SparseStructureFlowModel(resolution=16, in_channels=8, out_channels=8, model_channels=model_channels,
                                    cond_channels=cond_channels, num_blocks=num_blocks, num_heads=num_heads,
                                    mlp_ratio=4, patch_size=patch_size, pe_mode="ape", qk_rms_norm=True,
                                    use_fp16=False)
-    return ClassTokenFlow(net, num_classes, num_tokens, cond_channels, seed)
+    return ClassTokenFlow(net, num_classes, num_tokens, cond_channels, seed, skip_channels=8 if noise_skip else 0)
 
 
 def slat_flow(num_classes: int, resolution: int = 32, in_channels: int = 8, model_channels: int = 64,

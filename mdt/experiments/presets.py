@@ -46,8 +46,12 @@ MIXTURE = {
 SHAPES = {
     "name": "shapes", "kind": "shapes",
     "spec": {"num_classes": 24},
+    # noise_skip: with patch 4 each token's 512 latent values pass through 64 channels, and without the a(t) x_t
+    # path (nets.ClassTokenFlow) 448 of them keep their initial noise through sampling: the 25-step teacher then
+    # covered 0.14 of the held-out data (floor 0.59), with it 0.43 (FD 5.2 -> 0.36) at the same cost per update
+    # (patch 2 would cost 8.7x, 128 channels 2x); 1900 teacher steps reach 0.47 but cost ~440 s of one core
     "model": {"model_channels": 64, "num_blocks": 2, "num_heads": 4, "patch_size": 4, "cond_channels": 32,
-              "num_tokens": 4},
+              "num_tokens": 4, "noise_skip": True},
     "teacher": {"steps": 1500, "batch_size": 32, "lr": 1e-3, "warmup": 100, "ema": 0.99, "t_mean": 0.0},
     "distill": {"steps": 200, "batch_size": 16, "lr": 1e-4, "warmup": 10, "cfg": 2.0, "delta": 0.02,
                 "pcm_phases": 2, "t_mean": 0.0, "jvp": "fd", "d_norm": True, "scm_adaptive": True},
