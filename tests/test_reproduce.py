@@ -209,7 +209,7 @@ def test_protocol_grid_rules():
 
 
 def test_small_preset_as_shipped_is_a_valid_fair_protocol():
-    """The documented `--preset small` command's configuration: 3 test seeds per real problem, validation seeds
+    """The documented `--preset small` command's configuration: 3 test seeds per problem, validation seeds
     disjoint from them, lr x key knob = 4 configurations for every method, every configuration a valid DistillHP and
     every problem buildable."""
     from mdt.experiments.jobs import build_problem
@@ -223,8 +223,7 @@ def test_small_preset_as_shipped_is_a_valid_fair_protocol():
         grid = grid_configs(pp)
         assert all(len(c) == 4 for c in grid.values()), pp["name"]
         assert all(len({c["lr"] for c in cs}) == 2 for cs in grid.values())
-        if pp["name"] != "shapes_sparse":
-            assert len(pp["seeds"]) == 3
+        assert len(pp["seeds"]) == 3
         TeacherHP(**pp["teacher"])
         for cs in grid.values():
             for c in cs:

@@ -196,7 +196,8 @@ def aggregate(done: list[dict], preset: dict) -> tuple[dict, dict]:
         fl = [r["data_floor"] for r in done if r.get("problem") == name and r["job"] == "reference"
               and r["seed"] in pp["seeds"] and r.get("data_floor")]
         if fl:
-            floors[name] = {k: _mean_std([f[k] for f in fl]) for k in fl[0] if k.endswith("_data")}
+            # every metric of the held-out sample except those against the teacher (not scored for a floor)
+            floors[name] = {k: _mean_std([f[k] for f in fl]) for k in fl[0] if not k.endswith("_teacher")}
     return results, floors
 
 
