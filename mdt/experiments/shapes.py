@@ -14,10 +14,18 @@ COV / MMD with the 1 - IoU distance, MMD with the Chamfer distance of surface po
 fixed random 3-D conv net (mdt.eval.OccupancyFeatureNet) and the paired IoU with the teacher's 25-step sample
 from the same noise.
 
-Sparse (SLat-like) variant: coordinates = boundary voxels of the 32^3 occupancy, 8 feature channels per voxel:
-outward normal (3), part colour (3; a per-class palette of each primitive, multiplied by a per-shape random sign,
-so the feature distribution is bimodal and needs global coherence), height z and distance from the centre.
-The flow (`SLatFlowModel`) generates the features on given coordinates (stage 2 given stage 1).
+Sparse (SLat-like) variant: coordinates = boundary voxels of the occupancy at the problem's resolution (the
+flow's `resolution`, 32 by default; the benchmark presets use 16^3 and the first 8 classes to afford a trained
+teacher), 8 feature channels per voxel: outward normal (3), part colour (3; a per-class palette of each primitive,
+multiplied by a per-shape random sign, so the feature distribution is bimodal and needs global coherence), height z
+and distance from the centre. The flow (`SLatFlowModel`) generates the features on given coordinates (stage 2
+given stage 1). Metrics: `mse_teacher` (per-voxel MSE to the teacher's 25-step sample from the same noise on the
+same coordinates), `mse_geo_data` (per-voxel MSE of the geometric channels to the evaluation shapes' own features:
+normal, height, radius are functions of the coordinates, so its floor is 0 by construction), `fd_stats_data`
+(Frechet distance of per-shape feature statistics to the evaluation shapes') and `colour_coherence` (1 = every
+shape's colours carry one sign). The held-out floor (`data_as_sample`) is a second draw of shapes, which lies on
+its own coordinates: it is scored on the coordinate-free metrics only (fd_stats_data: a finite-sample floor;
+colour_coherence: 1 by construction).
 """
 from __future__ import annotations
 
