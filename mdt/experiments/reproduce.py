@@ -9,9 +9,9 @@ the hyper-parameter ablations; docs/reproduction.md has the results of the small
 Problems (see mixture.py / shapes.py): `mixture` (8-D, 10-class Gaussian mixture, residual MLP), `shapes`
 (24 procedural shape classes, 32^3 occupancy packed into 16^3 x 8 SS-like latents, tiny SparseStructureFlowModel
 with class tokens), `shapes_sparse` (SLat-like per-voxel features on the boundary voxels of 8 of the shape
-classes at 16^3, tiny SLatFlowModel; its held-out floor covers the coordinate-free metrics only). For each: a flow-matching teacher (sampled with 25
-Euler steps + CFG), then with equal budgets the students `cm`, `pcm`, `scm`, `vm` (MDT VM only), `mdt` (VM + VD),
-and `teacher` (no distillation) at few steps; evaluation at 1, 2, 4 steps (teacher also 25) against the teacher's
+classes at 16^3, tiny SLatFlowModel; its held-out floor covers the coordinate-free metrics only). For each: a
+flow-matching teacher (sampled with 25 Euler steps + CFG), then with equal budgets the students `cm`, `pcm`,
+`scm`, `vm` (MDT VM only), `mdt` (VM + VD), and `teacher` (no distillation) at few steps; evaluation at 1, 2, 4 steps (teacher also 25) against the teacher's
 25-step samples and against held-out data, over the preset's seeds (one teacher per problem; a seed changes the
 distillation data/noise stream, the evaluation noise and the held-out set).
 
