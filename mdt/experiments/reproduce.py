@@ -11,9 +11,10 @@ Problems (see mixture.py / shapes.py): `mixture` (8-D, 10-class Gaussian mixture
 with class tokens), `shapes_sparse` (SLat-like per-voxel features on the boundary voxels of 8 of the shape
 classes at 16^3, tiny SLatFlowModel; its held-out floor covers the coordinate-free metrics only). For each: a
 flow-matching teacher (sampled with 25 Euler steps + CFG), then with equal budgets the students `cm`, `pcm`,
-`scm`, `vm` (MDT VM only), `mdt` (VM + VD), and `teacher` (no distillation) at few steps; evaluation at 1, 2, 4 steps (teacher also 25) against the teacher's
-25-step samples and against held-out data, over the preset's seeds (one teacher per problem; a seed changes the
-distillation data/noise stream, the evaluation noise and the held-out set).
+`scm`, `vm` (MDT VM only), `mdt` (VM + VD), and `teacher` (no distillation) at few steps; evaluation at 1, 2, 4
+steps (teacher also 25) against the teacher's 25-step samples and against held-out data, over the preset's seeds
+(one teacher per problem; a seed changes the distillation data/noise stream, the evaluation noise and the held-out
+set).
 
 Outputs in DIR:
 * results.json: {problem: {method: {steps: {metric: {"mean", "std"}}}}} for the problems, plus the reserved
