@@ -26,8 +26,8 @@ Hyper-parameters (why they differ from MDT-dist's TRELLIS-scale defaults w_vm 40
   patch and the teacher's samples stay noise-like), 32 channels, 600 teacher updates of 8 shapes at lr 2e-3;
   students 30 updates of 4 (lr grid 1e-3, 2e-4: at 1e-4 the 30 updates leave every student at the teacher),
   4 evaluation shapes per class; primary `mse_teacher` (per-voxel distance to the teacher's 25-step sample from
-  the same noise on the same coordinates: the map distillation aims at; at 1 step its ordering of the methods
-  agrees with the distribution metrics fd_stats_data and colour_coherence).
+  the same noise on the same coordinates: the map distillation aims at; in the small run, at 1 step, it ranks
+  the same two methods best as the distribution metrics fd_stats_data and colour_coherence do).
 
 Fair protocol (mdt.experiments.protocol): `grid` declares per method lr x the method's key knob, the same number of
 configurations for every method (CM: EMA target rate; PCM: phase count; sCM: tangent warm-up steps; VM: d_norm;
