@@ -24,7 +24,7 @@ Hyper-parameters (why they differ from MDT-dist's TRELLIS-scale defaults w_vm 40
   first 8 classes at 16^3 (boundary voxels ~150 per shape instead of ~800 at 32^3), a SLatFlowModel with
   TRELLIS's 2 io res blocks (with 1, a voxel's own noisy input reaches the output only averaged over its 2^3
   patch and the teacher's samples stay noise-like), 32 channels, 600 teacher updates of 8 shapes at lr 2e-3;
-  students 30 updates of 4 (lr grid 1e-3, 2e-4: at 1e-4 the 30 updates leave every student at the teacher),
+  students 30 updates of 4 (lr grid 1e-3, 2e-4: at 1e-4 the 30 updates leave every student near the teacher),
   4 evaluation shapes per class; primary `mse_teacher` (per-voxel distance to the teacher's 25-step sample from
   the same noise on the same coordinates: the map distillation aims at; in the small run, at 1 step, it ranks
   the same two methods best as the distribution metrics fd_stats_data and colour_coherence do).
