@@ -57,6 +57,31 @@ def test_shape_metrics():
     assert feats.shape == (6, 2 * (8 + 16 + 32)) and torch.isfinite(feats).all()
 
 
+def test_sparse_metrics_and_held_out_floor():
+    """The sparse problem at its own resolution: the data scored as a sample has no geometric error and colour
+    coherence 1 (one colour sign per shape by construction); flipping the colour of half of each shape's voxels
+    gives coherence 0; a held-out draw (other coordinates) is scored on the coordinate-free metrics only."""
+    from mdt.experiments.shapes import SparseShapesProblem
+
+    problem = SparseShapesProblem(ShapeSpec(num_classes=3), {"resolution": 16})
+    es = problem.eval_set(2, seed=0)
+    data = es["data"]
+    assert int(data.coords[:, 1:].max()) < 16 and problem.build_model(0).net.resolution == 16
+    own = problem.evaluate(data, es, None, None)
+    assert own["mse_geo_data"] == 0.0 and own["colour_coherence"] == 1.0
+    assert own["fd_stats_data"] == pytest.approx(0.0, abs=1e-6)
+    feats = data.feats.clone()
+    for sl in data.layout:
+        n = sl.stop - sl.start
+        feats[sl.start: sl.start + n // 2, 3:6] *= -1
+    coh = problem.evaluate(data.replace(feats), es, None, None)["colour_coherence"]
+    # per shape |(n - 2 floor(n / 2)) / n| <= 1 / n (0 for an even count)
+    assert coh <= max(1 / (sl.stop - sl.start) for sl in data.layout) + 1e-9
+    floor = problem.evaluate(problem.data_as_sample(problem.eval_set(2, seed=500)), es, None, None)
+    assert set(floor) == {"fd_stats_data", "colour_coherence"}
+    assert floor["colour_coherence"] == 1.0 and 0 < floor["fd_stats_data"] < math.inf
+
+
 def test_packing_is_exact_and_ss_shaped():
     assert len(CLASS_NAMES) == 24
     occ, part = make_shapes(torch.arange(24), seed=3, spec=ShapeSpec())
@@ -209,7 +234,7 @@ def test_protocol_grid_rules():
 
 
 def test_small_preset_as_shipped_is_a_valid_fair_protocol():
-    """The documented `--preset small` command's configuration: 3 test seeds per real problem, validation seeds
+    """The documented `--preset small` command's configuration: 3 test seeds per problem, validation seeds
     disjoint from them, lr x key knob = 4 configurations for every method, every configuration a valid DistillHP and
     every problem buildable."""
     from mdt.experiments.jobs import build_problem
@@ -223,8 +248,7 @@ def test_small_preset_as_shipped_is_a_valid_fair_protocol():
         grid = grid_configs(pp)
         assert all(len(c) == 4 for c in grid.values()), pp["name"]
         assert all(len({c["lr"] for c in cs}) == 2 for cs in grid.values())
-        if pp["name"] != "shapes_sparse":
-            assert len(pp["seeds"]) == 3
+        assert len(pp["seeds"]) == 3
         TeacherHP(**pp["teacher"])
         for cs in grid.values():
             for c in cs:

@@ -96,11 +96,15 @@ def ss_flow(num_classes: int, model_channels: int = 64, num_blocks: int = 2, num
 
 def slat_flow(num_classes: int, resolution: int = 32, in_channels: int = 8, model_channels: int = 64,
               num_blocks: int = 1, num_heads: int = 4, io_channels: int = 16, cond_channels: int = 32,
-              num_tokens: int = 4, seed: int = 0) -> ClassTokenFlow:
-    """A tiny sparse SLat flow (per-voxel features on occupied coordinates) with class tokens."""
+              num_tokens: int = 4, num_io_res_blocks: int = 1, seed: int = 0) -> ClassTokenFlow:
+    """A tiny sparse SLat flow (per-voxel features on occupied coordinates) with class tokens.
+
+    With num_io_res_blocks = 1 every voxel's input reaches the output only averaged over its 2^3 patch (the single
+    io block downsamples before its skip is taken); 2 (TRELLIS's value) adds a full-resolution block whose skip
+    carries each voxel's own noisy features to the output, which the per-voxel velocity needs."""
     torch.manual_seed(seed)
     net = SLatFlowModel(resolution=resolution, in_channels=in_channels, out_channels=in_channels,
                         model_channels=model_channels, cond_channels=cond_channels, num_blocks=num_blocks,
-                        num_heads=num_heads, mlp_ratio=4, patch_size=2, num_io_res_blocks=1,
+                        num_heads=num_heads, mlp_ratio=4, patch_size=2, num_io_res_blocks=num_io_res_blocks,
                         io_block_channels=[io_channels], pe_mode="ape", qk_rms_norm=True, use_fp16=False)
     return ClassTokenFlow(net, num_classes, num_tokens, cond_channels, seed)
