@@ -179,25 +179,40 @@ class WarmWorker:
 
     ``run(job_path, timeout_s)`` returns the child's exit code (negative: killed by that signal), or None when
     the child ran past the timeout (its process group is then SIGKILLed; the warm worker itself lives on).
-    Raises ``WarmWorkerError`` when the warm worker is gone; the caller starts a new one."""
+    Every wait on the warm worker is bounded: one that does not start within ``STARTUP_TIMEOUT_S``, does not
+    answer a job within ``REPLY_TIMEOUT_S`` or has exited raises ``WarmWorkerError`` after being killed; the
+    caller renders with a fresh process instead and starts a new warm worker for the next asset."""
+
+    STARTUP_TIMEOUT_S = 180.0  # importing bpy takes 2-10 s
+    REPLY_TIMEOUT_S = 60.0     # a fork and a line on a pipe
 
     def __init__(self, env: dict | None = None):
         self.dir = tempfile.mkdtemp(prefix="mdt-warm-worker-")
+        self.pid: int | None = None
         env = {**(env or os.environ), "TMPDIR": self.dir, "PYTHONNOUSERSITE": "1"}
         self.log = open(os.path.join(self.dir, "serve.log"), "wb")
+        # its own session: the launcher and the warm worker it forks share one process group, killable as one
         launcher = subprocess.Popen([sys.executable, str(WORKER), "--serve"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True,
                                     cwd=self.dir)
         self.stdin, self.stdout = launcher.stdin, launcher.stdout
         self._buf = b""
         try:
-            ready = self._line(600.0).split()
-        except WarmWorkerError:
-            launcher.kill()
+            line = self._line(self.STARTUP_TIMEOUT_S)
+            if line is None:
+                raise WarmWorkerError(f"warm Blender worker did not start within {self.STARTUP_TIMEOUT_S:g} s: "
+                                      + _tail(Path(self.dir, "serve.log"), 500))
+            ready = line.split()
+            self.pid, self.startup_s = int(ready[1]), float(ready[2])
+            try:
+                launcher.wait(timeout=self.REPLY_TIMEOUT_S)  # it forks the warm worker off and exits
+            except subprocess.TimeoutExpired:
+                raise WarmWorkerError("warm Blender worker's launcher did not exit") from None
+        except BaseException:
+            _kill_pgid(launcher.pid)
+            _kill_group(launcher)
+            self.close()
             raise
-        finally:
-            launcher.wait()  # it forks the warm worker off and exits
-        self.pid, self.startup_s = int(ready[1]), float(ready[2])
 
     def _line(self, timeout_s: float | None) -> str | None:
         import select
@@ -215,6 +230,13 @@ class WarmWorker:
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode()
 
+    def _reply(self, word: str) -> int:
+        """The next ``<word> <int>`` line, within REPLY_TIMEOUT_S; otherwise the warm worker is stuck."""
+        line = self._line(self.REPLY_TIMEOUT_S)
+        if line is None or not line.startswith(word + " "):
+            raise WarmWorkerError(f"warm Blender worker stuck (expected {word!r}, got {line!r})")
+        return int(line.split()[1])
+
     def run(self, job_path: str, timeout_s: float) -> int | None:
         t0 = time.time()
         try:
@@ -222,7 +244,7 @@ class WarmWorker:
             self.stdin.flush()
         except (BrokenPipeError, OSError) as e:
             raise WarmWorkerError(f"warm Blender worker gone: {e}") from None
-        pid = int(self._line(60.0).split()[1])
+        pid = self._reply("pid")
         try:
             line = self._line(max(0.0, timeout_s - (time.time() - t0)))
         except BaseException:
@@ -230,7 +252,7 @@ class WarmWorker:
             raise
         if line is None:
             _kill_pgid(pid)
-            self._line(60.0)  # the warm worker reaps the child and reports its status
+            self._reply("status")  # the warm worker reaps the child and reports its status
             return None
         return int(line.split()[1])
 
@@ -240,10 +262,11 @@ class WarmWorker:
                 f.close()
             except OSError:
                 pass
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, AttributeError):
-            pass
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -395,10 +418,13 @@ class Render:
             if warm is None:
                 warm = WarmWorker()
             res = render_file(*args, warm=warm, **kwargs)
-        except WarmWorkerError:  # it died (killed from outside): next asset gets a new one; this one fails
+        except WarmWorkerError as e:
+            # the warm worker failed to start, got stuck or was killed from outside: not this asset's doing.
+            # Render it in a fresh process (same wall, caps and timeout); the next asset gets a new warm worker.
             if warm is not None:
                 warm.close()
-            raise
+            print(f"render: {e}; rendering this asset in a fresh process", file=sys.stderr, flush=True)
+            return render_file(*args, **kwargs)
         with self._lock:
             self._idle.append(warm)
         return res

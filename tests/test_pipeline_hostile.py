@@ -12,13 +12,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from _pipeline_helpers import (GOOD_GLBS, PROJECT_ROOT, S3_ENV, files_containing, make_hostile_assets)
+from _pipeline_helpers import (GOOD_GLBS, PROJECT_ROOT, S3_ENV, files_containing, make_hostile_assets,
+                               stop_process_group)
 from conftest import shared_path
 from pipelines.ledger import Ledger
 from pipelines.shards import load_table
@@ -26,7 +28,10 @@ from pipelines.shards import load_table
 pytestmark = pytest.mark.ray
 
 
-def run_preset(preset: str, assets: Path, out: Path, trace: Path | None = None) -> subprocess.CompletedProcess:
+def run_preset(preset: str, assets: Path, out: Path, trace: Path | None = None,
+               timeout_s: float = 420) -> subprocess.CompletedProcess:
+    """Run the job with a preset as shipped; past ``timeout_s`` (below the test's own timeout) the test fails
+    with what the stalled job was doing."""
     env = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [sys.executable, str(PROJECT_ROOT / "jobs" / "preprocess.py"), "--preset", preset,
@@ -34,7 +39,53 @@ def run_preset(preset: str, assets: Path, out: Path, trace: Path | None = None) 
     if trace is not None:  # every open of every process of the job (Ray, stages, Blender workers)
         cmd = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=open,openat,openat2", "-e", "status=successful",
                "-o", str(trace), *cmd]
-    return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        report, pids = stall_report(proc, out, trace)
+        stop_process_group(proc, 10)
+        for pid in pids:  # Ray's workers run in process groups of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the {preset} preset ran past {timeout_s:g} s (normally under 100 s)\n{report}\n"
+                    f"--- job stdout ---\n{stdout[-3000:]}\n--- job stderr ---\n{stderr[-4000:]}", pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def stall_report(proc: subprocess.Popen, out: Path, trace: Path | None) -> tuple[str, list[int]]:
+    """What a stalled job was doing: its process tree (state, kernel wait channel, age), the ledger's last
+    record per asset, and the last syscalls strace saw; and the pids of that tree."""
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,pgid,etimes,stat,wchan:24,args", "--forest"],
+                        capture_output=True, text=True).stdout.splitlines()
+    ours, lines = {proc.pid}, ["--- process tree (+ warm Blender workers, which detach) ---", ps[0]]
+    for ln in ps[1:]:  # --forest lists parents before children
+        pid, ppid = (int(x) for x in ln.split()[:2])
+        if pid in ours or ppid in ours:
+            ours.add(pid)
+            lines.append(ln[:240])
+        elif "blender_worker" in ln:
+            lines.append(ln[:240])
+    try:
+        lines += ["--- ledger: last record per asset ---",
+                  *[f"{k}: {v}" for k, v in sorted(last_records(out).items())]]
+    except Exception as e:  # noqa: BLE001 - a report, whatever state the output is in
+        lines.append(f"(no ledger: {e})")
+    if trace is not None and trace.exists():
+        lines += ["--- last syscalls ---", *trace.read_text(errors="replace").splitlines()[-40:]]
+    return "\n".join(lines), sorted(ours - {proc.pid})
+
+
+def last_records(out: Path) -> dict[str, tuple[str, str, str]]:
+    (chash,) = [p.name for p in (out / "ledger").iterdir()]
+    res = {}
+    for r in sorted(Ledger(str(out), chash).records(), key=lambda r: r["time"]):
+        res[r["file_identifier"]] = (r["stage"], r["status"], r["reason"] or "")
+    return res
 
 
 def outcomes(out: Path) -> dict[str, tuple[str, str, str]]:
@@ -109,7 +160,7 @@ def test_hostile_inputs_demo_preset(hostile, tmp_path):
 def test_hostile_inputs_ci_preset(hostile, tmp_path):
     root, assets, marker, expected = hostile
     out = tmp_path / "out"
-    r = run_preset("ci", assets, out)
+    r = run_preset("ci", assets, out, timeout_s=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = check_outcomes(out, expected, {n: "stand_in" for n in ("nan_vertex.ply", "inf_vertex.obj",
                                                                   "out_of_range.obj", "zero_area.obj",

@@ -287,6 +287,52 @@ def test_hanging_render_is_killed_while_others_complete(monkeypatch, tmp_path):
     assert not _my_workers(), "a Blender worker was left running"
 
 
+STUCK_WARM_WORKER = """
+import os, sys, time
+sys.path.insert(0, {pipelines!r})
+import blender_worker
+
+if sys.argv[1:] == ["--serve"]:
+    if {mode!r} == "never_ready":
+        time.sleep(3600)
+    if os.fork():
+        os._exit(0)
+    print(f"ready {{os.getpid()}} 0.0", flush=True)
+    time.sleep(3600)  # never reads a job, never answers
+blender_worker.run_cli(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("mode", ["never_ready", "no_reply"])
+def test_stuck_warm_worker_is_killed_and_the_asset_renders_in_a_fresh_process(monkeypatch, tmp_path, mode):
+    import os
+    import time
+
+    import pipelines.render
+
+    # the real worker for assets; as a warm worker it either never gets ready or never answers a job
+    script = tmp_path / f"stuck_{mode}_worker.py"
+    script.write_text(STUCK_WARM_WORKER.format(pipelines=str(pipelines.render.WORKER.parent), mode=mode))
+    monkeypatch.setattr(pipelines.render, "WORKER", script)
+    monkeypatch.setattr(pipelines.render.WarmWorker, "STARTUP_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(pipelines.render.WarmWorker, "REPLY_TIMEOUT_S", 3.0)
+    stage = tiny_stage(timeout_s=60)
+    t0 = time.time()
+    out = stage(asset_row(synthetic_mesh_glb(0), "glb", "a.glb"))
+    assert out["error"] is None, out["error"]
+    assert time.time() - t0 < 60
+    time.sleep(1)
+    left = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if script.name.encode() in open(f"/proc/{d}/cmdline", "rb").read():
+                left.append(int(d))
+        except OSError:
+            pass
+    assert not left, "the stuck warm worker was left running"
+    stage.close()
+
+
 def _my_workers() -> list[int]:
     """Blender workers that are children of this test process (other sessions' workers are not ours)."""
     import os
