@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -47,6 +48,7 @@ import numpy as np
 from pipelines.asset_refs import ExternalReferenceError, check_tree
 from pipelines.mesh_check import MeshError, check_geometry
 
+log = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("blender_worker.py")
 SUPPORTED_FORMATS = ("glb", "gltf", "obj", "ply", "fbx", "stl", "blend", "usd", "usda", "usdc", "usdz", "abc")
 COND_R_MIN = (math.sqrt(3) / 2) / math.sin(math.radians(35))
@@ -209,8 +211,7 @@ class WarmWorker:
             except subprocess.TimeoutExpired:
                 raise WarmWorkerError("warm Blender worker's launcher did not exit") from None
         except BaseException:
-            _kill_pgid(launcher.pid)
-            _kill_group(launcher)
+            _kill_group(launcher)  # the launcher's process group holds the warm worker it forked, if any
             self.close()
             raise
 
@@ -423,7 +424,7 @@ class Render:
             # Render it in a fresh process (same wall, caps and timeout); the next asset gets a new warm worker.
             if warm is not None:
                 warm.close()
-            print(f"render: {e}; rendering this asset in a fresh process", file=sys.stderr, flush=True)
+            log.warning("render: %s; rendering this asset in a fresh process", e)
             return render_file(*args, **kwargs)
         with self._lock:
             self._idle.append(warm)

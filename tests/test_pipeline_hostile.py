@@ -80,19 +80,20 @@ def stall_report(proc: subprocess.Popen, out: Path, trace: Path | None) -> tuple
     return "\n".join(lines), sorted(ours - {proc.pid})
 
 
-def last_records(out: Path) -> dict[str, tuple[str, str, str]]:
+def ledger_records(out: Path) -> list[dict]:
+    """The run's ledger records, oldest first."""
     (chash,) = [p.name for p in (out / "ledger").iterdir()]
-    res = {}
-    for r in sorted(Ledger(str(out), chash).records(), key=lambda r: r["time"]):
-        res[r["file_identifier"]] = (r["stage"], r["status"], r["reason"] or "")
-    return res
+    return sorted(Ledger(str(out), chash).records(), key=lambda r: r["time"])
+
+
+def last_records(out: Path) -> dict[str, tuple[str, str, str]]:
+    return {r["file_identifier"]: (r["stage"], r["status"], r["reason"] or "") for r in ledger_records(out)}
 
 
 def outcomes(out: Path) -> dict[str, tuple[str, str, str]]:
     """file_identifier -> (status, stage, reason) of its last ledger record that is not a stage's `done`."""
-    (chash,) = [p.name for p in (out / "ledger").iterdir()]
     res = {}
-    for r in sorted(Ledger(str(out), chash).records(), key=lambda r: r["time"]):
+    for r in ledger_records(out):
         if r["status"] != "done" or r["stage"] == "write":
             res[r["file_identifier"]] = (r["status"], r["stage"], r["reason"] or "")
     return res

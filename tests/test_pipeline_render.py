@@ -305,7 +305,6 @@ blender_worker.run_cli(sys.argv[1:])
 
 @pytest.mark.parametrize("mode", ["never_ready", "no_reply"])
 def test_stuck_warm_worker_is_killed_and_the_asset_renders_in_a_fresh_process(monkeypatch, tmp_path, mode):
-    import os
     import time
 
     import pipelines.render
@@ -322,19 +321,19 @@ def test_stuck_warm_worker_is_killed_and_the_asset_renders_in_a_fresh_process(mo
     assert out["error"] is None, out["error"]
     assert time.time() - t0 < 60
     time.sleep(1)
-    left = []
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if script.name.encode() in open(f"/proc/{d}/cmdline", "rb").read():
-                left.append(int(d))
-        except OSError:
-            pass
-    assert not left, "the stuck warm worker was left running"
+    assert not _processes(script.name.encode()), "the stuck warm worker was left running"
     stage.close()
 
 
 def _my_workers() -> list[int]:
     """Blender workers that are children of this test process (other sessions' workers are not ours)."""
+    import os
+
+    return _processes(b"blender_worker.py", parent=os.getpid())
+
+
+def _processes(needle: bytes, parent: int | None = None) -> list[int]:
+    """Pids of running processes whose command line contains ``needle`` (and whose parent is ``parent``)."""
     import os
 
     pids = []
@@ -347,6 +346,6 @@ def _my_workers() -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == os.getpid() and b"blender_worker.py" in cmd:
+        if needle in cmd and parent in (None, ppid):
             pids.append(int(d))
     return pids
