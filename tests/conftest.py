@@ -48,3 +48,63 @@ def ray_connected():
     head = connect_ray()
     yield head
     ray.shutdown()
+
+
+# --- test tiers -------------------------------------------------------------------------------------------
+# `make check` runs the tests that start nothing heavy: no Ray, no Blender, no server process, nothing slow.
+# A test that starts one of those must carry its marker, or the fast tier would silently grow; the guard
+# below watches what each test starts and fails an unmarked one, naming the marker it needs.
+HEAVY_MARKERS = ("ray", "blender", "server")
+_SERVER_WORDS = ("mlflow server", "mlflow.server", "moto_server", "moto.server", "postgres", "pg_ctl",
+                 "chromium", "http.server", "uvicorn", "gunicorn")
+
+
+def _launch_kinds(argv) -> set[str]:
+    """Which heavy things a subprocess command line starts (a job script counts as a Ray start: its
+    argument errors are tested in-process, so a job run in a subprocess is a real run)."""
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        words = [os.fsdecode(argv)]
+    else:
+        words = [os.fsdecode(a) for a in argv]
+    line = " ".join(words)
+    kinds = set()
+    if "blender_worker" in line or os.path.basename(words[0] if words else "") == "blender":
+        kinds.add("blender")
+    names = [os.path.basename(w) for w in words[:3]]
+    if "ray" in names or any(f"jobs{os.sep}{j}.py" in line for j in
+                             ("preprocess", "distill", "evaluate", "demo", "generate")):
+        kinds.add("ray")
+    if any(w in line for w in _SERVER_WORDS):
+        kinds.add("server")
+    return kinds
+
+
+@pytest.fixture(autouse=True)
+def _heavy_start_guard(request, monkeypatch):
+    import subprocess
+
+    started: set[str] = set()
+    real_init = subprocess.Popen.__init__
+
+    def watched_init(self, args, *a, **kw):
+        started.update(_launch_kinds(args))
+        return real_init(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", watched_init)
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a core dependency
+        ray = None
+    if ray is not None:
+        real_ray_init = ray.init
+
+        def watched_ray_init(*a, **kw):
+            started.add("ray")
+            return real_ray_init(*a, **kw)
+
+        monkeypatch.setattr(ray, "init", watched_ray_init)
+    yield
+    missing = sorted(k for k in started if request.node.get_closest_marker(k) is None)
+    if missing:
+        pytest.fail(f"this test starts {', '.join(missing)} without its marker: add "
+                    + " ".join(f"@pytest.mark.{k}" for k in missing) + " (see `make check`)", pytrace=False)
