@@ -1,5 +1,5 @@
 """The distillation / training driver on Ray Train: arguments checked before anything starts, the cluster's
-resources checked before training starts, then a `TorchTrainer` running `mdt.training.loop` on the shards,
+resources checked before training starts, then a `TorchTrainer` running `pipelines.distill_worker` on the shards,
 tracked in one MLflow run, with `result.json` beside the checkpoints.
 
     prepare(cfg)  -> cfg with local paths made absolute; ArgumentError (the job exits 2) for a missing dataset or
@@ -221,12 +221,12 @@ def check_cluster(cfg, need: dict[str, float] | None = None) -> None:
 
 def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
     """Train to `train.max_steps` (resuming when the run exists). `prepare(cfg)` first unless already done.
-    `hooks`: callables run by every worker after every step (`mdt.training.loop`)."""
+    `hooks`: callables run by every worker after every step (`pipelines.distill_worker`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mdt.training.build import ensure_tiny_conditioner
-    from mdt.training.loop import train_loop_per_worker
+    from pipelines.distill_worker import train_loop_per_worker
     from pipelines.tracking import start_training_run
 
     t0 = time.time()
@@ -285,7 +285,7 @@ def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
             log.exception("evaluation failed")
             error = f"evaluation failed: {type(e).__name__}: {e}"
     if tracking:
-        from mdt.training.tracking import client
+        from pipelines.tracking import client
 
         client(tracking["tracking_uri"]).set_terminated(tracking["run_id"], "FAILED" if error else "FINISHED")
     res = DistillResult(cfg.name, rdir, ckpt, export, (tracking or {}).get("run_id"),

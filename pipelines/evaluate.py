@@ -713,13 +713,12 @@ def _table_md(results: dict, table: str) -> str:
 def log_mlflow(cfg: EvaluateConfig, results: dict, run_dir: Path, previews: list[str]) -> str | None:
     """One MLflow run per evaluation: params, per-sampler metrics, the files as artifacts, linked to the
     distillation run (tag/param `mdt.distill_run_id` here, tag `mdt.eval_run_id` there)."""
-    from mdt.training.tracking import client
     from pipelines import tracking
 
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output)
     if uri is None:
         raise ValueError(f"output {cfg.output} is not local: give mlflow.tracking_uri (or $MLFLOW_TRACKING_URI)")
-    c = client(uri)
+    c = tracking.client(uri)
     exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, uri)
     tags = {"mdt.kind": "evaluation"}
     if cfg.mlflow.distill_run_id:

@@ -2,7 +2,7 @@
 rows (fixed snapshot conditions) and the collate function bound to the stage's settings.
 
 Reading goes through `pipelines.shards`' reader API only; the collate function is handed to the Ray Train loop
-(`mdt.training.loop`), which does not import `pipelines`.
+(`pipelines.distill_worker`) as a plain callable.
 """
 from __future__ import annotations
 

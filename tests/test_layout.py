@@ -64,6 +64,45 @@ def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     return found
 
 
+def _external_imports(path: Path) -> set[str]:
+    """Top-level names of the absolute imports anywhere in `path` (`import ray.train` -> "ray")."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def _folder(module: str) -> str:
+    """The folder a module of mdt/ belongs to: `mdt.eval.chain` -> `mdt.eval`; a top-level module is its own."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(edges.get(m, ())):
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
+    return cycles
+
+
 def _graph() -> dict[str, set[str]]:
     known = _modules()
     return {name: _imports(name, path, known) for name, path in known.items()}
@@ -90,25 +129,27 @@ def test_no_import_cycle():
     graph = _graph()
     # Package __init__ files re-export their children; an edge child -> its own package is not a cycle of ideas.
     edges = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-    cycles: list[list[str]] = []
-
-    def visit(m: str) -> None:
-        state[m] = 1
-        stack.append(m)
-        for d in sorted(edges.get(m, ())):
-            if state.get(d) == 1:
-                cycles.append(stack[stack.index(d):] + [d])
-            elif d not in state:
-                visit(d)
-        stack.pop()
-        state[m] = 2
-
-    for m in sorted(edges):
-        if m not in state:
-            visit(m)
+    cycles = _cycles(edges)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_folder_cycle_inside_the_library():
+    """Folders of mdt/ depend on each other in one direction (eval may use training's builders, or the other
+    way round, never both): a folder-level cycle is a tangle that module-level checks do not see."""
+    edges: dict[str, set[str]] = {}
+    for m, deps in _graph().items():
+        if m.startswith("mdt."):
+            edges.setdefault(_folder(m), set()).update(
+                _folder(d) for d in deps if d.startswith("mdt.") and _folder(d) != _folder(m))
+    cycles = _cycles(edges)
+    assert not cycles, "folder cycles in mdt/:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_library_knows_no_ray_or_mlflow():
+    """mdt/ is plain PyTorch: a training step, a sampler or a metric runs in a notebook without a cluster."""
+    bad = sorted(f"{p.relative_to(ROOT)} imports {name}" for p in (ROOT / "mdt").rglob("*.py")
+                 for name in _external_imports(p) & {"ray", "mlflow"})
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))

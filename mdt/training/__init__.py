@@ -1,6 +1,6 @@
 """Training: the optimisation step of any objective (`Trainer`), how objectives call the networks (`wrappers`),
-checkpoints, the workers' MLflow calls and the Ray Train worker loop (`loop.WorkerLoop`). Everything except `loop`
-and `tracking` is plain PyTorch; the driver that runs the loop is `pipelines.distill`."""
+checkpoint state and the networks a run builds (`build`). Plain PyTorch: the Ray Train worker loop that feeds
+`Trainer` shards and logs to MLflow is `pipelines.distill_worker`."""
 from .config import (OBJECTIVES, STAGES, ClipConfig, ConditionConfig, DataConfig, DistillConfig, EMAConfig,
                      MlflowConfig, ModelConfig, ObjectiveConfig, OptimConfig, RayConfig, ScalingConfig,
                      SnapshotConfig, TrainConfig)

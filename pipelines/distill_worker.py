@@ -31,15 +31,21 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 
-from . import checkpoint as ckpt_io
-from .build import build_conditioner, build_student, build_teacher, export_model
-from .machinery import resolve_precision
-from .step import Trainer, to_device
-from .wrappers import wrap_student
+from mdt.eval.snapshots import load_decoder, snapshot_png, snapshot_samples
+from mdt.training import checkpoint as ckpt_io
+from mdt.training.build import build_conditioner, build_student, build_teacher, export_model
+from mdt.training.machinery import resolve_precision
+from mdt.training.step import Trainer, to_device
+from mdt.training.wrappers import wrap_student
+from pipelines.tracking import MetricLogger, register_model
 
-log = logging.getLogger("mdt.training")
+log = logging.getLogger("distill.worker")
 
 # Random streams, all derived from train.seed: each rank draws its own objective noise / times and its own
 # condition views; the epoch order is the same function of (seed, epoch) on every restart.
@@ -172,8 +178,6 @@ class Window:
 
 def _device(cfg) -> torch.device:
     if cfg.scaling.use_gpu and torch.cuda.is_available():
-        import ray.train.torch
-
         return ray.train.torch.get_device()
     return torch.device("cpu")
 
@@ -187,8 +191,6 @@ class WorkerLoop:
     snapshots and checkpoints until `train.max_steps`."""
 
     def __init__(self, config: dict):
-        import ray.train
-
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg = cfg = config["cfg"]
         self.collate = config["collate"]
@@ -223,8 +225,6 @@ class WorkerLoop:
     # ------------------------------------------------------------------------------------------ resume
     def resume(self) -> None:
         """Weights, optimizer, step, this rank's data position and RNG streams from the latest checkpoint."""
-        import ray.train
-
         ck = ray.train.get_checkpoint()
         if ck is None:
             return
@@ -246,8 +246,6 @@ class WorkerLoop:
     def open_logger(self) -> None:
         if self.rank != 0 or not self.tracking:
             return
-        from .tracking import MetricLogger
-
         self.logger = MetricLogger(self.tracking["tracking_uri"], self.tracking["run_id"])
         self.logger.alerted = self.trainer.skipped_total
         if self.resumed_from is not None:
@@ -256,8 +254,6 @@ class WorkerLoop:
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> None:
-        import ray.train
-
         cfg, tr = self.cfg, self.trainer
         self.resume()
         self.open_logger()
@@ -329,8 +325,6 @@ class WorkerLoop:
     def checkpoint(self, res, final: bool) -> None:
         """Every rank writes its data position and RNG; rank 0 the weights, optimizer and state (FSDP: all ranks
         gather the full state); Ray Train persists the directory."""
-        import ray.train
-
         cfg, tr = self.cfg, self.trainer
         done = tr.step_count - self.steps_at_start
         rate = done * cfg.data.batch_size * self.world / max(1e-9, time.perf_counter() - self.t_start) \
@@ -369,8 +363,6 @@ class WorkerLoop:
             export_model(self.like, collected["ema"], out / "ema" / stem)
         if self.logger is None:
             return
-        from .tracking import register_model
-
         self.logger.artifact(out, "export")
         which = cfg.mlflow.register_weights if collected.get("ema") is not None else "student"
         role = "teacher" if cfg.objective.name == "flow_matching" else "student"
@@ -388,9 +380,6 @@ class WorkerLoop:
 
     # ------------------------------------------------------------------------------------------ collectives
     def _gather_node_ids(self) -> list[str]:
-        import ray
-        import torch.distributed as dist
-
         me = ray.get_runtime_context().get_node_id()
         if self.world <= 1 or not dist.is_initialized():
             return [me]
@@ -400,8 +389,6 @@ class WorkerLoop:
 
     def _ddp_param_mismatch(self) -> float:
         """Largest difference between ranks of a parameter checksum (TRELLIS's i_ddpcheck); 0 when in sync."""
-        import torch.distributed as dist
-
         with torch.no_grad():
             s = torch.stack([p.detach().double().sum() for p in self.student.parameters()]).cpu()
         lo, hi = s.clone(), s.clone()
@@ -445,13 +432,9 @@ class SnapshotState:
         self.teacher_samples = None
         self.decoder = None
         if cfg.snapshot.decoder:
-            from mdt.eval.snapshots import load_decoder
-
             self.decoder = load_decoder(cfg.snapshot.decoder).to(device)
 
     def run(self, trainer, teacher, student, step: int, logger) -> None:
-        from mdt.eval.snapshots import snapshot_png, snapshot_samples
-
         s = self.cfg.snapshot
         t0 = time.perf_counter()
         model = trainer.model if self.cfg.train.fsdp else student
