@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: env test demo bench bench-preprocess clean
+.PHONY: env check test demo bench bench-preprocess clean
 
 env: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[render,test,datasets]'
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+# The fast tier for every edit: everything that starts no Ray, Blender or server process and is not slow
+# (tests/conftest.py fails a test that starts one of those without its marker).
+check: env
+	@start=$$(date +%s); \
+	$(BIN)/python -m pytest tests -m "not slow and not ray and not blender and not server"; rc=$$?; \
+	echo "fast tier wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test: env
 	@bash infra/ci/install-system-deps.sh --if-permitted || echo "warning: system packages not installed (see above)"
