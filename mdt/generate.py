@@ -6,7 +6,7 @@
     gen.samples[0].gaussians, gen.samples[0].mesh, gen.samples[0].coords
     report = generate(cfg, ["cat.png"], "outputs/gen")                     # all of it, files written per input
 
-The chain (trellis-reference.md §3): condition image (alpha crop / centring, premultiplied on black) -> DINOv2
+The chain (TRELLIS's `TrellisImageTo3DPipeline` and its `pipeline.json`): condition image (alpha crop / centring, premultiplied on black) -> DINOv2
 tokens -> SS flow (dense 16³×8 latent, Euler + CFG on an interval) -> SS decoder -> occupied voxels = logits > 0
 -> SLat flow on those coordinates (normalised latent, de-normalised after sampling) -> Gaussian decoder and mesh
 decoder (-> FlexiCubes). `num_samples` samples per image run as one batch in every stage; decoding and mesh
@@ -252,7 +252,7 @@ def tiny_model_args(slot: str, cond_channels: int) -> tuple[str, dict]:
 
 
 def full_size_model_args(slot: str) -> tuple[str, dict]:
-    """The released TRELLIS-image-large configuration of `slot` (trellis-reference.md §1.3)."""
+    """The released TRELLIS-image-large configuration of `slot` (the `ckpts/*.json` of the released repository)."""
     swin = dict(resolution=64, model_channels=768, latent_channels=8, num_blocks=12, num_heads=12, mlp_ratio=4,
                 attn_mode="swin", window_size=8, use_fp16=True)
     flow = dict(in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024, num_blocks=24,
@@ -276,7 +276,7 @@ TRELLIS_STEMS = {"ss_flow": "ss_flow_img_dit_L_16l8_fp16", "ss_decoder": "ss_dec
                  "slat_flow": "slat_flow_img_dit_L_64l8p2_fp16",
                  "slat_decoder_gs": "slat_dec_gs_swin8_B_64l8gs32_fp16",
                  "slat_decoder_mesh": "slat_dec_mesh_swin8_B_64l8m256c_fp16"}
-# SLat normalisation of TRELLIS-image-large (trellis-reference.md §3.6), for repositories written here.
+# SLat normalisation of TRELLIS-image-large (`slat_normalization` of its `pipeline.json`), for repositories written here.
 TRELLIS_SLAT_MEAN = [-2.1687545776367188, -0.004347046371549368, -0.13352349400520325, -0.08418072760105133,
                      -0.5271206498146057, 0.7238689064979553, -1.1414450407028198, 1.2039363384246826]
 TRELLIS_SLAT_STD = [2.377650737762451, 2.386378288269043, 2.124418020248413, 2.1748552322387695,
@@ -310,7 +310,7 @@ TINY_OCCUPANCY = 0.004   # fraction of the 64³ grid a tiny random SS decoder ma
 def save_tiny_model(slot: str, path: str | os.PathLike, cond_channels: int = 64, seed: int = 0,
                     occupancy: float = TINY_OCCUPANCY, full_size: bool = False, arch: dict | None = None) -> str:
     """A random-weight model of `slot`'s real architecture in TRELLIS format: tiny widths, or with `full_size` the
-    released configuration (trellis-reference.md §1.3, fp16 torso); `arch` overrides constructor arguments (e.g.
+    released configuration (its `ckpts/*.json`, fp16 torso); `arch` overrides constructor arguments (e.g.
     narrower SS decoder channels for cheaper tests). Every parameter is redrawn (std 1/sqrt(fan_in), norm weights
     around 1, zero-initialised output layers included) so that no output is trivially zero; the SS decoder's
     output bias is set so that about `occupancy` of the grid is occupied for a standard-normal latent."""
