@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from _pipeline_helpers import (PROJECT_ROOT, S3_ENV, VENV_BIN, RayHead, ray_job_submit, set_sleep_or_fail,
+from _pipeline_helpers import (PROJECT_ROOT, S3_ENV, set_sleep_or_fail,
                                shared_ray_head)
 from mdt.config import ConfigError, load_config, parse_override
 from jobs.preprocess import main
@@ -230,26 +230,3 @@ def test_failed_assets_are_skipped_without_retry_flag(tmp_path):
                 "status": "done", "shard": "p.parquet"}])
     res = run(cfg)  # nothing to do: no Ray is started
     assert (res.skipped_done, res.skipped_failed, res.report["processed"]) == (1, 1, 0)
-
-
-# --------------------------------------------------------------------------------------- ray job submit
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(420)
-@pytest.mark.slow
-def test_ray_job_submit(tmp_path):
-    head = RayHead(dashboard=True, num_cpus=2)
-    try:
-        out = tmp_path / "out"
-        env = job_env(RAY_ADDRESS=head.dashboard_url)
-        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
-               "--", "python", "jobs/preprocess.py", "--preset", "ci", "--source", "synthetic:2", "--output", str(out),
-               "--set", f"download.cache_uri={tmp_path / 'cache'}"]
-        r = ray_job_submit(cmd, env, timeout=240)
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-        assert "succeeded" in (r.stdout + r.stderr).lower()
-        man = json.loads((out / "manifest.json").read_text())
-        assert man["counts"]["done"] == 2
-    finally:
-        head.stop()
