@@ -59,35 +59,42 @@ _SERVER_WORDS = ("mlflow server", "mlflow.server", "moto_server", "moto.server",
                  "chromium", "http.server", "uvicorn", "gunicorn")
 
 
-def _launch_kinds(argv) -> set[str]:
-    """Which heavy things a subprocess command line starts (a job script counts as a Ray start: its
-    argument errors are tested in-process, so a job run in a subprocess is a real run)."""
+def _launch_kinds(argv) -> tuple[set[str], bool]:
+    """Which heavy things a subprocess command line starts, and whether it is a job script (one that exits 2
+    on an argument error, before Ray starts: such a run starts nothing). `--help` starts nothing either."""
     if isinstance(argv, (str, bytes, os.PathLike)):
         words = [os.fsdecode(argv)]
     else:
         words = [os.fsdecode(a) for a in argv]
     line = " ".join(words)
+    if "--help" in words or "-h" in words:
+        return set(), False
     kinds = set()
     if "blender_worker" in line or os.path.basename(words[0] if words else "") == "blender":
         kinds.add("blender")
-    names = [os.path.basename(w) for w in words[:3]]
-    if "ray" in names or any(f"jobs{os.sep}{j}.py" in line for j in
-                             ("preprocess", "distill", "evaluate", "demo", "generate")):
+    ray_cli = any(os.path.basename(w) == "ray" for w in words[:3])
+    if ray_cli and ("start" in words or ("job" in words and "submit" in words)):
+        kinds.add("ray")
+    job = any(f"jobs{os.sep}{j}.py" in line for j in ("preprocess", "distill", "evaluate", "demo"))
+    if job and not ray_cli:
         kinds.add("ray")
     if any(w in line for w in _SERVER_WORDS):
         kinds.add("server")
-    return kinds
+    return kinds, job
 
 
 @pytest.fixture(autouse=True)
 def _heavy_start_guard(request, monkeypatch):
     import subprocess
 
+    launched: list[tuple[set[str], bool, subprocess.Popen]] = []
     started: set[str] = set()
     real_init = subprocess.Popen.__init__
 
     def watched_init(self, args, *a, **kw):
-        started.update(_launch_kinds(args))
+        kinds, job = _launch_kinds(args)
+        if kinds:
+            launched.append((kinds, job, self))
         return real_init(self, args, *a, **kw)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", watched_init)
@@ -103,7 +110,14 @@ def _heavy_start_guard(request, monkeypatch):
             return real_ray_init(*a, **kw)
 
         monkeypatch.setattr(ray, "init", watched_ray_init)
+    ray_was_up = ray is not None and ray.is_initialized()
     yield
+    if ray is not None and not ray_was_up and ray.is_initialized():   # e.g. Ray Data's implicit start
+        started.add("ray")
+    for kinds, job, proc in launched:
+        if job and proc.returncode == 2:   # an argument error: refused before Ray started
+            kinds = kinds - {"ray"}
+        started.update(kinds)
     missing = sorted(k for k in started if request.node.get_closest_marker(k) is None)
     if missing:
         pytest.fail(f"this test starts {', '.join(missing)} without its marker: add "

@@ -16,6 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_make_demo_runs_the_demo_job_with_its_shipped_preset():
     make = (ROOT / "Makefile").read_text()
     assert "\t$(BIN)/python jobs/demo.py\n" in make            # no arguments: the preset as shipped
@@ -98,6 +100,7 @@ def test_structured_ss_encoder_latent_is_a_function_of_the_cell_occupied_fractio
     assert torch.cdist(means, means).add(torch.eye(len(means)) * 1e9).min() > 1e-4
 
 
+@pytest.mark.slow
 def test_probe_noise_makes_decoding_tolerant_of_off_data_latents():
     from mdt.eval.shapes import paired_iou
     from mdt.eval.snapshots import fit_occupancy_probe

@@ -222,6 +222,7 @@ def test_probe_save_load(tmp_path):
     assert torch.equal(p(z), q(z))
 
 
+@pytest.mark.slow
 def test_slat_stage_sparse_batches_from_shards(setup):
     """Stage `slat`: shard rows -> the job's collate (normalised SparseTensor + condition images) -> the frozen
     conditioner -> MDT-dist steps on a tiny SLat flow student; the loss on a fixed batch goes down."""

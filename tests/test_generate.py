@@ -236,6 +236,7 @@ def tiny_pipeline(tmp_path_factory):
     return cfg, ImageTo3D.from_config(cfg), tmp
 
 
+@pytest.mark.slow
 def test_generate_writes_readable_assets_for_two_batched_samples(tiny_pipeline):
     from plyfile import PlyData
 
@@ -293,6 +294,7 @@ def test_batched_samples_differ_and_chunked_decoding_matches_one_pass(tiny_pipel
         torch.testing.assert_close(x.opacity, y.opacity, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_bad_input_is_a_recorded_failure_and_the_others_run(tiny_pipeline, tmp_path):
     from mdt.generate import generate
 
@@ -377,6 +379,7 @@ def readme_generation_commands() -> list[str]:
     return [c.text for c in commands(text) if c.section == "Generation"]
 
 
+@pytest.mark.slow
 def test_readme_demo_command_runs_as_printed(tmp_path):
     """The README's demo command, verbatim, with the preset as shipped (models created on the fly)."""
     import trimesh
@@ -417,6 +420,7 @@ def write_fake_hub(cache: Path) -> None:
         (repo / "refs" / "main").write_text(rev)
 
 
+@pytest.mark.slow
 def test_readme_trellis_command_loads_trellis_checkpoints_by_hub_id(tmp_path):
     """The trellis preset as shipped, by HF id, from a local hub cache of tiny TRELLIS-format checkpoints."""
     import trimesh
@@ -438,6 +442,7 @@ def test_readme_trellis_command_loads_trellis_checkpoints_by_hub_id(tmp_path):
     assert len(trimesh.load(str(out / "mesh.glb"), force="mesh").faces) > 0
 
 
+@pytest.mark.slow
 def test_generation_latency_benchmark_prints_rows_side_by_side(tmp_path, capsys):
     """`python -m mdt.bench.generate` on tiny random TRELLIS-shaped models (the GPU run uses --full-size)."""
     from mdt.bench.generate import main

@@ -34,6 +34,7 @@ def screenshot(exe: str, page, out, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.open(out).convert("RGB")).astype(int)
 
 
+@pytest.mark.server
 def test_html_view_shows_each_object_in_headless_chromium(tmp_path):
     from mdt.export.html import write_orbit_viewer
     from mdt.export.preview import PointCloud

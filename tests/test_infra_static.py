@@ -59,6 +59,7 @@ def errors_of(path: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------- the files pass
 
 
+@pytest.mark.slow
 def test_validate_cli_passes_on_the_repository():
     r = subprocess.run([sys.executable, "infra/validate.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -136,6 +136,8 @@ def test_cameras_are_deterministic_per_asset():
 
 # ------------------------------------------------------------------------------------------------ assets
 
+@pytest.mark.blender
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GLBS)
 def test_render_shared_glb(name):
     path = shared_path("assets", "glb", name)
@@ -185,6 +187,7 @@ def converted(tmp_path_factory):
     return d
 
 
+@pytest.mark.blender
 def test_render_all_import_formats(converted):
     d = converted
     bundle = io.BytesIO()
@@ -206,6 +209,7 @@ def test_render_all_import_formats(converted):
             assert np.allclose(np.sort(np.ptp(v, axis=0)), ref_extent, atol=2e-3), name
 
 
+@pytest.mark.blender
 def test_blend_scripts_do_not_run(converted):
     d = converted
     out = tiny_stage()(asset_row((d / "evil.blend").read_bytes(), "blend", "evil.blend"))
@@ -221,6 +225,7 @@ def test_blend_scripts_do_not_run(converted):
     assert (d / "marker.text").exists()
 
 
+@pytest.mark.blender
 def test_synthetic_assets_render():
     stage = tiny_stage()
     for seed in (0, 1):
@@ -229,6 +234,7 @@ def test_synthetic_assets_render():
 
 # ------------------------------------------------------------------------------------------------ failures
 
+@pytest.mark.blender
 def test_broken_inputs_fail_cleanly():
     good = synthetic_mesh_glb(1)
     stage = tiny_stage(timeout_s=60)
@@ -246,6 +252,7 @@ def test_broken_inputs_fail_cleanly():
     assert "GLB" in stage(cases["corrupt"])["error"]
 
 
+@pytest.mark.blender
 def test_memory_cap_fails_cleanly():
     out = tiny_stage(memory_limit_mb=300)(asset_row(synthetic_mesh_glb(1), "glb", "capped.glb"))
     assert out["error"] and out["error"].startswith("render: ")
@@ -271,6 +278,7 @@ blender_worker.run_cli(sys.argv[1:])
 """
 
 
+@pytest.mark.blender
 def test_hanging_render_is_killed_while_others_complete(monkeypatch, tmp_path):
     import pipelines.render
 
