@@ -207,34 +207,32 @@ def bundle_files(main_name: str, main_bytes: bytes, read_rel, max_files: int = 2
 
 
 def confined_reader(root: str | os.PathLike, max_bytes: int | None = None):
-    """``read_rel`` for :func:`bundle_files` over a local directory: follows symlinks only while they stay
-    inside ``root``."""
-    real_root = os.path.realpath(root)
+    """``read_rel`` for :func:`bundle_files` over a local directory: a path that resolves outside ``root``
+    (a symlink) or to anything but a regular file (``/dev/*``, a FIFO) fails the asset."""
+    from pipelines.storage import OutsideRootError, read_local_confined
 
     def read_rel(rel: str) -> bytes | None:
-        p = os.path.join(real_root, rel)
+        p = os.path.join(root, rel)
         if not os.path.lexists(p):
             return None
-        real = os.path.realpath(p)
-        if real != real_root and not real.startswith(real_root + os.sep):
-            raise ExternalReferenceError(rel, "symlink to outside the bundle")
-        if not os.path.isfile(real):
-            return None
-        if max_bytes is not None and os.path.getsize(real) > max_bytes:
-            raise ValueError(f"size cap: {rel} has {os.path.getsize(real)} bytes > {max_bytes}")
-        with open(real, "rb") as f:
-            return f.read()
+        try:
+            return read_local_confined(p, root, max_bytes)
+        except OutsideRootError as e:
+            raise ExternalReferenceError(rel, str(e)) from None
 
     return read_rel
 
 
 def check_tree(main: str | os.PathLike, root: str | os.PathLike) -> None:
     """Check a materialised asset before it is imported: every reference of the main file (recursively)
-    resolves inside ``root``, and no file under ``root`` is a symlink. Raises ExternalReferenceError."""
+    resolves inside ``root``, and everything under ``root`` is a regular file or a directory (no symlink,
+    device, FIFO or socket). Raises ExternalReferenceError."""
     root = Path(root)
     for p in root.rglob("*"):
         if p.is_symlink():
             raise ExternalReferenceError(str(p.relative_to(root)), "symlink in the bundle")
+        if not (p.is_file() or p.is_dir()):
+            raise ExternalReferenceError(str(p.relative_to(root)), "not a regular file")
     main = Path(main)
     rel = main.relative_to(root).as_posix()
     bundle_files(rel, main.read_bytes(), confined_reader(root))

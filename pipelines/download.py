@@ -444,7 +444,8 @@ class Download:
                 self._claim(row, expected)
                 self._fill(row, expected, meta, None)
                 return
-        data, name, reader = self._fetch_main(uri)
+        root = json.loads(row.get("provenance") or "{}").get("root")
+        data, name, reader = self._fetch_main(uri, root)
         fmt = mesh_format(name) or fmt_hint
         if fmt not in MESH_FORMATS:
             raise DownloadError(f"unsupported file type {fmt or '(none)'!r} ({posixpath.basename(name)})")
@@ -452,7 +453,7 @@ class Download:
             name = re.sub(r"[^\w.\-]", "_", posixpath.basename(name)) + f".{fmt}"
         content_sha = hashlib.sha256(data).hexdigest()
         if row.get("sha256_uri"):
-            hash_data, _, _ = self._fetch_main(row["sha256_uri"])
+            hash_data, _, _ = self._fetch_main(row["sha256_uri"], root)
             check_sha = hashlib.sha256(hash_data).hexdigest()
         else:
             check_sha = content_sha
@@ -516,8 +517,9 @@ class Download:
         storage.write_bytes_atomic(obj + ".json", json.dumps(meta).encode(), self.storage_cfg)
 
     # ---------------------------------------------------------------- fetching
-    def _fetch_main(self, uri: str):
-        """(bytes, name, read_rel) of the file at ``uri``; ``read_rel`` reads siblings for bundles."""
+    def _fetch_main(self, uri: str, root: str | None = None):
+        """(bytes, name, read_rel) of the file at ``uri``; ``read_rel`` reads siblings for bundles. ``root``:
+        the local source folder the file was listed from (default: the file's own directory)."""
         if uri.startswith(ARCHIVE_SCHEMES):
             _, member, archive_uri = split_archive_uri(uri)
             member = safe_member(member)
@@ -566,20 +568,23 @@ class Download:
                     return None
 
             return data, uri.rsplit("/", 1)[-1], read_rel
-        # local path / file://
-        path = storage.local_path(uri)
-        if not os.path.isfile(path):
+        # local path / file://: the file must lie under its source root by real path, with no symlink (to a
+        # file or a directory) anywhere below the root; its bundle is its own directory
+        path = os.path.abspath(storage.local_path(uri))
+        root = os.path.abspath(storage.local_path(root)) if root and not storage.is_s3(root) else os.path.dirname(path)
+        if not os.path.lexists(path):
             raise DownloadError(f"file not found: {path}")
-        root = os.path.dirname(os.path.abspath(path))
-        if os.path.islink(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(root):
-            raise DownloadError(str(asset_refs.ExternalReferenceError(os.path.basename(path),
-                                                                      "symlink to outside the bundle")))
-        size = os.path.getsize(path)
-        if size > self.cfg.max_bytes:
-            raise DownloadError(f"size cap: {size} bytes > {self.cfg.max_bytes}")
-        with open(path, "rb") as f:
-            data = f.read()
-        return data, os.path.basename(path), asset_refs.confined_reader(root, self.cfg.max_bytes)
+        rel = os.path.relpath(path, root)
+        real_root = os.path.realpath(root)
+        if rel.startswith(os.pardir) or os.path.realpath(path) != os.path.join(real_root, rel):
+            raise DownloadError(str(asset_refs.ExternalReferenceError(rel, "symlink in the source folder")))
+        try:
+            data = storage.read_local_confined(path, root, self.cfg.max_bytes)
+        except storage.OutsideRootError as e:
+            raise DownloadError(str(asset_refs.ExternalReferenceError(rel, str(e)))) from None
+        except ValueError as e:
+            raise DownloadError(str(e)) from None
+        return data, os.path.basename(path), asset_refs.confined_reader(os.path.dirname(path), self.cfg.max_bytes)
 
     def _http_target(self, uri: str) -> tuple[str, dict]:
         if not uri.startswith("hf://"):
