@@ -44,7 +44,7 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import tenacity
 
-from pipelines import asset_refs, storage
+from pipelines import asset_content, asset_refs, storage
 from pipelines.config import MESH_FORMATS, DownloadConfig, PreprocessConfig, StorageConfig
 from pipelines.rows import fail
 
@@ -330,16 +330,8 @@ class ArchiveReader:
 # --------------------------------------------------------------------------------------- references
 
 
-def make_bundle(main_name: str, main_bytes: bytes, read_rel, max_files: int, max_bytes: int) -> bytes:
-    """Zip of the main file plus what it references (recursively: obj -> mtl -> textures).
-
-    ``read_rel(path)`` returns bytes of a path relative to the bundle root, or None when missing. A reference
-    that would leave the bundle fails the asset (``external reference outside the asset: …``).
-    """
-    try:
-        files = asset_refs.bundle_files(main_name, main_bytes, read_rel, max_files)
-    except (asset_refs.ExternalReferenceError, ValueError) as e:
-        raise DownloadError(str(e)) from None
+def make_bundle(files: dict[str, bytes], max_bytes: int) -> bytes:
+    """Zip of a bundle ({bundle-relative path: bytes}, from ``asset_refs.bundle_files``)."""
     total = sum(len(b) for b in files.values())
     if total > max_bytes:
         raise DownloadError(f"size cap: bundle of {total} bytes > {max_bytes}")
@@ -404,6 +396,7 @@ class Download:
         self.cfg: DownloadConfig = cfg.download
         self.storage_cfg: StorageConfig = cfg.storage
         self.sources_cfg = cfg.sources
+        self.render_cfg = cfg.render  # the content rules' pixel cap and the formats allowed unscanned
         self.cache = cfg.cache_uri()
         self.extract_root = self.cfg.extract_dir or os.path.join(tempfile.gettempdir(), "mdt-archives")
         self.slots = HostSlots(self.cfg.per_host_concurrency, limiter,
@@ -451,28 +444,33 @@ class Download:
             raise DownloadError(f"unsupported file type {fmt or '(none)'!r} ({posixpath.basename(name)})")
         if mesh_format(name) != fmt:  # e.g. a Thingiverse download URL: give the file its extension
             name = re.sub(r"[^\w.\-]", "_", posixpath.basename(name)) + f".{fmt}"
-        content_sha = hashlib.sha256(data).hexdigest()
+        if fmt == "dae":
+            raise DownloadError("unsupported format 'dae': this Blender has no COLLADA importer")
+        # content rules and the bundle (main file + every file it refers to) before anything is kept
+        files = {name: data}
+        try:
+            if fmt in asset_refs.REFERRING_FORMATS:
+                files = asset_refs.bundle_files(name, data, reader, self.cfg.bundle_max_files)
+            asset_content.check_bundle(files, name, set(self.render_cfg.unscannable_formats),
+                                       self.render_cfg.max_image_pixels)
+        except (asset_refs.ExternalReferenceError, ValueError) as e:  # ContentError is a ValueError
+            raise DownloadError(str(e)) from None
+        bundle = len(files) > 1
+        content_sha = asset_refs.bundle_sha256(files, name)
         if row.get("sha256_uri"):
             hash_data, _, _ = self._fetch_main(row["sha256_uri"], root)
             check_sha = hashlib.sha256(hash_data).hexdigest()
         else:
-            check_sha = content_sha
+            check_sha = hashlib.sha256(data).hexdigest()
         if expected and check_sha != expected:
             raise DownloadError(f"sha256 mismatch: expected {expected[:12]}…, got {check_sha[:12]}…")
-        sha = expected or check_sha  # identity: the dataset's hash (3D-FUTURE: of image.jpg), else the file's
+        # identity: the dataset's declared hash (verified above; 3D-FUTURE: of image.jpg), else the hash of the
+        # whole bundle, so two assets are duplicates only when every file they use is the same
+        sha = expected or content_sha
         if not expected and sha in self.done_sha256:
             raise DownloadError(f"skipped: duplicate of done asset {sha}")
         self._claim(row, sha)
-        bundle = False
-        payload = data
-        if fmt in asset_refs.REFERRING_FORMATS:
-            try:
-                refs = asset_refs.references(fmt, data)
-            except ValueError as e:
-                raise DownloadError(str(e)) from None
-            if any(not r.startswith("data:") for r in refs):
-                payload = make_bundle(name, data, reader, self.cfg.bundle_max_files, self.cfg.max_bytes)
-                bundle = True
+        payload = make_bundle(files, self.cfg.max_bytes) if bundle else data
         meta = {"mesh_format": fmt, "mesh_name": name if bundle else posixpath.basename(name),
                 "mesh_bundle": bundle, "mesh_size": len(payload), "content_sha256": content_sha}
         self._cache_store(sha, payload, meta)

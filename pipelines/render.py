@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.asset_content import MAX_PIXELS, check_bundle
 from pipelines.asset_refs import ExternalReferenceError, check_tree
 from pipelines.mesh_check import MeshError, check_geometry
 
@@ -407,6 +408,8 @@ class Render:
         self.cond_image_size, self.cond_margin = c.image_size, c.crop_margin
         self.cond_format, self.cond_jpeg_quality = c.image_format, c.jpeg_quality
         self.warm_workers = r.warm_workers
+        self.unscannable_ok = frozenset(r.unscannable_formats)
+        self.max_pixels = r.max_image_pixels
         self._idle: list[WarmWorker] = []  # one per concurrent call (Ray calls one at a time; tests use threads)
         self._lock = threading.Lock()
 
@@ -463,7 +466,7 @@ class Render:
                 return fail(row, self.name, f"cannot materialise asset: {type(e).__name__}: {e}")
             fmt = (row.get("mesh_format") or path.suffix).lower().lstrip(".")
             try:
-                checks = pre_import_checks(path, tmp / "asset", fmt)
+                checks = pre_import_checks(path, tmp / "asset", fmt, self.unscannable_ok, self.max_pixels)
             except (ExternalReferenceError, MeshError, ValueError) as e:
                 return fail(row, self.name, str(e))
             passes = [RenderPass("views", self.resolution, *cams["views"])]
@@ -504,14 +507,17 @@ class Render:
         return row
 
 
-def pre_import_checks(path: Path, root: Path, fmt: str) -> dict:
-    """External references (always) and raw geometry (formats parsed without Blender) of a materialised
-    asset. Raises ExternalReferenceError / MeshError; returns what was checked, for the ledger's stats.
-    A file the cheap parser cannot read is left to Blender's importer and the worker's own checks."""
+def pre_import_checks(path: Path, root: Path, fmt: str, unscannable_ok=frozenset(),
+                      max_pixels: int = MAX_PIXELS) -> dict:
+    """External references and content rules (always; pipelines.asset_content) and raw geometry (formats
+    parsed without Blender) of a materialised asset. Raises ExternalReferenceError / MeshError / ContentError;
+    returns what was checked, for the ledger's stats. A file the cheap parser cannot read is left to Blender's
+    importer and the worker's own checks."""
     from pipelines.mesh_check import PARSED_FORMATS, parse_mesh
 
-    check_tree(path, root)
-    checks: dict = {"references": "checked"}
+    files = check_tree(path, root)
+    check_bundle(files, Path(path).relative_to(root).as_posix(), unscannable_ok, max_pixels)
+    checks: dict = {"references": "checked", "content": "checked"}
     if fmt in PARSED_FORMATS:
         try:
             v, f = parse_mesh(path, fmt)

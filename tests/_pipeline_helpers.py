@@ -443,3 +443,30 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
         if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
             hits.append(str(p))
     return hits
+
+
+def tiny_blend(blocks: tuple[tuple[bytes, str], ...] = (), body: bytes = b"") -> bytes:
+    """A minimal well-formed .blend (old 12-byte header, 64-bit little-endian): a DNA1 block naming the
+    struct types of ``blocks`` ((block code, struct type name), each 8 zero bytes; the struct name must exist
+    in Blender for a real file) and ``body`` in one DATA block, then ENDB."""
+    import struct
+
+    types = ["int", *dict.fromkeys(t for _, t in blocks)]
+
+    def pad(b: bytes) -> bytes:
+        return b + b"\x00" * (-len(b) % 4)
+
+    dna = pad(b"SDNANAME" + struct.pack("<i", 1) + b"x\x00")
+    dna += pad(b"TYPE" + struct.pack("<i", len(types)) + b"".join(t.encode() + b"\x00" for t in types))
+    dna += pad(b"TLEN" + struct.pack(f"<{len(types)}h", *([4] * len(types))))
+    dna += b"STRC" + struct.pack("<i", len(types) - 1) + b"".join(struct.pack("<hh", i, 0)
+                                                                  for i in range(1, len(types)))
+
+    def block(code: bytes, sdna: int, data: bytes) -> bytes:
+        return struct.pack("<4siQii", code, len(data), 0x1000, sdna, 1) + data
+
+    out = b"BLENDER-v300"
+    for code, t in blocks:
+        out += block(code, types.index(t) - 1, b"\x00" * 8)
+    out += block(b"DATA", 0, body) if body else b""
+    return out + block(b"DNA1", 0, dna) + block(b"ENDB", 0, b"")

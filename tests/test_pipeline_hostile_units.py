@@ -80,3 +80,226 @@ def test_bundle_members_must_be_regular_files_inside(tmp_path):
         (assets / f"{name}.gltf").write_text(json.dumps(_gltf_doc(name, len(TRIANGLE))))
         err = download(tmp_path, assets, f"{name}.gltf")["error"]
         assert err == f"download: external reference outside the asset: {name!r} ({why})", err
+
+
+# ----------------------------------------------------------------------------------- 3. content, not names
+
+
+def gltf_with(uri: str, n: int = 36, **extra) -> dict:
+    from _pipeline_helpers import _gltf_doc
+
+    doc = _gltf_doc(uri, n)
+    doc.update(extra)
+    return doc
+
+
+def png_header(w: int, h: int) -> bytes:
+    """The first bytes of a PNG claiming w x h pixels (a decoder would allocate for all of them)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
+def one_file(tmp_path, name: str, data: bytes) -> str | None:
+    d = tmp_path / "assets"
+    d.mkdir(exist_ok=True)
+    (d / name).parent.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+    return download(tmp_path, d, name)["error"]
+
+
+def zstd_frames(*parts: bytes) -> bytes:
+    import zstandard
+
+    c = zstandard.ZstdCompressor()
+    return b"".join(c.compress(p) for p in parts)
+
+
+def test_content_decides_the_format(tmp_path):
+    from _pipeline_helpers import TRIANGLE, _glb_json_only
+
+    json_in_glb = json.dumps(gltf_with("/etc/hostname")).encode()
+    assert one_file(tmp_path, "json.glb", json_in_glb) == "download: content is not glb: the file holds json data"
+    assert one_file(tmp_path, "glb.obj", synthetic_mesh_glb(3)) == \
+        "download: content is not obj: the file holds glb data"
+    assert one_file(tmp_path, "text.usd", b"hello\n") == "download: content is not usd: the file holds text data"
+    assert one_file(tmp_path, "fake.blend", b"#usda 1.0\n") == \
+        "download: content is not blend: the file holds usda data"
+    assert one_file(tmp_path, "ok.glb", _glb_json_only(gltf_with(
+        "data:application/octet-stream;base64," + __import__("base64").b64encode(TRIANGLE).decode()))) is None
+
+
+@pytest.mark.parametrize("uri", ["data:/etc/hostname", "data:,/etc/hostname", "data:text/plain,../x.bin",
+                                 "data:application/octet-stream;base64/../../etc/hostname"])
+def test_data_uri_only_with_base64(tmp_path, uri):
+    err = one_file(tmp_path, "d.gltf", json.dumps(gltf_with(uri)).encode())
+    assert err.startswith("download: external reference outside the asset: ") and \
+        err.endswith("(data: URI without <mime>;base64,)"), err
+
+
+@pytest.mark.parametrize("name,data,reason", [
+    ("b.usdc", b"PXR-USDC" + b"\x00" * 80, "unscannable format: usdc (binary USD)"),
+    ("b.usd", b"PXR-USDC" + b"\x00" * 80, "unscannable format: usdc (binary USD)"),
+    ("p.usdz", b"PK\x03\x04" + b"\x00" * 80, "unscannable format: usdz (packaged USD)"),
+    ("a.abc", b"Ogawa" + b"\x00" * 80, "unscannable format: abc (Alembic)"),
+    ("e.usda", b'#usda 1.0\ndef "a" (references = @${HOME}/x.usda@) {}\n',
+     "external reference outside the asset: '${HOME}/x.usda' (USD expression in an asset path)"),
+    ("q.usda", b'#usda 1.0\ndef "a" (references = @`"/proc/self/" + "environ"`@) {}\n',
+     "external reference outside the asset: '`\"/proc/self/\" + \"environ\"`' (USD expression in an asset path)"),
+    ("t.usda", b'#usda 1.0\ndef "a" (payload = @@@/etc/host@name@@@) {}\n',
+     "external reference outside the asset: '/etc/host@name'"),
+    ("m.dae", b"<?xml version='1.0'?><COLLADA/>", "unsupported format 'dae': this Blender has no COLLADA importer"),
+])
+def test_unscannable_and_usd_expressions(tmp_path, name, data, reason):
+    assert one_file(tmp_path, name, data) == f"download: {reason}"
+
+
+def test_unscannable_listing(tmp_path):
+    (tmp_path / "x.usdc").write_bytes(b"PXR-USDC")
+    from pipelines.sources.local import LocalSource
+    from pipelines.sources.base import ListingHints, SourceSpec
+
+    rows = list(LocalSource(SourceSpec("local", str(tmp_path), {}), make_cfg(tmp_path), ListingHints()).rows())
+    assert [r["file_identifier"] for r in rows] == ["x.usdc"]  # listed, so it fails with its reason
+
+
+@pytest.mark.parametrize("line", [b"\x01mtllib ../outside/evil.mtl", b"\x0bmtllib ../outside/evil.mtl",
+                                  b"mtllib\x0b../outside/evil.mtl", b'mtllib "../outside/evil.mtl"',
+                                  b"  \x1fmtllib  ok.mtl \"../outside/evil.mtl\"",
+                                  b"mtllib ../outside/\\\nevil.mtl", b"\x0cMTLLIB /etc/evil.mtl\r"])
+def test_obj_lines_normalised_like_blender(tmp_path, line):
+    err = one_file(tmp_path, "m.obj", line + b"\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    assert err is not None and err.startswith("download: external reference outside the asset"), err
+
+
+def test_mtl_lines_normalised_like_blender(tmp_path):
+    d = tmp_path / "assets"
+    d.mkdir()
+    (d / "m.obj").write_bytes(b"mtllib m.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    (d / "m.mtl").write_bytes(b"newmtl m\n\x0b\x01map_Kd -bm 1 \"/etc/x.png\"\n")
+    assert download(tmp_path, d, "m.obj")["error"] == \
+        "download: external reference outside the asset: '/etc/x.png'"
+
+
+def test_blend_every_frame_and_forbidden_blocks(tmp_path):
+    from _pipeline_helpers import tiny_blend
+
+    whole = tiny_blend(body=b"//../../outside/secret.png\x00")
+    two_frames = zstd_frames(whole[:40], whole[40:])  # the path starts in the first frame, ends in the second
+    assert one_file(tmp_path, "z.blend", two_frames) == \
+        "download: external reference outside the asset: '//../../outside/secret.png'"
+    whole = tiny_blend(body=b"/proc/self/environ.txt\x00")
+    gz_two_members = __import__("gzip").compress(whole[:40]) + __import__("gzip").compress(whole[40:])
+    assert one_file(tmp_path, "g.blend", gz_two_members) == \
+        "download: external reference outside the asset: '/proc/self/environ.txt'"
+    for t, why in (("MeshCacheModifierData", "Mesh Cache modifier"),
+                   ("MeshSeqCacheModifierData", "Mesh Sequence Cache modifier")):
+        assert one_file(tmp_path, f"{t}.blend", tiny_blend(((b"DATA", t),))) == f"download: blend file holds a {why}"
+    assert one_file(tmp_path, "li.blend", tiny_blend(((b"LI\x00\x00", "Library"),))) == \
+        "download: blend file holds a linked library"
+    assert one_file(tmp_path, "node.blend", tiny_blend(body=b"GeometryNodeImportText\x00")) == \
+        "download: blend file holds a geometry-node import node (GeometryNodeImportText)"
+    assert one_file(tmp_path, "ok.blend", tiny_blend()) is None
+
+
+MAKE_BLENDS = r'''
+import sys, bpy
+out = sys.argv[-1]
+bpy.ops.wm.read_factory_settings(use_empty=True)
+bpy.ops.mesh.primitive_cube_add()
+ob = bpy.context.active_object
+bpy.ops.wm.save_as_mainfile(filepath=out + "/plain.blend", compress=True)
+ob.modifiers.new("m", "MESH_CACHE").filepath = "//cache.pc2"
+bpy.ops.wm.save_as_mainfile(filepath=out + "/mesh_cache.blend", compress=True)
+ob.modifiers.clear()
+ob.modifiers.new("s", "MESH_SEQUENCE_CACHE")
+bpy.ops.wm.save_as_mainfile(filepath=out + "/seq_cache.blend", compress=True)
+ob.modifiers.clear()
+tree = bpy.data.node_groups.new("g", "GeometryNodeTree")
+tree.nodes.new("GeometryNodeImportOBJ")
+ob.modifiers.new("n", "NODES").node_group = tree
+bpy.ops.wm.save_as_mainfile(filepath=out + "/import_node.blend", compress=True)
+'''
+
+
+def test_real_blend_files_from_blender(tmp_path):
+    """The same rules on files Blender itself wrote (zstd-compressed, Blender 5 large block headers)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bpy")
+    d = tmp_path / "assets"
+    d.mkdir()
+    script = tmp_path / "make.py"
+    script.write_text(MAKE_BLENDS)
+    subprocess.run([sys.executable, str(script), str(d)], check=True, capture_output=True, timeout=120)
+    got = {n: download(tmp_path, d, n)["error"] for n in ("plain.blend", "mesh_cache.blend", "seq_cache.blend",
+                                                           "import_node.blend")}
+    assert got == {"plain.blend": None, "mesh_cache.blend": "download: blend file holds a Mesh Cache modifier",
+                   "seq_cache.blend": "download: blend file holds a Mesh Sequence Cache modifier",
+                   "import_node.blend": "download: blend file holds a geometry-node import node "
+                                        "(GeometryNodeImportOBJ)"}, got
+
+
+# ----------------------------------------------------------------------------------- 4. identity, 5. bombs
+
+
+def test_identity_covers_the_whole_bundle(tmp_path):
+    from _pipeline_helpers import TRIANGLE
+
+    d = tmp_path / "assets"
+    for sub, buf in (("a", TRIANGLE), ("b", TRIANGLE[::-1]), ("c", TRIANGLE)):
+        (d / sub).mkdir(parents=True)
+        (d / sub / "m.gltf").write_text(json.dumps(gltf_with("m.bin")))
+        (d / sub / "m.bin").write_bytes(buf)
+    dl = Download(make_cfg(tmp_path))
+    a, b, c = (dl(local_row(d, f"{s}/m.gltf")) for s in "abc")
+    assert a["error"] is None and b["error"] is None, (a["error"], b["error"])  # same .gltf, different .bin
+    assert a["sha256"] != b["sha256"]
+    assert c["error"] == f"download: skipped: duplicate of local:a/m.gltf (same sha256 {a['sha256']})"
+
+
+def test_pixel_cap_before_decode(tmp_path):
+    import base64
+
+    from _pipeline_helpers import TRIANGLE, _glb_json_only
+
+    bomb = png_header(20000, 20000)
+    doc = gltf_with("data:application/octet-stream;base64," + base64.b64encode(TRIANGLE).decode(),
+                    images=[{"uri": "data:image/png;base64," + base64.b64encode(bomb).decode()}])
+    assert one_file(tmp_path, "bomb.glb", _glb_json_only(doc)) == \
+        "download: pixel cap: png image of 20000x20000 pixels > 67108864"
+    d = tmp_path / "assets"
+    (d / "tex.png").write_bytes(bomb)
+    (d / "m.obj").write_bytes(b"mtllib m.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    (d / "m.mtl").write_bytes(b"newmtl m\nmap_Kd tex.png\n")
+    assert download(tmp_path, d, "m.obj")["error"] == "download: pixel cap: png image of 20000x20000 pixels > 67108864"
+    (d / "tex.png").write_bytes(b"\x00not an image")
+    assert download(tmp_path, d, "m.obj")["error"] == "download: image format not accepted: binary"
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"accessors": [{"bufferView": 0, "componentType": 5126, "count": 1 << 30, "type": "VEC3"}]},
+     "glTF accessor 0 count 1073741824 out of range"),
+    ({"accessors": [{"bufferView": 0, "componentType": 5126, "count": 4, "type": "VEC3"}]},
+     "glTF accessor 0 out of bounds of its bufferView"),
+    ({"bufferViews": [{"buffer": 0, "byteOffset": 30, "byteLength": 36}]}, "glTF bufferView 0 out of bounds"),
+    ({"bufferViews": [{"buffer": 3, "byteLength": 36}]}, "glTF bufferView 0 out of bounds"),
+])
+def test_accessor_sanity_before_import(tmp_path, change, reason):
+    import base64
+
+    from _pipeline_helpers import TRIANGLE
+
+    doc = gltf_with("data:application/octet-stream;base64," + base64.b64encode(TRIANGLE).decode())
+    doc.update(change)
+    assert one_file(tmp_path, "a.gltf", json.dumps(doc).encode()) == f"download: {reason}"
+
+
+@pytest.mark.parametrize("uri", ["/proc/self/environ", "/dev/zero", "file:///proc/self/environ",
+                                 "%2Fdev%2Fzero", "//proc/self/environ"])
+def test_proc_and_dev_uris(tmp_path, uri):
+    err = one_file(tmp_path, "p.gltf", json.dumps(gltf_with(uri)).encode())
+    assert err.startswith("download: external reference outside the asset"), err
