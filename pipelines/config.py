@@ -110,6 +110,16 @@ class RenderConfig:
     # Per image, checked from its header before any decoder runs: 8192^2 px is 1 GiB as Blender's float RGBA.
     max_image_pixels: int = 8192 * 8192
 
+    def __post_init__(self):
+        from mdt.config import ConfigError
+
+        bad = set(self.unscannable_formats) - {"usdc", "usdz", "abc"}
+        if bad:
+            raise ConfigError(f"render.unscannable_formats: {sorted(bad)} are not unscannable formats "
+                              "(usdc, usdz, abc)")
+        if self.unscannable_formats and self.allow_unsandboxed:
+            raise ConfigError("render.unscannable_formats needs the sandbox: not with render.allow_unsandboxed")
+
 
 @dataclass
 class CondConfig:

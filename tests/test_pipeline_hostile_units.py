@@ -303,3 +303,39 @@ def test_accessor_sanity_before_import(tmp_path, change, reason):
 def test_proc_and_dev_uris(tmp_path, uri):
     err = one_file(tmp_path, "p.gltf", json.dumps(gltf_with(uri)).encode())
     assert err.startswith("download: external reference outside the asset"), err
+
+
+# ----------------------------------------------------------------------------------- 2. the sandbox's settings
+
+
+@pytest.mark.parametrize("over,reason", [
+    (["render.unscannable_formats=[usdc]", "render.allow_unsandboxed=true"],
+     "render.unscannable_formats needs the sandbox: not with render.allow_unsandboxed"),
+    (["render.unscannable_formats=[fbx]"], "render.unscannable_formats: ['fbx'] are not unscannable formats"),
+])
+def test_sandbox_settings_refused(over, reason):
+    from mdt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=__import__("re").escape(reason)):
+        load_config(PreprocessConfig, None, over)
+
+
+def test_sandbox_rule_changes_the_config_hash_and_ledger_records():
+    from pipelines.config import config_hash
+    from pipelines.ledger import sandbox_mode
+
+    off = load_config(PreprocessConfig, None, ["render.allow_unsandboxed=true"])
+    assert config_hash(off) != config_hash(PreprocessConfig())
+    assert sandbox_mode({"sandbox": "userns"}, False) == "userns"
+    assert sandbox_mode({}, False) == "required" and sandbox_mode({"sandbox": None}, True) == "optional"
+
+
+def test_unscannable_format_enabled_explicitly(tmp_path):
+    cfg = load_config(PreprocessConfig, None, [f"output={tmp_path / 'out'}", f"download.cache_uri={tmp_path / 'c'}",
+                                               "render.unscannable_formats=[usdc]"])
+    d = tmp_path / "assets"
+    d.mkdir()
+    (d / "b.usdc").write_bytes(b"PXR-USDC" + b"\x00" * 80)
+    (d / "p.usdz").write_bytes(b"PK\x03\x04" + b"\x00" * 80)
+    assert Download(cfg)(local_row(d, "b.usdc"))["error"] is None
+    assert Download(cfg)(local_row(d, "p.usdz"))["error"] == "download: unscannable format: usdz (packaged USD)"
