@@ -54,3 +54,26 @@ def test_no_sandbox_fails_unless_allowed():
                                  "user namespace: Operation not permitted"), p
     code, p = check(NO_NAMESPACES, "--allow-unsandboxed")
     assert code == 1 and p["mode"] == "none", p  # runs, but the check reports the sandbox as not holding
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_render_inside_the_sandbox(tmp_path, device):
+    """A real render in the sandbox with the presets' device choice: probing GPUs there (no /proc) must not take
+    the worker down (oneAPI's runtime aborts without /proc/self/maps)."""
+    from _pipeline_helpers import GOOD_GLBS
+    from conftest import shared_path
+    from pipelines.render import RenderPass, RenderSettings, WarmWorker, feature_cameras, render_file
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "a.glb").write_bytes(shared_path("assets", "glb", GOOD_GLBS[0]).read_bytes())
+    c2w, fov = feature_cameras(2, (0.0, 0.0))
+    settings = RenderSettings(samples=1, denoise=False, device=device, threads=1, timeout_s=120)
+    warm = WarmWorker()
+    try:
+        res = render_file(bundle / "a.glb", "glb", [RenderPass("views", 32, c2w, fov)], settings, workdir=tmp_path,
+                          bundle_dir=bundle, warm=warm)
+    finally:
+        warm.close()
+    assert res.ok, (res.error, res.log_tail[-2000:])
+    assert res.info["wall"] == ("namespace" if os.geteuid() == 0 else "userns")
