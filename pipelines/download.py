@@ -8,7 +8,11 @@ What it guarantees:
 - **Per-host concurrency limit**: at most ``download.per_host_concurrency`` requests in flight per host,
   cluster-wide when the graph created a :class:`HostLimiterActor` (``limiter`` argument), per process
   otherwise.
-- **sha256 verification** against the row's expected hash (``sha256``; 3D-FUTURE: hash of ``sha256_uri``).
+- **sha256 verification** against the row's expected hash (``sha256``; 3D-FUTURE: hash of ``sha256_uri``);
+  without one, the identity is the hash of the whole bundle (``asset_refs.bundle_sha256``).
+- **Content rules** before anything is cached (``asset_content.check_bundle``): formats by magic bytes,
+  unscannable formats, ``.blend`` structure, image pixel caps, glTF accessor bounds.
+- **Local sources**: read by real path under the source folder, regular files only (``storage.read_local_confined``).
 - **Size cap** (``download.max_bytes`` per file, ``max_archive_bytes`` per archive): checked against
   Content-Length / object size before reading and while streaming.
 - **Content-addressed cache** ``<cache>/objects/<sha[:2]>/<sha>`` (+ ``.json`` sidecar written last, the

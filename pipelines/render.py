@@ -3,7 +3,8 @@
 The parent side (this module) chooses the cameras, writes the asset into a private temp directory, checks it
 (external references, raw geometry) and has `pipelines/blender_worker.py` render it in a child process that it
 can kill: a per-asset timeout (the child's whole process group is SIGKILLed), an address-space cap set inside
-the child with `resource.setrlimit`, the file-system wall (`blender_worker.confine`), a factory-reset scene,
+the child with `resource.setrlimit`, the mandatory sandbox (`blender_worker.confine`; `render: no sandbox: <why>`
+where it cannot be set up, unless `render.allow_unsandboxed`), an environment without credentials, a factory-reset scene,
 and Python auto-execution in .blend files switched off. With `render.warm_workers` (default) the child is
 forked from a warm worker that imported bpy once (`WarmWorker`, one per concurrent render), so Blender's
 start-up is paid once per actor instead of once per asset; the warm worker itself never opens an asset.
