@@ -43,7 +43,8 @@ LEDGER_SCHEMA = pa.schema([
     ("time", pa.float64()),  # unix time of the record
     ("stats", pa.string()),  # write/done only: JSON, e.g. per-instance SLat channel means
     ("sandbox", pa.string()),  # the render sandbox: namespace | userns | none (allowed unsandboxed) for an asset
-    #                            that reached the render worker, else the job's rule: required | optional
+    #                            that reached the render worker (unavailable: it could not be set up; unknown:
+    #                            the worker was killed first), else the job's rule: required | optional
 ])
 
 WRITE_STAGE = "write"

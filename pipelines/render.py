@@ -492,7 +492,7 @@ class Render:
                 passes.append(RenderPass("cond", self.cond_resolution, *cams["cond"], samples=self.cond_samples))
             res = self._render(path, fmt, passes, self.settings, self.export_mesh, tmp, bundle_dir=tmp / "asset")
         row["sandbox"] = res.info.get("wall") or ("unavailable" if (res.error or "").startswith("no sandbox")
-                                                  else "not reached")
+                                                  else "unknown")  # killed before it said
         if not res.ok:
             return fail(row, self.name, res.error)
         if row["sandbox"] not in ("namespace", "userns") and not self.settings.allow_unsandboxed:
