@@ -161,11 +161,12 @@ def test_hostile_inputs_demo_preset(hostile, tmp_path, mode):
     check_cache(out, got)
     assert files_containing(out, marker) == []
     assert not [n for n in got if n.startswith("linked_dir/")]  # a directory symlink is never entered
-    # every ledger record names the sandbox: the mode for assets that reached the worker, else the rule
+    # every ledger record names the sandbox: the mode for assets rendered in it, else the job's rule (every
+    # failure here comes before the worker: at download, or the raw-geometry check before import)
     modes = {(r["file_identifier"], r["sandbox"]) for r in ledger_records(out)}
-    reached = {n for n, (st, stage, _) in got.items() if stage in ("render", "write")}
-    assert {m for n, m in modes if n in reached} == {sandbox}, modes
-    assert {m for n, m in modes if n not in reached} == {"required"}, modes
+    done = {n for n, (st, _, _) in got.items() if st == "done"}
+    assert {m for n, m in modes if n in done} == {sandbox}, modes
+    assert {m for n, m in modes if n not in done} == {"required"}, modes
     (report,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*/report.json")]
     assert set(report["sandbox"]) == {sandbox, "required"}, report["sandbox"]
     if trace is not None:
