@@ -98,6 +98,8 @@ def check_content(fmt: str, data: bytes, unscannable_ok: frozenset | set = froze
     kind = sniff(data)
     fmt = fmt.lower()
     if fmt in _ALLOWED:
+        if not data:
+            raise ContentError("empty or missing asset file")
         if kind not in _ALLOWED[fmt]:
             raise ContentError(f"content is not {fmt}: the file holds {kind} data")
         if fmt == "usd" and kind == "usdc":
@@ -232,11 +234,11 @@ def glb_chunks(data: bytes) -> tuple[dict, bytes | None]:
     total = struct.unpack("<I", data[8:12])[0]
     n, kind = struct.unpack("<II", data[12:20])
     if kind != 0x4E4F534A or 20 + n > len(data):
-        raise ContentError("glb without a readable JSON chunk")
+        raise ContentError("GLB without a readable JSON chunk")
     try:
         doc = json.loads(data[20:20 + n])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ContentError("glb JSON chunk is not JSON") from None
+        raise ContentError("GLB JSON chunk is not JSON") from None
     p = 20 + n + (-n % 4)
     binary = None
     if p + 8 <= min(total, len(data)):
