@@ -332,17 +332,23 @@ def blend_blocks(data: bytes):
         hsize = int(data[7:9])
         if data[9:10] != b"-" or data[12:13] != b"v":
             raise ContentError("blend header not understood")
-        head, hlen = "<4siQqq", 32
-        unpack = (lambda p: (lambda c, s, o, n, k: (c, s, n))(*struct.unpack_from(head, data, p)))
+        head, hlen = "<4siQqq", 32  # code, struct index, old pointer, length, count
+
+        def unpack(p):
+            code, sdna, _, n, _ = struct.unpack_from(head, data, p)
+            return code, sdna, n
     else:
         hsize = 12
         ptr = {b"_": 4, b"-": 8}.get(data[7:8])
         end = {b"v": "<", b"V": ">"}.get(data[8:9])
         if ptr is None or end is None:
             raise ContentError("blend header not understood")
-        head = f"{end}4si{'I' if ptr == 4 else 'Q'}ii"
+        head = f"{end}4si{'I' if ptr == 4 else 'Q'}ii"  # code, length, old pointer, struct index, count
         hlen = struct.calcsize(head)
-        unpack = (lambda p: (lambda c, n, o, s, k: (c, s, n))(*struct.unpack_from(head, data, p)))
+
+        def unpack(p):
+            code, n, _, sdna, _ = struct.unpack_from(head, data, p)
+            return code, sdna, n
     blocks, p = [], hsize
     try:
         while p + hlen <= len(data):

@@ -79,8 +79,8 @@ MS_NOATIME, MS_NODIRATIME, MS_PRIVATE, MS_RELATIME, MNT_DETACH = 1024, 2048, 1 <
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
 DEVICES = ("/dev/null", "/dev/urandom", "/dev/random")  # no /dev/zero: an endless file for a "buffer"
 GPU_DEVICE_PREFIXES = ("/dev/nvidia", "/dev/dri")
-ENV_KEEP = ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
-            "ROCR_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+            "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 # seccomp: (AUDIT_ARCH, syscalls refused with EPERM, socket, clone). Refused: tracing and reading other
 # processes, (un)mounting and namespaces, kernel keyrings, BPF, perf, io_uring, module and kexec loading,
 # handle-based opens (escape a bind mount), kcmp / pidfd_getfd.

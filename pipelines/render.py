@@ -169,8 +169,8 @@ class RenderResult:
 
 
 # What a Blender worker inherits of the stage's environment: no credentials (AWS_*, HF_TOKEN, ...) ever.
-WORKER_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
-              "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+WORKER_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
+              "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 
 
 def worker_env() -> dict:

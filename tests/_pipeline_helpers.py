@@ -475,7 +475,7 @@ def add_deny_by_default_cases(d: Path, outside: Path, marker: bytes, glb_dir: Pa
                        ("quoted_mtllib", 'mtllib "../outside/evil.mtl"')):
         (d / f"{name}.obj").write_text(line + body)
         out[f"{name}.obj"] = ("failed", ext)
-    blend = tiny_blend(body=f"//../outside/canary.png".encode() + b"\x00")
+    blend = tiny_blend(body=b"//../outside/canary.png\x00")
     c = zstandard.ZstdCompressor()
     (d / "frames.blend").write_bytes(c.compress(blend[:40]) + c.compress(blend[40:]))
     out["frames.blend"] = ("failed", ext)

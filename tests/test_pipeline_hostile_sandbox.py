@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _pipeline_helpers import PROJECT_ROOT
 
 WORKER = PROJECT_ROOT / "pipelines" / "blender_worker.py"
@@ -62,7 +61,14 @@ def test_render_inside_the_sandbox(tmp_path, device):
     the worker down (oneAPI's runtime aborts without /proc/self/maps)."""
     from _pipeline_helpers import GOOD_GLBS
     from conftest import shared_path
-    from pipelines.render import RenderPass, RenderSettings, WarmWorker, feature_cameras, render_file
+
+    from pipelines.render import (
+        RenderPass,
+        RenderSettings,
+        WarmWorker,
+        feature_cameras,
+        render_file,
+    )
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()

@@ -158,8 +158,8 @@ def test_unscannable_and_usd_expressions(tmp_path, name, data, reason):
 
 def test_unscannable_listing(tmp_path):
     (tmp_path / "x.usdc").write_bytes(b"PXR-USDC")
-    from pipelines.sources.local import LocalSource
     from pipelines.sources.base import ListingHints, SourceSpec
+    from pipelines.sources.local import LocalSource
 
     rows = list(LocalSource(SourceSpec("local", str(tmp_path), {}), make_cfg(tmp_path), ListingHints()).rows())
     assert [r["file_identifier"] for r in rows] == ["x.usdc"]  # listed, so it fails with its reason
