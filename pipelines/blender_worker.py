@@ -22,14 +22,20 @@ Outputs under out_dir: `<pass name>/<i:03d>.png` (RGBA), `mesh.npz` (vertices fl
 [F, 3]), `result.json` (scale, offset, device, timings). On a handled failure it writes `error.json`
 (`{"error": "<short reason>"}`) and exits with status 3.
 
-The file-system wall (`confine`): before the asset is opened, the worker enters a private mount namespace
-(and a network namespace without interfaces) and changes root to an empty tmpfs into which only the bundle
-directory, the output directory, the Python installation, bpy and the system library directories are
-bind-mounted (read-only except bundle and output). A reference the pre-import check missed then finds
-nothing: no project files, no other assets, no /tmp, /etc, /home or /proc. Where namespaces are not
-permitted the worker still runs from the bundle directory and records `"wall": "none"` in result.json.
-After import, any image, library, sound, font, movie clip or cache file whose path resolves outside the
-bundle (and is not packed into the file) fails the asset.
+The sandbox (`confine`), entered before the asset is opened and mandatory: the worker forks (so that it is
+single-threaded) and enters new mount, PID, network, IPC and UTS namespaces, directly where it holds
+CAP_SYS_ADMIN (mode "namespace") or inside an unprivileged user namespace that maps only its own uid/gid (mode
+"userns", how a non-root container runs). Inside: an empty tmpfs made the root with pivot_root (the old root
+detached), holding only the bundle and output directories (read-write), the Python installation, bpy and the
+system library directories (read-only) and /dev/null, /dev/urandom, /dev/random (+ GPU device nodes unless the
+device is "cpu"); no /proc, /sys, /etc, /home or /tmp of the host; the environment emptied but for PATH, locale
+and GPU selection; every capability dropped with securebits locked, no_new_privs, and a seccomp filter that
+refuses network sockets (AF_UNIX only), ptrace and process_vm_*, mount / namespace / keyring / bpf / perf /
+io_uring / module syscalls and namespace flags on clone. Where it cannot be set up the asset fails with
+`no sandbox: <why>`; only a job with `allow_unsandboxed` renders without it (mode "none", warned on stderr).
+The mode goes into result.json / error.json (`wall`). `blender_worker.py --check-sandbox` enters it and prints
+what is reachable inside (exit 0 when it holds). After import, any image, library, sound, font, movie clip or
+cache file whose path resolves outside the bundle (and is not packed into the file) fails the asset.
 
 Safety: Python auto-execution stays off: the preference is cleared before anything is loaded and .blend
 files are opened with `use_scripts=False`, so registered text blocks, drivers with Python expressions and
@@ -65,17 +71,42 @@ def _limit_memory(mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x40000000, 0x20000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP = 0x10000000, 0x20000000, 0x40000000, 0x02000000
+NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_NOATIME, MS_NODIRATIME, MS_PRIVATE, MS_RELATIME, MNT_DETACH = 1024, 2048, 1 << 18, 1 << 21, 2
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
-DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+DEVICES = ("/dev/null", "/dev/urandom", "/dev/random")  # no /dev/zero: an endless file for a "buffer"
+GPU_DEVICE_PREFIXES = ("/dev/nvidia", "/dev/dri")
+ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+            "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+# seccomp: (AUDIT_ARCH, syscalls refused with EPERM, socket, clone). Refused: tracing and reading other
+# processes, (un)mounting and namespaces, kernel keyrings, BPF, perf, io_uring, module and kexec loading,
+# handle-based opens (escape a bind mount), kcmp / pidfd_getfd.
+SECCOMP_ARCH = {
+    "x86_64": (0xC000003E, (101, 310, 311, 165, 166, 155, 161, 272, 308, 321, 298, 250, 248, 249, 323, 246, 320,
+                            175, 313, 176, 425, 426, 427, 304, 303, 430, 432, 429, 428, 442, 169, 167, 163, 103,
+                            312, 438), 41, 56),
+    "aarch64": (0xC00000B7, (117, 270, 271, 40, 39, 41, 51, 97, 268, 280, 241, 219, 217, 218, 282, 104, 294, 105,
+                             273, 106, 425, 426, 427, 265, 264, 430, 432, 429, 428, 442, 142, 224, 89, 116, 272,
+                             438), 198, 220),
+}
+CLONE3_NR = 435  # the same on x86_64 and aarch64
+SANDBOX_MODES = ("namespace", "userns")  # "none": only where the job allows running without the sandbox
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _mount(libc, src, target, fstype, flags, data=None) -> None:
     enc = (lambda x: None if x is None else os.fsencode(x))
     if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
         err = ctypes_get_errno()
-        raise OSError(err, f"mount {src} -> {target}: {os.strerror(err)}")
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
 
 def ctypes_get_errno() -> int:
@@ -84,58 +115,231 @@ def ctypes_get_errno() -> int:
     return ctypes.get_errno()
 
 
-def confine(bundle_dir: str, out_dir: str) -> str:
-    """The worker's file-system wall (see the module docstring). Returns "namespace" or "none"."""
-    import ctypes
-    import tempfile
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID) != 0:
-        os.chdir(bundle_dir)
-        return "none"
-    # A new PID namespace takes effect for children: fork, the child (PID 1 there) carries on behind the wall
-    # and may mount a /proc that shows only itself; this process waits and exits with the child's status.
+def _fork_and_wait() -> None:
+    """Fork; the parent waits and exits with the child's status, the child returns (and carries on)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     pid = os.fork()
     if pid:
         _, status = os.waitpid(pid, 0)
-        sys.stdout.flush()
         os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-    try:
-        _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
-        root = tempfile.mkdtemp(prefix="mdt-wall-", dir=os.path.dirname(out_dir))
-        _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=755")
-        import bpy  # noqa: F401 - already imported; its location must stay visible
 
-        # Python and bpy, under their real paths and under the (possibly symlinked) paths Blender derives its
-        # data-file locations from
-        dirs = (sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.abspath(bpy.__file__)))
-        python_dirs = {os.path.abspath(p) for p in dirs} | {os.path.realpath(p) for p in dirs}
-        ro = [d for d in (*SYSTEM_DIRS, *sorted(python_dirs)) if os.path.isdir(d)]
-        binds = [(d, True) for d in ro] + [(d, False) for d in DEVICES if os.path.exists(d)]
-        binds += [(os.path.realpath(bundle_dir), False), (os.path.realpath(out_dir), False)]
-        for src, read_only in binds:
-            dst = root + src
-            if os.path.isdir(src):
-                os.makedirs(dst, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                open(dst, "a").close()
-            _mount(libc, src, dst, None, MS_BIND | MS_REC)
-            if read_only:
-                _mount(libc, None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        os.makedirs(root + "/tmp", exist_ok=True)
-        os.makedirs(root + os.path.realpath(bpy.app.tempdir or "/tmp"), exist_ok=True)  # Blender's temp dir
-        os.makedirs(root + "/proc", exist_ok=True)
-        _mount(libc, "proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | 8)  # 8: MS_NOEXEC
-        os.chroot(root)
+
+def _enter_namespaces(libc) -> str:
+    """Private mount, PID, network, IPC and UTS namespaces: directly with CAP_SYS_ADMIN ("namespace"), else
+    inside a new user namespace that maps only this uid/gid ("userns"). Raises OSError with the reason."""
+    if libc.unshare(NAMESPACES) == 0:
+        return "namespace"
+    first = os.strerror(ctypes_get_errno())
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | NAMESPACES) != 0:
+        err = ctypes_get_errno()
+        raise OSError(err, f"namespaces not permitted ({first}); user namespace: {os.strerror(err)}"
+                           " (kernel.unprivileged_userns_clone / user.max_user_namespaces, or a seccomp profile"
+                           " that blocks unshare)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    return "userns"
+
+
+def _locked_flags(path: str) -> int:
+    """Mount flags of ``path``'s mount that a bind remount must keep (a user namespace may not clear them)."""
+    f = os.statvfs(path).f_flag
+    out = 0
+    for st, ms in ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+                   (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME)):
+        if f & st:
+            out |= ms
+    return out
+
+
+def _new_root(libc, bundle_dir: str, out_dir: str, gpu: bool) -> None:
+    """An empty tmpfs holding only the bundle and output directories (read-write), Python, bpy, the system
+    library directories and a few devices (read-only), made the root with pivot_root; the old root is
+    detached, so no path leads back to it. No /proc, /sys, /etc, /home or /tmp of the host."""
+    import importlib.util
+    import tempfile
+
+    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
+    root = tempfile.mkdtemp(prefix="mdt-wall-", dir=os.path.dirname(out_dir))
+    _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=755")
+    spec = importlib.util.find_spec("bpy")
+    bpy_dir = os.path.dirname(os.path.abspath(spec.origin)) if spec and spec.origin else None
+    # Python and bpy, under their real paths and under the (possibly symlinked) paths Blender derives its
+    # data-file locations from
+    dirs = [d for d in (sys.prefix, sys.base_prefix, sys.exec_prefix, bpy_dir) if d]
+    python_dirs = {os.path.abspath(p) for p in dirs} | {os.path.realpath(p) for p in dirs}
+    ro = [d for d in (*SYSTEM_DIRS, *sorted(python_dirs)) if os.path.isdir(d)]
+    devices = list(DEVICES)
+    if gpu and os.path.isdir("/dev"):
+        devices += sorted(os.path.join("/dev", n) for n in os.listdir("/dev")
+                          if os.path.join("/dev", n).startswith(GPU_DEVICE_PREFIXES))
+    binds = [(d, True) for d in ro] + [(d, False) for d in devices if os.path.exists(d)]
+    binds += [(os.path.realpath(bundle_dir), False), (os.path.realpath(out_dir), False)]
+    for src, read_only in binds:
+        dst = root + src
+        if os.path.isdir(src):
+            os.makedirs(dst, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "a").close()
+        _mount(libc, src, dst, None, MS_BIND | MS_REC)
+        if read_only:
+            _mount(libc, None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | _locked_flags(src))
+    os.makedirs(root + "/tmp", exist_ok=True)
+    os.makedirs(root + "/.old-root", exist_ok=True)
+    pivot_root = {"x86_64": 155, "aarch64": 41}[os.uname().machine]
+    if libc.syscall(pivot_root, os.fsencode(root), os.fsencode(root + "/.old-root")) != 0:
+        err = ctypes_get_errno()
+        raise OSError(err, f"pivot_root: {os.strerror(err)}")
+    os.chdir("/")
+    if libc.umount2(b"/.old-root", MNT_DETACH) != 0:
+        err = ctypes_get_errno()
+        raise OSError(err, f"detach the old root: {os.strerror(err)}")
+    os.rmdir("/.old-root")
+
+
+def _drop_privileges(libc) -> None:
+    """Every capability dropped (bounding set, ambient, effective / permitted / inheritable; securebits locked
+    so uid 0 regains none on exec), then no_new_privs."""
+    import ctypes
+
+    if libc.prctl(28, 0xEF, 0, 0, 0) != 0:  # PR_SET_SECUREBITS: NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE (+ locks)
+        raise OSError(ctypes_get_errno(), "securebits")
+    for cap in range(64):
+        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes_get_errno() == 22:  # PR_CAPBSET_DROP; EINVAL: no such cap
+            break
+    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    data = (Data * 2)()
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:
+        raise OSError(ctypes_get_errno(), "capset")
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes_get_errno(), "no_new_privs")
+
+
+def _seccomp(libc) -> None:
+    """A seccomp filter: other architectures' (and x32) syscalls kill the process; the syscalls of
+    SECCOMP_ARCH fail with EPERM; socket() only for AF_UNIX (no network, netlink or packet sockets); clone()
+    without namespace flags."""
+    import ctypes
+    import errno
+
+    arch = os.uname().machine
+    if arch not in SECCOMP_ARCH:
+        raise OSError(errno.ENOSYS, f"no seccomp filter for {arch}")
+    audit_arch, denied, socket_nr, clone_nr = SECCOMP_ARCH[arch]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill, eperm = 0x7FFF0000, 0x80000000, 0x00050000 | errno.EPERM
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]
+    if arch == "x86_64":
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, kill)]  # x32 ABI
+    for nr in denied:
+        prog += [(jeq, 0, 1, nr), (ret, 0, 0, eperm)]
+    # clone3 passes its flags in memory, which a filter cannot read: "not implemented" makes the C library
+    # fall back to clone(), whose flags are checked below
+    prog += [(jeq, 0, 1, CLONE3_NR), (ret, 0, 0, 0x00050000 | errno.ENOSYS)]
+    prog += [(jeq, 0, 4, socket_nr), (ld, 0, 0, 16), (jeq, 0, 1, 1), (ret, 0, 0, allow), (ret, 0, 0, eperm)]
+    prog += [(jeq, 0, 3, clone_nr), (ld, 0, 0, 16), (jset, 0, 1, NAMESPACES | CLONE_NEWUSER | CLONE_NEWCGROUP),
+             (ret, 0, 0, eperm)]
+    prog += [(ret, 0, 0, allow)]
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+
+    arr = (Filter * len(prog))(*[Filter(*f) for f in prog])
+    if libc.prctl(22, 2, ctypes.byref(Prog(len(prog), arr)), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes_get_errno(), f"seccomp: {os.strerror(ctypes_get_errno())}")
+
+
+def confine(bundle_dir: str, out_dir: str, allow_unsandboxed: bool = False, gpu: bool = False) -> str:
+    """The worker's sandbox (module docstring). Returns its mode: "namespace" (root), "userns" (unprivileged
+    user namespace) or, only with ``allow_unsandboxed``, "none". Where it cannot be set up the asset fails
+    with ``no sandbox: <why>``. On return this process runs inside; its parents only wait for it."""
+    libc = _libc()
+    # unshare(CLONE_NEWUSER) needs a single-threaded process and bpy starts threads: fork first (a child has
+    # one thread). A new PID namespace takes effect for children: fork again, the grandchild (PID 1 there)
+    # carries on; each parent waits and exits with its child's status.
+    _fork_and_wait()
+    try:
+        mode = _enter_namespaces(libc)
+    except OSError as e:
+        if allow_unsandboxed:
+            print(f"WARNING: rendering WITHOUT the sandbox: {e.strerror}", file=sys.stderr, flush=True)
+            os.chdir(bundle_dir)
+            return "none"
+        raise AssetError(f"no sandbox: {e.strerror}") from None
+    _fork_and_wait()
+    try:
+        _new_root(libc, bundle_dir, out_dir, gpu)
         os.chdir(os.path.realpath(bundle_dir))
-        os.environ["TMPDIR"] = "/tmp"
+        keep = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
+        os.environ.clear()
+        os.environ.update(keep, TMPDIR="/tmp", HOME="/tmp")
         import tempfile as _t
 
         _t.tempdir = None
-        return "namespace"
+        _drop_privileges(libc)
+        _seccomp(libc)
+    except (OSError, KeyError) as e:
+        raise AssetError(f"no sandbox: {getattr(e, 'strerror', None) or e}") from None
+    return mode
+
+
+def sandbox_properties() -> dict:
+    """What this process can reach, measured from inside (``--check-sandbox``; the worker's result.json)."""
+    import ctypes
+    import errno
+    import socket
+
+    libc = _libc()
+    out = {"uid": os.getuid(), "proc": os.path.exists("/proc/self"), "root_entries": sorted(os.listdir("/")),
+           "env": sorted(os.environ), "no_new_privs": libc.prctl(39, 0, 0, 0, 0), "seccomp": libc.prctl(21, 0, 0, 0, 0)}
+    data = (ctypes.c_uint32 * 6)()
+    hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    libc.capget(hdr, data)
+    out["capabilities"] = [int(x) for x in data]
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+        out["inet_socket"] = "allowed"
     except OSError as e:
-        raise AssetError(f"could not build the worker's file-system wall: {e}") from None
+        out["inet_socket"] = errno.errorcode.get(e.errno, str(e.errno))
+    r = libc.ptrace(0, 0, 0, 0)  # PTRACE_TRACEME
+    out["ptrace"] = "allowed" if r == 0 else errno.errorcode.get(ctypes_get_errno(), "?")
+    r = libc.unshare(CLONE_NEWUSER)
+    out["unshare"] = "allowed" if r == 0 else errno.errorcode.get(ctypes_get_errno(), "?")
+    return out
+
+
+def check_sandbox(allow_unsandboxed: bool = False) -> int:
+    """``blender_worker.py --check-sandbox``: enter the sandbox as a render would, print its mode and what is
+    reachable inside as one JSON line; exit 0 when the sandbox holds, 1 otherwise (the container check)."""
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="mdt-sandbox-check-")
+    bundle, out = os.path.join(work, "bundle"), os.path.join(work, "out")
+    os.makedirs(bundle)
+    os.makedirs(out)
+    try:
+        mode = confine(bundle, out, allow_unsandboxed)
+    except AssetError as e:
+        print(json.dumps({"mode": None, "error": str(e)}), flush=True)
+        return 1
+    props = {"mode": mode, **sandbox_properties()}
+    print(json.dumps(props, sort_keys=True), flush=True)
+    ok = (mode in SANDBOX_MODES and not props["proc"] and props["no_new_privs"] == 1 and props["seccomp"] == 2
+          and not any(props["capabilities"]) and props["inet_socket"] != "allowed" and props["ptrace"] != "allowed")
+    return 0 if ok else 1
 
 
 def _outside_files(bpy, bundle_dir: str) -> list[str]:
@@ -157,6 +361,18 @@ def _reset_scene(bpy) -> None:
     bpy.context.preferences.filepaths.use_scripts_auto_execute = False
     bpy.ops.wm.read_factory_settings(use_empty=True)
     bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+
+
+def _stable_message(text: str) -> str:
+    """The first meaningful line of an exception's text, without Blender's ``Location: <file>:<line>`` line,
+    ``Error:`` prefixes or any absolute path (install or temp locations differ between machines)."""
+    import re
+
+    lines = [ln.strip() for ln in text.strip().splitlines()
+             if ln.strip() and not ln.strip().startswith(("Location:", "Traceback", "File "))]
+    msg = re.sub(r"^(Error|RuntimeError):\s*", "", lines[0]) if lines else ""
+    msg = re.sub(r"(?<![\w.])/(?:[^\s/'\"]+/)+([^\s/'\"]*)", r"\1", msg)  # /abs/dir/name -> name
+    return msg[:300]
 
 
 def _gltf_without_required_extensions(path: str, fmt: str) -> str | None:
@@ -346,12 +562,15 @@ def _choose_device(bpy, want: str) -> str:
         return "CPU"
     try:
         prefs = bpy.context.preferences.addons["cycles"].preferences
-        for kind in ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL"):
+        kinds = ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL")
+        if not os.path.exists("/proc/self/maps"):  # inside the sandbox: oneAPI's runtime aborts without /proc
+            kinds = tuple(k for k in kinds if k != "ONEAPI")
+        for kind in kinds:
             try:
                 prefs.compute_device_type = kind
             except TypeError:
                 continue
-            prefs.get_devices()
+            prefs.get_device_list(kind)  # this kind only: probing every kind starts oneAPI too
             gpus = [d for d in prefs.devices if d.type == kind]
             if gpus:
                 for d in prefs.devices:
@@ -425,6 +644,7 @@ def main(job_path: str) -> int:
     _limit_memory(int(job.get("memory_limit_mb", 0)))
     timings = {}
     warnings: list[str] = []
+    wall = None
     try:
         import numpy as np
         import bpy
@@ -432,7 +652,8 @@ def main(job_path: str) -> int:
 
         timings["startup"] = time.time() - t0  # process start + `import bpy` (cold), fork (warm)
         bundle_dir = job.get("bundle_dir") or os.path.dirname(job["input"])
-        wall = confine(bundle_dir, out_dir) if job.get("confine", True) else "none"
+        wall = confine(bundle_dir, out_dir, bool(job.get("allow_unsandboxed", False)),
+                       gpu=job.get("device", "auto") != "cpu")
         t = time.time()
         _reset_scene(bpy)
         _import(bpy, job["input"], job["format"], warnings)
@@ -479,15 +700,14 @@ def main(job_path: str) -> int:
         reason = f"out of memory (cap {job.get('memory_limit_mb')} MiB)"
     except Exception as e:  # noqa: BLE001 - every failure becomes a short reason for the parent
         traceback.print_exc()
-        msg = str(e).strip().splitlines()
-        reason = f"{type(e).__name__}: {msg[-1][:300] if msg else ''}"
+        reason = f"{type(e).__name__}: {_stable_message(str(e))}"
     # short and stable: no temp paths, a hint when the address-space cap is the likely cause
     reason = reason.replace(os.path.dirname(job["input"]) + os.sep, "")
     cap = int(job.get("memory_limit_mb", 0) or 0)
     if cap and "memory" not in reason and any(s in reason for s in ("map segment", "Cannot allocate", "bad_alloc")):
         reason = f"out of memory (cap {cap} MiB): {reason}"
     with open(os.path.join(out_dir, "error.json"), "w") as f:
-        json.dump({"error": reason, "timings": timings}, f)
+        json.dump({"error": reason, "timings": timings, "wall": wall}, f)
     return EXIT_HANDLED
 
 
@@ -562,6 +782,8 @@ def run_cli(argv: list[str]) -> None:
     ``blender_worker.py --serve``: the warm worker (``serve``)."""
     if argv and argv[0] == "--serve":
         serve()
+    if argv and argv[0] == "--check-sandbox":
+        os._exit(check_sandbox("--allow-unsandboxed" in argv))
     code = main(argv[0])
     sys.stdout.flush()
     sys.stderr.flush()

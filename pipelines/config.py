@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 SCHEMA_VERSION = 1  # bumped whenever the shard schema changes (pipelines/shards.py)
 
-MESH_FORMATS = ["glb", "gltf", "obj", "ply", "fbx", "stl", "blend", "dae", "usdz", "usd", "usda", "abc"]
+MESH_FORMATS = ["glb", "gltf", "obj", "ply", "fbx", "stl", "blend", "dae", "usdz", "usd", "usda", "usdc", "abc"]
 
 
 @dataclass
@@ -101,6 +101,24 @@ class RenderConfig:
     # Keep `import bpy` out of the per-asset cost: a warm worker per concurrent render forks one child per
     # asset (same timeout, memory cap, wall and fresh scene). False: a new Python process per asset.
     warm_workers: bool = True
+    # The worker's sandbox (pipelines/README.md, "The render sandbox") is required: an asset fails with
+    # "no sandbox: <why>" where it cannot be set up. True renders without it (logged, recorded per row).
+    allow_unsandboxed: bool = False
+    # Formats the checker cannot scan for references (usdc, usdz, abc): refused unless listed here, and then
+    # rendered only inside the sandbox.
+    unscannable_formats: list[str] = field(default_factory=list)
+    # Per image, checked from its header before any decoder runs: 8192^2 px is 1 GiB as Blender's float RGBA.
+    max_image_pixels: int = 8192 * 8192
+
+    def __post_init__(self):
+        from mdt.config import ConfigError
+
+        bad = set(self.unscannable_formats) - {"usdc", "usdz", "abc"}
+        if bad:
+            raise ConfigError(f"render.unscannable_formats: {sorted(bad)} are not unscannable formats "
+                              "(usdc, usdz, abc)")
+        if self.unscannable_formats and self.allow_unsandboxed:
+            raise ConfigError("render.unscannable_formats needs the sandbox: not with render.allow_unsandboxed")
 
 
 @dataclass

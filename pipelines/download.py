@@ -8,7 +8,11 @@ What it guarantees:
 - **Per-host concurrency limit**: at most ``download.per_host_concurrency`` requests in flight per host,
   cluster-wide when the graph created a :class:`HostLimiterActor` (``limiter`` argument), per process
   otherwise.
-- **sha256 verification** against the row's expected hash (``sha256``; 3D-FUTURE: hash of ``sha256_uri``).
+- **sha256 verification** against the row's expected hash (``sha256``; 3D-FUTURE: hash of ``sha256_uri``);
+  without one, the identity is the hash of the whole bundle (``asset_refs.bundle_sha256``).
+- **Content rules** before anything is cached (``asset_content.check_bundle``): formats by magic bytes,
+  unscannable formats, ``.blend`` structure, image pixel caps, glTF accessor bounds.
+- **Local sources**: read by real path under the source folder, regular files only (``storage.read_local_confined``).
 - **Size cap** (``download.max_bytes`` per file, ``max_archive_bytes`` per archive): checked against
   Content-Length / object size before reading and while streaming.
 - **Content-addressed cache** ``<cache>/objects/<sha[:2]>/<sha>`` (+ ``.json`` sidecar written last, the
@@ -44,7 +48,7 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import tenacity
 
-from pipelines import asset_refs, storage
+from pipelines import asset_content, asset_refs, storage
 from pipelines.config import MESH_FORMATS, DownloadConfig, PreprocessConfig, StorageConfig
 from pipelines.rows import fail
 
@@ -330,16 +334,8 @@ class ArchiveReader:
 # --------------------------------------------------------------------------------------- references
 
 
-def make_bundle(main_name: str, main_bytes: bytes, read_rel, max_files: int, max_bytes: int) -> bytes:
-    """Zip of the main file plus what it references (recursively: obj -> mtl -> textures).
-
-    ``read_rel(path)`` returns bytes of a path relative to the bundle root, or None when missing. A reference
-    that would leave the bundle fails the asset (``external reference outside the asset: …``).
-    """
-    try:
-        files = asset_refs.bundle_files(main_name, main_bytes, read_rel, max_files)
-    except (asset_refs.ExternalReferenceError, ValueError) as e:
-        raise DownloadError(str(e)) from None
+def make_bundle(files: dict[str, bytes], max_bytes: int) -> bytes:
+    """Zip of a bundle ({bundle-relative path: bytes}, from ``asset_refs.bundle_files``)."""
     total = sum(len(b) for b in files.values())
     if total > max_bytes:
         raise DownloadError(f"size cap: bundle of {total} bytes > {max_bytes}")
@@ -404,6 +400,7 @@ class Download:
         self.cfg: DownloadConfig = cfg.download
         self.storage_cfg: StorageConfig = cfg.storage
         self.sources_cfg = cfg.sources
+        self.render_cfg = cfg.render  # the content rules' pixel cap and the formats allowed unscanned
         self.cache = cfg.cache_uri()
         self.extract_root = self.cfg.extract_dir or os.path.join(tempfile.gettempdir(), "mdt-archives")
         self.slots = HostSlots(self.cfg.per_host_concurrency, limiter,
@@ -444,34 +441,40 @@ class Download:
                 self._claim(row, expected)
                 self._fill(row, expected, meta, None)
                 return
-        data, name, reader = self._fetch_main(uri)
+        root = json.loads(row.get("provenance") or "{}").get("root")
+        data, name, reader = self._fetch_main(uri, root)
         fmt = mesh_format(name) or fmt_hint
         if fmt not in MESH_FORMATS:
             raise DownloadError(f"unsupported file type {fmt or '(none)'!r} ({posixpath.basename(name)})")
         if mesh_format(name) != fmt:  # e.g. a Thingiverse download URL: give the file its extension
             name = re.sub(r"[^\w.\-]", "_", posixpath.basename(name)) + f".{fmt}"
-        content_sha = hashlib.sha256(data).hexdigest()
+        if fmt == "dae":
+            raise DownloadError("unsupported format 'dae': this Blender has no COLLADA importer")
+        # content rules and the bundle (main file + every file it refers to) before anything is kept
+        files = {name: data}
+        try:
+            if fmt in asset_refs.REFERRING_FORMATS:
+                files = asset_refs.bundle_files(name, data, reader, self.cfg.bundle_max_files)
+            asset_content.check_bundle(files, name, set(self.render_cfg.unscannable_formats),
+                                       self.render_cfg.max_image_pixels)
+        except (asset_refs.ExternalReferenceError, ValueError) as e:  # ContentError is a ValueError
+            raise DownloadError(str(e)) from None
+        bundle = len(files) > 1
+        content_sha = asset_refs.bundle_sha256(files, name)
         if row.get("sha256_uri"):
-            hash_data, _, _ = self._fetch_main(row["sha256_uri"])
+            hash_data, _, _ = self._fetch_main(row["sha256_uri"], root)
             check_sha = hashlib.sha256(hash_data).hexdigest()
         else:
-            check_sha = content_sha
+            check_sha = hashlib.sha256(data).hexdigest()
         if expected and check_sha != expected:
             raise DownloadError(f"sha256 mismatch: expected {expected[:12]}…, got {check_sha[:12]}…")
-        sha = expected or check_sha  # identity: the dataset's hash (3D-FUTURE: of image.jpg), else the file's
+        # identity: the dataset's declared hash (verified above; 3D-FUTURE: of image.jpg), else the hash of the
+        # whole bundle, so two assets are duplicates only when every file they use is the same
+        sha = expected or content_sha
         if not expected and sha in self.done_sha256:
             raise DownloadError(f"skipped: duplicate of done asset {sha}")
         self._claim(row, sha)
-        bundle = False
-        payload = data
-        if fmt in asset_refs.REFERRING_FORMATS:
-            try:
-                refs = asset_refs.references(fmt, data)
-            except ValueError as e:
-                raise DownloadError(str(e)) from None
-            if any(not r.startswith("data:") for r in refs):
-                payload = make_bundle(name, data, reader, self.cfg.bundle_max_files, self.cfg.max_bytes)
-                bundle = True
+        payload = make_bundle(files, self.cfg.max_bytes) if bundle else data
         meta = {"mesh_format": fmt, "mesh_name": name if bundle else posixpath.basename(name),
                 "mesh_bundle": bundle, "mesh_size": len(payload), "content_sha256": content_sha}
         self._cache_store(sha, payload, meta)
@@ -516,8 +519,9 @@ class Download:
         storage.write_bytes_atomic(obj + ".json", json.dumps(meta).encode(), self.storage_cfg)
 
     # ---------------------------------------------------------------- fetching
-    def _fetch_main(self, uri: str):
-        """(bytes, name, read_rel) of the file at ``uri``; ``read_rel`` reads siblings for bundles."""
+    def _fetch_main(self, uri: str, root: str | None = None):
+        """(bytes, name, read_rel) of the file at ``uri``; ``read_rel`` reads siblings for bundles. ``root``:
+        the local source folder the file was listed from (default: the file's own directory)."""
         if uri.startswith(ARCHIVE_SCHEMES):
             _, member, archive_uri = split_archive_uri(uri)
             member = safe_member(member)
@@ -566,20 +570,23 @@ class Download:
                     return None
 
             return data, uri.rsplit("/", 1)[-1], read_rel
-        # local path / file://
-        path = storage.local_path(uri)
-        if not os.path.isfile(path):
+        # local path / file://: the file must lie under its source root by real path, with no symlink (to a
+        # file or a directory) anywhere below the root; its bundle is its own directory
+        path = os.path.abspath(storage.local_path(uri))
+        root = os.path.abspath(storage.local_path(root)) if root and not storage.is_s3(root) else os.path.dirname(path)
+        if not os.path.lexists(path):
             raise DownloadError(f"file not found: {path}")
-        root = os.path.dirname(os.path.abspath(path))
-        if os.path.islink(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(root):
-            raise DownloadError(str(asset_refs.ExternalReferenceError(os.path.basename(path),
-                                                                      "symlink to outside the bundle")))
-        size = os.path.getsize(path)
-        if size > self.cfg.max_bytes:
-            raise DownloadError(f"size cap: {size} bytes > {self.cfg.max_bytes}")
-        with open(path, "rb") as f:
-            data = f.read()
-        return data, os.path.basename(path), asset_refs.confined_reader(root, self.cfg.max_bytes)
+        rel = os.path.relpath(path, root)
+        real_root = os.path.realpath(root)
+        if rel.startswith(os.pardir) or os.path.realpath(path) != os.path.join(real_root, rel):
+            raise DownloadError(str(asset_refs.ExternalReferenceError(rel, "symlink in the source folder")))
+        try:
+            data = storage.read_local_confined(path, root, self.cfg.max_bytes)
+        except storage.OutsideRootError as e:
+            raise DownloadError(str(asset_refs.ExternalReferenceError(rel, str(e)))) from None
+        except ValueError as e:
+            raise DownloadError(str(e)) from None
+        return data, os.path.basename(path), asset_refs.confined_reader(os.path.dirname(path), self.cfg.max_bytes)
 
     def _http_target(self, uri: str) -> tuple[str, dict]:
         if not uri.startswith("hf://"):

@@ -42,9 +42,17 @@ LEDGER_SCHEMA = pa.schema([
     ("bytes", pa.int64()),  # write/done only: bytes of the asset's shard row
     ("time", pa.float64()),  # unix time of the record
     ("stats", pa.string()),  # write/done only: JSON, e.g. per-instance SLat channel means
+    ("sandbox", pa.string()),  # the render sandbox: namespace | userns | none (allowed unsandboxed) for an asset
+    #                            that reached the render worker (unavailable: it could not be set up; unknown:
+    #                            the worker was killed first), else the job's rule: required | optional
 ])
 
 WRITE_STAGE = "write"
+
+
+def sandbox_mode(row: dict, allow_unsandboxed: bool) -> str:
+    """What a ledger record says of the render sandbox for ``row`` (see LEDGER_SCHEMA)."""
+    return row.get("sandbox") or ("optional" if allow_unsandboxed else "required")
 
 
 def asset_key(sha256: str | None, source: str | None, file_identifier: str | None) -> tuple[str, str]:
@@ -120,7 +128,7 @@ class Ledger:
                 log.warning("ledger: unreadable file %s (%s) ignored", uri, e)
         if not tables:
             return LEDGER_SCHEMA.empty_table()
-        t = pa.concat_tables([x.cast(LEDGER_SCHEMA) for x in tables])
+        t = pa.concat_tables([_with_all_columns(x).cast(LEDGER_SCHEMA) for x in tables])
         if run_id is not None:
             t = t.filter(pa.compute.equal(t["run_id"], run_id))
         return t
@@ -181,6 +189,14 @@ class Ledger:
         for uri in files:
             storage.delete(uri, self.storage_cfg)
         return 1
+
+
+def _with_all_columns(t: pa.Table) -> pa.Table:
+    """A ledger file written before a column existed gets that column as nulls."""
+    for f in LEDGER_SCHEMA:
+        if f.name not in t.column_names:
+            t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+    return t.select([f.name for f in LEDGER_SCHEMA])
 
 
 def slat_normalisation(stats: list[tuple[list[float], list[float]]]) -> dict | None:

@@ -3,7 +3,8 @@
 The parent side (this module) chooses the cameras, writes the asset into a private temp directory, checks it
 (external references, raw geometry) and has `pipelines/blender_worker.py` render it in a child process that it
 can kill: a per-asset timeout (the child's whole process group is SIGKILLed), an address-space cap set inside
-the child with `resource.setrlimit`, the file-system wall (`blender_worker.confine`), a factory-reset scene,
+the child with `resource.setrlimit`, the mandatory sandbox (`blender_worker.confine`; `render: no sandbox: <why>`
+where it cannot be set up, unless `render.allow_unsandboxed`), an environment without credentials, a factory-reset scene,
 and Python auto-execution in .blend files switched off. With `render.warm_workers` (default) the child is
 forked from a warm worker that imported bpy once (`WarmWorker`, one per concurrent render), so Blender's
 start-up is paid once per actor instead of once per asset; the warm worker itself never opens an asset.
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.asset_content import MAX_PIXELS, check_bundle
 from pipelines.asset_refs import ExternalReferenceError, check_tree
 from pipelines.mesh_check import MeshError, check_geometry
 
@@ -143,6 +145,7 @@ class RenderSettings:
     memory_limit_mb: int = 16384  # RLIMIT_AS of the worker; 0 = none
     view_transform: str = "Filmic"  # Blender 3.x's default for new scenes
     bottom_light_up: bool = False  # reference places the bottom area light with the default (downward) rotation
+    allow_unsandboxed: bool = False  # render without the worker's sandbox where it cannot be set up
 
 
 @dataclass
@@ -163,6 +166,17 @@ class RenderResult:
     faces: np.ndarray | None = None
     info: dict = field(default_factory=dict)
     log_tail: str = ""
+
+
+# What a Blender worker inherits of the stage's environment: no credentials (AWS_*, HF_TOKEN, ...) ever.
+WORKER_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
+              "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+
+
+def worker_env() -> dict:
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -191,7 +205,7 @@ class WarmWorker:
     def __init__(self, env: dict | None = None):
         self.dir = tempfile.mkdtemp(prefix="mdt-warm-worker-")
         self.pid: int | None = None
-        env = {**(env or os.environ), "TMPDIR": self.dir, "PYTHONNOUSERSITE": "1"}
+        env = {**(env or worker_env()), "TMPDIR": self.dir}
         self.log = open(os.path.join(self.dir, "serve.log"), "wb")
         # its own session: the launcher and the warm worker it forks share one process group, killable as one
         launcher = subprocess.Popen([sys.executable, str(WORKER), "--serve"], stdin=subprocess.PIPE,
@@ -302,7 +316,7 @@ def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], set
             "memory_limit_mb": int(settings.memory_limit_mb), "threads": int(settings.threads),
             "device": settings.device, "samples": int(settings.samples), "denoise": bool(settings.denoise),
             "view_transform": settings.view_transform, "bottom_light_up": bool(settings.bottom_light_up),
-            "export_mesh": bool(export_mesh),
+            "export_mesh": bool(export_mesh), "allow_unsandboxed": bool(settings.allow_unsandboxed),
             "passes": [{"name": p.name, "resolution": int(p.resolution), "c2w": np.asarray(p.c2w).tolist(),
                         "fov": np.asarray(p.fov).tolist(), "samples": int(p.samples or settings.samples)}
                        for p in passes],
@@ -310,8 +324,7 @@ def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], set
         job_path = out_dir / "job.json"
         job_path.write_text(json.dumps(job))
         log_path = out_dir / "worker.log"
-        env = dict(os.environ)
-        env.setdefault("PYTHONNOUSERSITE", "1")
+        env = worker_env()
         # Blender's own temp dir (blender_XXXX) lands under out_dir, which is removed below even after a kill
         (out_dir / "tmp").mkdir()
         env["TMPDIR"] = str(out_dir / "tmp")
@@ -337,7 +350,8 @@ def render_file(path: str | os.PathLike, fmt: str, passes: list[RenderPass], set
         wall = time.time() - t0
         err_file = out_dir / "error.json"
         if err_file.exists():
-            return RenderResult(False, json.loads(err_file.read_text())["error"], log_tail=_tail(log_path))
+            err = json.loads(err_file.read_text())
+            return RenderResult(False, err["error"], info={"wall": err.get("wall")}, log_tail=_tail(log_path))
         if code != 0:
             if code < 0:
                 what = f"blender worker killed by signal {signal.Signals(-code).name}"
@@ -386,7 +400,7 @@ class Render:
 
     name = "render"
     outputs = ("views", "views_c2w", "views_fov", "mesh_ply", "cond_images", "cond_c2w", "cond_fov", "cond_crop",
-               "render_info", "asset_checks")
+               "render_info", "asset_checks", "sandbox")
     drops = ("mesh_bytes",)
     resources = {"num_cpus": 1}
 
@@ -400,13 +414,19 @@ class Render:
             raise ValueError(f"render.engine {r.engine!r}: only CYCLES is supported (EEVEE is ~80x slower headless)")
         self.settings = RenderSettings(
             samples=r.samples, denoise=r.denoise, device=r.device, threads=r.threads, timeout_s=r.timeout_s,
-            memory_limit_mb=r.memory_limit_mb, view_transform=r.view_transform, bottom_light_up=r.bottom_light_up)
+            memory_limit_mb=r.memory_limit_mb, view_transform=r.view_transform, bottom_light_up=r.bottom_light_up,
+            allow_unsandboxed=r.allow_unsandboxed)
+        if r.allow_unsandboxed:
+            log.warning("render.allow_unsandboxed is set: where the worker's sandbox cannot be set up, assets are "
+                        "imported and rendered WITHOUT it (each such row records sandbox=none)")
         self.cond_enabled = c.enabled and c.num_views > 0
         self.cond_views, self.cond_resolution = c.num_views, c.render_resolution
         self.cond_samples = c.samples
         self.cond_image_size, self.cond_margin = c.image_size, c.crop_margin
         self.cond_format, self.cond_jpeg_quality = c.image_format, c.jpeg_quality
         self.warm_workers = r.warm_workers
+        self.unscannable_ok = frozenset(r.unscannable_formats)
+        self.max_pixels = r.max_image_pixels
         self._idle: list[WarmWorker] = []  # one per concurrent call (Ray calls one at a time; tests use threads)
         self._lock = threading.Lock()
 
@@ -452,6 +472,7 @@ class Render:
     def __call__(self, row: dict) -> dict:
         from pipelines.rows import fail, pack_array
 
+        row.setdefault("sandbox", None)
         cams = self.cameras(row.get("sha256"))
         with tempfile.TemporaryDirectory(prefix="mdt-render-") as tmp:
             tmp = Path(tmp)
@@ -463,15 +484,19 @@ class Render:
                 return fail(row, self.name, f"cannot materialise asset: {type(e).__name__}: {e}")
             fmt = (row.get("mesh_format") or path.suffix).lower().lstrip(".")
             try:
-                checks = pre_import_checks(path, tmp / "asset", fmt)
+                checks = pre_import_checks(path, tmp / "asset", fmt, self.unscannable_ok, self.max_pixels)
             except (ExternalReferenceError, MeshError, ValueError) as e:
                 return fail(row, self.name, str(e))
             passes = [RenderPass("views", self.resolution, *cams["views"])]
             if self.cond_enabled:
                 passes.append(RenderPass("cond", self.cond_resolution, *cams["cond"], samples=self.cond_samples))
             res = self._render(path, fmt, passes, self.settings, self.export_mesh, tmp, bundle_dir=tmp / "asset")
+        row["sandbox"] = res.info.get("wall") or ("unavailable" if (res.error or "").startswith("no sandbox")
+                                                  else "unknown")  # killed before it said
         if not res.ok:
             return fail(row, self.name, res.error)
+        if row["sandbox"] not in ("namespace", "userns") and not self.settings.allow_unsandboxed:
+            return fail(row, self.name, f"no sandbox: worker reported {row['sandbox']!r}")
         if all(is_blank(png) for pngs in res.images.values() for png in pngs):
             return fail(row, self.name, "blank render (every view empty or black)")
         checks["warnings"] = list(res.info.get("warnings") or [])
@@ -504,14 +529,17 @@ class Render:
         return row
 
 
-def pre_import_checks(path: Path, root: Path, fmt: str) -> dict:
-    """External references (always) and raw geometry (formats parsed without Blender) of a materialised
-    asset. Raises ExternalReferenceError / MeshError; returns what was checked, for the ledger's stats.
-    A file the cheap parser cannot read is left to Blender's importer and the worker's own checks."""
+def pre_import_checks(path: Path, root: Path, fmt: str, unscannable_ok=frozenset(),
+                      max_pixels: int = MAX_PIXELS) -> dict:
+    """External references and content rules (always; pipelines.asset_content) and raw geometry (formats
+    parsed without Blender) of a materialised asset. Raises ExternalReferenceError / MeshError / ContentError;
+    returns what was checked, for the ledger's stats. A file the cheap parser cannot read is left to Blender's
+    importer and the worker's own checks."""
     from pipelines.mesh_check import PARSED_FORMATS, parse_mesh
 
-    check_tree(path, root)
-    checks: dict = {"references": "checked"}
+    files = check_tree(path, root)
+    check_bundle(files, Path(path).relative_to(root).as_posix(), unscannable_ok, max_pixels)
+    checks: dict = {"references": "checked", "content": "checked"}
     if fmt in PARSED_FORMATS:
         try:
             v, f = parse_mesh(path, fmt)

@@ -106,6 +106,8 @@ def build_report(cfg: PreprocessConfig, result) -> dict:
         "dataset_total": man.get("counts"),
         "bytes_per_asset": (man.get("bytes") or {}).get("per_asset_in_shards"),
         "listing": result.listing,
+        # per asset: the render sandbox it ran in (namespace / userns / none) or the job's rule if it never did
+        "sandbox": dict(Counter(s.get("sandbox") or "unknown" for s in summaries)),
     }
 
 
@@ -126,6 +128,7 @@ def to_markdown(rep: dict) -> str:
              f"- wall {_fmt(rep.get('wall_s'), 1)} s, {_fmt(rep.get('assets_per_hour'), 1)} assets/h "
              f"({_fmt(rep.get('done_per_hour'), 1)} done/h)",
              f"- dataset total: {rep.get('dataset_total')}, bytes/asset in shards: {_fmt(rep.get('bytes_per_asset'), 0)}",
+             f"- render sandbox per asset: {rep.get('sandbox')}",
              "", "| stage | done | failed | skipped | mean s | median s | p90 s | actors |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for st, r in (rep.get("stages") or {}).items():

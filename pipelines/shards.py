@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import SCHEMA_VERSION, PreprocessConfig, join_uri
-from pipelines.ledger import WRITE_STAGE, Ledger
+from pipelines.ledger import WRITE_STAGE, Ledger, sandbox_mode
 from pipelines.rows import error_stage, timings, unpack_array
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class ShardWriter:
     """
 
     SUMMARY_KEYS = ("sha256", "source", "file_identifier", "status", "stage", "reason", "timings", "shard",
-                    "bytes")
+                    "bytes", "sandbox")
 
     def __init__(self, cfg: PreprocessConfig, run_id: str, config_hash: str):
         self.cfg = cfg
@@ -202,7 +202,8 @@ class ShardWriter:
             t = timings(row)
             base = {"sha256": row.get("sha256"), "source": row.get("source"),
                     "file_identifier": row.get("file_identifier"), "uri": row.get("uri"),
-                    "run_id": self.run_id, "config_hash": self.config_hash}
+                    "run_id": self.run_id, "config_hash": self.config_hash,
+                    "sandbox": sandbox_mode(row, self.cfg.render.allow_unsandboxed)}
             err = row.get("error")
             bad_stage = error_stage(err)
             for stage, sec in t.items():
@@ -225,7 +226,7 @@ class ShardWriter:
             for k, v in (("sha256", base["sha256"]), ("source", base["source"]),
                          ("file_identifier", base["file_identifier"]), ("status", status), ("stage", stage),
                          ("reason", reason), ("timings", json.dumps(t)), ("shard", shard_name if not err else None),
-                         ("bytes", nbytes)):
+                         ("bytes", nbytes), ("sandbox", base["sandbox"])):
                 summary[k].append(v)
         # The ledger file is the commit: written after the shard is complete.
         self.ledger.write(records)

@@ -7,6 +7,7 @@ only when complete. Either way a reader sees the whole file or nothing.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -99,23 +100,87 @@ def upload_file_atomic(local_src: str, uri: str, storage=None) -> None:
 
 
 def list_files(uri: str, storage=None, suffix: str = "", recursive: bool = True) -> list[str]:
-    """URIs of the files under ``uri`` (sorted); hidden names (``.x`` / ``_x``) are skipped."""
+    """URIs of the files under ``uri`` (sorted); hidden names (``.x`` / ``_x``) are skipped.
+
+    Local folders are walked without following any symlink to a directory (inside or outside the folder:
+    deny by default); a symlinked file is listed under its own name, and reading it goes through
+    :func:`read_local_confined`, which refuses it when its real path leaves the folder."""
     fs, path = filesystem(uri, storage)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         return []
-    sel = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        found = _walk_local(path, recursive)
+    else:
+        sel = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+        found = [fi.path for fi in fs.get_file_info(sel) if fi.type == pafs.FileType.File]
     out = []
-    for fi in fs.get_file_info(sel):
-        if fi.type != pafs.FileType.File:
-            continue
-        rel = fi.path[len(path):].lstrip("/")
+    for p in found:
+        rel = p[len(path):].lstrip("/")
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
-        if suffix and not fi.path.endswith(suffix):
+        if suffix and not p.endswith(suffix):
             continue
-        out.append(to_uri(fi.path, uri))
+        out.append(to_uri(p, uri))
     return sorted(out)
+
+
+def _walk_local(root: str, recursive: bool) -> list[str]:
+    """Paths of the non-directory entries under ``root``; symlinks to directories are listed nowhere and
+    never entered (their targets may lie anywhere)."""
+    out, todo = [], [root]
+    while todo:
+        d = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except (NotADirectoryError, FileNotFoundError, PermissionError):
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                if recursive:
+                    todo.append(e.path)
+            elif e.is_symlink() and e.is_dir(follow_symlinks=True):
+                continue
+            else:
+                out.append(e.path)
+    return out
+
+
+class OutsideRootError(Exception):
+    """A local path whose real location is not under its root (a symlink leading out), or not a regular
+    file (device, FIFO, socket, directory)."""
+
+
+def within(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def read_local_confined(path: str, root: str, max_bytes: int | None = None) -> bytes:
+    """Bytes of the regular file ``path`` whose real path lies under the real path of ``root``.
+
+    Raises :class:`OutsideRootError` for a path that resolves outside ``root`` (a symlinked file or any
+    symlinked directory on the way) or that is not a regular file (``/dev/*``, FIFOs, sockets: opened
+    non-blocking and checked with ``fstat`` before one byte is read), ``ValueError`` over ``max_bytes``."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if not within(real, real_root):
+        raise OutsideRootError("symlink to outside the bundle")
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutsideRootError("not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise ValueError(f"size cap: {st.st_size} bytes > {max_bytes}")
+        chunks, n = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            n += len(chunk)
+            if max_bytes is not None and n > max_bytes:
+                raise ValueError(f"size cap: more than {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def delete(uri: str, storage=None) -> None:

@@ -434,7 +434,79 @@ def make_hostile_assets(root: Path, glb_dir: Path) -> tuple[Path, bytes, dict[st
     out["truncated.glb"] = ("failed", "")
     (d / "not_a_mesh.glb").write_bytes(b"this is a text file, not a mesh\n" * 8)
     out["not_a_mesh.glb"] = ("failed", "")
+    out.update(add_deny_by_default_cases(d, outside, marker, glb_dir))
     return d, marker, out
+
+
+def add_deny_by_default_cases(d: Path, outside: Path, marker: bytes, glb_dir: Path) -> dict[str, tuple[str, str]]:
+    """Constructions that walk around a checker reading names instead of content (see
+    tests/test_pipeline_hostile_units.py for each alone); files under ``outside`` hold ``marker``."""
+    import base64
+    import gzip
+    import struct
+    import zlib
+
+    import zstandard
+
+    ext = "external reference outside the asset"
+    canary = outside / "canary.bin"
+    n = canary.stat().st_size
+    out: dict[str, tuple[str, str]] = {}
+    (outside / "dir_asset").mkdir()  # a directory symlink: never entered, so its asset is never a row
+    (outside / "dir_asset" / "tree.glb").write_bytes((glb_dir / "kenney_tree.glb").read_bytes() + marker)
+    (d / "linked_dir").symlink_to(outside / "dir_asset", target_is_directory=True)
+    (d / "json_in.glb").write_text(json.dumps(_gltf_doc(str(canary), n)))
+    out["json_in.glb"] = ("failed", "content is not glb")
+    for name, uri in (("data_no_base64", f"data:{canary}"), ("data_plain", f"data:text/plain,{canary}"),
+                      ("proc_environ", "/proc/self/environ"), ("dev_zero", "/dev/zero"),
+                      ("proc_file_uri", "file:///proc/self/environ")):
+        (d / f"{name}.gltf").write_text(json.dumps(_gltf_doc(uri, n)))
+        out[f"{name}.gltf"] = ("failed", ext)
+    (d / "binary.usdc").write_bytes(b"PXR-USDC" + b"\x00" * 80 + str(canary).encode())
+    out["binary.usdc"] = ("failed", "unscannable format: usdc")
+    (d / "binary_named.usd").write_bytes(b"PXR-USDC" + b"\x00" * 80 + str(canary).encode())
+    out["binary_named.usd"] = ("failed", "unscannable format: usdc")
+    (d / "packaged.usdz").write_bytes(b"PK\x03\x04" + b"\x00" * 80 + str(canary).encode())
+    out["packaged.usdz"] = ("failed", "unscannable format: usdz")
+    (d / "expression.usda").write_text('#usda 1.0\ndef Xform "a" (references = @${OUT}/canary.usda@) {}\n')
+    out["expression.usda"] = ("failed", ext)
+    body = "\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n"
+    for name, line in (("ctrl_mtllib", "\x01mtllib ../outside/evil.mtl"), ("vt_mtllib", "\x0bmtllib ../outside/evil.mtl"),
+                       ("quoted_mtllib", 'mtllib "../outside/evil.mtl"')):
+        (d / f"{name}.obj").write_text(line + body)
+        out[f"{name}.obj"] = ("failed", ext)
+    blend = tiny_blend(body=b"//../outside/canary.png\x00")
+    c = zstandard.ZstdCompressor()
+    (d / "frames.blend").write_bytes(c.compress(blend[:40]) + c.compress(blend[40:]))
+    out["frames.blend"] = ("failed", ext)
+    (d / "gzip_members.blend").write_bytes(gzip.compress(blend[:40]) + gzip.compress(blend[40:]))
+    out["gzip_members.blend"] = ("failed", ext)
+    (d / "import_node.blend").write_bytes(c.compress(tiny_blend(body=b"GeometryNodeImportText\x00")))
+    out["import_node.blend"] = ("failed", "blend file holds a geometry-node import node")
+    (d / "mesh_cache.blend").write_bytes(tiny_blend(((b"DATA", "MeshCacheModifierData"),)))
+    out["mesh_cache.blend"] = ("failed", "blend file holds a Mesh Cache modifier")
+    (d / "seq_cache.blend").write_bytes(tiny_blend(((b"DATA", "MeshSeqCacheModifierData"),)))
+    out["seq_cache.blend"] = ("failed", "blend file holds a Mesh Sequence Cache modifier")
+    # the same .gltf beside two different .bin files: two assets (each fails on its own geometry), not duplicates
+    for sub, y in (("swap_a", 0.0), ("swap_b", 1.0)):
+        (d / sub).mkdir()
+        flat = b"".join(struct.pack("<3f", *v) for v in ((0, y, 0), (1, y, 0), (2, y, 0)))
+        (d / sub / "m.bin").write_bytes(flat)
+        (d / sub / "m.gltf").write_text(json.dumps(_gltf_doc("m.bin", len(flat))))
+        out[f"{sub}/m.gltf"] = ("failed", "")
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 6, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    doc = _gltf_doc("data:application/octet-stream;base64," + base64.b64encode(TRIANGLE).decode(), len(TRIANGLE))
+    doc["images"] = [{"uri": "data:image/png;base64," + base64.b64encode(bomb).decode()}]
+    (d / "pixel_bomb.gltf").write_text(json.dumps(doc))
+    out["pixel_bomb.gltf"] = ("failed", "pixel cap: png image of 20000x20000 pixels")
+    doc = _gltf_doc("data:application/octet-stream;base64," + base64.b64encode(TRIANGLE).decode(), len(TRIANGLE))
+    doc["accessors"][0]["count"] = 1 << 30
+    (d / "accessor_bomb.gltf").write_text(json.dumps(doc))
+    out["accessor_bomb.gltf"] = ("failed", "glTF accessor 0 count")
+    (d / "scene.dae").write_text(f"<?xml version='1.0'?><COLLADA><init_from>{canary}</init_from></COLLADA>")
+    out["scene.dae"] = ("failed", "unsupported format 'dae'")
+    return out
 
 
 def files_containing(root: Path, needle: bytes) -> list[str]:
@@ -443,3 +515,30 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
         if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
             hits.append(str(p))
     return hits
+
+
+def tiny_blend(blocks: tuple[tuple[bytes, str], ...] = (), body: bytes = b"") -> bytes:
+    """A minimal well-formed .blend (old 12-byte header, 64-bit little-endian): a DNA1 block naming the
+    struct types of ``blocks`` ((block code, struct type name), each 8 zero bytes; the struct name must exist
+    in Blender for a real file) and ``body`` in one DATA block, then ENDB."""
+    import struct
+
+    types = ["int", *dict.fromkeys(t for _, t in blocks)]
+
+    def pad(b: bytes) -> bytes:
+        return b + b"\x00" * (-len(b) % 4)
+
+    dna = pad(b"SDNANAME" + struct.pack("<i", 1) + b"x\x00")
+    dna += pad(b"TYPE" + struct.pack("<i", len(types)) + b"".join(t.encode() + b"\x00" for t in types))
+    dna += pad(b"TLEN" + struct.pack(f"<{len(types)}h", *([4] * len(types))))
+    dna += b"STRC" + struct.pack("<i", len(types) - 1) + b"".join(struct.pack("<hh", i, 0)
+                                                                  for i in range(1, len(types)))
+
+    def block(code: bytes, sdna: int, data: bytes) -> bytes:
+        return struct.pack("<4siQii", code, len(data), 0x1000, sdna, 1) + data
+
+    out = b"BLENDER-v300"
+    for code, t in blocks:
+        out += block(code, types.index(t) - 1, b"\x00" * 8)
+    out += block(b"DATA", 0, body) if body else b""
+    return out + block(b"DNA1", 0, dna) + block(b"ENDB", 0, b"")

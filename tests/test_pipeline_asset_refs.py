@@ -13,7 +13,7 @@ from pipelines.asset_refs import (ExternalReferenceError, bundle_files, check_tr
 def test_references_of_each_format():
     assert references("obj", b"v 0 0 0\nmtllib a.mtl b.mtl\n") == ["a.mtl b.mtl", "a.mtl", "b.mtl"]
     assert references("mtl", b"newmtl m\nmap_Kd -bm 1.0 -o 0 0 0 tex/a.png\nbump /abs/b.png\n") == \
-        ["tex/a.png", "tex/a.png", "/abs/b.png", "/abs/b.png"]
+        ["tex/a.png", "/abs/b.png"]
     assert references("dae", b'<init_from> ../x.png </init_from><instance_geometry url="#g"/>'
                              b'<instance_node url="file:///etc/passwd"/>') == ["../x.png", "file:///etc/passwd"]
     fbx = b"Kaydara FBX Binary  \x00" + b"\x10RelativeFilename" + b"S" + struct.pack("<I", 8) + b"../t.png"

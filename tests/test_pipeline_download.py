@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from _pipeline_helpers import (LoopbackHTTP, MotoS3, glb_bytes, obj_asset, sha256, tar_bytes,
+from _pipeline_helpers import (LoopbackHTTP, MotoS3, glb_bytes, obj_asset, sha256, tar_bytes, tiny_blend,
                                zip_bytes)
 from mdt.config import load_config
 from pipelines.config import PreprocessConfig
@@ -137,7 +137,7 @@ def test_github_archive_fetched_once_for_many_assets(http, tmp_path):
 
 def test_blend_flagged_untrusted(tmp_path):
     z = tmp_path / "toys.zip"
-    z.write_bytes(zip_bytes({"toys4k_blend_files/cup/cup_000/cup_000.blend": b"BLENDER-v280 fake"}))
+    z.write_bytes(zip_bytes({"toys4k_blend_files/cup/cup_000/cup_000.blend": tiny_blend()}))
     r = Download(make_cfg(tmp_path))(row(f"zip://toys4k_blend_files/cup/cup_000/cup_000.blend::{z}"))
     assert r["error"] is None and r["mesh_format"] == "blend" and r["untrusted_blend"] is True
 

@@ -29,13 +29,14 @@ pytestmark = pytest.mark.ray
 
 
 def run_preset(preset: str, assets: Path, out: Path, trace: Path | None = None,
-               timeout_s: float = 420) -> subprocess.CompletedProcess:
+               timeout_s: float = 420, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run the job with a preset as shipped; past ``timeout_s`` (below the test's own timeout) the test fails
     with what the stalled job was doing."""
     env = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [sys.executable, str(PROJECT_ROOT / "jobs" / "preprocess.py"), "--preset", preset,
            "--source", f"local:{assets}", "--output", str(out)]
+    cmd = [*prefix, *cmd]  # e.g. setpriv: the whole job without CAP_SYS_ADMIN
     if trace is not None:  # every open of every process of the job (Ray, stages, Blender workers)
         cmd = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=open,openat,openat2", "-e", "status=successful",
                "-o", str(trace), *cmd]
@@ -134,27 +135,47 @@ def hostile(tmp_path_factory):
     return root, assets, marker, expected
 
 
+RENDER_FAILS = ("nan_vertex.ply", "inf_vertex.obj", "out_of_range.obj", "zero_area.obj", "swap_a/m.gltf",
+                "swap_b/m.gltf")
+# how the job runs -> (command prefix, the render sandbox's mode there)
+MODES = {"root": ((), "namespace"),
+         "no_sys_admin": (("setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"), "userns")}
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_hostile_inputs_demo_preset(hostile, tmp_path):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_hostile_inputs_demo_preset(hostile, tmp_path, mode):
+    """The whole hostile set through the `demo` preset, as root (namespaces directly) and with CAP_SYS_ADMIN
+    dropped (the render sandbox in a user namespace, how the shipped image runs)."""
     root, assets, marker, expected = hostile
+    prefix, sandbox = MODES[mode]
+    if prefix and (os.geteuid() != 0 or not shutil.which("setpriv")):
+        pytest.skip("needs root and setpriv to drop CAP_SYS_ADMIN from the job")
     out = tmp_path / "out"
     trace = tmp_path / "trace.txt" if shutil.which("strace") else None
-    r = run_preset("demo", assets, out, trace)
+    r = run_preset("demo", assets, out, trace, prefix=prefix)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    references = {n for n, (_, p) in expected.items() if p.startswith("external reference")}
-    got = check_outcomes(out, expected, {**{n: "download" for n in references},
-                                         **{n: "render" for n in ("nan_vertex.ply", "inf_vertex.obj",
-                                                                   "out_of_range.obj", "zero_area.obj",
-                                                                   "truncated.glb", "not_a_mesh.glb")}})
+    got = check_outcomes(out, expected, {n: "render" if n in RENDER_FAILS else "download"
+                                         for n, (st, _) in expected.items() if st == "failed"})
     check_cache(out, got)
     assert files_containing(out, marker) == []
+    assert not [n for n in got if n.startswith("linked_dir/")]  # a directory symlink is never entered
+    # every ledger record names the sandbox: the mode for assets rendered in it, else the job's rule (every
+    # failure here comes before the worker: at download, or the raw-geometry check before import)
+    modes = {(r["file_identifier"], r["sandbox"]) for r in ledger_records(out)}
+    done = {n for n, (st, _, _) in got.items() if st == "done"}
+    assert {m for n, m in modes if n in done} == {sandbox}, modes
+    assert {m for n, m in modes if n not in done} == {"required"}, modes
+    (report,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*/report.json")]
+    assert set(report["sandbox"]) == {sandbox, "required"}, report["sandbox"]
     if trace is not None:
         opened = trace.read_text()
         outside = root / "outside"
         assert str(outside) not in opened, [ln for ln in opened.splitlines() if str(outside) in ln][:5]
         # the Blender workers did run (and their opens were traced): they read the bundles they were given
         assert re.search(r"mdt-render-.*/asset/", opened)
-    print("\n" + "\n".join(f"{k}: {v}" for k, v in sorted(got.items())))
+    print(f"\n[{mode}: sandbox {sandbox}]\n" + "\n".join(f"{k}: {v}" for k, v in sorted(got.items())))
 
 
 @pytest.mark.timeout(300)
@@ -163,10 +184,9 @@ def test_hostile_inputs_ci_preset(hostile, tmp_path):
     out = tmp_path / "out"
     r = run_preset("ci", assets, out, timeout_s=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    got = check_outcomes(out, expected, {n: "stand_in" for n in ("nan_vertex.ply", "inf_vertex.obj",
-                                                                  "out_of_range.obj", "zero_area.obj",
-                                                                  "truncated.glb", "not_a_mesh.glb")})
-    assert got["not_a_mesh.glb"][2].startswith("not a readable glb mesh")
+    got = check_outcomes(out, expected, {n: "stand_in" if n in RENDER_FAILS else "download"
+                                         for n, (st, _) in expected.items() if st == "failed"})
+    assert got["not_a_mesh.glb"][2] == "content is not glb: the file holds text data"
     check_cache(out, got)
     assert files_containing(out, marker) == []
     done = set(load_table(str(out))["file_identifier"].to_pylist())
@@ -195,8 +215,7 @@ def test_worker_wall_hides_files_outside_the_bundle(tmp_path):
     settings = RenderSettings(samples=1, denoise=False, device="cpu", threads=1, timeout_s=120)
     ok = render_file(bundle / "inside.gltf", "gltf", passes, settings, workdir=tmp_path, bundle_dir=bundle)
     assert ok.ok, ok.error + ok.log_tail
-    if ok.info["wall"] != "namespace":
-        pytest.skip("mount namespaces are not permitted here: the worker runs without its file-system wall")
+    assert ok.info["wall"] in ("namespace", "userns"), ok.info  # the sandbox is mandatory
     bad = render_file(bundle / "outside.gltf", "gltf", passes, settings, workdir=tmp_path, bundle_dir=bundle)
     assert not bad.ok and str(outside) in bad.log_tail + (bad.error or ""), bad
     assert np.asarray(ok.vertices).shape == (3, 3)
