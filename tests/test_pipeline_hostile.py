@@ -25,7 +25,7 @@ from conftest import shared_path
 from pipelines.ledger import Ledger
 from pipelines.shards import load_table
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.blender]
 
 
 def run_preset(preset: str, assets: Path, out: Path, trace: Path | None = None,
