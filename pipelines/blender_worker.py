@@ -250,7 +250,7 @@ def _read_gltf(path: str, fmt: str):
 
 
 def _write_gltf(doc: dict, binary, path: str, fmt: str, tag: str) -> str:
-    """``doc`` (+ the GLB binary chunk) as ``<stem>.<tag>.<fmt>`` beside ``path`` (relative URIs still resolve)."""
+    """``doc`` (+ the GLB binary chunk) written as ``<stem>.<tag>.<fmt>`` beside ``path``."""
     import struct
 
     text = json.dumps(doc).encode()
@@ -328,39 +328,48 @@ def _decode_ktx2(data: bytes):
     raise AssetError(f"KTX2: {tex.width}x{tex.height} has no mip level within {MAX_TEXTURE_PIXELS} pixels")
 
 
-def _gltf_with_decoded_textures(path: str, fmt: str) -> str | None:
-    """A copy of a glTF/GLB whose KHR_texture_basisu (KTX2) textures without a fallback image point to PNGs
-    decoded here, inside the wall (Blender's importer reads no KTX2); None when there is nothing to decode.
-    A texture that cannot be decoded fails the asset: ``texture not loaded: <image> (<reason>)``."""
+def _gltf_with_decoded_textures(path: str, fmt: str, work_dir: str) -> str | None:
+    """A copy of a glTF/GLB in ``work_dir`` whose KHR_texture_basisu (KTX2) textures without a fallback image
+    point to PNGs decoded here, inside the wall, as data: URIs (Blender's importer reads no KTX2; the bundle is
+    left untouched); its other file URIs become absolute paths into the bundle. None when there is nothing to
+    decode. A texture that cannot be decoded fails the asset: ``texture not loaded: <image> (<reason>)``."""
+    import base64
+    import urllib.parse
+
     doc, binary = _read_gltf(path, fmt)
     textures = [t for t in doc.get("textures") or [] if isinstance(t, dict)]
     todo = [t for t in textures if t.get("source") is None
             and isinstance((t.get("extensions") or {}).get("KHR_texture_basisu"), dict)]
     if not todo:
         return None
-    base_dir, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    base_dir = os.path.dirname(os.path.abspath(path))
+    for key in ("buffers", "images"):
+        for item in doc.get(key) or []:
+            uri = item.get("uri") if isinstance(item, dict) else None
+            if isinstance(uri, str) and not uri.startswith("data:"):
+                item["uri"] = urllib.parse.quote(os.path.join(base_dir, urllib.parse.unquote(uri)))
     decoded: dict[int, int] = {}  # KTX2 image index -> index of its PNG image
     for tex in todo:
         src = tex["extensions"]["KHR_texture_basisu"].get("source")
         if src not in decoded:
-            image = doc["images"][src] if isinstance(src, int) and 0 <= src < len(doc.get("images") or []) else {}
-            name = image.get("uri", "") if not str(image.get("uri", "")).startswith("data:") else ""
-            name = os.path.basename(name) or image.get("name") or f"image {src}"
+            images = doc.get("images") or []
+            image = images[src] if isinstance(src, int) and 0 <= src < len(images) else {}
+            uri = str(image.get("uri", ""))
+            name = ("" if uri.startswith("data:") else os.path.basename(urllib.parse.unquote(uri))) \
+                or image.get("name") or f"image {src}"
             try:
                 if not image:
                     raise AssetError("no such image")
                 rgba = _decode_ktx2(_image_bytes(doc, binary, src, base_dir))
             except (AssetError, OSError, KeyError, TypeError, ValueError) as e:
                 raise AssetError(f"texture not loaded: {name} ({e})") from None
-            png = f"{stem}.ktx2-{src}.png"
-            with open(os.path.join(base_dir, png), "wb") as f:
-                f.write(_png_bytes(rgba))
-            doc["images"].append({"uri": png, "name": image.get("name") or name})
+            png = base64.b64encode(_png_bytes(rgba)).decode()
+            doc["images"].append({"uri": "data:image/png;base64," + png, "name": image.get("name") or name})
             decoded[src] = len(doc["images"]) - 1
         tex["source"] = decoded[src]
     if isinstance(doc.get("extensionsRequired"), list):
         doc["extensionsRequired"] = [e for e in doc["extensionsRequired"] if e != "KHR_texture_basisu"]
-    return _write_gltf(doc, binary, path, fmt, "decoded")
+    return _write_gltf(doc, binary, os.path.join(work_dir, os.path.basename(path)), fmt, "decoded")
 
 
 def _unloaded_textures(bpy) -> list[str]:
@@ -389,14 +398,14 @@ def _unloaded_textures(bpy) -> list[str]:
     return bad
 
 
-def _import(bpy, path: str, fmt: str, warnings: list) -> None:
+def _import(bpy, path: str, fmt: str, warnings: list, work_dir: str | None = None) -> None:
     fmt = fmt.lower().lstrip(".")
     if fmt == "blend":
         bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
         return
     if fmt in ("glb", "gltf"):
-        path = _gltf_with_decoded_textures(path, fmt) or path
+        path = _gltf_with_decoded_textures(path, fmt, work_dir or os.path.dirname(path)) or path
         try:
             with _ImporterErrors() as errors:
                 result = bpy.ops.import_scene.gltf(filepath=path, merge_vertices=True)
@@ -643,7 +652,7 @@ def main(job_path: str) -> int:
         wall = confine(bundle_dir, out_dir) if job.get("confine", True) else "none"
         t = time.time()
         _reset_scene(bpy)
-        _import(bpy, job["input"], job["format"], warnings)
+        _import(bpy, job["input"], job["format"], warnings, work_dir=out_dir)
         outside = _outside_files(bpy, bundle_dir)
         if outside:
             raise AssetError(f"external reference outside the asset: {outside[0]!r}")

@@ -6,9 +6,10 @@ the render worker): every position finite, every face index in range, a non-zero
 obj, ply, stl, off); OBJ face indices are checked line by line because loaders drop out-of-range faces
 silently. Nothing here repairs a mesh: a broken one fails with the reason.
 
-Compressed glTF geometry (``KHR_draco_mesh_compression``, a required ``EXT_meshopt_compression``) leaves the
-accessors empty, so ``parse_mesh`` refuses it with ``CompressedGeometry``: its geometry is checked on what
-Blender's importer decoded, inside the render worker's wall, by the same rule. ``asset_encoding(path, fmt)``
+Compressed glTF geometry leaves the accessors empty. Draco (``KHR_draco_mesh_compression``): ``parse_mesh``
+raises ``CompressedGeometry`` and the geometry is checked on what Blender's importer decoded, inside the render
+worker's wall, by the same rule. A required ``EXT_meshopt_compression`` has no decoder in the renderer and fails
+with ``unsupported encoding: …`` (an optional one comes with an uncompressed fallback, read as usual). ``asset_encoding(path, fmt)``
 names a file's format and encodings (``gltf/draco``, ``glb/ktx2``, ``obj/mtl`` …) for the run report's coverage
 table; it reads only the glTF JSON (or the OBJ's ``mtllib`` lines), never a buffer.
 """
@@ -173,8 +174,10 @@ def parse_mesh(path: str | os.PathLike, fmt: str) -> tuple[np.ndarray, np.ndarra
         raise MeshError(f"format {fmt!r} is not parsed without a renderer")
     if fmt in ("gltf", "glb"):
         ext = compressed_geometry(gltf_json(path, fmt))
-        if ext:
+        if ext in DECODED_BY_IMPORTER:
             raise CompressedGeometry(f"geometry compressed with {ext}: checked on the importer's decoded scene")
+        if ext:  # Blender's importer has no decoder for it: its accessors would read an empty fallback
+            raise MeshError(f"unsupported encoding: {ext} required (no decoder in the renderer)")
     if fmt == "obj":
         _obj_faces(str(path))
     try:
