@@ -257,3 +257,37 @@ def test_unreadable_png_texture_fails_with_its_reason(demo_render, tmp_path):
     png.write_bytes(png.read_bytes()[:64])  # a truncated PNG: the header survives, the pixels do not
     row = demo_render(bundle_row(d))
     assert row["error"] == "render: texture not loaded: Avocado_baseColor.png (unreadable image data)", row["error"]
+
+
+# ------------------------------------------------------------------------------------------- the job
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_preset_job_on_every_shared_variant(tmp_path):
+    """`python jobs/preprocess.py --preset demo --source local:<variants> --output DIR`, as a user runs it: every
+    bundle done, condition renders free of magenta, Draco voxels matching the plain variant's, and the coverage
+    table in the report."""
+    from _pipeline_helpers import run_job
+    from pipelines.shards import decode_array, load_table
+
+    variants = shared_path("assets", "gltf-variants")
+    out = tmp_path / "out"
+    proc = run_job(["--preset", "demo", "--source", f"local:{variants}", "--output", str(out)], timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(next((out / "runs").glob("*/report.json")).read_text())
+    assert (report["processed"], report["done"]) == (len(VARIANTS), len(VARIANTS)), report["failure_reasons"]
+    expected: dict[str, int] = {}
+    for enc in VARIANTS.values():
+        expected[enc] = expected.get(enc, 0) + 1
+    assert {enc: r["done"] for enc, r in report["coverage"].items()} == expected
+    assert "| gltf/draco | 2 | 0 | 0 | - |" in next((out / "runs").glob("*/report.md")).read_text()
+    rows = {r["file_identifier"].split("/")[0]: r
+            for r in load_table(str(out)).to_pylist()}
+    assert sorted(rows) == sorted(VARIANTS)
+    for folder, row in rows.items():
+        for png in row["cond_images"]:
+            assert magenta_fraction(png) <= MAGENTA_MAX, folder
+    voxels = {k: {tuple(c) for c in decode_array(r, "slat_coords").tolist()} for k, r in rows.items()}
+    a, b = voxels["Avocado-glTF"], voxels["Avocado-glTF-Draco"]
+    assert len(a & b) / len(a | b) >= 0.95
