@@ -175,7 +175,7 @@ def parse_mesh(path: str | os.PathLike, fmt: str) -> tuple[np.ndarray, np.ndarra
     if fmt in ("gltf", "glb"):
         ext = compressed_geometry(gltf_json(path, fmt))
         if ext in DECODED_BY_IMPORTER:
-            raise CompressedGeometry(f"geometry compressed with {ext}: checked on the importer's decoded scene")
+            raise CompressedGeometry(f"geometry compressed with {ext} (the raw accessors hold no data)")
         if ext:  # Blender's importer has no decoder for it: its accessors would read an empty fallback
             raise MeshError(f"unsupported encoding: {ext} required (no decoder in the renderer)")
     if fmt == "obj":

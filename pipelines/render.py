@@ -518,7 +518,7 @@ def pre_import_checks(path: Path, root: Path, fmt: str) -> dict:
         try:
             v, f = parse_mesh(path, fmt)
         except CompressedGeometry as e:  # the worker checks the decoded scene by the same rule
-            checks["raw_geometry"] = str(e)
+            checks["raw_geometry"] = f"{e}: checked on the imported scene"
         except MeshError as e:
             if not str(e).startswith("not a readable"):
                 raise
