@@ -398,14 +398,17 @@ def _unloaded_textures(bpy) -> list[str]:
     return bad
 
 
-def _import(bpy, path: str, fmt: str, warnings: list, work_dir: str | None = None) -> None:
+_DECODED_DIR: str | None = None  # where decoded copies of an asset go: the job's out_dir (set by main)
+
+
+def _import(bpy, path: str, fmt: str, warnings: list) -> None:
     fmt = fmt.lower().lstrip(".")
     if fmt == "blend":
         bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
         return
     if fmt in ("glb", "gltf"):
-        path = _gltf_with_decoded_textures(path, fmt, work_dir or os.path.dirname(path)) or path
+        path = _gltf_with_decoded_textures(path, fmt, _DECODED_DIR or os.path.dirname(path)) or path
         try:
             with _ImporterErrors() as errors:
                 result = bpy.ops.import_scene.gltf(filepath=path, merge_vertices=True)
@@ -652,7 +655,9 @@ def main(job_path: str) -> int:
         wall = confine(bundle_dir, out_dir) if job.get("confine", True) else "none"
         t = time.time()
         _reset_scene(bpy)
-        _import(bpy, job["input"], job["format"], warnings, work_dir=out_dir)
+        global _DECODED_DIR
+        _DECODED_DIR = out_dir
+        _import(bpy, job["input"], job["format"], warnings)
         outside = _outside_files(bpy, bundle_dir)
         if outside:
             raise AssetError(f"external reference outside the asset: {outside[0]!r}")
