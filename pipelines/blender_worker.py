@@ -241,7 +241,7 @@ def _read_gltf(path: str, fmt: str):
     if data[:4] != b"glTF" or len(data) < 20:
         raise AssetError("not a GLB file")
     n = struct.unpack("<I", data[12:16])[0]
-    doc = json.loads(data[20:20 + n])
+    doc = json.loads(data[20:20 + n])  # ValueError when not JSON
     rest = data[20 + n:]
     binary = None
     if len(rest) >= 8 and struct.unpack("<I", rest[4:8])[0] == 0x004E4942:
@@ -336,10 +336,15 @@ def _gltf_with_decoded_textures(path: str, fmt: str, work_dir: str) -> str | Non
     import base64
     import urllib.parse
 
-    doc, binary = _read_gltf(path, fmt)
+    try:
+        doc, binary = _read_gltf(path, fmt)
+    except (OSError, ValueError, AssetError):
+        return None  # not a readable glTF: Blender's importer says why
+    if not isinstance(doc, dict):
+        return None
     textures = [t for t in doc.get("textures") or [] if isinstance(t, dict)]
-    todo = [t for t in textures if t.get("source") is None
-            and isinstance((t.get("extensions") or {}).get("KHR_texture_basisu"), dict)]
+    todo = [t for t in textures if t.get("source") is None and isinstance(t.get("extensions"), dict)
+            and isinstance(t["extensions"].get("KHR_texture_basisu"), dict)]
     if not todo:
         return None
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -352,8 +357,9 @@ def _gltf_with_decoded_textures(path: str, fmt: str, work_dir: str) -> str | Non
     for tex in todo:
         src = tex["extensions"]["KHR_texture_basisu"].get("source")
         if src not in decoded:
-            images = doc.get("images") or []
+            images = doc.get("images") if isinstance(doc.get("images"), list) else []
             image = images[src] if isinstance(src, int) and 0 <= src < len(images) else {}
+            image = image if isinstance(image, dict) else {}
             uri = str(image.get("uri", ""))
             name = ("" if uri.startswith("data:") else os.path.basename(urllib.parse.unquote(uri))) \
                 or image.get("name") or f"image {src}"
