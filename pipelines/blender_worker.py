@@ -192,8 +192,10 @@ def _gltf_without_required_extensions(path: str, fmt: str) -> str | None:
 
 # ---- encodings: textures decoded before the import, decoder failures and unloaded textures fail the asset ----
 
-MAX_TEXTURE_PIXELS = 4096 * 4096  # a KTX2 texture is decoded at its largest mip level within this many pixels
-MAX_TEXTURE_FILE_BYTES = 256 << 20
+# A KTX2 texture is decoded at its largest mip level within this many pixels: renders are at most 1024 px
+# (TRELLIS's condition views), so 4096² keeps more texels than any view shows, at 64 MiB of RGBA at most.
+MAX_TEXTURE_PIXELS = 4096 * 4096
+MAX_TEXTURE_FILE_BYTES = 256 << 20  # a texture file is read whole: larger ones are refused
 
 
 class _ImporterErrors:
