@@ -225,6 +225,40 @@ def test_every_variant_renders_with_textures_and_draco_matches_plain(demo_render
     assert len(a & b) / len(a | b) < 0.5
 
 
+def lamp_as_glb() -> bytes:
+    """The KTX2 lamp as one GLB: its .bin and every .ktx2 image moved into the binary chunk (bufferViews), the
+    layout Sketchfab-style exports use."""
+    import struct
+
+    d = variant_dir("StainedGlassLamp-glTF-KTX-BasisU")
+    doc = json.loads((d / "StainedGlassLamp.gltf").read_text())
+    blob = bytearray((d / doc["buffers"][0]["uri"]).read_bytes())
+    for image in doc["images"]:
+        blob += b"\0" * (-len(blob) % 8)
+        data = (d / image.pop("uri")).read_bytes()
+        doc["bufferViews"].append({"buffer": 0, "byteOffset": len(blob), "byteLength": len(data)})
+        image["bufferView"] = len(doc["bufferViews"]) - 1
+        blob += data
+    blob += b"\0" * (-len(blob) % 4)
+    doc["buffers"] = [{"byteLength": len(blob)}]
+    text = json.dumps(doc).encode()
+    text += b" " * (-len(text) % 4)
+    body = struct.pack("<II", len(text), 0x4E4F534A) + text + struct.pack("<II", len(blob), 0x004E4942) + blob
+    return b"glTF" + struct.pack("<II", 2, 12 + len(body)) + body
+
+
+@pytest.mark.slow
+def test_ktx2_textures_inside_a_glb_render(demo_render, tmp_path):
+    data = lamp_as_glb()
+    (tmp_path / "lamp.glb").write_bytes(data)
+    assert asset_encoding(tmp_path / "lamp.glb", "glb") == "glb/ktx2"
+    row = demo_render({"sha256": "lamp-glb", "error": None, "mesh_bytes": data, "mesh_format": "glb",
+                       "mesh_name": "lamp.glb", "mesh_bundle": False, "untrusted_blend": False})
+    assert row["error"] is None, row["error"]
+    fractions = [magenta_fraction(png) for png in [*row["views"], *row["cond_images"]]]
+    assert max(fractions) <= MAGENTA_MAX, fractions
+
+
 def test_corrupted_draco_buffer_fails_with_its_reason(demo_render, tmp_path):
     d = writable_copy("Avocado-glTF-Draco", tmp_path)
     doc = json.loads((d / "Avocado.gltf").read_text())
