@@ -398,7 +398,8 @@ def _unloaded_textures(bpy) -> list[str]:
                 image = node.image
                 if image is None:
                     bad.append(f"{mat.name}/{node.label or node.name} (no image the importer could read)")
-                elif image.source in ("FILE", "SEQUENCE", "TILED") and not image.has_data and tuple(image.size) == (0, 0):
+                elif image.source in ("FILE", "SEQUENCE", "TILED") and not image.has_data \
+                        and tuple(image.size) == (0, 0):  # reading the size loads the file
                     path = os.path.basename(bpy.path.abspath(image.filepath)) or image.name
                     why = "file missing" if not os.path.exists(bpy.path.abspath(image.filepath)) and \
                         image.packed_file is None else "unreadable image data"

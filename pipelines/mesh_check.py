@@ -9,9 +9,9 @@ silently. Nothing here repairs a mesh: a broken one fails with the reason.
 Compressed glTF geometry leaves the accessors empty. Draco (``KHR_draco_mesh_compression``): ``parse_mesh``
 raises ``CompressedGeometry`` and the geometry is checked on what Blender's importer decoded, inside the render
 worker's wall, by the same rule. A required ``EXT_meshopt_compression`` has no decoder in the renderer and fails
-with ``unsupported encoding: …`` (an optional one comes with an uncompressed fallback, read as usual). ``asset_encoding(path, fmt)``
-names a file's format and encodings (``gltf/draco``, ``glb/ktx2``, ``obj/mtl`` …) for the run report's coverage
-table; it reads only the glTF JSON (or the OBJ's ``mtllib`` lines), never a buffer.
+with ``unsupported encoding: …`` (an optional one comes with an uncompressed fallback, read as usual).
+``asset_encoding(path, fmt)`` names a file's format and encodings (``gltf/draco``, ``glb/ktx2``, ``obj/mtl`` …)
+for the run report's coverage table; it reads only the glTF JSON (or the OBJ's ``mtllib`` lines), never a buffer.
 """
 from __future__ import annotations
 
