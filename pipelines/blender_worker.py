@@ -380,6 +380,17 @@ def _gltf_with_decoded_textures(path: str, fmt: str, work_dir: str) -> str | Non
     return _write_gltf(doc, binary, os.path.join(work_dir, os.path.basename(path)), fmt, "decoded")
 
 
+def _image_nodes(tree, depth: int = 0) -> list:
+    """Linked image-texture nodes of a shader node tree, node groups included (8 levels at most)."""
+    out = []
+    for node in tree.nodes:
+        if node.type == "TEX_IMAGE" and any(o.links for o in node.outputs):
+            out.append(node)
+        elif node.type == "GROUP" and node.node_tree is not None and depth < 8:
+            out += _image_nodes(node.node_tree, depth + 1)
+    return out
+
+
 def _unloaded_textures(bpy) -> list[str]:
     """``<image> (<reason>)`` for every image-texture node of a rendered object's material that has no image or
     an image Blender could not load: Cycles draws those in its missing-texture magenta."""
@@ -392,9 +403,7 @@ def _unloaded_textures(bpy) -> list[str]:
             if mat is None or mat.node_tree is None or mat.name in seen:
                 continue
             seen.add(mat.name)
-            for node in mat.node_tree.nodes:
-                if node.type != "TEX_IMAGE" or not any(out.links for out in node.outputs):
-                    continue
+            for node in _image_nodes(mat.node_tree):
                 image = node.image
                 if image is None:
                     bad.append(f"{mat.name}/{node.label or node.name} (no image the importer could read)")

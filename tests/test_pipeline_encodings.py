@@ -194,6 +194,37 @@ def test_missing_texture_magenta_is_caught(tmp_path):
     assert not res.ok and res.error.startswith("texture not loaded: m/"), res.error
 
 
+BLENDER_GROUP = """
+import bpy, sys
+bpy.ops.wm.read_factory_settings(use_empty=True)
+bpy.ops.mesh.primitive_cube_add()
+group = bpy.data.node_groups.new("g", "ShaderNodeTree")
+group.interface.new_socket("Color", in_out="OUTPUT", socket_type="NodeSocketColor")
+tex = group.nodes.new("ShaderNodeTexImage")  # empty, one node group down
+group.links.new(tex.outputs["Color"], group.nodes.new("NodeGroupOutput").inputs[0])
+mat = bpy.data.materials.new("m")
+mat.use_nodes = True
+node = mat.node_tree.nodes.new("ShaderNodeGroup")
+node.node_tree = group
+mat.node_tree.links.new(node.outputs[0], mat.node_tree.nodes["Principled BSDF"].inputs["Base Color"])
+bpy.context.object.data.materials.append(mat)
+bpy.ops.wm.save_as_mainfile(filepath=sys.argv[1])
+"""
+
+
+def test_missing_texture_inside_a_node_group_fails(tmp_path):
+    from pipelines.render import RenderPass, RenderSettings, feature_cameras, render_file
+
+    script, blend = tmp_path / "make.py", tmp_path / "bundle" / "group.blend"
+    script.write_text(BLENDER_GROUP)
+    blend.parent.mkdir()
+    subprocess.run([sys.executable, str(script), str(blend)], check=True, capture_output=True, timeout=300)
+    c2w, fov = feature_cameras(1, (0.2, 0.4))
+    res = render_file(blend, "blend", [RenderPass("views", 32, c2w, fov)],
+                      RenderSettings(samples=2, denoise=False, threads=1, timeout_s=240))
+    assert not res.ok and res.error.startswith("texture not loaded: m/"), res.error
+
+
 @pytest.fixture(scope="module")
 def demo_render():
     """The render stage exactly as the `demo` preset configures it."""
