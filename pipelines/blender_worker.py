@@ -406,6 +406,235 @@ def _gltf_without_required_extensions(path: str, fmt: str) -> str | None:
     return out
 
 
+# ---- encodings: textures decoded before the import, decoder failures and unloaded textures fail the asset ----
+
+# A KTX2 texture is decoded at its largest mip level within this many pixels: renders are at most 1024 px
+# (TRELLIS's condition views), so 4096² keeps more texels than any view shows, at 64 MiB of RGBA at most.
+MAX_TEXTURE_PIXELS = 4096 * 4096
+MAX_TEXTURE_FILE_BYTES = 256 << 20  # a texture file is read whole: larger ones are refused
+
+
+class _ImporterErrors:
+    """Collects the glTF importer's error log during an import: Blender's importer logs a primitive whose Draco
+    data it cannot decode and skips it, which would leave a partial mesh that looks valid."""
+
+    LOGGERS = ("glTFImporter", "glTFImporter_errors")
+
+    def __enter__(self):
+        import logging
+
+        errors = self.messages = []
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                if record.levelno >= logging.ERROR:
+                    errors.append(record.getMessage())
+
+        self.handler = Collect()
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self.handler)
+        return False
+
+    def raise_for_geometry(self) -> None:
+        for msg in self.messages:
+            if "draco" in msg.lower():
+                raise AssetError(f"Draco geometry not decoded: {msg.strip()[:200]}")
+
+
+def _read_gltf(path: str, fmt: str):
+    """(JSON document, GLB binary chunk or None) of a glTF/GLB file."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if fmt != "glb":
+        return json.loads(data), None
+    if data[:4] != b"glTF" or len(data) < 20:
+        raise AssetError("not a GLB file")
+    n = struct.unpack("<I", data[12:16])[0]
+    doc = json.loads(data[20:20 + n])  # ValueError when not JSON
+    rest = data[20 + n:]
+    binary = None
+    if len(rest) >= 8 and struct.unpack("<I", rest[4:8])[0] == 0x004E4942:
+        binary = rest[8:8 + struct.unpack("<I", rest[:4])[0]]
+    return doc, binary
+
+
+def _write_gltf(doc: dict, binary, path: str, fmt: str, tag: str) -> str:
+    """``doc`` (+ the GLB binary chunk) written as ``<stem>.<tag>.<fmt>`` beside ``path``."""
+    import struct
+
+    text = json.dumps(doc).encode()
+    if fmt == "glb":
+        text += b" " * (-len(text) % 4)
+        body = struct.pack("<II", len(text), 0x4E4F534A) + text
+        if binary is not None:
+            binary = binary + b"\0" * (-len(binary) % 4)
+            body += struct.pack("<II", len(binary), 0x004E4942) + binary
+        text = b"glTF" + struct.pack("<II", 2, 12 + len(body)) + body
+    out = f"{os.path.splitext(path)[0]}.{tag}.{fmt}"
+    with open(out, "wb") as f:
+        f.write(text)
+    return out
+
+
+def _uri_bytes(uri: str, base_dir: str) -> bytes:
+    """Bytes of a data: URI or of a relative file URI (which must stay inside the asset's directory tree)."""
+    import base64
+    import urllib.parse
+
+    if uri.startswith("data:"):
+        head, _, payload = uri.partition(",")
+        return base64.b64decode(payload) if head.endswith(";base64") else urllib.parse.unquote_to_bytes(payload)
+    real = os.path.realpath(os.path.join(base_dir, urllib.parse.unquote(uri)))
+    if os.path.getsize(real) > MAX_TEXTURE_FILE_BYTES:
+        raise AssetError(f"file over {MAX_TEXTURE_FILE_BYTES >> 20} MiB")
+    with open(real, "rb") as f:
+        return f.read()
+
+
+def _image_bytes(doc: dict, binary, index: int, base_dir: str) -> bytes:
+    image = doc["images"][index]
+    if "uri" in image:
+        return _uri_bytes(image["uri"], base_dir)
+    view = doc["bufferViews"][image["bufferView"]]
+    buffer = doc["buffers"][view["buffer"]]
+    data = _uri_bytes(buffer["uri"], base_dir) if "uri" in buffer else binary
+    start, length = int(view.get("byteOffset", 0)), int(view["byteLength"])
+    if data is None or start < 0 or length < 0 or start + length > len(data):
+        raise AssetError("buffer view outside its buffer")
+    return data[start:start + length]
+
+
+def _png_bytes(rgba) -> bytes:
+    """An RGBA8 array [H, W, 4] as a PNG file (no filter, fast deflate)."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    h, w = rgba.shape[:2]
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgba.reshape(h, w * 4)], axis=1)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
+
+
+def _decode_ktx2(data: bytes):
+    """RGBA8 [H, W, 4] of a KTX2 (Basis Universal ETC1S / UASTC) texture: its largest mip level within
+    MAX_TEXTURE_PIXELS. Raises AssetError with the decoder's reason."""
+    import opengl_basisu
+
+    try:
+        tex = opengl_basisu.Texture(data)
+        for level in range(tex.levels):
+            w, h = tex.level_size(level)
+            if w * h <= MAX_TEXTURE_PIXELS:
+                return tex.transcode("rgba8", level=level).data
+    except (opengl_basisu.BasisuError, opengl_basisu.UnsupportedError, ValueError) as e:
+        raise AssetError(f"KTX2: {e}") from None
+    raise AssetError(f"KTX2: {tex.width}x{tex.height} has no mip level within {MAX_TEXTURE_PIXELS} pixels")
+
+
+def _gltf_with_decoded_textures(path: str, fmt: str, work_dir: str) -> str | None:
+    """A copy of a glTF/GLB in ``work_dir`` whose KHR_texture_basisu (KTX2) textures without a fallback image
+    point to PNGs decoded here, inside the wall, as data: URIs (Blender's importer reads no KTX2; the bundle is
+    left untouched); its other file URIs become absolute paths into the bundle. None when there is nothing to
+    decode. A texture that cannot be decoded fails the asset: ``texture not loaded: <image> (<reason>)``."""
+    import base64
+    import urllib.parse
+
+    try:
+        doc, binary = _read_gltf(path, fmt)
+    except (OSError, ValueError, AssetError):
+        return None  # not a readable glTF: Blender's importer says why
+    if not isinstance(doc, dict):
+        return None
+    textures = [t for t in doc.get("textures") or [] if isinstance(t, dict)]
+    todo = [t for t in textures if t.get("source") is None and isinstance(t.get("extensions"), dict)
+            and isinstance(t["extensions"].get("KHR_texture_basisu"), dict)]
+    if not todo:
+        return None
+    base_dir = os.path.dirname(os.path.abspath(path))
+    for key in ("buffers", "images"):
+        for item in doc.get(key) or []:
+            uri = item.get("uri") if isinstance(item, dict) else None
+            if isinstance(uri, str) and not uri.startswith("data:"):
+                item["uri"] = urllib.parse.quote(os.path.join(base_dir, urllib.parse.unquote(uri)))
+    decoded: dict[int, int] = {}  # KTX2 image index -> index of its PNG image
+    for tex in todo:
+        src = tex["extensions"]["KHR_texture_basisu"].get("source")
+        if src not in decoded:
+            images = doc.get("images") if isinstance(doc.get("images"), list) else []
+            image = images[src] if isinstance(src, int) and 0 <= src < len(images) else {}
+            image = image if isinstance(image, dict) else {}
+            uri = str(image.get("uri", ""))
+            name = ("" if uri.startswith("data:") else os.path.basename(urllib.parse.unquote(uri))) \
+                or image.get("name") or f"image {src}"
+            try:
+                if not image:
+                    raise AssetError("no such image")
+                rgba = _decode_ktx2(_image_bytes(doc, binary, src, base_dir))
+            except (AssetError, OSError, KeyError, TypeError, ValueError) as e:
+                raise AssetError(f"texture not loaded: {name} ({e})") from None
+            png = base64.b64encode(_png_bytes(rgba)).decode()
+            doc["images"].append({"uri": "data:image/png;base64," + png, "name": image.get("name") or name})
+            decoded[src] = len(doc["images"]) - 1
+        tex["source"] = decoded[src]
+    if isinstance(doc.get("extensionsRequired"), list):
+        doc["extensionsRequired"] = [e for e in doc["extensionsRequired"] if e != "KHR_texture_basisu"]
+    return _write_gltf(doc, binary, os.path.join(work_dir, os.path.basename(path)), fmt, "decoded")
+
+
+def _image_nodes(tree, depth: int = 0) -> list:
+    """Linked image-texture nodes of a shader node tree, node groups included (8 levels at most)."""
+    out = []
+    for node in tree.nodes:
+        if node.type == "TEX_IMAGE" and any(o.links for o in node.outputs):
+            out.append(node)
+        elif node.type == "GROUP" and node.node_tree is not None and depth < 8:
+            out += _image_nodes(node.node_tree, depth + 1)
+    return out
+
+
+def _unloaded_textures(bpy) -> list[str]:
+    """``<image> (<reason>)`` for every image-texture node of a rendered object's material that has no image or
+    an image Blender could not load: Cycles draws those in its missing-texture magenta."""
+    bad, seen = [], set()
+    for obj in bpy.data.objects:
+        if obj.type not in MESH_TYPES or obj.hide_render:
+            continue
+        for slot in obj.material_slots:
+            mat = slot.material
+            if mat is None or mat.node_tree is None or mat.name in seen:
+                continue
+            seen.add(mat.name)
+            for node in _image_nodes(mat.node_tree):
+                image = node.image
+                if image is None:
+                    bad.append(f"{mat.name}/{node.label or node.name} (no image the importer could read)")
+                elif image.source in ("FILE", "SEQUENCE", "TILED") and not image.has_data \
+                        and tuple(image.size) == (0, 0):  # reading the size loads the file
+                    path = os.path.basename(bpy.path.abspath(image.filepath)) or image.name
+                    why = "file missing" if not os.path.exists(bpy.path.abspath(image.filepath)) and \
+                        image.packed_file is None else "unreadable image data"
+                    bad.append(f"{path} ({why})")
+    return bad
+
+
+_DECODED_DIR: str | None = None  # where decoded copies of an asset go: the job's out_dir (set by main)
+
+
 def _import(bpy, path: str, fmt: str, warnings: list) -> None:
     fmt = fmt.lower().lstrip(".")
     if fmt == "blend":
@@ -413,8 +642,11 @@ def _import(bpy, path: str, fmt: str, warnings: list) -> None:
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
         return
     if fmt in ("glb", "gltf"):
+        path = _gltf_with_decoded_textures(path, fmt, _DECODED_DIR or os.path.dirname(path)) or path
         try:
-            result = bpy.ops.import_scene.gltf(filepath=path, merge_vertices=True)
+            with _ImporterErrors() as errors:
+                result = bpy.ops.import_scene.gltf(filepath=path, merge_vertices=True)
+            errors.raise_for_geometry()
         except RuntimeError as e:
             # Blender refuses files that *require* an extension it does not implement (e.g.
             # KHR_materials_iridescence); the geometry is still fine, so drop the requirement and retry.
@@ -422,7 +654,9 @@ def _import(bpy, path: str, fmt: str, warnings: list) -> None:
             if relaxed is None:
                 raise
             _reset_scene(bpy)
-            result = bpy.ops.import_scene.gltf(filepath=relaxed, merge_vertices=True)
+            with _ImporterErrors() as errors:
+                result = bpy.ops.import_scene.gltf(filepath=relaxed, merge_vertices=True)
+            errors.raise_for_geometry()
             warnings.append("ignored unsupported required glTF extensions")
     elif fmt == "obj":
         result = bpy.ops.wm.obj_import(filepath=path)
@@ -517,13 +751,17 @@ def _normalise(bpy, np) -> tuple[float, list[float]]:
 
 
 def _check_geometry(np, v, f) -> None:
-    """The rule of pipelines.mesh_check.check_geometry, on the imported scene (this script imports no project
-    module): finite positions, a non-zero total area."""
+    """The rule of pipelines.mesh_check.check_geometry, on the imported (decoded) scene (this script imports no
+    project module): finite positions, faces in range, a non-zero total area."""
     if not len(v) or not len(f):
         raise AssetError("no mesh geometry in the asset")
     bad = ~np.isfinite(v).all(axis=1)
     if bad.any():
         raise AssetError(f"non-finite vertex positions ({int(bad.sum())} of {len(v)} vertices)")
+    out = (f < 0) | (f >= len(v))
+    if out.any():
+        raise AssetError(f"face indices out of range ({int(out.any(axis=1).sum())} of {len(f)} faces index "
+                         f"past {len(v)} vertices)")
     tri = v[f]
     area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum()
     extent = float(np.ptp(v, axis=0).max())
@@ -656,10 +894,15 @@ def main(job_path: str) -> int:
                        gpu=job.get("device", "auto") != "cpu")
         t = time.time()
         _reset_scene(bpy)
+        global _DECODED_DIR
+        _DECODED_DIR = out_dir
         _import(bpy, job["input"], job["format"], warnings)
         outside = _outside_files(bpy, bundle_dir)
         if outside:
             raise AssetError(f"external reference outside the asset: {outside[0]!r}")
+        unloaded = _unloaded_textures(bpy)
+        if unloaded:
+            raise AssetError(f"texture not loaded: {unloaded[0]}")
         _remove_foreign_rig(bpy)
         timings["load"] = time.time() - t
         scale, offset = _normalise(bpy, np)

@@ -48,7 +48,7 @@ import numpy as np
 
 from pipelines.asset_content import MAX_PIXELS, check_bundle
 from pipelines.asset_refs import ExternalReferenceError, check_tree
-from pipelines.mesh_check import MeshError, check_geometry
+from pipelines.mesh_check import MeshError, asset_encoding, check_geometry
 
 log = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("blender_worker.py")
@@ -483,6 +483,8 @@ class Render:
             except Exception as e:  # noqa: BLE001
                 return fail(row, self.name, f"cannot materialise asset: {type(e).__name__}: {e}")
             fmt = (row.get("mesh_format") or path.suffix).lower().lstrip(".")
+            # the coverage table's format/encoding, on failed rows too
+            row["asset_checks"] = json.dumps({"encoding": asset_encoding(path, fmt)})
             try:
                 checks = pre_import_checks(path, tmp / "asset", fmt, self.unscannable_ok, self.max_pixels)
             except (ExternalReferenceError, MeshError, ValueError) as e:
@@ -535,14 +537,16 @@ def pre_import_checks(path: Path, root: Path, fmt: str, unscannable_ok=frozenset
     parsed without Blender) of a materialised asset. Raises ExternalReferenceError / MeshError / ContentError;
     returns what was checked, for the ledger's stats. A file the cheap parser cannot read is left to Blender's
     importer and the worker's own checks."""
-    from pipelines.mesh_check import PARSED_FORMATS, parse_mesh
+    from pipelines.mesh_check import PARSED_FORMATS, CompressedGeometry, parse_mesh
 
     files = check_tree(path, root)
     check_bundle(files, Path(path).relative_to(root).as_posix(), unscannable_ok, max_pixels)
-    checks: dict = {"references": "checked", "content": "checked"}
+    checks: dict = {"references": "checked", "content": "checked", "encoding": asset_encoding(path, fmt)}
     if fmt in PARSED_FORMATS:
         try:
             v, f = parse_mesh(path, fmt)
+        except CompressedGeometry as e:  # the worker checks the decoded scene by the same rule
+            checks["raw_geometry"] = f"{e}: checked on the imported scene"
         except MeshError as e:
             if not str(e).startswith("not a readable"):
                 raise

@@ -1,4 +1,5 @@
-"""End-of-run report: counts per stage, failure reasons, time per asset per stage, throughput, ETA.
+"""End-of-run report: counts per stage, failure reasons, time per asset per stage, throughput, ETA, and the
+coverage table (per format and encoding: assets done, failed per reason).
 
 Printed, saved as ``<output>/runs/<run_id>/report.{json,md}`` (with the resolved ``config.yaml``), and logged to
 MLflow when a tracking URI is configured (``mlflow.tracking_uri`` or ``$MLFLOW_TRACKING_URI``).
@@ -30,6 +31,19 @@ def normalise_reason(reason: str | None) -> str:
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+
+
+def coverage(summaries: list[dict]) -> dict[str, dict]:
+    """Per ``<format>/<encoding>`` (``gltf/draco``, ``glb/plain``, ``obj/mtl`` …): how many assets were done,
+    failed and skipped, and the failures per ``<stage>: <reason>`` (most frequent first)."""
+    table: dict[str, dict] = {}
+    for s in summaries:
+        enc = s.get("encoding") or "unknown/unchecked"
+        row = table.setdefault(enc, {"done": 0, "failed": 0, "skipped": 0, "reasons": Counter()})
+        row[s["status"]] = row.get(s["status"], 0) + 1
+        if s["status"] == "failed":
+            row["reasons"][f"{s.get('stage')}: {normalise_reason(s.get('reason'))}"] += 1
+    return {enc: {**r, "reasons": dict(r["reasons"].most_common())} for enc, r in sorted(table.items())}
 
 
 def _concurrency(cfg: PreprocessConfig, stage: str) -> int:
@@ -102,6 +116,7 @@ def build_report(cfg: PreprocessConfig, result) -> dict:
         "bottleneck": {"stage": bottleneck[0], "seconds_per_asset": bottleneck[1]} if bottleneck else None,
         "failure_reasons": [{"stage": st, "reason": r, "count": c}
                             for (st, r), c in reasons.most_common(cfg.report.top_reasons)],
+        "coverage": coverage(summaries),
         "eta": eta,
         "dataset_total": man.get("counts"),
         "bytes_per_asset": (man.get("bytes") or {}).get("per_asset_in_shards"),
@@ -138,6 +153,11 @@ def to_markdown(rep: dict) -> str:
         lines += ["", "| failed at | reason | count |", "|---|---|---:|"]
         for f in rep["failure_reasons"]:
             lines.append(f"| {f['stage']} | {f['reason']} | {f['count']} |")
+    if rep.get("coverage"):
+        lines += ["", "| format/encoding | done | failed | skipped | failed for |", "|---|---:|---:|---:|---|"]
+        for enc, r in rep["coverage"].items():
+            why = "; ".join(f"{reason} ({n})" for reason, n in r["reasons"].items()) or "-"
+            lines.append(f"| {enc} | {r['done']} | {r['failed']} | {r['skipped']} | {why} |")
     if rep.get("eta"):
         lines += ["", "| ETA for N assets | observed rate (h) | bottleneck bound (h) |", "|---:|---:|---:|"]
         for n, e in rep["eta"].items():
@@ -173,6 +193,9 @@ def flat_metrics(rep: dict) -> dict[str, float]:
         for k in ("done", "failed", "mean_s", "p90_s"):
             if isinstance(r.get(k), (int, float)):
                 m[f"stage.{st}.{k}"] = float(r[k])
+    for enc, r in (rep.get("coverage") or {}).items():
+        for k in ("done", "failed"):
+            m[f"coverage.{enc.replace('+', '_')}.{k}"] = float(r[k])
     for n, e in (rep.get("eta") or {}).items():
         if e["observed_hours"] is not None:
             m[f"eta_hours.{n}"] = float(e["observed_hours"])

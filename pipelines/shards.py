@@ -152,6 +152,16 @@ def shard_dir(output: str, config_hash: str) -> str:
     return join_uri(output, "shards", config_hash)
 
 
+def asset_encoding_of(row: dict) -> str:
+    """The row's ``<format>/<encoding>`` for the report's coverage table: what the render stage read from the
+    file (pipelines.mesh_check.asset_encoding), else ``<format>/unchecked`` (the asset failed before it)."""
+    try:
+        enc = json.loads(row.get("asset_checks") or "{}").get("encoding")
+    except (ValueError, AttributeError):
+        enc = None
+    return enc or f"{row.get('mesh_format') or 'unknown'}/unchecked"
+
+
 class ShardWriter:
     """Ray Data ``map_batches`` actor: successes -> one shard file, every asset -> one ledger file.
 
@@ -159,7 +169,7 @@ class ShardWriter:
     """
 
     SUMMARY_KEYS = ("sha256", "source", "file_identifier", "status", "stage", "reason", "timings", "shard",
-                    "bytes", "sandbox")
+                    "bytes", "sandbox", "encoding")
 
     def __init__(self, cfg: PreprocessConfig, run_id: str, config_hash: str):
         self.cfg = cfg
@@ -226,7 +236,8 @@ class ShardWriter:
             for k, v in (("sha256", base["sha256"]), ("source", base["source"]),
                          ("file_identifier", base["file_identifier"]), ("status", status), ("stage", stage),
                          ("reason", reason), ("timings", json.dumps(t)), ("shard", shard_name if not err else None),
-                         ("bytes", nbytes), ("sandbox", base["sandbox"])):
+                         ("bytes", nbytes), ("sandbox", base["sandbox"]),
+                         ("encoding", asset_encoding_of(row))):
                 summary[k].append(v)
         # The ledger file is the commit: written after the shard is complete.
         self.ledger.write(records)
