@@ -172,6 +172,7 @@ bpy.ops.render.render(write_still=True)
 """
 
 
+@pytest.mark.blender
 def test_missing_texture_magenta_is_caught(tmp_path):
     """Blender draws an image-texture node without a loaded image in magenta: the detector sees it in a real
     Cycles render, and the render worker fails such an asset with its reason instead of rendering it."""
@@ -212,6 +213,7 @@ bpy.ops.wm.save_as_mainfile(filepath=sys.argv[1])
 """
 
 
+@pytest.mark.blender
 def test_missing_texture_inside_a_node_group_fails(tmp_path):
     from pipelines.render import RenderPass, RenderSettings, feature_cameras, render_file
 
@@ -235,6 +237,7 @@ def demo_render():
     stage.close()
 
 
+@pytest.mark.blender
 @pytest.mark.slow
 def test_every_variant_renders_with_textures_and_draco_matches_plain(demo_render):
     from pipelines.voxelize import mesh_from_ply, voxelize_mesh
@@ -278,6 +281,7 @@ def lamp_as_glb() -> bytes:
     return b"glTF" + struct.pack("<II", 2, 12 + len(body)) + body
 
 
+@pytest.mark.blender
 @pytest.mark.slow
 def test_ktx2_textures_inside_a_glb_render(demo_render, tmp_path):
     data = lamp_as_glb()
@@ -290,6 +294,7 @@ def test_ktx2_textures_inside_a_glb_render(demo_render, tmp_path):
     assert max(fractions) <= MAGENTA_MAX, fractions
 
 
+@pytest.mark.blender
 def test_corrupted_draco_buffer_fails_with_its_reason(demo_render, tmp_path):
     d = writable_copy("Avocado-glTF-Draco", tmp_path)
     doc = json.loads((d / "Avocado.gltf").read_text())
@@ -305,6 +310,7 @@ def test_corrupted_draco_buffer_fails_with_its_reason(demo_render, tmp_path):
     assert json.loads(row["asset_checks"])["encoding"] == "gltf/draco"
 
 
+@pytest.mark.blender
 def test_corrupted_ktx2_texture_fails_with_its_reason(demo_render, tmp_path):
     d = writable_copy("StainedGlassLamp-glTF-KTX-BasisU", tmp_path)
     tex = d / "StainedGlassLamp_base_basecolor.ktx2"
@@ -316,6 +322,7 @@ def test_corrupted_ktx2_texture_fails_with_its_reason(demo_render, tmp_path):
         row["error"]
 
 
+@pytest.mark.blender
 def test_unreadable_png_texture_fails_with_its_reason(demo_render, tmp_path):
     d = writable_copy("Avocado-glTF", tmp_path)
     png = d / "Avocado_baseColor.png"
@@ -327,6 +334,7 @@ def test_unreadable_png_texture_fails_with_its_reason(demo_render, tmp_path):
 # ------------------------------------------------------------------------------------------- the job
 
 
+@pytest.mark.blender
 @pytest.mark.ray
 @pytest.mark.slow
 def test_demo_preset_job_on_every_shared_variant(tmp_path):
