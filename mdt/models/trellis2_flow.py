@@ -113,6 +113,13 @@ class Trellis2FlowBase(TrellisModule):
             nn.init.zeros_(layer.bias)
 
     # ---- dtype layout: TRELLIS's fp16 machinery with the torso dtype from `dtype` ---------------------------------
+    def convert_to(self, dtype: torch.dtype) -> None:
+        """Store and run the torso in `dtype` from now on (TRELLIS.2's `convert_to`; bfloat16 for its release)."""
+        self.published_torso_dtype = dtype
+        self.use_fp16 = dtype != torch.float32
+        self.trellis_args["dtype"] = str(dtype).removeprefix("torch.")    # what a saved json then says
+        self.convert_to_fp16()
+
     def convert_to_fp16(self) -> None:
         """Torso linears to the published torso dtype (bfloat16 for the released checkpoints)."""
         for _, module in self.torso_primitives():
