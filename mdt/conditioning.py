@@ -224,6 +224,35 @@ def save_tiny_dinov2(path: str | os.PathLike, hidden_size: int = 64, num_hidden_
     return path
 
 
+def save_tiny_dinov3(path: str | os.PathLike, hidden_size: int = 64, num_hidden_layers: int = 2,
+                     num_attention_heads: int = 4, image_size: int = 64, patch_size: int = 16,
+                     num_register_tokens: int = 4, seed: int = 0) -> Path:
+    """Write a random-weight `DINOv3ViTModel` (TRELLIS.2's conditioner class) with `save_pretrained`, every
+    weight randomised like `save_tiny_dinov2`'s. Returns the directory."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    config = DINOv3ViTConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                             num_attention_heads=num_attention_heads, intermediate_size=2 * hidden_size,
+                             image_size=image_size, patch_size=patch_size, num_register_tokens=num_register_tokens)
+    torch.manual_seed(seed)
+    model = DINOv3ViTModel(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mask_token"):
+                continue
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
+    path = Path(path)
+    model.save_pretrained(path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------------------

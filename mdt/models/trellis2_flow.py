@@ -10,6 +10,7 @@ qk-RMS gains and `modulation` float32).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -53,6 +54,7 @@ class Trellis2FlowBase(TrellisModule):
 
     TORSO = ("blocks",)
     CHECKPOINT_NAME = ""          # the json `name`, shared with the TRELLIS class of the same role
+    GUIDANCE_FORM = "trellis2"    # w·v(cond) + (1 − w)·v(neg_cond): `mdt.flow.trellis2_guided_velocity`
 
     def __init__(self, resolution: int, in_channels: int, model_channels: int, cond_channels: int,
                  out_channels: int, num_blocks: int, num_heads: int | None = None, num_head_channels: int = 64,
@@ -202,6 +204,27 @@ class Trellis2SLatFlowModel(Trellis2FlowBase):
 
     CHECKPOINT_NAME = "SLatFlowModel"
     linear = SparseLinear
+    _bound_concat: Tensor | None = None
+
+    @contextlib.contextmanager
+    def bound_concat_cond(self, feats: Tensor | None):
+        """Within the block, calls without concat_cond use `feats` [N, Cs] (rows of the batch being trained on):
+        the objectives call every network as model(x, t, cond); a call on the doubled batch of batched CFG
+        ([x; x], 2N rows) gets [feats; feats]."""
+        old, self._bound_concat = self._bound_concat, feats
+        try:
+            yield self
+        finally:
+            self._bound_concat = old
+
+    def _concat_for(self, x: SparseTensor) -> Tensor | None:
+        feats = self._bound_concat
+        if feats is None:
+            return None
+        n, rows = feats.shape[0], x.feats.shape[0]
+        if n == 0 or rows % n:
+            raise ValueError(f"bound concat_cond has {n} rows, the input {rows}")
+        return feats.to(x.feats.device).repeat(rows // n, 1)
 
     def voxel_phases(self, x: SparseTensor) -> Tensor:
         key = ("rope", self.head_dim, self.rope_freq)          # shared by every tensor on these coordinates
@@ -210,6 +233,8 @@ class Trellis2SLatFlowModel(Trellis2FlowBase):
         return x._cache[key]
 
     def forward(self, x: SparseTensor, t: Tensor, cond: Tensor, concat_cond=None) -> SparseTensor:
+        if concat_cond is None:
+            concat_cond = self._concat_for(x)
         if concat_cond is not None:
             extra = feats_of(concat_cond)
             if isinstance(concat_cond, SparseTensor) and concat_cond.coords is not x.coords and not (

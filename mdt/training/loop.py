@@ -35,8 +35,9 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .build import build_conditioner, build_student, build_teacher, export_model
+from .teacher_data import teacher_batch
 from .machinery import resolve_precision
-from .step import Trainer, to_device
+from .step import Trainer, bound_concat_cond, to_device
 from .wrappers import wrap_student
 
 log = logging.getLogger("mdt.training")
@@ -205,6 +206,9 @@ class WorkerLoop:
         self.data_gen = torch.Generator().manual_seed(rank_seed + DATA_STREAM_OFFSET)  # condition-view choice
 
         self.teacher = build_teacher(cfg.model, self.device)
+        self.shape_teacher = build_teacher(cfg.model, self.device, cfg.model.shape_teacher) \
+            if cfg.model.shape_teacher else None
+        self.latent_gen = torch.Generator().manual_seed(cfg.teacher_data.seed * 1000 + self.rank)
         self.student = build_student(cfg.model, self.device, self.teacher)
         self.like = (type(self.student).__name__, dict(self.student.trellis_args))  # before FSDP renames the class
         model = wrap_student(self.student, cfg, self.world)
@@ -279,6 +283,8 @@ class WorkerLoop:
             b = self.collate(rows, generator=self.data_gen)
             cond = self.conditioner(b["cond"].to(self.device))
             batch = to_device({"x0": b["x0"], "cond": cond}, self.device)
+            if cfg.teacher_data.enabled:  # TRELLIS.2 shape / texture: latents sampled by the teacher(s)
+                batch = teacher_batch(batch, self.teacher, cfg.teacher_data, self.latent_gen, self.shape_teacher)
             data_time = time.perf_counter() - t0
             if self.fixed is None:
                 self.fixed = batch
@@ -419,7 +425,7 @@ def fixed_batch_loss(trainer, batch, seed: int) -> float:
     was = trainer.student.training
     trainer.student.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), bound_concat_cond((trainer.student, trainer.teacher), batch.get("concat_cond")):
             terms = trainer.fn(trainer.student_calls, trainer.teacher_calls, batch, trainer.ocfg, generator=g, **kw)
     finally:
         trainer.student.train(was)
