@@ -210,7 +210,9 @@ class WorkerLoop:
             if cfg.model.shape_teacher else None
         self.latent_gen = torch.Generator().manual_seed(cfg.teacher_data.seed * 1000 + self.rank)
         self.student = build_student(cfg.model, self.device, self.teacher)
-        self.like = (type(self.student).__name__, dict(self.student.trellis_args))  # before FSDP renames the class
+        # the checkpoint json's name (TRELLIS.2 classes share TRELLIS's), taken before FSDP renames the class
+        self.like = (getattr(type(self.student), "CHECKPOINT_NAME", "") or type(self.student).__name__,
+                     dict(self.student.trellis_args))
         model = wrap_student(self.student, cfg, self.world)
         self.conditioner = build_conditioner(cfg.condition, self.device)
         self.trainer = Trainer(self.student, self.teacher, cfg, model=model, device=self.device,
