@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="preprocessing output (dir, manifest.json or s3:// prefix)")
     p.add_argument("--teacher", help="teacher checkpoint: <dir>/<stem> or <hf_repo>/ckpts/<stem>")
     p.add_argument("--student", help="student init checkpoint (default: a copy of the teacher)")
+    p.add_argument("--shape-teacher", dest="shape_teacher",
+                   help="TRELLIS.2 texture stage: the shape flow checkpoint whose samples condition the texture")
     p.add_argument("--objective", help="flow_matching | mdt | vm | cm | pcm | scm")
     p.add_argument("--stage", choices=["ss", "slat"])
     p.add_argument("--output", help="storage path for checkpoints and exports (local dir or s3://)")
@@ -56,6 +58,7 @@ def build_config(args: argparse.Namespace):
 
     ov = list(args.overrides)
     for flag, key in (("data", "data.uri"), ("teacher", "model.teacher"), ("student", "model.student"),
+                      ("shape_teacher", "model.shape_teacher"),
                       ("objective", "objective.name"), ("stage", "stage"), ("output", "output"), ("name", "name"),
                       ("steps", "train.max_steps")):
         if getattr(args, flag) is not None:

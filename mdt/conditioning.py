@@ -1,4 +1,10 @@
-"""The frozen DINOv2 image conditioner (TRELLIS-image-large) and the condition-image preprocessing.
+"""The frozen image conditioners, DINOv2 (TRELLIS-image-large) and DINOv3 (TRELLIS.2), and the condition-image
+preprocessing.
+
+TRELLIS.2 (`ImageConditioner` on a `DINOv3ViTModel` directory or `facebook/dinov3-vitl16-pretrain-lvd1689m`):
+the same recipe on DINOv3 ViT-L/16 — ImageNet normalisation, all last-block tokens [CLS, registers, patches]
+before the model's own final norm, then a non-affine layer norm; 1024 channels, 1 + 4 + 32² = 1029 tokens at 512 px
+(the image is cropped as below and resized with Lanczos to 512, or 1024 for the 1024 stages); neg_cond = zeros.
 
 Model: DINOv2 ViT-L/14 with 4 registers through Hugging Face `transformers`
 (`Dinov2WithRegistersModel`, hub id `facebook/dinov2-with-registers-large`, or any local directory written
@@ -32,7 +38,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 DINOV2_HUB_ID = "facebook/dinov2-with-registers-large"
+DINOV3_HUB_ID = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 IMAGE_SIZE = 518
+DINOV3_IMAGE_SIZE = 512            # TRELLIS.2's `cond_512`; its 1024 stages use 1024
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COND_LAYERNORM_EPS = 1e-5
@@ -55,6 +63,44 @@ def load_dinov2(name_or_path: str | os.PathLike = DINOV2_HUB_ID, device: str | t
     return model
 
 
+# transformers `model_type` -> model class name: only these two are ever loaded (no remote code).
+ENCODER_CLASSES = {"dinov2_with_registers": "Dinov2WithRegistersModel", "dinov3_vit": "DINOv3ViTModel"}
+DEFAULT_IMAGE_SIZE = {"dinov2_with_registers": IMAGE_SIZE, "dinov3_vit": DINOV3_IMAGE_SIZE}
+
+
+def encoder_type(name_or_path: str | os.PathLike) -> str:
+    """The `model_type` of a local model directory or hub id, refused unless DINOv2-with-registers or DINOv3."""
+    import transformers
+
+    path = str(name_or_path)
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir())
+    if config.model_type not in ENCODER_CLASSES:
+        raise ValueError(f"{path}: image encoder type {config.model_type!r} is not supported "
+                         f"(supported: {sorted(ENCODER_CLASSES)})")
+    return config.model_type
+
+
+def load_image_encoder(name_or_path: str | os.PathLike = DINOV2_HUB_ID, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A frozen, eval-mode DINOv2-with-registers or DINOv3 model, told apart by its config's model_type."""
+    import transformers
+
+    path = str(name_or_path)
+    cls = getattr(transformers, ENCODER_CLASSES[encoder_type(path)])
+    kwargs = {"local_files_only": True} if Path(path).is_dir() else {}
+    model = cls.from_pretrained(path, **kwargs).to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The model's own final layer norm (`layernorm` in DINOv2, `norm` in DINOv3), which the conditioner skips."""
+    norm = getattr(model, "layernorm", None) or getattr(model, "norm", None)
+    if not isinstance(norm, nn.LayerNorm):
+        raise TypeError(f"{type(model).__name__} has no final layer norm named 'layernorm' or 'norm'")
+    return norm
+
+
 def num_prefix_tokens(model: nn.Module) -> int:
     """CLS + register tokens in front of the patch tokens."""
     return 1 + int(getattr(model.config, "num_register_tokens", 0))
@@ -67,7 +113,7 @@ def prenorm_tokens(model: nn.Module, pixel_values: Tensor) -> Tensor:
     def hook(_module, args):
         captured.append(args[0])
 
-    handle = model.layernorm.register_forward_pre_hook(hook)
+    handle = final_norm(model).register_forward_pre_hook(hook)
     try:
         model(pixel_values=pixel_values)
     finally:
@@ -94,20 +140,23 @@ def imagenet_normalize(images: Tensor) -> Tensor:
 
 
 class ImageConditioner(nn.Module):
-    """Frozen DINOv2 conditioner: images [B, 3, S, S] in [0, 1] (premultiplied) -> cond [B, T, C].
+    """Frozen DINOv2 (TRELLIS) or DINOv3 (TRELLIS.2) conditioner: images [B, 3, S, S] in [0, 1] (premultiplied)
+    -> cond [B, T, C].
 
-    `cond` = non-affine LayerNorm(eps 1e-5) of all prenorm tokens (1374 x 1024 for ViT-L/14 at 518 px);
-    `neg_cond` = zeros of the same shape. Images of another size are resized (bilinear) to `image_size`.
+    `cond` = non-affine LayerNorm(eps 1e-5) of all prenorm tokens (1374 x 1024 for DINOv2 ViT-L/14 at 518 px,
+    1029 x 1024 for DINOv3 ViT-L/16 at 512 px); `neg_cond` = zeros of the same shape. Images of another size are
+    resized (bilinear) to `image_size` (default: 518 for DINOv2, 512 for DINOv3).
     """
 
-    def __init__(self, model: nn.Module | str | os.PathLike = DINOV2_HUB_ID, image_size: int = IMAGE_SIZE,
+    def __init__(self, model: nn.Module | str | os.PathLike = DINOV2_HUB_ID, image_size: int | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__()
         if not isinstance(model, nn.Module):
-            model = load_dinov2(model, device=device, dtype=dtype)
+            model = load_image_encoder(model, device=device, dtype=dtype)
         self.model = model.eval()
         self.model.requires_grad_(False)
-        self.image_size = int(image_size)
+        model_type = getattr(getattr(model, "config", None), "model_type", "dinov2_with_registers")
+        self.image_size = int(image_size or DEFAULT_IMAGE_SIZE.get(model_type, IMAGE_SIZE))
 
     def train(self, mode: bool = True):  # stays frozen in eval mode
         super().train(False)
@@ -164,6 +213,35 @@ def save_tiny_dinov2(path: str | os.PathLike, hidden_size: int = 64, num_hidden_
             if name.endswith("mask_token"):
                 continue
             if p.ndim == 1 and ("norm" in name and name.endswith("weight")):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
+    path = Path(path)
+    model.save_pretrained(path)
+    return path
+
+
+def save_tiny_dinov3(path: str | os.PathLike, hidden_size: int = 64, num_hidden_layers: int = 2,
+                     num_attention_heads: int = 4, image_size: int = 64, patch_size: int = 16,
+                     num_register_tokens: int = 4, seed: int = 0) -> Path:
+    """Write a random-weight `DINOv3ViTModel` (TRELLIS.2's conditioner class) with `save_pretrained`, every
+    weight randomised like `save_tiny_dinov2`'s. Returns the directory."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    config = DINOv3ViTConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                             num_attention_heads=num_attention_heads, intermediate_size=2 * hidden_size,
+                             image_size=image_size, patch_size=patch_size, num_register_tokens=num_register_tokens)
+    torch.manual_seed(seed)
+    model = DINOv3ViTModel(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mask_token"):
+                continue
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             elif p.ndim == 1:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))

@@ -3,7 +3,10 @@
 
 Path x_t = (1 − t)·x0 + (σ_min + (1 − σ_min)·t)·ε, t ∈ [0, 1] (t = 1 is noise); velocity target (1 − σ_min)·ε − x0;
 networks are called as model(x, TIME_SCALE·t, cond). Classifier-free guidance (TRELLIS convention):
-(1 + w)·v(cond) − w·v(neg_cond), neg_cond defaulting to zeros.
+(1 + w)·v(cond) − w·v(neg_cond), neg_cond defaulting to zeros. TRELLIS.2 keeps the path, time grid, Euler step and
+model time, and writes guidance as w'·v(cond) + (1 − w')·v(neg_cond) with an optional guidance rescale
+(`trellis2_guided_velocity`, `FlowEulerGuidanceIntervalSampler`): the two forms are the same velocity for
+w' = 1 + w (`trellis2_strength`), so TRELLIS's CFG weight w is TRELLIS.2's w' − 1.
 
 Everything works on dense tensors [B, ...] and on SparseTensors alike. `data(x)` is the tensor holding the values
 (the dense tensor itself, or a SparseTensor's feats [N, C] with the rows of a sample contiguous), `like(x, f)` wraps
@@ -113,6 +116,12 @@ def x0_from_velocity(x_t: Any, v: Any, t: Tensor, sigma_min: float = SIGMA_MIN) 
     return like(x_t, (1 - sigma_min) * data(x_t) - (sigma_min + (1 - sigma_min) * tt) * data(v))
 
 
+def velocity_from_x0(x_t: Any, x0: Any, t: Tensor, sigma_min: float = SIGMA_MIN) -> Any:
+    """The inverse of x0_from_velocity: v = ((1 − σ_min)·x_t − x0) / (σ_min + (1 − σ_min)·t)."""
+    tt = per_sample(t, x_t)
+    return like(x_t, ((1 - sigma_min) * data(x_t) - data(x0)) / (sigma_min + (1 - sigma_min) * tt))
+
+
 def eps_from_velocity(x_t: Any, v: Any, t: Tensor) -> Any:
     tt = per_sample(t, x_t)
     return like(x_t, (1 - tt) * data(v) + data(x_t))
@@ -174,9 +183,9 @@ def negative_condition(cond: Tensor, neg_cond: Tensor | None) -> Tensor:
     return expand_condition(neg_cond, cond.shape[0]).to(device=cond.device, dtype=cond.dtype)
 
 
-def velocity(model: Callable, x: Any, t: Tensor, cond: Any) -> Any:
-    """model(x, TIME_SCALE·t, cond) with t [B] in flow time."""
-    return model(x, t * TIME_SCALE, cond)
+def velocity(model: Callable, x: Any, t: Tensor, cond: Any, **model_kwargs) -> Any:
+    """model(x, TIME_SCALE·t, cond, **model_kwargs) with t [B] in flow time."""
+    return model(x, t * TIME_SCALE, cond, **model_kwargs)
 
 
 def guided_velocity(model: Callable, x: Any, t: Tensor, cond: Tensor, neg_cond: Tensor | None,
@@ -248,3 +257,121 @@ class FlowEulerSampler:
                return_trajectory: bool = False, progress: bool = False):
         return euler_sample(model, noise, cond, neg_cond, steps, rescale_t, cfg_strength, tuple(cfg_interval),
                             cfg_batched, return_trajectory, progress)
+
+
+# ---- TRELLIS.2 guidance ---------------------------------------------------------------------------------------------
+def trellis2_strength(trellis_cfg_strength: float | Tensor) -> float | Tensor:
+    """TRELLIS's CFG weight w ((1 + w)·v_c − w·v_u) as TRELLIS.2's guidance strength w' (w'·v_c + (1 − w')·v_u):
+    w' = 1 + w (w = 0, no guidance, is w' = 1, one conditional pass)."""
+    return 1 + trellis_cfg_strength
+
+
+def per_sample_std(x: Any) -> Tensor:
+    """Unbiased std of each sample over all its non-batch elements [B] (sparse: over its voxels and channels)."""
+    f = data(x).float()
+    if not is_sparse(x):
+        return f.reshape(f.shape[0], -1).std(dim=1)
+    rows = f.reshape(f.shape[0], -1)
+    n = x.counts.to(f.device).float() * rows.shape[1]                         # elements per sample
+    total = torch.zeros(x.batch_size, device=f.device).index_add_(0, x.batch_idx, rows.sum(1))
+    mean = total / n.clamp(min=1)
+    sq = ((rows - mean[x.batch_idx, None]) ** 2).sum(1)
+    return (torch.zeros_like(total).index_add_(0, x.batch_idx, sq) / (n - 1).clamp(min=1)).sqrt()
+
+
+def twice_kwargs(x: Any, model_kwargs: dict) -> dict:
+    """Model kwargs for the doubled batch [x; x]: a SparseTensor on x's coordinates (TRELLIS.2's concat_cond) is
+    doubled onto batch_twice(x)'s coordinates, a dense tensor with x's batch is concatenated with itself."""
+    out = {}
+    for key, v in model_kwargs.items():
+        if is_sparse(v):
+            if v.feats.shape[0] != data(x).shape[0]:
+                raise ValueError(f"{key} is not on the sampled latent's coordinates")
+            out[key] = batch_twice(x).replace(torch.cat([v.feats, v.feats]))
+        elif torch.is_tensor(v) and v.dim() and v.shape[0] == batch_size(x):
+            out[key] = torch.cat([v, v])
+        else:
+            out[key] = v
+    return out
+
+
+def trellis2_guided_velocity(model: Callable, x: Any, t: Tensor, cond: Tensor, neg_cond: Tensor | None,
+                             strength: float | Tensor = 1.0, rescale: float = 0.0, batched: bool = True,
+                             sigma_min: float = SIGMA_MIN, **model_kwargs) -> Any:
+    """TRELLIS.2's guided velocity w·v(cond) + (1 − w)·v(neg_cond), laid out like x.
+
+    w = 1 is one conditional pass and w = 0 one unconditional pass (a float w; a per-sample tensor w [B] always
+    runs both). rescale r > 0 (guidance rescale): x0 of the guided and of the conditional velocity, then
+    x0 = r·x0_cfg·std(x0_pos)/std(x0_cfg) + (1 − r)·x0_cfg with per-sample stds, and v recomputed from x0.
+    batched as in `guided_velocity` (both passes as one forward of the doubled batch; model_kwargs doubled too).
+    """
+    w = strength
+    per_instance = torch.is_tensor(w)
+    neg_cond = negative_condition(cond, neg_cond)
+    if not per_instance and w == 1:
+        return like(x, data(velocity(model, x, t, cond, **model_kwargs)))
+    if not per_instance and w == 0:
+        return like(x, data(velocity(model, x, t, neg_cond, **model_kwargs)))
+    if batched:
+        both = velocity(model, batch_twice(x), torch.cat([t, t]), torch.cat([cond, neg_cond]),
+                        **twice_kwargs(x, model_kwargs))
+        v_pos, v_neg = split_twice(both, x)
+    else:
+        v_pos = data(velocity(model, x, t, cond, **model_kwargs))
+        v_neg = data(velocity(model, x, t, neg_cond, **model_kwargs))
+    if per_instance:
+        w = per_sample(w, like(x, v_pos))
+    v = like(x, w * v_pos + (1 - w) * v_neg)
+    if rescale > 0:
+        x0_pos = x0_from_velocity(x, like(x, v_pos), t, sigma_min)
+        x0_cfg = x0_from_velocity(x, v, t, sigma_min)
+        ratio = per_sample(per_sample_std(x0_pos) / per_sample_std(x0_cfg), x)
+        x0 = like(x, rescale * data(x0_cfg) * ratio + (1 - rescale) * data(x0_cfg))
+        v = velocity_from_x0(x, x0, t, sigma_min)
+    return v
+
+
+def count_nfe_trellis2(steps: int, guidance_strength: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
+                       rescale_t: float = 1.0) -> int:
+    """Network evaluations per sample of a TRELLIS.2 sampling run: two per step inside the interval unless the
+    strength is 1 (conditional only) or 0 (unconditional only), one elsewhere."""
+    grid = time_grid(steps, rescale_t)
+    guided = guidance_strength not in (0, 1)
+    return sum(2 if guided and guidance_interval[0] <= t <= guidance_interval[1] else 1 for t in grid[:-1])
+
+
+class FlowEulerGuidanceIntervalSampler:
+    """TRELLIS.2's Euler sampler with guidance strength, rescale and interval (same path, time grid, `rescale_t`
+    warp, Euler step and model time as TRELLIS's). Outside `guidance_interval` (t after the warp) the step uses
+    v(cond) alone. `sample` returns the final sample, dense or a SparseTensor on the noise's coordinates;
+    model_kwargs (TRELLIS.2's concat_cond) go to every model call."""
+
+    def __init__(self, sigma_min: float = SIGMA_MIN):
+        self.sigma_min = sigma_min
+
+    def sample(self, model: Callable, noise: Any, cond: Tensor, neg_cond: Tensor | None = None, steps: int = 50,
+               rescale_t: float = 1.0, guidance_strength: float | Tensor = 3.0, guidance_rescale: float = 0.0,
+               guidance_interval: tuple[float, float] = (0.0, 1.0), batched: bool = True, verbose: bool = False,
+               return_trajectory: bool = False, **model_kwargs):
+        n = batch_size(noise)
+        cond = expand_condition(cond, n)
+        neg_cond = negative_condition(cond, neg_cond)
+        f = data(noise)
+        t_dtype = torch.promote_types(f.dtype, torch.float32)
+        grid = time_grid(steps, rescale_t)
+        trajectory = [noise]
+        with torch.no_grad():
+            for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+                tv = torch.full((n,), t, dtype=t_dtype, device=f.device)
+                inside = guidance_interval[0] <= t <= guidance_interval[1]
+                w = guidance_strength if inside else 1.0
+                v = trellis2_guided_velocity(model, like(noise, f), tv, cond, neg_cond, w,
+                                             guidance_rescale if inside else 0.0, batched, self.sigma_min,
+                                             **model_kwargs)
+                f = f - (t - t_next) * data(v).to(f.dtype)
+                if return_trajectory:
+                    trajectory.append(like(noise, f))
+                if verbose:
+                    log.info("sampling step %d/%d (t=%.4f)", i + 1, steps, t)
+        x = like(noise, f)
+        return (x, trajectory) if return_trajectory else x

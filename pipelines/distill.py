@@ -76,7 +76,8 @@ def _check_checkpoint(p: str | None, what: str) -> None:
 def run_identity(cfg) -> dict:
     """What makes a stored run the same run: objective, stage, teacher, student init, model."""
     m = cfg.model
-    model = {"teacher": m.teacher, "student": m.student}
+    model = {"teacher": m.teacher, "student": m.student, **({"shape_teacher": m.shape_teacher}
+                                                             if m.shape_teacher else {})}
     if not (m.teacher or m.student):
         model.update(name=m.name, args=dict(m.args))
     return {"objective": cfg.objective.name, "stage": cfg.stage, **model}
@@ -106,6 +107,7 @@ def prepare(cfg):
     cfg.data.uri = resolve_local_path(cfg.data.uri)
     cfg.model.teacher = resolve_local_path(cfg.model.teacher, must_exist=True)
     cfg.model.student = resolve_local_path(cfg.model.student, must_exist=True)
+    cfg.model.shape_teacher = resolve_local_path(cfg.model.shape_teacher, must_exist=True)
     cfg.condition.model = resolve_local_path(cfg.condition.model, must_exist=not cfg.condition.tiny)
     cfg.snapshot.decoder = resolve_local_path(cfg.snapshot.decoder, must_exist=True)
     try:
@@ -114,6 +116,7 @@ def prepare(cfg):
         raise ArgumentError(str(e).splitlines()[0]) from None
     _check_checkpoint(cfg.model.teacher, "--teacher")
     _check_checkpoint(cfg.model.student, "--student")
+    _check_checkpoint(cfg.model.shape_teacher, "--shape-teacher")
     check_resume(cfg, run_dir(cfg))
     if cfg.eval.enabled:
         cfg.eval.decoder = resolve_local_path(cfg.eval.decoder, must_exist=True)

@@ -41,7 +41,8 @@ from mdt.eval.snapshots import load_decoder, snapshot_png, snapshot_samples
 from mdt.training import checkpoint as ckpt_io
 from mdt.training.build import build_conditioner, build_student, build_teacher, export_model
 from mdt.training.machinery import resolve_precision
-from mdt.training.step import Trainer, to_device
+from mdt.training.step import Trainer, bound_concat_cond, to_device
+from mdt.training.teacher_data import teacher_batch
 from mdt.training.wrappers import wrap_student
 from pipelines.tracking import MetricLogger, register_model
 
@@ -207,8 +208,13 @@ class WorkerLoop:
         self.data_gen = torch.Generator().manual_seed(rank_seed + DATA_STREAM_OFFSET)  # condition-view choice
 
         self.teacher = build_teacher(cfg.model, self.device)
+        self.shape_teacher = build_teacher(cfg.model, self.device, cfg.model.shape_teacher) \
+            if cfg.model.shape_teacher else None
+        self.latent_gen = torch.Generator().manual_seed(cfg.teacher_data.seed * 1000 + self.rank)
         self.student = build_student(cfg.model, self.device, self.teacher)
-        self.like = (type(self.student).__name__, dict(self.student.trellis_args))  # before FSDP renames the class
+        # the checkpoint json's name (TRELLIS.2 classes share TRELLIS's), taken before FSDP renames the class
+        self.like = (getattr(type(self.student), "CHECKPOINT_NAME", "") or type(self.student).__name__,
+                     dict(self.student.trellis_args))
         model = wrap_student(self.student, cfg, self.world)
         self.conditioner = build_conditioner(cfg.condition, self.device)
         self.trainer = Trainer(self.student, self.teacher, cfg, model=model, device=self.device,
@@ -275,6 +281,8 @@ class WorkerLoop:
             b = self.collate(rows, generator=self.data_gen)
             cond = self.conditioner(b["cond"].to(self.device))
             batch = to_device({"x0": b["x0"], "cond": cond}, self.device)
+            if cfg.teacher_data.enabled:  # TRELLIS.2 shape / texture: latents sampled by the teacher(s)
+                batch = teacher_batch(batch, self.teacher, cfg.teacher_data, self.latent_gen, self.shape_teacher)
             data_time = time.perf_counter() - t0
             if self.fixed is None:
                 self.fixed = batch
@@ -406,7 +414,7 @@ def fixed_batch_loss(trainer, batch, seed: int) -> float:
     was = trainer.student.training
     trainer.student.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), bound_concat_cond((trainer.student, trainer.teacher), batch.get("concat_cond")):
             terms = trainer.fn(trainer.student_calls, trainer.teacher_calls, batch, trainer.ocfg, generator=g, **kw)
     finally:
         trainer.student.train(was)

@@ -90,9 +90,23 @@ def call(model: Callable, x: Any, f: Tensor, t: Tensor, cond: Any) -> Tensor:
     return data(flow.velocity(model, like(x, f), t, cond))
 
 
+def guidance_form(model: Callable) -> str:
+    """"trellis2" for a TRELLIS.2 network (also behind the training wrappers' `teacher` / `module`), else "trellis"."""
+    for m in (model, getattr(model, "teacher", None), getattr(model, "module", None)):
+        form = getattr(m, "GUIDANCE_FORM", None)
+        if form:
+            return form
+    return "trellis"
+
+
 def guided_call(model: Callable, x: Any, f: Tensor, t: Tensor, cond: Any, neg_cond: Any, w: float,
                 batched: bool = True) -> Tensor:
-    """Data of `mdt.flow.guided_velocity` at like(x, f): (1 + w) v(cond) - w v(neg_cond), v(cond) for w <= 0."""
+    """Data of the guided velocity at like(x, f) for a CFG weight w in MDT-dist's (TRELLIS's) convention:
+    (1 + w) v(cond) - w v(neg_cond), v(cond) for w <= 0. A TRELLIS.2 network is guided in its own form,
+    w' v(cond) + (1 - w') v(neg_cond) with w' = 1 + w (`mdt.flow.trellis2_strength`), without guidance rescale."""
+    if guidance_form(model) == "trellis2":
+        strength = flow.trellis2_strength(w) if (torch.is_tensor(w) or w > 0) else 1.0
+        return data(flow.trellis2_guided_velocity(model, like(x, f), t, cond, neg_cond, strength, 0.0, batched))
     return data(flow.guided_velocity(model, like(x, f), t, cond, neg_cond, w, batched))
 
 

@@ -66,6 +66,13 @@ def absolute_position_embedding(coords: Tensor, channels: int) -> Tensor:
     return emb
 
 
+def rotate_pairs(x: Tensor, phases: Tensor) -> Tensor:
+    """Rotary position embedding: x [..., L, H, D] read as D/2 complex numbers (x[2i], x[2i+1]), each multiplied
+    by its unit phase; phases [L, D/2] complex (one row per token or voxel, shared by the heads). float32 inside."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * phases.unsqueeze(-2)).reshape(x.shape).to(x.dtype)
+
+
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back to the input dtype. Works on dense and sparse inputs."""
 
@@ -136,7 +143,7 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, t: Tensor, parts: int) -> tuple[Tensor, ...]:
         return t.reshape(*t.shape[:-1], parts, self.num_heads, self.head_dim).unbind(-3)
 
-    def forward(self, x, context: Tensor | None = None):
+    def forward(self, x, context: Tensor | None = None, phases: Tensor | None = None):
         f = feats_of(x)
         if self.type == "self":
             q, k, v = self._heads(self.to_qkv(f), 3)
@@ -145,6 +152,8 @@ class MultiHeadAttention(nn.Module):
             k, v = self._heads(self.to_kv(context), 2)
         if self.qk_rms_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        if phases is not None:  # RoPE (TRELLIS.2) after the qk norm, on self-attention only
+            q, k = rotate_pairs(q, phases), rotate_pairs(k, phases)
         if not isinstance(x, SparseTensor):
             out = dense_attention(q, k, v)
         elif self.type == "cross":
@@ -161,12 +170,16 @@ class ModulatedTransformerCrossBlock(nn.Module):
     """adaLN-modulated self-attention, affine-norm cross-attention to the condition, modulated MLP.
 
     The 6C modulation is chunked as shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+    With share_mod the model computes it once for all blocks; `mod_bias` (TRELLIS.2) adds a learned per-block
+    6C `modulation` to it. `phases` (TRELLIS.2's RoPE) rotate q and k of the self-attention.
     """
 
     def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float = 4.0,
-                 share_mod: bool = False, qk_rms_norm: bool = False, qk_rms_norm_cross: bool = False):
+                 share_mod: bool = False, qk_rms_norm: bool = False, qk_rms_norm_cross: bool = False,
+                 mod_bias: bool = False):
         super().__init__()
         self.share_mod = share_mod
+        self.mod_bias = share_mod and mod_bias
         self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
         self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
@@ -176,14 +189,18 @@ class ModulatedTransformerCrossBlock(nn.Module):
         self.mlp = FeedForwardNet(channels, mlp_ratio)
         if not share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels, bias=True))
+        if self.mod_bias:
+            self.modulation = nn.Parameter(torch.randn(6 * channels) / channels ** 0.5)
 
-    def forward(self, x, mod: Tensor, context: Tensor):
+    def forward(self, x, mod: Tensor, context: Tensor, phases: Tensor | None = None):
         if not self.share_mod:
             mod = self.adaLN_modulation(mod)
+        elif self.mod_bias:
+            mod = (self.modulation + mod).to(mod.dtype)  # the float32 bias, then the torso dtype
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         f = feats_of(x)
         h = feats_of(self.norm1(x)) * (1 + per_sample(x, scale_msa)) + per_sample(x, shift_msa)
-        h = feats_of(self.self_attn(with_feats(x, h)))
+        h = feats_of(self.self_attn(with_feats(x, h), phases=phases))
         f = f + h * per_sample(x, gate_msa)
         h = feats_of(self.cross_attn(self.norm2(with_feats(x, f)), context))
         f = f + h

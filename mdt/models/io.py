@@ -22,6 +22,7 @@ from .slat_vae import (ElasticSLatEncoder, ElasticSLatGaussianDecoder, ElasticSL
                        SLatRadianceFieldDecoder)
 from .ss_flow import SparseStructureFlowModel
 from .ss_vae import SparseStructureDecoder, SparseStructureEncoder
+from .trellis2_flow import TRELLIS2_CLASSES, is_trellis2_args
 
 # The json `name` field of TRELLIS checkpoints -> class. Written out, not filled by decorators.
 MODEL_CLASSES: dict[str, type[TrellisModule]] = {
@@ -36,11 +37,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: bad json, a non-safetensors payload, or a key/shape mismatch."""
 
 
-def build_model(name: str, args: dict, device: str | torch.device | None = None) -> TrellisModule:
+def model_class(name: str, args: dict) -> type[TrellisModule]:
+    """The class a checkpoint json describes. TRELLIS.2's flows share TRELLIS's names; their args differ."""
+    if name in TRELLIS2_CLASSES and is_trellis2_args(args):
+        return TRELLIS2_CLASSES[name]
     if name not in MODEL_CLASSES:
         raise CheckpointError(f"unknown model class {name!r}; known: {sorted(MODEL_CLASSES)}")
-    with torch.device(device or "cpu"):
-        return MODEL_CLASSES[name](**args)
+    return MODEL_CLASSES[name]
+
+
+def build_model(name: str, args: dict, device: str | torch.device | None = None) -> TrellisModule:
+    cls = model_class(name, args)
+    try:
+        with torch.device(device or "cpu"):
+            return cls(**args)
+    except TypeError as exc:  # an argument the class does not take
+        raise CheckpointError(f"{name} ({cls.__name__}) cannot be built from these args: {exc}") from exc
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -113,7 +125,8 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     model = build_model(name, args, device="meta")
     model = model.to_empty(device=device)
     _recompute_buffers(model, name, args)
-    load_state_dict_strict(model, read_safetensors(st_path), source=str(st_path))
+    load_state_dict_strict(model, with_computed_buffers(model, read_safetensors(st_path), str(st_path)),
+                           source=str(st_path))
     if keep_fp16 is None:
         keep_fp16 = device.type == "cuda"
     if not keep_fp16:
@@ -128,11 +141,25 @@ def _recompute_buffers(model: nn.Module, name: str, args: dict) -> None:
             raise CheckpointError(f"{name}: non-persistent buffer {buf_name} cannot be restored from the file")
 
 
+def with_computed_buffers(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Add the entries a model computes from its config (TRELLIS.2's `rope_phases`) when the file leaves them out;
+    a file that carries one must carry the same values (else the file would silently change the network)."""
+    computed = model.computed_buffers() if hasattr(model, "computed_buffers") else {}
+    state = dict(state)
+    for key, value in computed.items():
+        if key not in state:
+            state[key] = value
+        elif state[key].shape != value.shape or state[key].dtype != value.dtype or not torch.allclose(
+                state[key], value.to(state[key].device), atol=1e-5):
+            raise CheckpointError(f"{source}: {key} differs from the value computed from the config")
+    return state
+
+
 def save_pretrained(model: TrellisModule, path: str | os.PathLike, args: dict | None = None) -> tuple[Path, Path]:
     """Write `<path>.json` and `<path>.safetensors` in TRELLIS's format and dtype layout."""
     path = Path(str(path).removesuffix(".safetensors").removesuffix(".json"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    name = type(model).__name__
+    name = getattr(type(model), "CHECKPOINT_NAME", "") or type(model).__name__
     if name not in MODEL_CLASSES:
         raise CheckpointError(f"{name} is not a TRELLIS model class")
     args = args if args is not None else getattr(model, "trellis_args", None)
@@ -140,6 +167,8 @@ def save_pretrained(model: TrellisModule, path: str | os.PathLike, args: dict | 
         raise CheckpointError(f"{name} has no recorded constructor args; pass args=")
     dtypes = model.published_dtypes()
     state = {k: v.detach().to("cpu", dtypes[k]).contiguous() for k, v in model.state_dict().items()}
+    if hasattr(model, "computed_buffers"):  # written as computed, whatever a cast did to the live buffer
+        state.update({k: v.detach().cpu().contiguous() for k, v in model.computed_buffers().items()})
     json_path, st_path = path.with_name(path.name + ".json"), path.with_name(path.name + ".safetensors")
     tmp_json, tmp_st = json_path.with_suffix(".json.tmp"), st_path.with_suffix(".safetensors.tmp")
     tmp_json.write_text(json.dumps({"name": name, "args": args}, indent=4))

@@ -19,13 +19,15 @@ def _dtype(name: str) -> torch.dtype | None:
             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
 
 
-def build_teacher(mcfg, device: torch.device) -> nn.Module | None:
-    """The frozen teacher (eval mode, no grad). On CUDA the published fp16 torso layout is kept ("auto")."""
-    if not mcfg.teacher:
+def build_teacher(mcfg, device: torch.device, path: str | None = None) -> nn.Module | None:
+    """The frozen teacher (eval mode, no grad). On CUDA the published fp16 torso layout is kept ("auto").
+    `path`: another frozen network with the same settings (TRELLIS.2's shape teacher of the texture stage)."""
+    path = path or mcfg.teacher
+    if not path:
         return None
     dt = _dtype(mcfg.teacher_dtype)
     keep_fp16 = None if dt is None else False
-    teacher = from_pretrained(mcfg.teacher, device=device, keep_fp16=keep_fp16)
+    teacher = from_pretrained(path, device=device, keep_fp16=keep_fp16)
     if dt is not None:
         teacher = teacher.to(dt)
     teacher.eval().requires_grad_(False)
@@ -56,17 +58,19 @@ def build_student(mcfg, device: torch.device, teacher: nn.Module | None = None) 
 
 
 def ensure_tiny_conditioner(ccfg) -> None:
-    """CPU presets: write a tiny random DINOv2 at `condition.model` when it does not exist yet."""
+    """CPU presets: write a tiny random DINOv2 (or DINOv3, `tiny_kind`) at `condition.model` when it does not exist
+    yet."""
     if not ccfg.tiny:
         return
     path = Path(ccfg.model)
     if (path / "config.json").exists():
         return
-    from mdt.conditioning import save_tiny_dinov2
+    from mdt.conditioning import save_tiny_dinov2, save_tiny_dinov3
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_tiny_dinov2(tmp, hidden_size=ccfg.tiny_hidden_size)
+    save_tiny = save_tiny_dinov3 if getattr(ccfg, "tiny_kind", "dinov2") == "dinov3" else save_tiny_dinov2
+    save_tiny(tmp, hidden_size=ccfg.tiny_hidden_size)
     try:
         os.replace(tmp, path)
     except OSError:  # another process won the race

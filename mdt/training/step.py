@@ -63,6 +63,21 @@ def _sparse_slice(x, lo: int, hi: int):
     return type(x)(x.feats[rows], coords, batch_size=hi - lo)
 
 
+@contextlib.contextmanager
+def bound_concat_cond(models, concat_cond):
+    """TRELLIS.2 texture stage: every call of these networks inside the block gets the batch's concat_cond (the
+    objectives call networks as model(x, t, cond)); nothing happens without one."""
+    with contextlib.ExitStack() as stack:
+        if concat_cond is not None:
+            feats = concat_cond.feats if is_sparse(concat_cond) else concat_cond
+            for m in models:
+                if m is not None:
+                    if not hasattr(m, "bound_concat_cond"):
+                        raise ValueError(f"{type(m).__name__} takes no concat_cond")
+                    stack.enter_context(m.bound_concat_cond(feats))
+        yield
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     out = {}
     for k, v in batch.items():
@@ -174,7 +189,8 @@ class Trainer:
             mb = to_device(mb, self.device)
             self._set_fsdp_sync(last)
             with self._no_sync(last):
-                with autocast(self.device, self.autocast_dtype):
+                with autocast(self.device, self.autocast_dtype), bound_concat_cond(
+                        (self.student, self.teacher, target), mb.get("concat_cond")):
                     kw = {"target_model": target} if self.takes_target else {}
                     terms = self.fn(self.student_calls, self.teacher_calls, mb, self.ocfg, generator=generator,
                                     **kw)
