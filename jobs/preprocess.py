@@ -63,7 +63,11 @@ def main(argv=None) -> int:
     from pipelines import graph, report
 
     if not args.print_config:
-        graph.absolutize_paths(cfg)  # workers do not share the driver's cwd
+        try:
+            graph.prepare(cfg)  # before Ray: output, sources; local paths absolute (workers do not share the cwd)
+        except ValueError as e:
+            print(f"argument error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
     resolved = to_dict(cfg)
     print("# resolved config\n" + dump_yaml(cfg), flush=True)
     if args.print_config:

@@ -173,6 +173,14 @@ def looks_like_hub_path(path: str) -> bool:
     return len(parts) >= 3 and not str(path).startswith((".", "/", "~")) and not Path(parts[0]).exists()
 
 
+def check_checkpoint_arg(value: str, flag: str) -> str:
+    """A checkpoint argument: a local `<stem>.json` + `<stem>.safetensors`, or a hub path; else ValueError."""
+    if not (checkpoint_exists(value) or looks_like_hub_path(value)):
+        raise ValueError(f"{flag} {value}: no {value}.json + {value}.safetensors and not a hub path "
+                         "'<owner>/<repo>/<stem>'")
+    return value
+
+
 def read_pipeline_json(pipeline: str) -> dict:
     local = Path(pipeline) / "pipeline.json"
     if local.exists():
@@ -374,6 +382,31 @@ def load_image(path: str | os.PathLike):
             raise ValueError(f"{path.name}: {w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} accepted")
         im.load()
         return to_pil(im.copy())
+
+
+def check_image(path: str | os.PathLike) -> str | None:
+    """An input checked before any model loads, from its header only: ValueError (one line) when it is not a
+    readable image within the size limits; returns a note when it has no alpha channel (it is then used whole:
+    this chain has no background removal), else None."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not a readable file")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} accepted")
+    try:
+        with Image.open(path) as im:
+            (w, h), bands = im.size, im.getbands()
+            has_alpha = "A" in bands or "transparency" in im.info
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not an image ({type(e).__name__})") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{path}: {w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} accepted")
+    if not has_alpha:
+        return (f"{path.name} has no alpha channel: the whole image conditions the model (no background removal; "
+                "cut the object out to RGBA first for TRELLIS's object-centred crop)")
+    return None
 
 
 def preprocess_image(image, size: int = 518, alpha_threshold: float = 204.0) -> Tensor:
