@@ -4,7 +4,8 @@
     python jobs/preprocess.py --preset trellis --source objaverse-xl:sketchfab --output s3://bucket/trellis \\
         --set filter.trellis_metadata=[hf://datasets/JeffreyXiang/TRELLIS-500K/ObjaverseXL_sketchfab.csv] \\
         --set filter.min_aesthetic=5.5
-    ray job submit --working-dir . -- python jobs/preprocess.py --preset demo --source synthetic:8
+    ray job submit --working-dir . -- python jobs/preprocess.py --preset demo --source synthetic:8 --output \\
+        "$PWD/outputs/pre"   # absolute: the entrypoint runs in a temporary copy (a relative output is refused)
 
 Exit status: 0 when the job ran to the end with at least one asset done (assets that failed are in the ledger and
 the report); 2 for a bad preset/override/argument; 1 when the job itself could not run (no source, unreachable

@@ -5,6 +5,7 @@ itself goes under the output instead of the job's temporary copy of the code."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -122,3 +123,37 @@ def test_created_models_go_under_the_output_under_job_submit(tmp_path, monkeypat
     evaluate.absolutize_paths(ecfg)
     assert ecfg.condition.model == "/abs/eval/models/tiny-dinov2" and not ecfg.condition.model.startswith(
         str(tmp_path))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_relative_outputs_refused_under_a_real_ray_job_submit(inputs, tmp_path):
+    """Each job submitted with `ray job submit --working-dir .` and a relative output: the job fails with the
+    one line, and nothing is written into the job's temporary copy of the code."""
+    from _distill_helpers import PROJECT_ROOT, VENV_BIN
+    from _pipeline_helpers import RayHead, ray_job_submit
+
+    tmp, data, ckpt = inputs
+    jobs = {"preprocess": ["--preset", "ci", "--source", "synthetic:2", "--output", "outputs/relative-test"],
+            "distill": ["--preset", "ci", "--data", str(data), "--objective", "flow_matching",
+                        "--output", "outputs/relative-test"],
+            "evaluate": ["--preset", "ci", "--data", str(data), "--teacher", ckpt, "--student", ckpt,
+                         "--decoder", ckpt, "--output", "outputs/relative-test"],
+            "generate": ["--preset", "demo", "--image", "docs/examples/mug.png", "--output", "outputs/relative-test"]}
+    head = RayHead(dashboard=True, num_cpus=2)
+    try:
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_ADDRESS": head.dashboard_url}
+        for job, argv in jobs.items():
+            cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
+                   "--", "python", f"jobs/{job}.py", *argv]
+            r = ray_job_submit(cmd, env, timeout=240)
+            out = r.stdout + r.stderr
+            assert r.returncode != 0 and "failed" in out.lower(), (job, out[-3000:])
+            lines = [ln for ln in out.splitlines() if "is relative: under `ray job submit --working-dir`" in ln]
+            assert lines and "--output outputs/relative-test" in lines[0], (job, out[-3000:])
+            assert "Traceback" not in out, (job, out[-3000:])
+        assert not (PROJECT_ROOT / "outputs" / "relative-test").exists()
+    finally:
+        head.stop()
