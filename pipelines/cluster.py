@@ -116,3 +116,36 @@ def created_model_path(p: str | None, output: str | None) -> str | None:
     if submitted_with_working_dir() and is_relative_local(p) and output and "://" not in output:
         return str(Path(output) / "models" / Path(p).name)
     return resolve_local_path(p)
+
+
+# ------------------------------------------------------------------------------------------------ a head's ports
+
+
+def busy_ports(specs: list[str]) -> list[int]:
+    """The ports of `specs` ("6390", "8300-8399") that something already listens on (any interface)."""
+    ports = []
+    for spec in specs:
+        lo, _, hi = spec.partition("-")
+        ports += range(int(lo), int(hi or lo) + 1)
+    busy = []
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
+            try:
+                s.bind(("", port))   # all interfaces: Ray's GCS and raylet bind there
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+if __name__ == "__main__":  # python -m pipelines.cluster --check-ports 6390 8290-8297 (the README's head)
+    import sys
+
+    args = sys.argv[1:]
+    if args[:1] != ["--check-ports"] or len(args) < 2:
+        sys.exit("usage: python -m pipelines.cluster --check-ports PORT|LO-HI ...")
+    taken = busy_ports(args[1:])
+    if taken:
+        sys.exit(f"ports in use (another Ray instance or service): {', '.join(map(str, taken))}; "
+                 "choose others for the head and its clients")
+    print(f"free: {' '.join(args[1:])}")
