@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -749,6 +750,22 @@ def log_mlflow(cfg: EvaluateConfig, results: dict, run_dir: Path, previews: list
     return rid
 
 
+def distill_run_of(checkpoint: str | None) -> dict | None:
+    """The distillation run that exported a local checkpoint (`<output>/<name>/.../export/<ema|student>/<stem>`):
+    its `result.json` (tracking_uri, mlflow_run_id), found among the checkpoint's first parents; else None."""
+    if not checkpoint or "://" in checkpoint:
+        return None
+    for parent in list(Path(checkpoint).parents)[:5]:
+        f = parent / "result.json"
+        if f.is_file():
+            try:
+                res = json.loads(f.read_text())
+            except ValueError:
+                return None
+            return res if res.get("tracking_uri") and res.get("mlflow_run_id") else None
+    return None
+
+
 def prepare(cfg: EvaluateConfig) -> EvaluateConfig:
     """The job's arguments checked before Ray starts or a model loads (one-line ValueError: the config, a relative
     output under `ray job submit`, shards or a checkpoint that are not there), then local paths made absolute."""
@@ -762,6 +779,11 @@ def prepare(cfg: EvaluateConfig) -> EvaluateConfig:
     if not shards.shard_files(cfg.data.uri):
         raise ValueError(f"--data {cfg.data.uri}: no committed shards there (a preprocessing output dir, its "
                          "manifest.json or an s3:// prefix)")
+    if not cfg.mlflow.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        run = distill_run_of(cfg.models.student) or distill_run_of(cfg.models.teacher)
+        if run:  # the run it evaluates: the same MLflow store, linked to it
+            cfg.mlflow.tracking_uri = run["tracking_uri"]
+            cfg.mlflow.distill_run_id = cfg.mlflow.distill_run_id or run["mlflow_run_id"]
     for key, flag in (("teacher", "--teacher"), ("student", "--student"), ("ss_decoder", "--decoder"),
                       ("slat_teacher", "--slat-teacher"), ("slat_student", "--slat-student"),
                       ("slat_decoder", "--slat-decoder")):
