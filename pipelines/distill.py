@@ -78,7 +78,9 @@ def check_resume(cfg, run_dir: str) -> None:
     if not storage.exists(uri, st):
         return
     stored, wanted = json.loads(storage.read_bytes(uri, st)), run_identity(cfg)
-    diff = [f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(stored) | set(wanted))
+    # the model's name/args are recorded only for a run without a teacher: compared when both runs have them
+    # (else the teacher line already says what differs, and "args None -> {...}" would say nothing)
+    diff = [f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(stored) & set(wanted))
             if stored.get(k) != wanted.get(k)]
     if diff:
         raise ArgumentError(f"run '{cfg.name}' in {cfg.output} is a different run ({'; '.join(diff)}): "
