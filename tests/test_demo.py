@@ -163,5 +163,10 @@ def test_demo_generation_uses_its_probe_and_measures_iou_with_the_condition(tmp_
         assert entry["iou_with_condition"] == pytest.approx(expected, abs=1e-4), entry
         assert Path(entry["dir"], "occupancy.glb").exists() == (bias > 0)
     failures = demo.generation_failures(summary, 0.5)
-    assert len(failures) == n and all("IoU" in f and "< 0.5" in f for f in failures)
+    assert len(failures) == 1 and "mean IoU" in failures[0] and "< 0.5" in failures[0], failures
     assert demo.generation_failures({"inputs": [{"name": "x", "iou_with_condition": 0.7}]}, 0.5) == []
+    two = {"inputs": [{"name": "a", "iou_with_condition": 0.3}, {"name": "b", "iou_with_condition": 0.8}]}
+    assert demo.generation_failures(two, 0.5) == []                  # mean 0.55
+    assert "mean IoU 0.550" in demo.generation_failures(two, 0.6)[0]
+    assert "no generated occupancy for b" in demo.generation_failures(
+        {"inputs": [{"name": "a", "iou_with_condition": 0.9}, {"name": "b"}]}, 0.5)[0]

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
         try:
             urllib.request.urlopen(url, timeout=3)
             return
+        except urllib.error.HTTPError as e:
+            if e.code == 401:  # the token-protected dashboard answers: it is up
+                return
+            time.sleep(1)
         except OSError:
             time.sleep(1)
     raise TimeoutError(url)
