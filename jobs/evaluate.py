@@ -57,20 +57,19 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    from pipelines import evaluate
+
     try:
         cfg = build_config(args)
         if not args.print_config:
-            cfg.validate()
+            evaluate.prepare(cfg)  # before Ray: config, output, shards, checkpoints; local paths absolute
     except (ConfigError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"argument error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print("# resolved config\n" + dump_yaml(cfg), flush=True)
     if args.print_config:
         return 0
 
-    from pipelines import evaluate
-
-    evaluate.absolutize_paths(cfg)
     try:
         result = evaluate.run(cfg)
     except Exception as e:

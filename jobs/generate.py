@@ -52,21 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def checkpoint_arg(value: str, flag: str) -> str:
-    from mdt.generate import checkpoint_exists, looks_like_hub_path
-
-    if not (checkpoint_exists(value) or looks_like_hub_path(value)):
-        raise ArgError(f"{flag} {value}: no {value}.json + {value}.safetensors and not a hub path "
-                       "'<owner>/<repo>/<stem>'")
-    return value
-
-
 def build_config(args: argparse.Namespace):
-    from mdt.generate import GenerateConfig
+    from mdt.generate import GenerateConfig, check_checkpoint_arg, check_image
+    from pipelines.cluster import created_model_path, durable_output
 
-    for path in args.image:
-        if not Path(path).is_file() or not os.access(path, os.R_OK):
-            raise ArgError(f"--image {path}: not a readable file")
+    for path in args.image:  # before any model loads: every input an image (header only), a note for RGB
+        try:
+            note = check_image(path)
+        except ValueError as e:
+            raise ArgError(f"--image {e}") from None
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     for flag, value in (("--ss-steps", args.ss_steps), ("--slat-steps", args.slat_steps),
                         ("--num-samples", args.num_samples)):
         if value is not None and value < 1:
@@ -77,9 +73,9 @@ def build_config(args: argparse.Namespace):
         raise ArgError("--cfg must be >= 0")
     ov: list = [("output", args.output)]
     if args.ss_model:
-        ov.append(("models.ss_flow", checkpoint_arg(args.ss_model, "--ss-model")))
+        ov.append(("models.ss_flow", check_checkpoint_arg(args.ss_model, "--ss-model")))
     if args.slat_model:
-        ov.append(("models.slat_flow", checkpoint_arg(args.slat_model, "--slat-model")))
+        ov.append(("models.slat_flow", check_checkpoint_arg(args.slat_model, "--slat-model")))
     for key, value in (("ss.steps", args.ss_steps), ("slat.steps", args.slat_steps), ("seed", args.seed),
                        ("num_samples", args.num_samples)):
         if value is not None:
@@ -88,6 +84,8 @@ def build_config(args: argparse.Namespace):
         ov += [("ss.cfg_strength", args.cfg[0]), ("slat.cfg_strength", args.cfg[-1])]
     cfg = load_config(GenerateConfig, args.preset, list(args.overrides) + ov, prefix="generate_")
     cfg.validate()
+    durable_output(cfg.output, "--output")  # under `ray job submit --working-dir` the cwd is a temporary copy
+    cfg.models.tiny_models = created_model_path(cfg.models.tiny_models, cfg.output)
     return cfg
 
 
@@ -97,7 +95,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = build_config(args)
-    except (ArgError, ConfigError) as e:
+    except (ArgError, ConfigError, ValueError) as e:
         print(f"argument error: {e}", file=sys.stderr)
         return 2
     from mdt.generate import generate

@@ -4,7 +4,8 @@
     python jobs/preprocess.py --preset trellis --source objaverse-xl:sketchfab --output s3://bucket/trellis \\
         --set filter.trellis_metadata=[hf://datasets/JeffreyXiang/TRELLIS-500K/ObjaverseXL_sketchfab.csv] \\
         --set filter.min_aesthetic=5.5
-    ray job submit --working-dir . -- python jobs/preprocess.py --preset demo --source synthetic:8
+    ray job submit --working-dir . -- python jobs/preprocess.py --preset demo --source synthetic:8 --output \\
+        "$PWD/outputs/pre"   # absolute: the entrypoint runs in a temporary copy (a relative output is refused)
 
 Exit status: 0 when the job ran to the end with at least one asset done (assets that failed are in the ledger and
 the report); 2 for a bad preset/override/argument; 1 when the job itself could not run (no source, unreachable
@@ -63,7 +64,11 @@ def main(argv=None) -> int:
     from pipelines import graph, report
 
     if not args.print_config:
-        graph.absolutize_paths(cfg)  # workers do not share the driver's cwd
+        try:
+            graph.prepare(cfg)  # before Ray: output, sources; local paths absolute (workers do not share the cwd)
+        except ValueError as e:
+            print(f"argument error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
     resolved = to_dict(cfg)
     print("# resolved config\n" + dump_yaml(cfg), flush=True)
     if args.print_config:

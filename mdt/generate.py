@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from mdt.conditioning import (DINOV2_HUB_ID, ImageConditioner, preprocess_condition_image, save_tiny_dinov2,
                               to_pil)
+from mdt.eval.snapshots import OccupancyProbe, load_decoder
 from mdt.flow import FlowEulerSampler, count_nfe
 from mdt.models import Gaussians, TrellisModule, from_pretrained, save_pretrained
 from mdt.sparse import SparseTensor, sparse_cat, sparse_unbind
@@ -171,6 +172,14 @@ def checkpoint_exists(path: str) -> bool:
 def looks_like_hub_path(path: str) -> bool:
     parts = str(path).split("/")
     return len(parts) >= 3 and not str(path).startswith((".", "/", "~")) and not Path(parts[0]).exists()
+
+
+def check_checkpoint_arg(value: str, flag: str) -> str:
+    """A checkpoint argument: a local `<stem>.json` + `<stem>.safetensors`, or a hub path; else ValueError."""
+    if not (checkpoint_exists(value) or looks_like_hub_path(value)):
+        raise ValueError(f"{flag} {value}: no {value}.json + {value}.safetensors and not a hub path "
+                         "'<owner>/<repo>/<stem>'")
+    return value
 
 
 def read_pipeline_json(pipeline: str) -> dict:
@@ -376,6 +385,31 @@ def load_image(path: str | os.PathLike):
         return to_pil(im.copy())
 
 
+def check_image(path: str | os.PathLike) -> str | None:
+    """An input checked before any model loads, from its header only: ValueError (one line) when it is not a
+    readable image within the size limits; returns a note when it has no alpha channel (it is then used whole:
+    this chain has no background removal), else None."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not a readable file")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} accepted")
+    try:
+        with Image.open(path) as im:
+            (w, h), bands = im.size, im.getbands()
+            has_alpha = "A" in bands or "transparency" in im.info
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not an image ({type(e).__name__})") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{path}: {w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} accepted")
+    if not has_alpha:
+        return (f"{path.name} has no alpha channel: the whole image conditions the model (no background removal; "
+                "cut the object out to RGBA first for TRELLIS's object-centred crop)")
+    return None
+
+
 def preprocess_image(image, size: int = 518, alpha_threshold: float = 204.0) -> Tensor:
     """TRELLIS's inference preprocessing: square 1.2× crop around the alpha bbox (alpha > 0.8·255), Lanczos
     resize, RGB premultiplied on black -> [3, size, size]. Images without alpha are used whole (background
@@ -458,8 +492,13 @@ class ImageTo3D:
         device = pick_device(cfg.device)
         models = {}
         for slot in SLOTS:
-            model = from_pretrained(sources[slot].path, device=device)
-            models[slot] = _set_precision(model, cfg.precision, device).eval()
+            if slot == "ss_decoder":  # a TRELLIS SS decoder or an occupancy probe (the CPU demo's SS decoder)
+                model = load_decoder(sources[slot].path).to(device)
+            else:
+                model = from_pretrained(sources[slot].path, device=device)
+            if isinstance(model, TrellisModule):
+                model = _set_precision(model, cfg.precision, device)
+            models[slot] = model.eval()
         dino_dtype = torch.float16 if device.type == "cuda" and cfg.precision != "fp32" else torch.float32
         conditioner = ImageConditioner(sources["dinov2"].path, image_size=cfg.image_size, device=device,
                                        dtype=dino_dtype)
@@ -596,7 +635,7 @@ class ImageTo3D:
         live = [i for i, c in enumerate(coords) if c.shape[0] > 0]
         if live:
             with timer("slat_flow"):
-                latent = self.sample_latent(cond, [coords[i] for i in live], generator, slat_s)
+                latent = self.sample_latent(cond, [self.to_slat_grid(coords[i]) for i in live], generator, slat_s)
             if "gaussians" in formats:
                 with timer("decode_gaussians"):
                     for i, g in zip(live, self.decode_gaussians(latent)):
@@ -609,9 +648,20 @@ class ImageTo3D:
                           {"ss_flow": ss.nfe(), "slat_flow": slat_s.nfe()}, img.cpu())
 
     def occupancy_resolution(self) -> int:
-        """Side of the occupancy grid the SS decoder produces (×2 per upsampling block of the latent grid)."""
-        ups = sum(1 for b in self.models["ss_decoder"].blocks if type(b).__name__ == "UpsampleBlock3d")
+        """Side of the occupancy grid the SS decoder produces (×2 per upsampling block of the latent grid, or an
+        occupancy probe's upsampling factor)."""
+        dec = self.models["ss_decoder"]
+        if isinstance(dec, OccupancyProbe):
+            return self.models["ss_flow"].resolution * dec.upsample
+        ups = sum(1 for b in dec.blocks if type(b).__name__ == "UpsampleBlock3d")
         return self.models["ss_flow"].resolution * 2 ** ups
+
+    def to_slat_grid(self, coords: Tensor) -> Tensor:
+        """Occupied cells [N, 3] of the occupancy grid -> voxels of the SLat flow's grid: the same cells for
+        TRELLIS's 64³ decoder; for a coarser decoder (a 16³ probe) each cell's centre voxel, so that the SLat
+        stage and its Gaussians stay where the shape is."""
+        r = self.models["slat_flow"].resolution // self.occupancy_resolution()
+        return coords if r <= 1 else coords * r + r // 2
 
     def warmup(self, image, num_samples: int | None = None) -> None:
         """One untimed pass with 1 step per stage and the same batch shape (kernels, caches, allocator)."""

@@ -9,9 +9,13 @@
   every process of the job as $RAY_ADDRESS (not to this process's environment: it outlives the instance).
 * `resolve_local_path`: Ray workers do not share the driver's working directory, so relative local paths are
   made absolute on the driver; URIs (`s3://`, `hf://`, ...) stay as they are.
+* `durable_output` / `created_model_path`: under `ray job submit --working-dir` the entrypoint's working
+  directory is a temporary copy of the code, deleted with the job; an output given there as a relative path is
+  refused, and a model that the job creates itself (a tiny random conditioner) is placed under the output.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -78,3 +82,70 @@ def resolve_local_path(p: str | None, *, must_exist: bool = False) -> str | None
     if must_exist and not (q.exists() or Path(f"{q}.json").exists() or Path(f"{q}.safetensors").exists()):
         return p
     return str(q.resolve())
+
+
+# ------------------------------------------------------------------------------------------------ ray job submit
+
+
+def submitted_with_working_dir() -> bool:
+    """True inside the entrypoint of `ray job submit --working-dir`: its cwd is a temporary copy."""
+    spec = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not spec:
+        return False
+    try:
+        return bool((json.loads(spec).get("runtime_env") or {}).get("working_dir"))
+    except ValueError:
+        return False
+
+
+def is_relative_local(p: str | None) -> bool:
+    return bool(p) and "://" not in p and not os.path.isabs(os.path.expanduser(p))
+
+
+def durable_output(p: str | None, flag: str) -> None:
+    """ValueError (one line) for a relative local output under `ray job submit --working-dir`."""
+    if submitted_with_working_dir() and is_relative_local(p):
+        raise ValueError(f"{flag} {p} is relative: under `ray job submit --working-dir` it would land in the job's "
+                         "temporary copy of the code and vanish with it; give an absolute path or an s3:// URI")
+
+
+def created_model_path(p: str | None, output: str | None) -> str | None:
+    """Where the job writes a model it creates when missing (a tiny random network), as an absolute path: a
+    relative `p` is taken against the cwd, except under `ray job submit --working-dir`, where the cwd is a
+    temporary copy: there it goes to `<output>/models/<last part of p>` (the output is absolute by then)."""
+    if submitted_with_working_dir() and is_relative_local(p) and output and "://" not in output:
+        return str(Path(output) / "models" / Path(p).name)
+    return resolve_local_path(p)
+
+
+# ------------------------------------------------------------------------------------------------ a head's ports
+
+
+def busy_ports(specs: list[str]) -> list[int]:
+    """The ports of `specs` ("6390", "8300-8399") that something already listens on (any interface)."""
+    ports = []
+    for spec in specs:
+        lo, _, hi = spec.partition("-")
+        ports += range(int(lo), int(hi or lo) + 1)
+    busy = []
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
+            try:
+                s.bind(("", port))   # all interfaces: Ray's GCS and raylet bind there
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+if __name__ == "__main__":  # python -m pipelines.cluster --check-ports 6390 8290-8297 (the README's head)
+    import sys
+
+    args = sys.argv[1:]
+    if args[:1] != ["--check-ports"] or len(args) < 2:
+        sys.exit("usage: python -m pipelines.cluster --check-ports PORT|LO-HI ...")
+    taken = busy_ports(args[1:])
+    if taken:
+        sys.exit(f"ports in use (another Ray instance or service): {', '.join(map(str, taken))}; "
+                 "choose others for the head and its clients")
+    print(f"free: {' '.join(args[1:])}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mdt.config import dump_yaml, to_dict
 from pipelines import storage, training_data
-from pipelines.cluster import init_ray, resolve_local_path
+from pipelines.cluster import created_model_path, durable_output, init_ray, resolve_local_path
 
 log = logging.getLogger("distill")
 
@@ -48,17 +48,6 @@ class DistillResult:  # noqa: D101 (fields documented inline)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-
-
-def submitted_with_working_dir() -> bool:
-    """True inside the entrypoint of `ray job submit --working-dir`: its cwd is a temporary copy."""
-    spec = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not spec:
-        return False
-    try:
-        return bool((json.loads(spec).get("runtime_env") or {}).get("working_dir"))
-    except ValueError:
-        return False
 
 
 def _check_checkpoint(p: str | None, what: str) -> None:
@@ -90,7 +79,9 @@ def check_resume(cfg, run_dir: str) -> None:
     if not storage.exists(uri, st):
         return
     stored, wanted = json.loads(storage.read_bytes(uri, st)), run_identity(cfg)
-    diff = [f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(stored) | set(wanted))
+    # the model's name/args are recorded only for a run without a teacher: compared when both runs have them
+    # (else the teacher line already says what differs, and "args None -> {...}" would say nothing)
+    diff = [f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(stored) & set(wanted))
             if stored.get(k) != wanted.get(k)]
     if diff:
         raise ArgumentError(f"run '{cfg.name}' in {cfg.output} is a different run ({'; '.join(diff)}): "
@@ -99,16 +90,17 @@ def check_resume(cfg, run_dir: str) -> None:
 
 def prepare(cfg):
     """Local paths -> absolute (workers run elsewhere); every argument checked. Starts and builds nothing."""
-    if submitted_with_working_dir() and "://" not in cfg.output and not os.path.isabs(cfg.output):
-        raise ArgumentError(f"--output {cfg.output} is relative: under `ray job submit --working-dir` it would land "
-                            "in the job's temporary copy of the code and vanish with it; give an absolute path or "
-                            "an s3:// URI")
+    try:
+        durable_output(cfg.output, "--output")
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     cfg.output = resolve_local_path(cfg.output)
     cfg.data.uri = resolve_local_path(cfg.data.uri)
     cfg.model.teacher = resolve_local_path(cfg.model.teacher, must_exist=True)
     cfg.model.student = resolve_local_path(cfg.model.student, must_exist=True)
     cfg.model.shape_teacher = resolve_local_path(cfg.model.shape_teacher, must_exist=True)
-    cfg.condition.model = resolve_local_path(cfg.condition.model, must_exist=not cfg.condition.tiny)
+    cfg.condition.model = (created_model_path(cfg.condition.model, cfg.output) if cfg.condition.tiny
+                           else resolve_local_path(cfg.condition.model, must_exist=True))
     cfg.snapshot.decoder = resolve_local_path(cfg.snapshot.decoder, must_exist=True)
     try:
         training_data.check_data(cfg)

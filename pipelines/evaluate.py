@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -748,15 +749,60 @@ def log_mlflow(cfg: EvaluateConfig, results: dict, run_dir: Path, previews: list
     return rid
 
 
+def distill_run_of(checkpoint: str | None) -> dict | None:
+    """The distillation run that exported a local checkpoint (`<output>/<name>/.../export/<ema|student>/<stem>`):
+    its `result.json` (tracking_uri, mlflow_run_id), found among the checkpoint's first parents; else None."""
+    if not checkpoint or "://" in checkpoint:
+        return None
+    for parent in list(Path(checkpoint).parents)[:5]:
+        f = parent / "result.json"
+        if f.is_file():
+            try:
+                res = json.loads(f.read_text())
+            except ValueError:
+                return None
+            return res if res.get("tracking_uri") and res.get("mlflow_run_id") else None
+    return None
+
+
+def prepare(cfg: EvaluateConfig) -> EvaluateConfig:
+    """The job's arguments checked before Ray starts or a model loads (one-line ValueError: the config, a relative
+    output under `ray job submit`, shards or a checkpoint that are not there), then local paths made absolute."""
+    from mdt.generate import checkpoint_exists, looks_like_hub_path
+    from pipelines import shards
+    from pipelines.cluster import durable_output
+
+    cfg.validate()
+    durable_output(cfg.output, "--output")
+    absolutize_paths(cfg)
+    if not shards.shard_files(cfg.data.uri):
+        raise ValueError(f"--data {cfg.data.uri}: no committed shards there (a preprocessing output dir, its "
+                         "manifest.json or an s3:// prefix)")
+    if not cfg.mlflow.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        run = distill_run_of(cfg.models.student) or distill_run_of(cfg.models.teacher)
+        if run:  # the run it evaluates: the same MLflow store, linked to it
+            cfg.mlflow.tracking_uri = run["tracking_uri"]
+            cfg.mlflow.distill_run_id = cfg.mlflow.distill_run_id or run["mlflow_run_id"]
+    for key, flag in (("teacher", "--teacher"), ("student", "--student"), ("ss_decoder", "--decoder"),
+                      ("slat_teacher", "--slat-teacher"), ("slat_student", "--slat-student"),
+                      ("slat_decoder", "--slat-decoder")):
+        p = getattr(cfg.models, key)
+        if p and "://" not in p and not checkpoint_exists(p) and not looks_like_hub_path(p):
+            raise ValueError(f"{flag} {p}: no checkpoint there (expected {p}.json and {p}.safetensors)")
+    return cfg
+
+
 def absolutize_paths(cfg: EvaluateConfig) -> None:
     """Local paths made absolute: Ray workers do not share the driver's working directory."""
-    from pipelines.cluster import resolve_local_path as fix
+    from pipelines.cluster import created_model_path, resolve_local_path as fix
 
     cfg.output = fix(cfg.output)
     cfg.data.uri = fix(cfg.data.uri)
     for k in ("teacher", "student", "ss_decoder", "slat_teacher", "slat_student", "slat_decoder"):
         setattr(cfg.models, k, fix(getattr(cfg.models, k), must_exist=True))   # else a hub path: kept
-    if cfg.condition.tiny or Path(cfg.condition.model).exists():
+    if cfg.condition.tiny:
+        cfg.condition.model = created_model_path(cfg.condition.model, cfg.output)
+    elif Path(cfg.condition.model).exists():
         cfg.condition.model = fix(cfg.condition.model)
     for k in ("inception", "dinov2"):
         v = getattr(cfg.metrics, k)

@@ -141,7 +141,18 @@ def absolutize_paths(cfg: PreprocessConfig) -> None:
     cfg.output = fix(cfg.output)
     cfg.download.cache_uri = fix(cfg.download.cache_uri)
     cfg.download.extract_dir = fix(cfg.download.extract_dir)
-    cfg.tiny_models = fix(cfg.tiny_models)
+    cfg.tiny_models = cluster.created_model_path(cfg.tiny_models, cfg.output)
+
+
+def prepare(cfg: PreprocessConfig) -> PreprocessConfig:
+    """The job's arguments checked before Ray starts (one-line ValueError: a relative output under `ray job
+    submit`, an unknown source kind, a local source path that does not exist), then local paths made absolute."""
+    cluster.durable_output(cfg.output, "--output")
+    from pipelines.sources import check_specs
+
+    check_specs(cfg)
+    absolutize_paths(cfg)
+    return cfg
 
 
 def new_run_id() -> str:

@@ -77,18 +77,29 @@ def _save_perturbed(model, path: Path, seed: int, scale: float) -> str:
 
 
 
-def run_cli_without_ray(argv, capsys, monkeypatch) -> tuple[int, list[str]]:
-    """Run `jobs/distill.py` in-process; Ray must not be started (or joined) on the way to the error. Another test
-    module may have left this process connected to Ray, so the check is on the job's one Ray entry point."""
-    from jobs.distill import main
+def run_cli_without_ray(argv, capsys, monkeypatch, job: str = "distill") -> tuple[int, list[str]]:
+    """Run `jobs/<job>.py` in-process; Ray must not be started (or joined) and no generation model loaded on the
+    way to the error. Another test module may have left this process connected to Ray, so `ray.is_initialized`
+    answers False and every `ray.init` (each job's Ray entry point ends there) is recorded, as is the distill
+    driver's own entry point."""
+    import importlib
+
+    import ray
+
+    import mdt.generate
     from pipelines import distill
 
-    ray_calls = []
-    monkeypatch.setattr(distill, "init_ray", lambda *a, **k: ray_calls.append((a, k)))
-    rc = main(argv)
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append(("ray.init", a, k)))
+    monkeypatch.setattr(distill, "init_ray", lambda *a, **k: started.append(("init_ray", a, k)))
+    monkeypatch.setattr(mdt.generate.ImageTo3D, "from_config",
+                        classmethod(lambda cls, *a, **k: started.append(("models", a, k))))
+    rc = importlib.import_module(f"jobs.{job}").main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert not ray_calls, f"Ray was started for {argv}"
+    assert not started, f"Ray was started or models loaded for {job} {argv}: {started[0][0]}"
     return rc, err
+
 
 def ci_overrides(tmp: Path, data: Path, teacher: str | None, tracking_uri: str | None, **extra) -> list[str]:
     ov = [f"data.uri={data}", f"output={tmp / 'runs'}", f"condition.model={tmp / 'tiny-dinov2'}",

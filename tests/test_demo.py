@@ -134,3 +134,42 @@ def test_demo_evaluation_stage_with_its_preset(tmp_path, monkeypatch, ray_connec
     res = json.loads((tmp_path / "outputs" / "demo" / "eval" / "evaluate-demo" / "results.json").read_text())
     assert res["assets"] == 3 and res["seeds"] == 2 and len(res["rows"]) == 7
     assert all(r["samples"] == 6 for r in res["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bias", [100.0, -100.0])
+def test_demo_generation_uses_its_probe_and_measures_iou_with_the_condition(tmp_path, bias):
+    """The demo's generation step (the demo's tiny DINOv2 width, a student and its occupancy probe): the chain
+    decodes with that probe (not a random tiny SS decoder), and each input's IoU with its conditioning asset is
+    the one derived here — a probe that marks every cell occupied gives |asset| / 16³, one that marks none gives
+    0, which fails the demo's check with one line per input."""
+    from _distill_helpers import TINY_SS_ARGS, perturbed_teacher, write_tiny_shards
+    from mdt.conditioning import save_tiny_dinov2
+    from mdt.eval.snapshots import OccupancyProbe, occupancy_grid
+    from pipelines import demo, shards
+
+    data = write_tiny_shards(tmp_path / "pre", n=2, image_size=56)
+    student = perturbed_teacher(tmp_path / "s" / "student", {**TINY_SS_ARGS, "cond_channels": 64})
+    probe = OccupancyProbe(8, hidden=4)
+    with torch.no_grad():
+        probe.net[-1].bias.fill_(bias)
+    probe.save(tmp_path / "probe")
+    save_tiny_dinov2(tmp_path / "dino", hidden_size=64)
+    n = 1 if bias > 0 else 2                                   # every cell occupied: a slow SLat stage, once
+    summary = demo.generate_samples(tmp_path, str(data), student, str(tmp_path / "probe"),
+                                    {"dinov2": str(tmp_path / "dino")}, n=n)
+    assert summary["models"]["ss_decoder"] == {"path": str(tmp_path / "probe"), "origin": "config"}
+    rows = list(shards.iter_rows(str(data), columns=["slat_coords"]))
+    for entry, row in zip(summary["inputs"], rows):
+        truth = occupancy_grid(np.frombuffer(row["slat_coords"], np.uint8).reshape(-1, 3), 16)
+        expected = truth.sum().item() / 16 ** 3 if bias > 0 else 0.0
+        assert entry["iou_with_condition"] == pytest.approx(expected, abs=1e-4), entry
+        assert Path(entry["dir"], "occupancy.glb").exists() == (bias > 0)
+    failures = demo.generation_failures(summary, 0.5)
+    assert len(failures) == 1 and "mean IoU" in failures[0] and "< 0.5" in failures[0], failures
+    assert demo.generation_failures({"inputs": [{"name": "x", "iou_with_condition": 0.7}]}, 0.5) == []
+    two = {"inputs": [{"name": "a", "iou_with_condition": 0.3}, {"name": "b", "iou_with_condition": 0.8}]}
+    assert demo.generation_failures(two, 0.5) == []                  # mean 0.55
+    assert "mean IoU 0.550" in demo.generation_failures(two, 0.6)[0]
+    assert "no generated occupancy for b" in demo.generation_failures(
+        {"inputs": [{"name": "a", "iou_with_condition": 0.9}, {"name": "b"}]}, 0.5)[0]

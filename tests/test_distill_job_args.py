@@ -3,6 +3,7 @@ a re-run under an existing name must be the same run; the cluster check names th
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -62,6 +63,7 @@ def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path, 
     rc, err = run_cli_without_ray(["--preset", "ci", "--data", str(data), "--teacher", teacher, "--output", str(tmp_path / "runs"),
                      "--name", "shared"], capsys, monkeypatch)
     assert rc == 2 and len(err) == 1 and "objective 'flow_matching' -> 'mdt'" in err[0] and "--name" in err[0], err
+    assert f"teacher None -> '{teacher}'" in err[0] and not re.search(r"[(;] ?(args|name) ", err[0]), err
 
 
 def test_relative_output_refused_under_job_submit(inputs, monkeypatch):

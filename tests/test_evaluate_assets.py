@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -14,46 +15,54 @@ import torch
 
 from _distill_helpers import perturbed_teacher, write_tiny_shards
 
-README_COMMAND = ("python jobs/evaluate.py --preset ci --data outputs/pre --teacher outputs/models/teacher "
-                  "--student outputs/models/student --decoder outputs/models/ss_decoder "
-                  "--slat-teacher outputs/models/slat_teacher --slat-student outputs/models/slat_student "
-                  "--slat-decoder outputs/models/slat_decoder_gs --output outputs/eval-assets")
+SECTION = "The evaluation job"
+
+
+def readme_lines() -> tuple[str, str]:
+    """The README's two full-chain lines: the tiny-model writer and the evaluation command."""
+    from infra.doc_commands import commands
+
+    lines = [c.text for c in commands((Path(__file__).resolve().parents[1] / "README.md").read_text())
+             if c.section == SECTION]
+    command = next(t for t in lines if "--slat-decoder" in t)
+    writer = lines[lines.index(command) - 1]
+    assert writer.startswith('python -c "from mdt.generate import write_trellis_repo')
+    return writer, command
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from mdt.generate import save_tiny_model
+    """A directory laid out as the README's preceding lines leave it (the distillation section's `ci` shards,
+    teacher and student as tiny stand-ins), then the README's tiny-model line run verbatim."""
+    import shlex
+    import subprocess
+    import sys
 
     tmp = tmp_path_factory.mktemp("eval-assets")
-    write_tiny_shards(tmp / "pre", n=3)
-    models = tmp / "models"
-    perturbed_teacher(models / "teacher")
-    perturbed_teacher(models / "student", seed=2)
-    # the TRELLIS SS decoder architecture (16³ latent -> 64³ occupancy, the SLat grid), narrow: its 64³ convolutions
-    # dominate the run on a CPU; condition width 32 = the ci preset's tiny DINOv2
-    save_tiny_model("ss_decoder", models / "ss_decoder", cond_channels=32, seed=3, arch={"channels": [8, 8, 8]})
-    save_tiny_model("slat_flow", models / "slat_teacher", cond_channels=32, seed=4)
-    save_tiny_model("slat_flow", models / "slat_student", cond_channels=32, seed=5)
-    save_tiny_model("slat_decoder_gs", models / "slat_decoder_gs", cond_channels=32, seed=6)
+    writer, command = readme_lines()
+    opt = dict(zip(shlex.split(command)[2::2], shlex.split(command)[3::2]))
+    write_tiny_shards(tmp / opt["--data"], n=3)
+    perturbed_teacher(tmp / opt["--teacher"])
+    perturbed_teacher(tmp / opt["--student"], seed=2)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run(["bash", "-c", writer.replace("python ", f"{sys.executable} ", 1)], cwd=tmp, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
     return tmp
 
 
 @pytest.mark.ray
 def test_readme_full_chain_command(inputs, ray_connected, tmp_path, monkeypatch, capsys):
     """The README's full-chain command, verbatim, run in a directory holding its inputs."""
-    from infra.doc_commands import commands
     from jobs.evaluate import main
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert README_COMMAND in [c.text for c in commands(readme)]
-    (tmp_path / "outputs").symlink_to(inputs)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(inputs)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    argv = shlex.split(README_COMMAND)
+    argv = shlex.split(readme_lines()[1])
     assert argv[:2] == ["python", "jobs/evaluate.py"]
     assert main(argv[2:]) == 0, capsys.readouterr().err[-3000:]
 
-    run_dir = inputs / "eval-assets" / "evaluate-ci"
+    run_dir = inputs / "outputs" / "eval-assets" / "evaluate-ci"
     res = json.loads((run_dir / "results.json").read_text())
     assert res["assets"] == 3
     assert "ground-truth assets are the shards' encoded SLat latents" in res["notes"][0]

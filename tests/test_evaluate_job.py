@@ -28,8 +28,8 @@ def inputs(tmp_path_factory):
             "decoder": str(tmp / "models" / "probe")}
 
 
-README_COMMAND = ("python jobs/evaluate.py --preset ci --data outputs/pre --teacher outputs/models/teacher "
-                  "--student outputs/models/student --decoder outputs/models/probe --output outputs/eval")
+CI_COMMAND = ("python jobs/evaluate.py --preset ci --data outputs/pre --teacher outputs/models/teacher "
+              "--student outputs/models/student --decoder outputs/models/probe --output outputs/eval")
 
 
 def _args(inputs, out: Path, *extra: str) -> list[str]:
@@ -37,18 +37,14 @@ def _args(inputs, out: Path, *extra: str) -> list[str]:
             inputs["student"], "--decoder", inputs["decoder"], "--output", str(out), *extra]
 
 
-def test_readme_command_end_to_end(inputs, ray_connected, tmp_path):
-    """The README's evaluation command, verbatim, in a directory holding its inputs (shards, tiny models)."""
+def test_ci_command_end_to_end(inputs, ray_connected, tmp_path):
+    """The evaluation command with the ci preset, in a directory holding its inputs (shards, tiny models)."""
     import os
     import subprocess
     import sys
 
     from mlflow import MlflowClient
 
-    from infra.doc_commands import commands
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert README_COMMAND in [c.text for c in commands(readme)]
     root = Path(__file__).resolve().parents[1]
     for d in ("jobs", "mdt", "pipelines"):
         (tmp_path / d).symlink_to(root / d)
@@ -56,7 +52,7 @@ def test_readme_command_end_to_end(inputs, ray_connected, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(root),
            "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ray_connected.address}
-    r = subprocess.run(["bash", "-c", README_COMMAND], cwd=tmp_path, env=env, capture_output=True, text=True,
+    r = subprocess.run(["bash", "-c", CI_COMMAND], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = inputs["tmp"] / "eval" / "evaluate-ci"
@@ -152,3 +148,45 @@ def test_holdout_split_is_a_fixed_fraction_by_asset():
     assert set(held) != {s for s in shas if split_of(s, 0.1, seed=1) == "holdout"}  # the seed changes it
     train = EvalDataConfig(split="train", holdout_fraction=0.1)
     assert not any(in_split(s, train) for s in held) and all(in_split(s, EvalDataConfig(split="all")) for s in held)
+
+
+def test_readme_evaluation_line_after_the_demo(tmp_path, monkeypatch, ray_connected):
+    """The README's evaluation line, verbatim, in a directory laid out as `make demo` leaves it (its shards, the
+    teacher's and the student's exports beside their runs' result.json, its probe, its tiny DINOv2 and MLflow
+    store; tiny stand-ins): it runs, and its MLflow run lands in the demo's store, linked to the student's run."""
+    import shlex
+
+    from mlflow import MlflowClient
+
+    from _distill_helpers import TINY_SS_ARGS, perturbed_teacher, write_tiny_shards
+    from infra.doc_commands import commands
+    from jobs.evaluate import main
+    from mdt.eval.snapshots import OccupancyProbe
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(c.text for c in commands(readme) if c.section == "The evaluation job" and "--preset demo" in c.text)
+    argv = shlex.split(line)
+    assert argv[:2] == ["python", "jobs/evaluate.py"] and "--set" not in argv
+    opt = dict(zip(argv[2::2], argv[3::2]))
+    demo = tmp_path / "outputs" / "demo"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_tiny_shards(tmp_path / opt["--data"], n=3, image_size=56)
+    store = f"sqlite:///{demo / 'mlflow.db'}"
+    c = MlflowClient(store)
+    exp = c.create_experiment("mdt-distill-demo")
+    runs = {}
+    for flag, seed in (("--teacher", 1), ("--student", 3)):
+        ckpt = tmp_path / opt[flag]
+        perturbed_teacher(ckpt, {**TINY_SS_ARGS, "cond_channels": 64}, seed=seed)   # the demo's DINOv2 width
+        runs[flag] = c.create_run(exp).info.run_id
+        (ckpt.parents[2] / "result.json").write_text(json.dumps({"tracking_uri": store,
+                                                                 "mlflow_run_id": runs[flag]}))
+    OccupancyProbe(8, hidden=8).save(tmp_path / opt["--decoder"])
+    assert main(argv[2:]) == 0
+    res = json.loads((tmp_path / opt["--output"] / "evaluate-demo" / "results.json").read_text())
+    assert res["assets"] == 3 and len(res["rows"]) == 7 and res["distill_run_id"] == runs["--student"]
+    evals = [r for r in c.search_runs([exp]) if r.data.tags.get("mdt.kind") == "evaluation"]
+    assert len(evals) == 1 and evals[0].data.tags["mdt.distill_run_id"] == runs["--student"]
+    assert c.get_run(runs["--student"]).data.tags["mdt.eval_run_id"] == evals[0].info.run_id
+    assert not (tmp_path / opt["--output"] / "mlflow.db").exists()       # no second store

@@ -34,7 +34,7 @@ class OccupancyProbe(nn.Module):
     def __init__(self, latent_channels: int = 8, hidden: int = 32, upsample: int = 1):
         super().__init__()
         self.args = {"latent_channels": latent_channels, "hidden": hidden, "upsample": upsample}
-        self.upsample = upsample
+        self.latent_channels, self.upsample = latent_channels, upsample
         self.net = nn.Sequential(
             nn.Conv3d(latent_channels, hidden, 3, padding=1), nn.SiLU(),
             nn.Conv3d(hidden, hidden, 3, padding=1), nn.SiLU(),

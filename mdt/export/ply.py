@@ -1,9 +1,12 @@
-"""3D Gaussians as the standard 3D Gaussian Splatting PLY (the layout TRELLIS's `save_ply` writes).
+"""3D Gaussians as a 3D Gaussian Splatting PLY at spherical-harmonics degree 0 (the layout TRELLIS's `save_ply`
+writes: 17 float properties, no `f_rest_*`; viewers that accept degree-0 files open it, those that require the
+degree-3 layout of the original 3DGS code do not).
 
-One binary little-endian `vertex` element, all properties float32, in the order of `GAUSSIAN_PLY_PROPERTIES`
-(degree-0 spherical harmonics only). Values are stored before activation: opacity as a logit, scales as logs of
-the activated (3-D-filtered) scales, the quaternion as raw rotation + [1, 0, 0, 0] (w first, not re-normalised),
-colour as the raw DC coefficients, normals zero. Positions are world positions (xyz − 0.5) rotated from TRELLIS's
+One binary little-endian `vertex` element, all properties float32, in the order of `GAUSSIAN_PLY_PROPERTIES`.
+Values are stored before activation: opacity as a logit, scales as logs of the activated (3-D-filtered) scales,
+colour as the raw DC coefficients, normals zero; the quaternion (w first) is the raw rotation + [1, 0, 0, 0]
+normalised to unit length (TRELLIS writes it unnormalised; renderers normalise it, and a unit quaternion is what
+a reader that does not normalise needs). Positions are world positions (xyz − 0.5) rotated from TRELLIS's
 Z-up frame into the Y-up frame viewers expect: (x, y, z) -> (x, z, −y); quaternions are rotated alike.
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ def gaussian_ply_columns(g: Gaussians) -> np.ndarray:
     xyz = g.world_xyz.detach().float().cpu() @ Z_UP_TO_Y_UP.T
     rot = g.rotation.detach().float().cpu() + torch.tensor([1.0, 0.0, 0.0, 0.0])
     rot = quaternion_multiply(Z_UP_TO_Y_UP_QUAT.expand_as(rot), rot)
+    rot = rot / rot.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     opacity = torch.logit(g.activated_opacity.detach().float().cpu().clamp(1e-7, 1 - 1e-7))
     scale = torch.log(g.activated_scaling.detach().float().cpu())
     f_dc = g.features_dc.detach().float().cpu().reshape(-1, 3)

@@ -20,6 +20,7 @@ threshold, sha256 list, licences, file types), removes duplicates (same sha256 o
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from urllib.parse import parse_qsl
 
@@ -75,6 +76,24 @@ def parse_spec(text: str) -> SourceSpec:
 def build_source(spec: str | SourceSpec, cfg: PreprocessConfig, hints: ListingHints | None = None):
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     return _registry()[spec.kind](spec, cfg, hints or ListingHints())
+
+
+# kinds whose argument names one local folder or file (or a URI): missing ones are argument errors
+LOCAL_PATH_KINDS = {"local", "folder", "manifest", "abo", "3d-future", "3d_future", "future3d", "toys4k"}
+
+
+def check_specs(cfg: PreprocessConfig, specs: list[str] | None = None) -> None:
+    """Every spec parses and builds (unknown kind, bad count...) and every local path it names exists: one-line
+    ValueError otherwise. Lists nothing and reads no asset (the job calls it before Ray starts)."""
+    specs = list(specs if specs is not None else cfg.sources.specs)
+    if not specs:
+        raise ValueError("no sources given: pass --source SPEC (e.g. synthetic:4) or set sources.specs")
+    for text in specs:
+        spec = parse_spec(text)
+        build_source(spec, cfg)
+        arg = spec.arg.strip()
+        if spec.kind in LOCAL_PATH_KINDS and "://" not in arg and not os.path.exists(os.path.expanduser(arg)):
+            raise ValueError(f"source {text!r}: {to_uri(arg)} does not exist")
 
 
 def _sha_list(cfg: PreprocessConfig) -> set[str] | None:
