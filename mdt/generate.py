@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from mdt.conditioning import (DINOV2_HUB_ID, ImageConditioner, preprocess_condition_image, save_tiny_dinov2,
                               to_pil)
-from mdt.eval.snapshots import OccupancyProbe, load_decoder
+from mdt.models.occupancy_probe import OccupancyProbe, load_decoder
 from mdt.flow import FlowEulerSampler, count_nfe
 from mdt.models import Gaussians, TrellisModule, from_pretrained, save_pretrained
 from mdt.sparse import SparseTensor, sparse_cat, sparse_unbind
