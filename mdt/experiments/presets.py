@@ -1,40 +1,38 @@
-"""Presets of the reproduction benchmark (`ci`: a few minutes, `small`: <= 30 min on 2 CPU cores).
+"""Presets of the reproduction benchmark (`ci`: a few minutes, `small`: <= 45 min on 2 CPU cores, `sweep`: the
+Gaussian-mixture problem over guidance w in {0, 3, 7} and dimension D in {8, 512, 8 x 16^3}).
 
 Every problem entry is a plain dict (it travels to the worker processes):
-  name, kind ("mixture" | "shapes" | "shapes_sparse"), spec (problem), model (network size),
+  name, kind ("gmm" | "shapes" | "shapes_sparse"), spec (problem), model (network size),
   teacher (methods.TeacherHP), distill (methods.DistillHP: the shared student budget and per-method knobs),
-  eval_per_class, eval_batch, seeds (test seeds), timing_batch, primary (metric used for the ordering checks and the
-  selection), ablations (extra distillation runs on seed 0 for the notes: label, method, overrides), and the
-  protocol's grid, val_seeds and selection (see below).
+  eval_per_class, eval_batch, seeds (test seeds), timing_batch, primary (the collapse-sensitive metric of the gates,
+  the ordering checks and the selection), ablations (extra distillation runs on seed 0: label, method, overrides),
+  and the protocol's grid, val_seeds and selection (see below).
+
+Primaries: gmm `pair_l2_ode` (RMS distance to the exact ODE endpoint of the same noise: a class-mean sampler
+scores as badly as the teacher's single Euler step), shapes `cov_iou_data` (class-conditional coverage of held-out
+shapes: one template per class covers 1 / n of them), shapes_sparse `mse_teacher` (per-voxel distance to the
+teacher's 25-step sample from the same noise on the same coordinates).
 
 Hyper-parameters (why they differ from MDT-dist's TRELLIS-scale defaults w_vm 40, w_vd 100, lr 4e-8):
-* lr: 4e-8 moves a toy network by nothing in a few hundred steps; the students use AdamW 1e-4 (mixture 2e-4)
-  with grad-norm clipping at 1, the teacher's optimiser family, for every method alike.
-* CFG: one strength per problem (mixture 0.5, shapes 2.0, sparse 1.0) is used for the teacher's sampling AND as
-  the teacher guidance inside every distillation target (w of CM/PCM/sCM, w_vm and w_vd of MDT), so that all
-  students aim at the same distribution as the 25-step CFG teacher they are compared with. w = 40 / 100 would
-  push a toy flow far off its data (see the notes of the CFG ablation).
-* delta (finite-difference / teacher Euler step) 0.02 for CM/PCM/VM/MDT; PCM with 2 phases (students are
-  sampled with the Euler rule, so 2 and 4 steps land on PCM's phase boundaries); sCM with exact forward-mode JVP
-  on the mixture and finite differences (mdt.distill jvp="fd") on the transformers (cost, see notes).
-* t schedule: logit-normal(0, 1) for teacher and students (TRELLIS image-large uses mean 1; on these problems the
-  teacher's low-t detail matters and mean 0 trains it better in the budget).
-* sCM at its best: adaptive time weighting on (scm_adaptive), tangent warm-up length in its grid.
-* shapes_sparse: the SLat-like problem at a size whose teacher trains within its share of the 30 minutes -- the
-  first 8 classes at 16^3 (boundary voxels ~150 per shape instead of ~800 at 32^3), a SLatFlowModel with
-  TRELLIS's 2 io res blocks (with 1, a voxel's own noisy input reaches the output only averaged over its 2^3
-  patch and the teacher's samples stay noise-like), 32 channels, 600 teacher updates of 8 shapes at lr 2e-3;
-  students 30 updates of 4 (lr grid 1e-3, 2e-4: at 1e-4 the 30 updates leave every student near the teacher),
-  4 evaluation shapes per class; primary `mse_teacher` (per-voxel distance to the teacher's 25-step sample from
-  the same noise on the same coordinates: the map distillation aims at; in the small run, at 1 step, it ranks
-  the same two methods best as the distribution metrics fd_stats_data and colour_coherence do).
+* lr: 4e-8 moves a toy network by nothing in a few hundred steps; the students use AdamW 1e-4 (gmm 2e-4) through
+  the distillation job's Trainer (adaptive clipping at 1, EMA, NaN guard), for every method alike.
+* CFG: one strength per problem (gmm 0 in `ci`/`small`, shapes 2.0, sparse 1.0) is used for the teacher's sampling
+  AND as the teacher guidance inside every distillation target (except `mdt_paper`, whose targets are unguided as
+  the paper's and whose samples are guided at that strength).
+* delta (finite-difference / teacher Euler step) 0.02 for CM/PCM/VM/MDT; PCM with 2 or 4 phases (grid); sCM with
+  exact forward-mode JVP on gmm and finite differences (mdt.distill jvp="fd") on the transformers (cost); sCM
+  without adaptive weighting (the Trainer has no slot for the weight network).
+* t schedule: logit-normal(0, 1) for teacher and students.
+* shapes_sparse: the SLat-like problem at a size whose teacher trains within its share of the budget -- the first
+  8 classes at 16^3, a SLatFlowModel with TRELLIS's 2 io res blocks, 32 channels, 600 teacher updates of 8 shapes at
+  lr 2e-3; students 30 updates of 4, 4 evaluation shapes per class.
 
-Fair protocol (mdt.experiments.protocol): `grid` declares per method lr x the method's key knob, the same number of
+Protocol (mdt.experiments.protocol): `grid` declares per method lr x the method's key knob, the same number of
 configurations for every method (CM: EMA target rate; PCM: phase count; sCM: tangent warm-up steps; VM: d_norm;
-VM+VD released and paper-exact: lambda_VD); every configuration is distilled on `val_seeds` and scored by the
-primary metric averaged over 1 and 2 steps; the best one per method is distilled again on the test `seeds`, which
-alone are reported. The `small` student budgets are below the pre-protocol ones (mixture 800 -> 400 updates,
-shapes 200 -> 120) so that the 4-configuration grid fits the 30-minute, 2-core target.
+mdt_release: lambda_VD; mdt_paper: discrete or continuous derivative -- its other settings are the paper's);
+every configuration is distilled on the 3 `val_seeds` and scored by the primary metric averaged over 1 and 2 steps;
+the best one per method is distilled again on the test `seeds`, which alone are reported, with common random
+numbers (one data stream and one noise stream per seed, the same for every method).
 """
 from __future__ import annotations
 
