@@ -344,3 +344,23 @@ def test_consistency_baselines_can_take_an_ema_target_network():
 
     plain, ema_a, ema_b = run(0.0), run(0.9), run(0.9)
     assert torch.equal(ema_a, ema_b) and not torch.allclose(plain, ema_a)
+
+
+def test_sweep_preset_as_shipped_is_a_valid_protocol():
+    """`--preset sweep`: the gmm problem at w in {0, 3, 7} x D in {8, 512, 8 x 16^3}, each with a valid fair grid, the
+    same guidance in the problem and in the objectives, and a buildable mode layout with the declared separation."""
+    from mdt.experiments.jobs import build_problem
+    from mdt.experiments.methods import DistillHP
+    from mdt.experiments.protocol import grid_configs
+
+    preset = get_preset("sweep")
+    combos = {(pp["spec"]["dim"], pp["spec"]["cfg"]) for pp in preset["problems"]}
+    assert combos == {(d, w) for d in (8, 512, 8 * 16 ** 3) for w in (0.0, 3.0, 7.0)}
+    for pp in preset["problems"]:
+        assert pp["distill"]["cfg"] == pp["spec"]["cfg"] and pp["kind"] == "gmm" and pp["name"].startswith("gmm")
+        assert len(pp["val_seeds"]) >= 3 and not set(pp["val_seeds"]) & set(pp["seeds"])
+        for cs in grid_configs(pp).values():
+            for c in cs:
+                DistillHP(**{**pp["distill"], **c})
+    big = build_problem(preset["problems"][-1])
+    assert big.means.shape == (4, 8, 8 * 16 ** 3)
