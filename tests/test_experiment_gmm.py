@@ -38,6 +38,7 @@ def test_mixture_velocity_is_the_posterior_mean_target_by_tweedie():
     assert torch.allclose(single, GaussianFlow(s, SIGMA_MIN).velocity(x, t, means[:1].expand_as(x)), atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gmm_layout_teacher_and_collapse_sensitive_metrics():
     p = GMMProblem(GMMSpec(num_classes=3))
     s = p.spec
@@ -68,6 +69,7 @@ def test_gmm_layout_teacher_and_collapse_sensitive_metrics():
     assert (z.pow(2).sum(1) > chi2_quantile(s.dim)).double().mean().item() == pytest.approx(1e-3, abs=4e-4)
 
 
+@pytest.mark.slow
 def test_gmm_teacher_straightness_of_the_shipped_setting():
     """The shipped setting needs distillation: one Euler step misses most of the transport (>= 0.5)."""
     from mdt.experiments.presets import GMM
