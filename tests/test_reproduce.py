@@ -15,10 +15,11 @@ import torch
 from mdt.eval import (OccupancyFeatureNet, chamfer_matrix, coverage_mmd, frechet_distance, iou_matrix,
                       sliced_wasserstein, surface_points)
 from mdt.experiments.methods import METHODS
+from mdt.experiments.presets import get_preset
 from mdt.experiments.shapes import CLASS_NAMES, ShapeSpec, make_shapes, pack, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBLEMS = ("mixture", "shapes", "shapes_sparse")
+PROBLEMS = ("gmm", "shapes", "shapes_sparse")
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def test_packing_is_exact_and_ss_shaped():
 def ci_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce_ci")
     proc = subprocess.run([sys.executable, "-m", "mdt.experiments.reproduce", "--preset", "ci", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, proc.stdout
 
@@ -125,7 +126,7 @@ def test_ci_preset_results_structure(ci_run):
                         (problem, method, s, metric, v)
     assert (out / "results.png").stat().st_size > 10_000
     assert (out / "logs.json").exists()
-    assert "Table 2 [mixture]" in stdout and "Table 3 [shapes]" in stdout and "wall ratio" in stdout
+    assert "Table 2 [gmm]" in stdout and "Table 3 [shapes]" in stdout and "wall ratio" in stdout
     assert "PCM (K=" in stdout and "NFE per asset under TRELLIS" in stdout
 
 
@@ -133,27 +134,29 @@ def test_ci_preset_results_structure(ci_run):
 def test_ci_preset_nfe_and_sanity(ci_run):
     out, _ = ci_run
     res = json.loads((out / "results.json").read_text())
+    from mdt.flow import count_nfe
+
+    preset = {pp["name"]: pp for pp in get_preset("ci")["problems"]}
     for problem in PROBLEMS:
         nfe = res["nfe"][problem]
-        assert nfe["teacher_25"]["nfe"] == 50          # 25 steps, CFG on every step
+        assert nfe["teacher_25"]["nfe"] == count_nfe(25, preset[problem]["distill"]["cfg"])   # 2 per guided step
         assert nfe["student_1"]["ratio_vs_teacher25"] >= 20
         assert nfe["student_2"]["ratio_vs_teacher25"] >= 10
         wall = res["wall_time"][problem]
         assert all(wall[k]["seconds"] > 0 for k in ("teacher_25", "student_1", "student_2", "student_4"))
         assert res["notes"]["nfe_requirements"][problem] == {"student_1_ge_20x": True, "student_2_ge_10x": True}
-    mix = res["mixture"]
-    # the 25-step teacher is much closer to the data than its single Euler step
-    assert mix["teacher"]["25"]["swd_data"]["mean"] < 0.6 * mix["teacher"]["1"]["swd_data"]["mean"]
-    assert mix["teacher"]["25"]["nll"]["mean"] < mix["teacher"]["1"]["nll"]["mean"]
-    # and more steps help the teacher monotonically against its own 25-step samples
-    t = [mix["teacher"][s]["swd_teacher"]["mean"] for s in ("1", "2", "4")]
-    assert t[0] > t[1] > t[2]
-    assert res["notes"]["orderings"]["mixture"]["baselines"]["values"]["teacher"] == t[0]
-    # distillation moves every student towards the 25-step teacher: at 1 step each distilled method is closer to
-    # the teacher's 25-step samples (paired and in distribution) than the undistilled teacher's single step
-    for method in ("cm", "pcm", "scm", "vm", "mdt", "mdt_paper"):
-        for metric in ("swd_teacher", "pair_l2_teacher"):
-            assert mix[method]["1"][metric]["mean"] < mix["teacher"]["1"][metric]["mean"], (method, metric)
+    gmm = res["gmm"]
+    # the exact teacher's Euler steps approach its ODE endpoints monotonically; one step is the collapsed class mean
+    t = [gmm["teacher"][s]["pair_l2_ode"]["mean"] for s in ("1", "2", "4", "25")]
+    assert t[0] > t[1] > t[2] > t[3] and t[3] < 0.1 * t[0]
+    assert gmm["teacher"]["1"]["mode_coverage"]["mean"] == 0.0 and gmm["teacher"]["1"]["off_mode"]["mean"] == 1.0
+    assert gmm["teacher"]["25"]["mode_coverage"]["mean"] > 0.9
+    assert res["class_mean"]["gmm"]["pair_l2_ode"]["mean"] == pytest.approx(t[0], rel=1e-3)
+    assert res["notes"]["orderings"]["gmm"]["baselines"]["values"]["teacher"] == t[0]
+    # distillation moves every student towards the ODE endpoints: at 1 step each distilled method is closer to them
+    # (paired) than the undistilled teacher's single step
+    for method in ("cm", "pcm", "scm", "vm", "mdt_release", "mdt_paper"):
+        assert gmm[method]["1"]["pair_l2_ode"]["mean"] < gmm["teacher"]["1"]["pair_l2_ode"]["mean"], method
     # shapes: more teacher steps are closer to the teacher's own 25-step samples (paired IoU rises)
     shp = res["shapes"]
     p = [shp["teacher"][s]["pair_iou_teacher"]["mean"] for s in ("1", "2", "4", "25")]
@@ -161,7 +164,7 @@ def test_ci_preset_nfe_and_sanity(ci_run):
     # the printed ordering verdicts agree with the numbers in the table
     for problem in PROBLEMS:
         entry = res["notes"]["orderings"][problem]
-        for chain in ("baselines", "ablation", "ablation_paper_vd"):
+        for chain in ("baselines", "ablation", "ablation_paper"):
             vals = entry[chain]["values"]
             for m, v in vals.items():
                 assert v == res[problem][m]["1"][entry["metric"]]["mean"]
@@ -205,7 +208,45 @@ def test_ci_preset_fair_protocol(ci_run):
             test = [r for r in logs if r["problem"] == problem and r.get("role") == "test" and r["method"] == method]
             assert sorted(r["seed"] for r in test) == sorted(entry["test_seeds"]), (problem, method)
             assert all(r["overrides"] == m["chosen"] for r in test), (problem, method)
-    assert "Selection (validation seeds" in stdout and "VM+VD paper-VD" in stdout
+    assert "Selection (validation seeds" in stdout and "MDT paper" in stdout and "MDT release" in stdout
+    assert len(proto["gmm"]["val_seeds"]) >= 3
+
+
+@pytest.mark.slow
+def test_ci_preset_gates_and_paired_differences(ci_run):
+    """results.json["gates"][problem] = {teacher_monotone, class_mean_worst, straightness} recomputed from the tables;
+    results.json["paired"]: per-seed differences to mdt_release whose mean is the difference of the reported means
+    (same test seeds) and whose 95 % t-interval contains it."""
+    out, stdout = ci_run
+    res = json.loads((out / "results.json").read_text())
+    for problem in PROBLEMS:
+        g = res["gates"][problem]
+        assert {"teacher_monotone", "class_mean_worst", "straightness"} <= set(g)
+        primary = g["metric"]
+        sign = 1 if res["meta"]["metric_lower_is_better"][problem][primary] else -1
+        t = [res[problem]["teacher"][s][primary]["mean"] for s in ("1", "2", "4", "25")]
+        assert g["teacher_monotone"] == all(sign * (a - b) > 0 for a, b in zip(t, t[1:]))
+        if g["class_mean_worst"] is not None:
+            cm = res["class_mean"][problem][primary]["mean"]
+            assert g["class_mean_worst"] is (sign * (cm - t[2]) > 0 and sign * (cm - t[3]) > 0 and (
+                primary not in res["data_floor"].get(problem, {}) or
+                sign * (cm - res["data_floor"][problem][primary]["mean"]) > 0))
+    assert res["gates"]["gmm"]["straightness"] >= 0.5 and res["gates"]["gmm"]["teacher_monotone"]
+    assert res["gates"]["gmm"]["class_mean_worst"] is True and res["gates"]["gmm"]["informative"]
+    assert "Gates (primary metric)" in stdout and "Paired differences vs mdt_release" in stdout
+    for problem in PROBLEMS:
+        e = res["paired"][problem]
+        assert e["reference"] == "mdt_release" and set(e["methods"]) == set(METHODS) - {"mdt_release"}
+        for method, per in e["methods"].items():
+            for steps, d in per.items():
+                assert len(d["diffs"]) == len(e["seeds"])
+                expected = (res[problem][method][steps][e["metric"]]["mean"]
+                            - res[problem]["mdt_release"][steps][e["metric"]]["mean"])
+                assert d["mean"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+                if len(e["seeds"]) > 1:
+                    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+                else:
+                    assert d["ci95"] is None
 
 
 def test_protocol_grid_rules():
@@ -260,8 +301,8 @@ def test_ablation_run_spec_parsing():
     from mdt.experiments.ablate import parse_run
     from mdt.experiments.methods import DistillHP
 
-    label, method, ov = parse_run("mdt_x:mdt:d_norm=false,lambda_vd=0.1,delta=0.05,w_vd=none")
-    assert (label, method) == ("mdt_x", "mdt")
+    label, method, ov = parse_run("mdt_x:mdt_release:d_norm=false,lambda_vd=0.1,delta=0.05,w_vd=none")
+    assert (label, method) == ("mdt_x", "mdt_release")
     assert ov == {"d_norm": False, "lambda_vd": 0.1, "delta": 0.05, "w_vd": None}
     DistillHP(**ov)                                   # every key is a DistillHP field
     assert parse_run("vm:vm") == ("vm", "vm", {})
@@ -303,3 +344,23 @@ def test_consistency_baselines_can_take_an_ema_target_network():
 
     plain, ema_a, ema_b = run(0.0), run(0.9), run(0.9)
     assert torch.equal(ema_a, ema_b) and not torch.allclose(plain, ema_a)
+
+
+def test_sweep_preset_as_shipped_is_a_valid_protocol():
+    """`--preset sweep`: the gmm problem at w in {0, 3, 7} x D in {8, 512, 8 x 16^3}, each with a valid fair grid, the
+    same guidance in the problem and in the objectives, and a buildable mode layout with the declared separation."""
+    from mdt.experiments.jobs import build_problem
+    from mdt.experiments.methods import DistillHP
+    from mdt.experiments.protocol import grid_configs
+
+    preset = get_preset("sweep")
+    combos = {(pp["spec"]["dim"], pp["spec"]["cfg"]) for pp in preset["problems"]}
+    assert combos == {(d, w) for d in (8, 512, 8 * 16 ** 3) for w in (0.0, 3.0, 7.0)}
+    for pp in preset["problems"]:
+        assert pp["distill"]["cfg"] == pp["spec"]["cfg"] and pp["kind"] == "gmm" and pp["name"].startswith("gmm")
+        assert len(pp["val_seeds"]) >= 3 and not set(pp["val_seeds"]) & set(pp["seeds"])
+        for cs in grid_configs(pp).values():
+            for c in cs:
+                DistillHP(**{**pp["distill"], **c})
+    big = build_problem(preset["problems"][-1])
+    assert big.means.shape == (4, 8, 8 * 16 ** 3)

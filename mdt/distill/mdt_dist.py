@@ -26,6 +26,8 @@ VD, inside `mdt_loss`:
     for every t (vd_weighting "released"). vd_weighting "paper" keeps the chain rule through the re-noised fake
     sample x_f,t = (1 - t) x_f + (sigma_min + (1 - sigma_min) t) eps: the gradient gets the factor (1 - t),
     L_vd = lambda_vd (v_S' - v_tgt' + (1 - t) (v_f - sg(v_f)))^2 (same value).
+    vd_noise "fresh" re-noises the fake sample with an independent z'' instead of VM's eps (the paper's Eq. for
+    x_f,t; same expectation, different pairing).
     Total loss = mean(L_vm + L_vd) over all elements (sparse: all voxels x channels of the batch).
 
 Sparse batches: eps and eps_f live on the coordinates of the real x0; t is broadcast per sample; d_norm norms and
@@ -47,6 +49,7 @@ from .losses import (NUM_BINS, call, compute_dtype, draw_choice, guided_call, me
 
 MODES = ("discrete", "continuous", "cm")
 VD_WEIGHTINGS = ("released", "paper")
+VD_NOISES = ("shared", "fresh")
 
 
 @dataclass
@@ -69,6 +72,7 @@ class MDTConfig:
     jvp: str = "func"                                   # continuous mode: "func" (exact JVP) or "fd"
     fd_step: float = 1e-3                               # step of jvp="fd"
     vd_weighting: str = "released"                      # "released": same VD weight at every t; "paper": (1 - t)
+    vd_noise: str = "shared"                            # VD re-noising: "shared" = VM's eps (released), "fresh" z''
     cfg_batched: bool = True                            # teacher CFG as one forward of the doubled batch
     num_bins: int = NUM_BINS
 
@@ -79,6 +83,8 @@ class MDTConfig:
             raise ValueError("delta must be > 0")
         if self.vd_weighting not in VD_WEIGHTINGS:
             raise ValueError(f"vd_weighting must be one of {VD_WEIGHTINGS}, got {self.vd_weighting!r}")
+        if self.vd_noise not in VD_NOISES:
+            raise ValueError(f"vd_noise must be one of {VD_NOISES}, got {self.vd_noise!r}")
 
 
 class VMOut(NamedTuple):
@@ -200,8 +206,10 @@ def mdt_loss(student: Any, teacher: Any, batch: dict, cfg: MDTConfig,
     """VM + VD (reference 5.4-5.5). Returns {"loss", "loss_vm"?, "loss_vd"?, "loss_bins"}.
 
     batch: x0 (dense [B, ...] or SparseTensor), cond, optional neg_cond (zeros), and optionally fixed
-    t [B] (training units, i.e. after `mdt_time`), noise (like x0) and noise_fake (eps_f, like x0).
-    Draw order with `generator`: t', eps, w_vm, eps_f, w_vd. VM and VD share eps and t.
+    t [B] (training units, i.e. after `mdt_time`), noise (like x0), noise_fake (eps_f, like x0) and noise_vd (z'',
+    used only with vd_noise "fresh").
+    Draw order with `generator`: t', eps, w_vm, eps_f, w_vd, then z'' (vd_noise "fresh"). VM and VD share t; they
+    share eps too unless vd_noise is "fresh".
     The teacher is only called under no_grad; gradients reach the student through v_S (VM) and v_f (VD) only.
     """
     x0, cond = batch["x0"], batch["cond"]
@@ -222,8 +230,12 @@ def mdt_loss(student: Any, teacher: Any, batch: dict, cfg: MDTConfig,
         ones = torch.ones_like(t)
         v_f = call(student, x0, eps_f, ones, cond)                   # one-step generation, with grad
         x_f = like(x0, (eps_f - v_f).detach())
+        eps_vd = eps
+        if cfg.vd_noise == "fresh":                                  # the paper's independent z'' for x_f,t
+            eps_vd = batch.get("noise_vd")
+            eps_vd = like(x0, data(eps_vd)) if eps_vd is not None else flow.randn_like(x0, generator)
         with torch.no_grad():
-            out_f = vm_target(student, teacher, x_f, eps, t, cond, neg_cond, w_vd, cfg)
+            out_f = vm_target(student, teacher, x_f, eps_vd, t, cond, neg_cond, w_vd, cfg)
         dt = out_f.pred.dtype
         v_f = v_f.to(dt)
         zero_with_grad = v_f - v_f.detach()                          # value 0, gradient d v_f

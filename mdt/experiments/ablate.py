@@ -1,7 +1,7 @@
 """Hyper-parameter ablations of the reproduction benchmark on an existing run's teacher (run it with --keep-work).
 
-    python -m mdt.experiments.ablate --out DIR --preset small --problem mixture --seeds 0 1 2 \\
-        --run mdt_delta0.05:mdt:delta=0.05 --run vm_nodnorm:vm:d_norm=false ...
+    python -m mdt.experiments.ablate --out DIR --preset small --problem gmm --seeds 0 1 2 \\
+        --run mdt_delta0.05:mdt_release:delta=0.05 --run vm_nodnorm:vm:d_norm=false ...
 
 Each `--run LABEL:METHOD[:KEY=VALUE,...]` distils METHOD from the teacher saved in DIR/work with the preset's
 budget and the DistillHP overrides given (same seeds, data streams, evaluation noise and references as the main

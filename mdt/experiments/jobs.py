@@ -1,6 +1,7 @@
 """Units of work of the benchmark, run in worker processes (one torch thread each).
 
-* `teacher_job`: flow-matching training of a problem's teacher; saves the EMA weights.
+* `teacher_job`: flow-matching training of a problem's teacher network (through mdt.training.Trainer); saves the
+  EMA weights; on `gmm` also the exact teacher's straightness.
 * `reference_job`: for one seed, the evaluation set, the teacher's 25-step CFG reference samples (independent
   noise) and the teacher evaluated at 1, 2, 4 and 25 steps from the evaluation noise (its 25-step samples are the
   paired reference of the students); saves both sample sets and the evaluation context built from them (the
@@ -22,7 +23,8 @@ import torch
 
 from mdt.sparse import SparseTensor
 
-from .methods import STUDENT_METHODS, DistillHP, TeacherHP, distill, sample, train_teacher
+from .gmm import GMMProblem, GMMSpec
+from .methods import DistillHP, TeacherHP, distill, sample, train_teacher
 from .mixture import MixtureProblem, MixtureSpec
 from .shapes import ShapeSpec, ShapesProblem, SparseShapesProblem
 
@@ -30,13 +32,15 @@ EVAL_STEPS = (1, 2, 4)
 TEACHER_STEPS = 25
 REF_NOISE_OFFSET = 50_000      # seed offset of the reference teacher samples' noise
 EVAL_NOISE_OFFSET = 60_000     # seed offset of the evaluation noise (shared by all methods of a seed)
-TRAIN_SEED_OFFSET = 1_000      # distillation data/noise stream of seed s: 1000 + 97 s + method index
+TRAIN_SEED_OFFSET = 1_000      # distillation data/noise streams of seed s: 1000 + 97 s, the same for every method
 # evaluation sets are drawn with seed 10_000 + s (held-out floor: s + 500), so validation seeds (10, ...) and test
 # seeds (0, 1, 2) never share evaluation data, noise or a distillation stream
 
 
 def build_problem(pp: dict):
     kind = pp["kind"]
+    if kind == "gmm":
+        return GMMProblem(GMMSpec(**pp.get("spec", {})))
     if kind == "mixture":
         return MixtureProblem(MixtureSpec(**pp.get("spec", {})))
     spec = ShapeSpec(**pp.get("spec", {}))
@@ -111,8 +115,9 @@ def teacher_job(pp: dict, out: str, threads: int = 1) -> dict:
     hp = TeacherHP(**pp["teacher"])
     ema, log = train_teacher(model, problem.train_batch, hp, seed=0, log_every=max(1, hp.steps // 20))
     torch.save(ema.state_dict(), _paths(out, pp["name"])["teacher"])
+    straight = problem.straightness() if hasattr(problem, "straightness") else None
     return {"job": "teacher", "problem": pp["name"], "log": log, "params": sum(p.numel() for p in model.parameters()),
-            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            "straightness": straight, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
 def reference_job(pp: dict, out: str, seed: int, teacher_metrics: bool = True, threads: int = 1) -> dict:
@@ -120,16 +125,24 @@ def reference_job(pp: dict, out: str, seed: int, teacher_metrics: bool = True, t
     t0, c0 = time.perf_counter(), time.process_time()
     problem = build_problem(pp)
     teacher = _load_teacher(problem, pp, out)
+    if hasattr(problem, "exact_teacher"):        # the exact teacher is the one sampled (its Euler steps)
+        teacher = problem.exact_teacher()
     cfg = pp["distill"]["cfg"]
     es = problem.eval_set(pp["eval_per_class"], seed)
     batch = pp.get("eval_batch")
-    ref = _generate("teacher", teacher, problem, es, REF_NOISE_OFFSET + seed, TEACHER_STEPS, cfg, batch)
-    paired = _generate("teacher", teacher, problem, es, EVAL_NOISE_OFFSET + seed, TEACHER_STEPS, cfg, batch)
+    if hasattr(problem, "ode_endpoints"):        # exact references: the ODE endpoints of the same noises
+        ref = problem.ode_endpoints(problem.noise(es, REF_NOISE_OFFSET + seed), es["cond"])
+        paired = problem.ode_endpoints(problem.noise(es, EVAL_NOISE_OFFSET + seed), es["cond"])
+    else:
+        ref = _generate("teacher", teacher, problem, es, REF_NOISE_OFFSET + seed, TEACHER_STEPS, cfg, batch)
+        paired = _generate("teacher", teacher, problem, es, EVAL_NOISE_OFFSET + seed, TEACHER_STEPS, cfg, batch)
     ref_r, paired_r = _reference(problem, ref), _reference(problem, paired)
     context = {"eval_set": es, "ref": ref_r, "paired": paired_r}
     torch.save({"ref": _save_samples(ref), "paired": _save_samples(paired), "context": _to_saved(context)},
                _paths(out, pp["name"])["ref"](seed))
-    metrics, data_floor = {}, None
+    metrics, data_floor, class_mean = {}, None, None
+    if hasattr(problem, "class_mean_sample"):    # the collapsed reference sampler of the class_mean_worst gate
+        class_mean = problem.evaluate(problem.class_mean_sample(es), es, ref_r, paired_r)
     if teacher_metrics:
         metrics[str(TEACHER_STEPS)] = problem.evaluate(paired, es, ref_r, paired_r)
         for steps in EVAL_STEPS:
@@ -141,7 +154,8 @@ def reference_job(pp: dict, out: str, seed: int, teacher_metrics: bool = True, t
             floor = problem.eval_set(pp["eval_per_class"], seed + 500)
             data_floor = problem.evaluate(problem.data_as_sample(floor), es, ref_r, None)
     return {"job": "reference", "problem": pp["name"], "method": "teacher", "seed": seed, "metrics": metrics,
-            "data_floor": data_floor, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            "data_floor": data_floor, "class_mean": class_mean, "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0}
 
 
 def _reference(problem, x):
@@ -171,9 +185,10 @@ def distill_job(pp: dict, out: str, method: str, seed: int, overrides: dict | No
     problem = build_problem(pp)
     teacher = _load_teacher(problem, pp, out)
     hp = DistillHP(**{**pp["distill"], **(overrides or {})})
-    stream = TRAIN_SEED_OFFSET + 97 * seed + STUDENT_METHODS.index(method)
+    stream = TRAIN_SEED_OFFSET + 97 * seed                 # common random numbers across methods
+    exact = problem.exact_teacher() if hasattr(problem, "exact_teacher") else None
     student, log = distill(method, teacher, problem.train_batch, hp, seed=stream,
-                           log_every=max(1, hp.steps // 20))
+                           log_every=max(1, hp.steps // 20), target_teacher=exact)
     train_wall, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     es, ref_r, paired_r = _eval_context(problem, pp, out, seed)
     results = {}

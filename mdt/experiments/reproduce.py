@@ -1,26 +1,32 @@
 """Reproduction benchmark: few-step distillation of toy TRELLIS-like flows with MDT-dist and baselines.
 
-    python -m mdt.experiments.reproduce --preset {ci,small} --out DIR [--workers 2] [--timing-threads 2]
+    python -m mdt.experiments.reproduce --preset {ci,small,sweep} --out DIR [--workers 2] [--timing-threads 2]
                                         [--keep-work] [--retime]
 
 (`--keep-work` keeps the teachers and reference samples for `--retime` and for `python -m mdt.experiments.ablate`,
 the hyper-parameter ablations; docs/reproduction.md has the results of the small preset.)
 
-Problems (see mixture.py / shapes.py): `mixture` (8-D, 10-class Gaussian mixture, residual MLP), `shapes`
+Problems (see gmm.py / shapes.py): `gmm` (class-conditional Gaussian mixtures with an exact flow teacher whose
+ODE endpoints are the paired references; residual-MLP students initialised from a flow-matching network), `shapes`
 (24 procedural shape classes, 32^3 occupancy packed into 16^3 x 8 SS-like latents, tiny SparseStructureFlowModel
 with class tokens), `shapes_sparse` (SLat-like per-voxel features on the boundary voxels of 8 of the shape
 classes at 16^3, tiny SLatFlowModel; its held-out floor covers the coordinate-free metrics only). For each: a
 flow-matching teacher (sampled with 25 Euler steps + CFG), then with equal budgets the students `cm`, `pcm`,
-`scm`, `vm` (MDT VM only), `mdt` (VM + VD), and `teacher` (no distillation) at few steps; evaluation at 1, 2, 4
-steps (teacher also 25) against the teacher's 25-step samples and against held-out data, over the preset's seeds
-(one teacher per problem; a seed changes the distillation data/noise stream, the evaluation noise and the held-out
-set).
+`scm`, `vm` (MDT VM only), `mdt_release` and `mdt_paper` (VM + VD as released / as the paper writes it,
+mdt.experiments.methods), and `teacher` (no distillation) at few steps; evaluation at 1, 2, 4 steps (teacher also
+25) against the teacher's references and held-out data, over the preset's seeds (one teacher per problem; a seed
+fixes the distillation data/noise streams -- the same for every method --, the evaluation noise and the held-out
+set). Each problem is gated (`gates`): its primary metric must improve monotonically with the teacher's steps and
+rank a class-mean sampler below the teacher and the data; the gmm teacher's straightness must be >= 0.5.
 
 Outputs in DIR:
 * results.json: {problem: {method: {steps: {metric: {"mean", "std"}}}}} for the problems, plus the reserved
   top-level keys "meta" (preset, versions, times, problem list, metric directions), "nfe", "nfe_trellis" (NFE
   per asset under TRELLIS's own sampler settings), "wall_time",
-  "notes" (hyper-parameters, ordering checks, ablations, findings) and "data_floor" (held-out vs. held-out).
+  "notes" (hyper-parameters, ordering checks, ablations, findings), "data_floor" (held-out vs. held-out),
+  "protocol" (declared grids, validation and test seeds, every configuration's validation score, the choices),
+  "gates" ({problem: {teacher_monotone, class_mean_worst, straightness, ...}}), "paired" (per-test-seed
+  differences to mdt_release with 95 % t-intervals) and "class_mean" (the class-mean sampler's metrics).
 * logs.json: training curves and per-job times. results.png: metric vs. steps per problem and method.
 The tables printed follow the paper's Tables 2 (methods x steps) and 3 (ablation none / VM / VM + VD).
 """
@@ -46,12 +52,15 @@ from .methods import METHODS, STUDENT_METHODS, DistillHP, nfe, trellis_nfe
 from .presets import get_preset
 
 PROBLEM_TITLES = {
+    "gmm": "class-conditional Gaussian mixtures (8 modes per class), exact flow teacher, residual-MLP students",
     "mixture": "conditional 8-D Gaussian mixture (10 classes), residual-MLP flow",
     "shapes": "SS-like shapes: 24 classes, 32^3 occupancy -> 16^3x8 latents, tiny SparseStructureFlowModel",
     "shapes_sparse": "SLat-like sparse variant: per-voxel features on the boundary voxels (8 classes, 16^3), "
                      "tiny SLatFlowModel",
 }
-RESERVED = ("meta", "nfe", "nfe_trellis", "wall_time", "notes", "data_floor", "protocol")
+RESERVED = ("meta", "nfe", "nfe_trellis", "wall_time", "notes", "data_floor", "protocol", "gates", "paired",
+            "class_mean")
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 STEPS = ("1", "2", "4")
 
 
@@ -218,7 +227,7 @@ def measure_wall_time(preset: dict, out: Path, threads: int) -> tuple[dict, dict
     repeats = preset.get("timing_repeats", 3)
     for pp in preset["problems"]:
         problem = jobs.build_problem(pp)
-        model = jobs._load_teacher(problem, pp, str(out))
+        model = jobs._load_teacher(problem, pp, str(out))          # the network (the exact gmm teacher is not timed)
         cfg = pp["distill"]["cfg"]
         n = pp["timing_batch"]
         es = problem.eval_set(max(1, math.ceil(n / problem_num_classes(problem))), 0)
@@ -237,7 +246,7 @@ def measure_wall_time(preset: dict, out: Path, threads: int) -> tuple[dict, dict
         ts = {f"{who}_{steps}": [] for who, steps in configs}
         for _ in range(repeats):
             for who, steps in configs:
-                method = "teacher" if who == "teacher" else "mdt"
+                method = "teacher" if who == "teacher" else "mdt_release"
                 t0 = time.perf_counter()
                 sample(method, model, noise, es["cond"], steps, cfg)
                 ts[f"{who}_{steps}"].append(time.perf_counter() - t0)
@@ -249,7 +258,7 @@ def measure_wall_time(preset: dict, out: Path, threads: int) -> tuple[dict, dict
         wall[pp["name"]] = {"batch": n, "threads": threads, "repeats": repeats}
         for who, steps in configs:
             k = f"{who}_{steps}"
-            n_eval = nfe("teacher" if who == "teacher" else "mdt", steps, cfg)
+            n_eval = nfe("teacher" if who == "teacher" else "mdt_release", steps, cfg)
             nfe_table[pp["name"]][k] = {"nfe": n_eval, "ratio_vs_teacher25": base_nfe / n_eval}
             wall[pp["name"]][k] = {"seconds": times[k], "ratio_vs_teacher25": base_t / times[k],
                                    "median_seconds": medians[k],
@@ -263,22 +272,26 @@ def problem_num_classes(problem) -> int:
 
 # ---- notes ----------------------------------------------------------------------------------------------------
 def lower_is_better(problem_name: str, metric: str) -> bool:
+    from .gmm import GMMProblem
     from .mixture import MixtureProblem
     from .shapes import ShapesProblem, SparseShapesProblem
 
     table = {"mixture": MixtureProblem, "shapes": ShapesProblem, "shapes_sparse": SparseShapesProblem}
-    return table[problem_name].metrics_lower_is_better.get(metric, True)
+    cls = GMMProblem if problem_name.startswith("gmm") else table[problem_name]     # gmm, sweep's gmm_d*_w*
+    return cls.metrics_lower_is_better.get(metric, True)
 
 
-def ordering_notes(results: dict, preset: dict) -> dict:
-    """Check the paper's orderings at 1 step on each problem's primary metric (and on every metric)."""
-    chains = {"baselines": ["teacher", "cm", "pcm", "scm", "mdt"], "ablation": ["teacher", "vm", "mdt"],
-              "ablation_paper_vd": ["teacher", "vm", "mdt_paper"]}
+def ordering_notes(results: dict, preset: dict, gates: dict) -> dict:
+    """Check the paper's orderings at 1 step on each problem's primary metric (and on every metric); a problem that
+    fails a gate is marked uninformative (its orderings are listed, not ranked)."""
+    chains = {"baselines": ["teacher", "cm", "pcm", "scm", "mdt_release"], "ablation": ["teacher", "vm", "mdt_release"],
+              "ablation_paper": ["teacher", "vm", "mdt_paper"]}
     notes = {}
     for pp in preset["problems"]:
         name, primary = pp["name"], pp["primary"]
         res = results[name]
-        entry = {"metric": primary, "steps": "1", "lower_is_better": lower_is_better(name, primary)}
+        entry = {"metric": primary, "steps": "1", "lower_is_better": lower_is_better(name, primary),
+                 "informative": gates_pass(gates.get(name, {}))}
         for chain_name, chain in chains.items():
             vals = [res[m]["1"][primary]["mean"] for m in chain]
             sign = 1 if entry["lower_is_better"] else -1
@@ -315,11 +328,109 @@ def ablation_notes(done: list[dict], preset: dict, results: dict) -> dict:
         seed0 = pp["seeds"][0]
         ref = {m: {s: next(r["metrics"][s][primary] for r in done if r.get("problem") == pp["name"]
                            and r.get("method") == m and r.get("seed") == seed0 and r["role"] == "test")
-                   for s in STEPS} for m in ("mdt", "vm")}
+                   for s in STEPS} for m in ("mdt_release", "vm")}
         out[pp["name"]] = {"metric": primary, "seed": seed0,
-                           "baseline_mdt": ref["mdt"], "baseline_vm": ref["vm"],
+                           "baseline_mdt_release": ref["mdt_release"], "baseline_vm": ref["vm"],
                            "runs": {r["label"]: {s: r["metrics"][s][primary] for s in STEPS} for r in rows}}
     return out
+
+
+# ---- gates and paired comparisons --------------------------------------------------------------------------------
+def class_mean_scores(done: list[dict], preset: dict) -> dict:
+    """Per problem, the reference class-mean sampler's metrics (mean over the test seeds), where the problem has one."""
+    out = {}
+    for pp in preset["problems"]:
+        rows = [r["class_mean"] for r in done if r.get("problem") == pp["name"] and r["job"] == "reference"
+                and r["seed"] in pp["seeds"] and r.get("class_mean")]
+        if rows:
+            out[pp["name"]] = {k: _mean_std([r[k] for r in rows]) for k in rows[0]}
+    return out
+
+
+def gates_pass(g: dict) -> bool:
+    return bool(g) and g.get("teacher_monotone") is True and g.get("class_mean_worst") is True and \
+        (g.get("straightness") is None or g["straightness"] >= 0.5)
+
+
+def gate_checks(results: dict, class_mean: dict, floors: dict, done: list[dict], preset: dict) -> dict:
+    """gates[problem] = {teacher_monotone, class_mean_worst, straightness} on the problem's primary metric:
+    teacher_monotone: the teacher's primary improves strictly from 1 to 2 to 4 to 25 steps;
+    class_mean_worst: the class-mean sampler scores worse than the teacher at 4 and at 25 steps and than the held-out
+    data floor (where the problem has one): a metric that rewards collapse fails it (None: no class-mean sampler);
+    straightness: of the exact teacher (gmm; None elsewhere), which must be >= 0.5."""
+    gates = {}
+    for pp in preset["problems"]:
+        name, primary = pp["name"], pp["primary"]
+        sign = 1 if lower_is_better(name, primary) else -1
+        t = [results[name]["teacher"][s][primary]["mean"] for s in ("1", "2", "4", "25")]
+        monotone = all(sign * (a - b) > 0 for a, b in zip(t, t[1:]))
+        cm = class_mean.get(name, {}).get(primary, {}).get("mean")
+        worst = None
+        if cm is not None:
+            better = [t[2], t[3]] + ([floors[name][primary]["mean"]] if primary in floors.get(name, {}) else [])
+            worst = all(sign * (cm - b) > 0 for b in better)
+        straight = next((r["straightness"] for r in done if r.get("problem") == name and r["job"] == "teacher"
+                         and r.get("straightness") is not None), None)
+        gates[name] = {"teacher_monotone": bool(monotone), "class_mean_worst": worst, "straightness": straight,
+                       "metric": primary, "teacher_by_steps": dict(zip(("1", "2", "4", "25"), t)),
+                       "class_mean": cm}
+        gates[name]["informative"] = gates_pass(gates[name])
+    return gates
+
+
+def paired_differences(done: list[dict], preset: dict, reference: str = "mdt_release") -> dict:
+    """Per problem, method and step count: the per-test-seed differences method - `reference` of the primary metric
+    (common random numbers: same seed = same data stream, noise and evaluation set), their mean and a two-sided 95 %
+    Student-t interval (None with one seed)."""
+    out = {}
+    for pp in preset["problems"]:
+        name, primary = pp["name"], pp["primary"]
+        runs = {(r["method"], r["seed"]): r["metrics"] for r in done if r.get("problem") == name
+                and r["role"] in ("ref", "test") and r["seed"] in pp["seeds"]}
+        entry = {"metric": primary, "reference": reference, "lower_is_better": lower_is_better(name, primary),
+                 "seeds": pp["seeds"], "methods": {}}
+        for method in METHODS:
+            if method == reference:
+                continue
+            per = {}
+            for steps in STEPS:
+                diffs = [runs[(method, s)][steps][primary] - runs[(reference, s)][steps][primary]
+                         for s in pp["seeds"] if (method, s) in runs and (reference, s) in runs]
+                if not diffs:
+                    continue
+                mean = float(np.mean(diffs))
+                half = None
+                if len(diffs) > 1:
+                    half = T975.get(len(diffs) - 1, 1.96) * float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs))
+                per[steps] = {"diffs": diffs, "mean": mean,
+                              "ci95": None if half is None else [mean - half, mean + half]}
+            entry["methods"][method] = per
+        out[name] = entry
+    return out
+
+
+def format_gates(gates: dict) -> str:
+    lines = ["", "Gates (primary metric): teacher_monotone, class_mean_worst, straightness (>= 0.5)"]
+    for name, g in gates.items():
+        s = "-" if g["straightness"] is None else f"{g['straightness']:.3f}"
+        lines.append(f"[{name}] {g['metric']}: teacher_monotone {g['teacher_monotone']}, class_mean_worst "
+                     f"{g['class_mean_worst']} (class mean {g['class_mean']}), straightness {s} -> "
+                     f"{'informative' if g['informative'] else 'UNINFORMATIVE (not ranked)'}")
+    return "\n".join(lines)
+
+
+def format_paired(paired: dict) -> str:
+    lines = ["", "Paired differences vs mdt_release (per test seed, mean [95% t-interval])"]
+    for name, e in paired.items():
+        arrow = "lower is better" if e["lower_is_better"] else "higher is better"
+        lines.append(f"[{name}] {e['metric']} ({arrow})")
+        for method, per in e["methods"].items():
+            cells = []
+            for steps, d in per.items():
+                ci = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]"
+                cells.append(f"{steps}: {d['mean']:+.3g}{ci}")
+            lines.append(f"  {method:<12} " + "; ".join(cells))
+    return "\n".join(lines)
 
 
 # ---- printing --------------------------------------------------------------------------------------------------
@@ -351,7 +462,7 @@ def format_tables(results: dict, preset: dict, nfe_table: dict, protocol_rec: di
         def row(method: str, steps: str) -> str:
             n_eval = nfe(method, int(steps), cfg)
             cells = "".join(f"{_fmt(res[method].get(steps, {}).get(m)):>{width}}" for m in metrics)
-            label = {"teacher": "none (teacher)", "vm": "VM", "mdt": "VM+VD (MDT)", "mdt_paper": "VM+VD paper-VD",
+            label = {"teacher": "none (teacher)", "vm": "VM", "mdt_release": "MDT release", "mdt_paper": "MDT paper",
                      "cm": "CM",
                      "pcm": f"PCM (K={pcm_phases})" + (" *" if int(steps) < pcm_phases else ""),
                      "scm": "sCM"}[method]
@@ -359,23 +470,23 @@ def format_tables(results: dict, preset: dict, nfe_table: dict, protocol_rec: di
 
         header = f"{'method':<16}{'steps':>6}{'NFE':>5}" + "".join(f"{h:>{width}}" for h in heads)
         lines.append("")
-        lines.append(f"Table 2 [{name}] {PROBLEM_TITLES[name]} -- mean±std over {nseeds} seed(s); "
+        lines.append(f"Table 2 [{name}] {PROBLEM_TITLES.get(name, PROBLEM_TITLES['gmm'])} -- mean±std over {nseeds} seed(s); "
                      f"*_teacher: vs the teacher's 25-step CFG (w={cfg}) samples, *_data: vs held-out data")
         lines.append(header)
         lines.append("-" * len(header))
         lines.append(row("teacher", "25"))
         for steps in STEPS:
             lines.append("")
-            for method in ("teacher", "cm", "pcm", "scm", "mdt", "mdt_paper"):
+            for method in ("teacher", "cm", "pcm", "scm", "mdt_release", "mdt_paper"):
                 lines.append(row(method, steps))
         lines.append(f"PCM (K={pcm_phases}) is scored at its phase count (steps = K, the grid hits every phase "
                      f"boundary) and below it (*: fewer steps than phases, outside what it was trained for).")
         lines.append("")
-        lines.append(f"Table 3 [{name}] ablation: none / VM / VM+VD (released VD weighting) / VM+VD (paper's)")
+        lines.append(f"Table 3 [{name}] ablation: none / VM / VM+VD as released / VM+VD as the paper writes it")
         lines.append(header)
         lines.append("-" * len(header))
         for steps in STEPS:
-            for method in ("teacher", "vm", "mdt", "mdt_paper"):
+            for method in ("teacher", "vm", "mdt_release", "mdt_paper"):
                 lines.append(row(method, steps))
             lines.append("")
     return "\n".join(lines)
@@ -428,7 +539,8 @@ def plot(results: dict, preset: dict, floors: dict, path: Path) -> None:
 
     probs = preset["problems"]
     fig, axes = plt.subplots(2, len(probs), figsize=(5.2 * len(probs), 8), squeeze=False)
-    colours = {"teacher": "k", "cm": "C0", "pcm": "C1", "scm": "C2", "vm": "C3", "mdt": "C4", "mdt_paper": "C5"}
+    colours = {"teacher": "k", "cm": "C0", "pcm": "C1", "scm": "C2", "vm": "C3", "mdt_release": "C4",
+               "mdt_paper": "C5"}
     for j, pp in enumerate(probs):
         name = pp["name"]
         res = results[name]
@@ -487,7 +599,7 @@ def retime(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="small", choices=["ci", "small"])
+    ap.add_argument("--preset", default="small", choices=["ci", "small", "sweep"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--workers", type=int, default=None, help="worker processes (1 torch thread each); 0 = inline")
     ap.add_argument("--timing-threads", type=int, default=2, help="torch threads of the wall-time measurement")
@@ -518,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     results, floors = aggregate(done, preset)
 
     nfe_ok = _nfe_ok(nfe_table)
+    class_mean = class_mean_scores(done, preset)
+    gates = gate_checks(results, class_mean, floors, done, preset)
+    paired = paired_differences(done, preset)
     notes = {
         "hyperparameters": {pp["name"]: {"teacher": pp["teacher"], "distill": pp["distill"], "model": pp.get("model"),
                                          "spec": pp.get("spec")} for pp in preset["problems"]},
@@ -529,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                      "teacher's CFG strength is used inside every objective); the teacher samples with Euler + CFG "
                      "at the same strength. A seed changes the distillation stream, the evaluation noise and the "
                      "held-out set."),
-        "orderings": ordering_notes(results, preset),
+        "orderings": ordering_notes(results, preset, gates),
         "nfe_requirements": nfe_ok,
     }
     ab = ablation_notes(done, preset, results)
@@ -548,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
                                        for pp in preset["problems"]},
             "command": " ".join([Path(sys.executable).name, "-m", "mdt.experiments.reproduce"] + (argv or sys.argv[1:]))}
     payload = {**results, "meta": meta, "nfe": nfe_table, "nfe_trellis": trellis_nfe(), "wall_time": wall,
-               "notes": notes, "data_floor": floors, "protocol": protocol_rec}
+               "notes": notes, "data_floor": floors, "protocol": protocol_rec, "gates": gates, "paired": paired,
+               "class_mean": class_mean}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     logs = [{k: v for k, v in r.items() if k != "metrics"} for r in done]
     (out / "logs.json").write_text(json.dumps(logs, indent=1))
@@ -557,15 +673,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out / "work", ignore_errors=True)
 
     log(format_protocol(protocol_rec))
+    log(format_gates(gates))
+    log(format_paired(paired))
     log(format_tables(results, preset, nfe_table, protocol_rec))
     log(format_nfe(nfe_table, wall))
     log(format_trellis_nfe(payload["nfe_trellis"]))
     log("")
     for name, entry in notes["orderings"].items():
-        for chain in ("baselines", "ablation", "ablation_paper_vd"):
+        for chain in ("baselines", "ablation", "ablation_paper"):
             e = entry[chain]
-            log(f"ordering [{name}] {entry['metric']} @1 step, expected {e['expected']}: "
-                f"{'HOLDS' if e['holds'] else 'does not hold'}; observed {e['observed_worst_to_best']}")
+            verdict = ("HOLDS" if e["holds"] else "does not hold") if entry["informative"] else \
+                "not ranked (a gate failed: uninformative problem)"
+            log(f"ordering [{name}] {entry['metric']} @1 step, expected {e['expected']}: {verdict}; "
+                f"observed {e['observed_worst_to_best']}")
     log(f"\nwrote {out / 'results.json'}, {out / 'logs.json'}, {out / 'results.png'}; total {total:.1f}s")
     return 0
 

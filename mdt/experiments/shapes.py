@@ -321,6 +321,12 @@ class ShapesProblem(_ShapeBase):
     def data_as_sample(self, es: dict) -> Tensor:
         return pack(es["data"])
 
+    def class_mean_sample(self, es: dict) -> Tensor:
+        """The reference collapsed sampler: every sample of a class is the mean latent of that class's shapes."""
+        lat, labels = pack(es["data"]), es["labels"]
+        means = torch.stack([lat[labels == c].mean(0) for c in range(self.num_classes)])
+        return means[labels]
+
     def decode(self, x: Tensor) -> Tensor:
         return unpack(x)
 
@@ -425,6 +431,13 @@ class SparseShapesProblem(_ShapeBase):
         g = torch.Generator().manual_seed(seed)
         d = es["data"]
         return d.replace(torch.randn(d.feats.shape, generator=g))
+
+    def class_mean_sample(self, es: dict) -> SparseTensor:
+        """The reference collapsed sampler: every voxel of a class's shapes gets the class's mean feature vector."""
+        data, labels = es["data"], es["labels"]
+        vox_label = labels[data.coords[:, 0].long()]
+        means = torch.stack([data.feats[vox_label == c].mean(0) for c in range(self.num_classes)])
+        return data.replace(means[vox_label])
 
     def data_as_sample(self, es: dict) -> SparseTensor:
         """Held-out data scored like a sample (the finite-sample floor). It lives on its own coordinates, so only

@@ -234,8 +234,8 @@ class DistillConfig:
             raise ValueError("objective.target must be 'student' or 'ema'")
         if self.objective.name == "scm" and self.objective.scm.adaptive_weighting:
             # the learned weight network would need its own optimiser state and checkpoint slot in this trainer
-            raise ValueError("objective.scm.adaptive_weighting is supported by the reproduction benchmark's trainer "
-                             "(mdt.experiments), not by the distillation job")
+            raise ValueError("objective.scm.adaptive_weighting is not supported by the trainer (the learned weight "
+                             "network would need its own optimiser state and checkpoint slot)")
         if self.data.batch_split < 1 or self.data.batch_size < self.data.batch_split:
             raise ValueError("need 1 <= data.batch_split <= data.batch_size")
         if not self.data.uri:
