@@ -55,30 +55,34 @@ def ray_connected():
 # A test that starts one of those must carry its marker, or the fast tier would silently grow; the guard
 # below watches what each test starts and fails an unmarked one, naming the marker it needs.
 HEAVY_MARKERS = ("ray", "blender", "server")
-_SERVER_WORDS = ("mlflow server", "mlflow.server", "moto_server", "moto.server", "postgres", "pg_ctl",
-                 "chromium", "http.server", "uvicorn", "gunicorn")
+_SERVER_PROGRAMS = ("moto_server", "postgres", "pg_ctl", "chromium", "chromium-browser", "chromedriver",
+                    "uvicorn", "gunicorn", "minio", "redis-server")
 
 
 def _launch_kinds(argv) -> tuple[set[str], bool]:
     """Which heavy things a subprocess command line starts, and whether it is a job script (one that exits 2
-    on an argument error, before Ray starts: such a run starts nothing). `--help` starts nothing either."""
+    on an argument error, before Ray starts: such a run starts nothing). Only the command's own words count (a
+    script handed to `bash -c` that merely prints a command starts nothing); `--help` starts nothing either."""
     if isinstance(argv, (str, bytes, os.PathLike)):
         words = [os.fsdecode(argv)]
     else:
         words = [os.fsdecode(a) for a in argv]
-    line = " ".join(words)
     if "--help" in words or "-h" in words:
         return set(), False
+    names = [os.path.basename(w) for w in words]
     kinds = set()
-    if "blender_worker" in line or os.path.basename(words[0] if words else "") == "blender":
+    if any(n in ("blender_worker.py", "blender") for n in names) or any("blender_worker" in w for w in words[1:3]):
         kinds.add("blender")
-    ray_cli = any(os.path.basename(w) == "ray" for w in words[:3])
+    ray_cli = "ray" in names[:3]
     if ray_cli and ("start" in words or ("job" in words and "submit" in words)):
         kinds.add("ray")
-    job = any(f"jobs{os.sep}{j}.py" in line for j in ("preprocess", "distill", "evaluate", "demo"))
-    if job and not ray_cli:
+    job = any(w.replace(os.sep, "/").endswith(f"jobs/{j}.py") for w in words
+              for j in ("preprocess", "distill", "evaluate", "demo", "synthesize"))
+    if job:
         kinds.add("ray")
-    if any(w in line for w in _SERVER_WORDS):
+    if (any(n in _SERVER_PROGRAMS for n in names)
+            or any(n == "mlflow" and nxt in ("server", "ui") for n, nxt in zip(names, words[1:]))
+            or any(w == "-m" and nxt in ("http.server", "moto.server") for w, nxt in zip(words, words[1:]))):
         kinds.add("server")
     return kinds, job
 
