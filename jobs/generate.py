@@ -36,7 +36,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", required=True, help="demo | trellis | path to a YAML file")
+    p.add_argument("--preset", required=True, help="demo | trellis | trellis2-demo | trellis2 | path to a YAML file")
     p.add_argument("--image", nargs="+", required=True, metavar="PATH", help="input image(s), RGBA or RGB")
     p.add_argument("--output", required=True, metavar="DIR", help="output directory")
     p.add_argument("--ss-model", metavar="CKPT", help="SS flow checkpoint (<dir>/<stem> or <owner>/<repo>/<stem>)")
@@ -62,8 +62,13 @@ def checkpoint_arg(value: str, flag: str) -> str:
 
 
 def build_config(args: argparse.Namespace):
-    from mdt.generate import GenerateConfig
+    from mdt.config import load_preset
+    from mdt.generate import GenerateConfig, Trellis2GenerateConfig
 
+    trellis2 = load_preset(args.preset, prefix="generate_").get("family") == "trellis2"
+    if trellis2 and (args.slat_model or args.slat_steps or args.cfg):
+        raise ArgError("a TRELLIS.2 preset has shape and texture stages: set them with --set (models.shape_flow=, "
+                       "shape.steps=, shape.guidance_strength=, ...) instead of --slat-model/--slat-steps/--cfg")
     for path in args.image:
         if not Path(path).is_file() or not os.access(path, os.R_OK):
             raise ArgError(f"--image {path}: not a readable file")
@@ -86,7 +91,7 @@ def build_config(args: argparse.Namespace):
             ov.append((key, value))
     if args.cfg is not None:
         ov += [("ss.cfg_strength", args.cfg[0]), ("slat.cfg_strength", args.cfg[-1])]
-    cfg = load_config(GenerateConfig, args.preset, list(args.overrides) + ov, prefix="generate_")
+    cfg = load_config(Trellis2GenerateConfig if trellis2 else GenerateConfig, args.preset, list(args.overrides) + ov, prefix="generate_")
     cfg.validate()
     return cfg
 
@@ -100,10 +105,11 @@ def main(argv=None) -> int:
     except (ArgError, ConfigError) as e:
         print(f"argument error: {e}", file=sys.stderr)
         return 2
-    from mdt.generate import generate
+    from mdt.generate import Trellis2GenerateConfig, generate, generate_trellis2
 
     try:
-        summary = generate(cfg, args.image, cfg.output)
+        run = generate_trellis2 if isinstance(cfg, Trellis2GenerateConfig) else generate
+        summary = run(cfg, args.image, cfg.output)
     except Exception as e:  # models missing, incompatible, unreadable: one line, non-zero
         logging.getLogger("generate").debug("generation could not run", exc_info=True)
         print(f"generation could not run: {type(e).__name__}: {e}", file=sys.stderr)
