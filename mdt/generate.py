@@ -869,6 +869,27 @@ def tiny_trellis2_args(slot: str, cond_channels: int) -> tuple[str, dict]:
     return table[slot]
 
 
+def write_trellis2_repo(directory: str | os.PathLike, cond_channels: int = 64, seed: int = 0,
+                        shape_normalization: dict | None = None, tex_normalization: dict | None = None) -> Path:
+    """A TRELLIS.2-4B-shaped repository with tiny random weights: ckpts/<stem>.json/.safetensors of the 512
+    pipeline's SS, shape and texture flows (the stems `jobs/configs/generate_trellis2.yaml` names) and a
+    pipeline.json with the shape/texture latent normalisation (identity unless given). Returns the directory."""
+    directory = Path(directory)
+    stems = {"t2_ss_flow": "ss_flow_img_dit_1_3B_64_bf16", "t2_shape_flow": "slat_flow_img2shape_dit_1_3B_512_bf16",
+             "t2_tex_flow": "slat_flow_imgshape2tex_dit_1_3B_512_bf16"}
+    for i, (slot, stem) in enumerate(stems.items()):
+        save_tiny_model(slot, directory / "ckpts" / stem, cond_channels=cond_channels, seed=seed + i)
+    identity = {"mean": [0.0] * TRELLIS2_LATENT_CHANNELS, "std": [1.0] * TRELLIS2_LATENT_CHANNELS}
+    pipeline = {"name": "Trellis2ImageTo3DPipeline", "args": {
+        "models": {"sparse_structure_flow_model": f"ckpts/{stems['t2_ss_flow']}",
+                   "shape_slat_flow_model_512": f"ckpts/{stems['t2_shape_flow']}",
+                   "tex_slat_flow_model_512": f"ckpts/{stems['t2_tex_flow']}"},
+        "shape_slat_normalization": shape_normalization or identity,
+        "tex_slat_normalization": tex_normalization or identity}}
+    (directory / "pipeline.json").write_text(json.dumps(pipeline, indent=2))
+    return directory
+
+
 @dataclass
 class GuidanceSampler:
     """One stage of TRELLIS.2's FlowEulerGuidanceIntervalSampler: guidance `w·v(cond) + (1 − w)·v(neg_cond)`
