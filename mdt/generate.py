@@ -968,7 +968,8 @@ class Trellis2GenerateConfig:
             if norm is None and not self.models.pipeline:
                 raise ConfigError(f"{name} is required ({{mean, std}} of the {TRELLIS2_LATENT_CHANNELS} channels) "
                                   "unless models.pipeline gives it")
-            if norm is not None and set(norm) != {"mean", "std"} or any(len(norm[k]) != TRELLIS2_LATENT_CHANNELS for k in norm):
+            if norm is not None and (set(norm) != {"mean", "std"}
+                                     or any(len(norm[k]) != TRELLIS2_LATENT_CHANNELS for k in norm)):
                 raise ConfigError(f"{name} must be {{mean, std}} with {TRELLIS2_LATENT_CHANNELS} values each")
 
 
