@@ -4,7 +4,9 @@
     python jobs/generate.py --preset trellis --image a.png b.png --output out --ss-model runs/x/ss_flow_student \\
         --ss-steps 1 --slat-steps 25 --cfg 3.0 5.0 --num-samples 4
 
-Per input `<output>/<name>/`: gaussians.ply (3DGS layout), mesh.glb (FlexiCubes, vertex colours), preview.png,
+TRELLIS.2 (`--preset trellis2 | trellis2-demo`): latents.npz (voxel coords + shape/texture latents, not decoded:
+TRELLIS.2's VAEs need CUDA-only extensions), occupancy.glb and timings.json per input.
+Per input `<output>/<name>/` (TRELLIS): gaussians.ply (3DGS layout), mesh.glb (FlexiCubes, vertex colours), preview.png,
 viewer.html (interactive, offline), timings.json (per stage, warm); occupancy.glb with the demo preset.
 Exit status: 0 when every input produced assets; 1 when some or all inputs failed (each with its reason);
 2 for bad arguments (nothing is built).

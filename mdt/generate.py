@@ -23,7 +23,11 @@ Functions and classes (stable API):
 * `load_image(path)`, `preprocess_image(image, size)`: hostile-input-safe loading and TRELLIS's crop.
 * `Generation` / `GeneratedSample`: what `run` returns (coords, Gaussians, mesh, occupancy mesh, timings, NFE).
 * `write_sample_files`, `write_previews`: the per-input files; `generate(cfg, images, output)`: the whole job.
-* `save_tiny_model(slot, path, cond_channels)`: random-weight tiny models of the real architectures.
+* `save_tiny_model(slot, path, cond_channels)`: random-weight tiny models of the real architectures (TRELLIS's
+  five slots and TRELLIS.2's flows `t2_ss_flow`, `t2_shape_flow`, `t2_tex_flow`).
+* TRELLIS.2 (docs/trellis2.md): `Trellis2GenerateConfig` (presets `generate_trellis2*.yaml`, `family: trellis2`),
+  `Trellis2ImageTo3D` (image -> SS latent -> occupancy -> shape latent -> texture latent; the latents are not
+  decoded: TRELLIS.2's VAEs need CUDA-only extensions), `generate_trellis2(cfg, images, output)`.
 """
 from __future__ import annotations
 
