@@ -93,7 +93,8 @@ def build_config(args: argparse.Namespace):
             ov.append((key, value))
     if args.cfg is not None:
         ov += [("ss.cfg_strength", args.cfg[0]), ("slat.cfg_strength", args.cfg[-1])]
-    cfg = load_config(Trellis2GenerateConfig if trellis2 else GenerateConfig, args.preset, list(args.overrides) + ov, prefix="generate_")
+    cfg = load_config(Trellis2GenerateConfig if trellis2 else GenerateConfig, args.preset,
+                      list(args.overrides) + ov, prefix="generate_")
     cfg.validate()
     return cfg
 

@@ -922,7 +922,7 @@ class Trellis2Models:
     directory or id). With `tiny_models` set, a slot whose checkpoint does not exist gets a random-weight tiny
     model of the real architecture, written once under that directory."""
 
-    pipeline: str | None = None         # a TRELLIS.2 repository (HF id or directory): normalisation from its pipeline.json
+    pipeline: str | None = None         # TRELLIS.2 repository (HF id or directory): latent normalisation source
     dinov3: str | None = None
     ss_flow: str | None = None
     ss_decoder: str | None = None       # TRELLIS's SS decoder (TRELLIS.2 reuses TRELLIS's SS VAE)

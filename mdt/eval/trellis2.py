@@ -15,6 +15,7 @@ warm (median of `repeats` after `warmup` calls) for the whole batch.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from dataclasses import dataclass, replace
 
 import torch
@@ -88,7 +89,7 @@ def evaluate_latent_stage(teacher, student, cond: Tensor, coords: list[Tensor], 
     for spec in specs:
         if nets.get(spec.model) is None:
             continue
-        run = lambda: sample_latent(nets[spec.model], spec, noise, cond, released, concat_cond)  # noqa: E731
+        run = partial(sample_latent, nets[spec.model], spec, noise, cond, released, concat_cond)
         x = run().feats
         lat = warm_latency(run, repeats=repeats, warmup=warmup)
         rows.append({"sampler": spec.label, "kind": spec.model, "steps": spec.steps,
