@@ -92,3 +92,49 @@ def test_texture_stage_uses_the_shape_latent(flows):
         assert (a - b).abs().max() > 1e-3
     rows = evaluate_latent_stage(tex, tex, cond, coords, [0, 1], released, concat_cond=shape, repeats=1, warmup=0)
     assert rows[0]["mse"] == 0.0 and all(np.isfinite(r["mse"]) for r in rows)
+
+
+def test_ss_stage_nfe_of_the_job_matches_trellis2_accounting():
+    """The evaluation job counts a teacher's NFE with TRELLIS's rule on its TRELLIS-convention weight w; for a
+    TRELLIS.2 teacher at w' = 1 + w that is TRELLIS.2's count, interval included (the preset's SS settings)."""
+    from mdt.flow import count_nfe, count_nfe_trellis2, trellis2_strength
+
+    for steps in (12, 4, 2, 1):
+        assert count_nfe(steps, 6.5, (0.6, 1.0), 5.0) == count_nfe_trellis2(steps, trellis2_strength(6.5),
+                                                                            (0.6, 1.0), 5.0)
+    assert count_nfe_trellis2(12, 7.5, (0.6, 1.0), 5.0) == 22
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_evaluation_job_table_for_a_trellis2_ss_student(ray_connected, tmp_path):
+    """`jobs/evaluate.py --preset trellis2-ci` as shipped on tiny TRELLIS.2 SS flows (teacher, student), a tiny
+    DINOv3 and TRELLIS's SS decoder: every sampler's row, TRELLIS.2 NFE accounting, the reference against itself."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _distill_helpers import write_tiny_shards
+    from mdt.generate import save_tiny_model
+
+    root = Path(__file__).resolve().parents[1]
+    data = write_tiny_shards(tmp_path / "pre", n=4, image_size=64)
+    teacher = save_tiny_model("t2_ss_flow", tmp_path / "models" / "teacher", cond_channels=32, seed=1)
+    student = save_tiny_model("t2_ss_flow", tmp_path / "models" / "student", cond_channels=32, seed=2)
+    decoder = save_tiny_model("ss_decoder", tmp_path / "models" / "ss_decoder", seed=3)
+    env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "RAY_ADDRESS": ray_connected.address}
+    r = subprocess.run([sys.executable, str(root / "jobs" / "evaluate.py"), "--preset", "trellis2-ci", "--data",
+                        str(data), "--teacher", teacher, "--student", student, "--decoder", decoder, "--output",
+                        str(tmp_path / "eval")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "eval" / "evaluate-trellis2-ci" / "results.json").read_text())
+    nfe = {row["sampler"]: row["nfe"] for row in res["rows"]}
+    assert nfe == {"teacher 12-step": 22, "teacher 1-step": 2, "student 1-step": 1, "student 2-step": 2}
+    ref = res["rows"][0]
+    assert ref["mse_ref"] == 0.0 and ref["iou_ref"] == 1.0
+    assert all(row["mse_ref"] > 0 for row in res["rows"][1:])
+    table = (tmp_path / "eval" / "evaluate-trellis2-ci" / "table.md").read_text()
+    assert "| student 1-step |" in table and "| teacher 12-step | 22 |" in table
