@@ -138,3 +138,31 @@ def test_evaluation_job_table_for_a_trellis2_ss_student(ray_connected, tmp_path)
     assert all(row["mse_ref"] > 0 for row in res["rows"][1:])
     table = (tmp_path / "eval" / "evaluate-trellis2-ci" / "table.md").read_text()
     assert "| student 1-step |" in table and "| teacher 12-step | 22 |" in table
+
+
+def test_the_jobs_chain_samples_a_trellis2_teacher_with_its_guidance_and_rescale(flows, tmp_path):
+    """SamplingChain.sample on a TRELLIS.2 SS teacher = TRELLIS.2's sampler at w' = 1 + w with the configured
+    guidance rescale, which differs from TRELLIS's CFG (no rescale) on the same noise."""
+    from types import SimpleNamespace
+
+    from mdt.eval.chain import SamplingChain
+    from mdt.flow import FlowEulerGuidanceIntervalSampler, FlowEulerSampler
+    from mdt.generate import save_tiny_model
+    from mdt.models import from_pretrained
+    from pipelines.evaluate import EvalSamplingConfig, SamplerSpec
+
+    net = from_pretrained(save_tiny_model("t2_ss_flow", tmp_path / "ss", cond_channels=16, seed=4)).eval()
+    chain = SamplingChain.__new__(SamplingChain)
+    sampling = EvalSamplingConfig(teacher_cfg=6.5, teacher_cfg_interval=[0.6, 1.0], teacher_rescale_t=5.0,
+                                  teacher_guidance_rescale=0.7)
+    chain.cfg, chain.nets = SimpleNamespace(sampling=sampling), {"teacher": net}
+    g = torch.Generator().manual_seed(0)
+    noise, cond = torch.randn(2, 8, 16, 16, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    got = chain.sample(SamplerSpec("teacher", 3), noise, cond)
+    want = FlowEulerGuidanceIntervalSampler().sample(net, noise, cond, torch.zeros_like(cond), steps=3,
+                                                     rescale_t=5.0, guidance_strength=7.5, guidance_rescale=0.7,
+                                                     guidance_interval=(0.6, 1.0))
+    torch.testing.assert_close(got, want)
+    trellis = FlowEulerSampler().sample(net, noise, cond, torch.zeros_like(cond), steps=3, rescale_t=5.0,
+                                        cfg_strength=6.5, cfg_interval=(0.6, 1.0))
+    assert (got - trellis).abs().max() > 1e-3
