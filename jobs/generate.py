@@ -4,7 +4,9 @@
     python jobs/generate.py --preset trellis --image a.png b.png --output out --ss-model runs/x/ss_flow_student \\
         --ss-steps 1 --slat-steps 25 --cfg 3.0 5.0 --num-samples 4
 
-Per input `<output>/<name>/`: gaussians.ply (3DGS layout), mesh.glb (FlexiCubes, vertex colours), preview.png,
+TRELLIS.2 (`--preset trellis2 | trellis2-demo`): latents.npz (voxel coords + shape/texture latents, not decoded:
+TRELLIS.2's VAEs need CUDA-only extensions), occupancy.glb and timings.json per input.
+Per input `<output>/<name>/` (TRELLIS): gaussians.ply (3DGS layout), mesh.glb (FlexiCubes, vertex colours), preview.png,
 viewer.html (interactive, offline), timings.json (per stage, warm); occupancy.glb with the demo preset.
 Exit status: 0 when every input produced assets; 1 when some or all inputs failed (each with its reason);
 2 for bad arguments (nothing is built).
@@ -36,7 +38,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", required=True, help="demo | trellis | path to a YAML file")
+    p.add_argument("--preset", required=True, help="demo | trellis | trellis2-demo | trellis2 | path to a YAML file")
     p.add_argument("--image", nargs="+", required=True, metavar="PATH", help="input image(s), RGBA or RGB")
     p.add_argument("--output", required=True, metavar="DIR", help="output directory")
     p.add_argument("--ss-model", metavar="CKPT", help="SS flow checkpoint (<dir>/<stem> or <owner>/<repo>/<stem>)")
@@ -53,9 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from mdt.generate import GenerateConfig, check_checkpoint_arg, check_image
+    from mdt.config import load_preset
+    from mdt.generate import GenerateConfig, Trellis2GenerateConfig, check_checkpoint_arg, check_image
     from pipelines.cluster import created_model_path, durable_output
 
+    trellis2 = load_preset(args.preset, prefix="generate_").get("family") == "trellis2"
+    if trellis2 and (args.slat_model or args.slat_steps or args.cfg):
+        raise ArgError("a TRELLIS.2 preset has shape and texture stages: set them with --set (models.shape_flow=, "
+                       "shape.steps=, shape.guidance_strength=, ...) instead of --slat-model/--slat-steps/--cfg")
     for path in args.image:  # before any model loads: every input an image (header only), a note for RGB
         try:
             note = check_image(path)
@@ -82,7 +89,8 @@ def build_config(args: argparse.Namespace):
             ov.append((key, value))
     if args.cfg is not None:
         ov += [("ss.cfg_strength", args.cfg[0]), ("slat.cfg_strength", args.cfg[-1])]
-    cfg = load_config(GenerateConfig, args.preset, list(args.overrides) + ov, prefix="generate_")
+    cfg = load_config(Trellis2GenerateConfig if trellis2 else GenerateConfig, args.preset,
+                      list(args.overrides) + ov, prefix="generate_")
     cfg.validate()
     durable_output(cfg.output, "--output")  # under `ray job submit --working-dir` the cwd is a temporary copy
     cfg.models.tiny_models = created_model_path(cfg.models.tiny_models, cfg.output)
@@ -98,10 +106,11 @@ def main(argv=None) -> int:
     except (ArgError, ConfigError, ValueError) as e:
         print(f"argument error: {e}", file=sys.stderr)
         return 2
-    from mdt.generate import generate
+    from mdt.generate import Trellis2GenerateConfig, generate, generate_trellis2
 
     try:
-        summary = generate(cfg, args.image, cfg.output)
+        run = generate_trellis2 if isinstance(cfg, Trellis2GenerateConfig) else generate
+        summary = run(cfg, args.image, cfg.output)
     except Exception as e:  # models missing, incompatible, unreadable: one line, non-zero
         logging.getLogger("generate").debug("generation could not run", exc_info=True)
         print(f"generation could not run: {type(e).__name__}: {e}", file=sys.stderr)

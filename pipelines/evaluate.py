@@ -144,6 +144,7 @@ class EvalSamplingConfig:
     teacher_cfg: float = 0.0            # classifier-free guidance (TRELLIS convention), teacher
     teacher_cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     teacher_rescale_t: float = 1.0
+    teacher_guidance_rescale: float = 0.0   # TRELLIS.2 teachers: guidance rescale (TRELLIS has none)
     student_cfg: float = 0.0
     slat_teacher_cfg: float | None = None   # SLat stage (interval and rescale_t shared); None: as the SS stage
     slat_student_cfg: float | None = None

@@ -76,6 +76,14 @@ class SamplingChain:
         s = self.cfg.sampling
         kind, steps = (spec.model, spec.steps) if stage == "ss" else (spec.slat_kind, spec.slat_step_count)
         net = (self.nets if stage == "ss" else self.slat_nets)[kind]
+        if kind == "teacher" and getattr(net, "GUIDANCE_FORM", "") == "trellis2":
+            # TRELLIS.2 teacher: its guidance form (w' = 1 + w of the TRELLIS-convention weight) and rescale
+            from mdt.flow import FlowEulerGuidanceIntervalSampler, trellis2_strength
+
+            return FlowEulerGuidanceIntervalSampler().sample(
+                net, noise, cond, torch.zeros_like(cond), steps=steps, rescale_t=s.teacher_rescale_t,
+                guidance_strength=trellis2_strength(s.cfg_strength(kind, stage)),
+                guidance_rescale=s.teacher_guidance_rescale, guidance_interval=tuple(s.teacher_cfg_interval))
         if kind == "teacher":
             return FlowEulerSampler().sample(net, noise, cond, torch.zeros_like(cond), steps=steps,
                                              rescale_t=s.teacher_rescale_t, cfg_strength=s.cfg_strength(kind, stage),
