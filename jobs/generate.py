@@ -4,12 +4,10 @@
     python jobs/generate.py --preset trellis --image a.png b.png --output out --ss-model runs/x/ss_flow_student \\
         --ss-steps 1 --slat-steps 25 --cfg 3.0 5.0 --num-samples 4
 
-TRELLIS.2 (`--preset trellis2 | trellis2-demo`): latents.npz (voxel coords + shape/texture latents, not decoded:
-TRELLIS.2's VAEs need CUDA-only extensions), occupancy.glb and timings.json per input.
-Per input `<output>/<name>/` (TRELLIS): gaussians.ply (3DGS layout), mesh.glb (FlexiCubes, vertex colours), preview.png,
-viewer.html (interactive, offline), timings.json (per stage, warm); occupancy.glb with the demo preset.
-Exit status: 0 when every input produced assets; 1 when some or all inputs failed (each with its reason);
-2 for bad arguments (nothing is built).
+Per input `<output>/<name>/`, TRELLIS: gaussians.ply, mesh.glb (FlexiCubes), preview.png, viewer.html (offline),
+timings.json (per stage, warm), occupancy.glb with the demo preset; TRELLIS.2 (`--preset trellis2 | trellis2-demo`):
+latents.npz (coords + shape/texture latents, not decoded: its VAEs need CUDA), occupancy.glb, timings.json.
+Exit status: 0 when every input produced assets; 1 when any failed (each with its reason); 2: bad arguments.
 """
 from __future__ import annotations
 
@@ -60,9 +58,8 @@ def build_config(args: argparse.Namespace):
     from pipelines.cluster import created_model_path, durable_output
 
     trellis2 = load_preset(args.preset, prefix="generate_").get("family") == "trellis2"
-    if trellis2 and (args.slat_model or args.slat_steps or args.cfg):
-        raise ArgError("a TRELLIS.2 preset has shape and texture stages: set them with --set (models.shape_flow=, "
-                       "shape.steps=, shape.guidance_strength=, ...) instead of --slat-model/--slat-steps/--cfg")
+    if trellis2 and (args.slat_model or args.slat_steps or args.cfg):  # its stages are set with --set shape.…
+        raise ArgError("--slat-model/--slat-steps/--cfg: a TRELLIS.2 preset takes --set models.shape_flow=, …")
     for path in args.image:  # before any model loads: every input an image (header only), a note for RGB
         try:
             note = check_image(path)
