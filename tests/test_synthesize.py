@@ -1,0 +1,228 @@
+"""Data-free distillation: `jobs/synthesize.py` (condition images -> teacher-generated shards) and how the
+distillation job reads them (provenance in MLflow, the teacher-mismatch refusal)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _distill_helpers import perturbed_teacher
+from _pipeline_helpers import PROJECT_ROOT, shared_ray_head
+
+SYNTH = PROJECT_ROOT / "jobs" / "synthesize.py"
+DISTILL = PROJECT_ROOT / "jobs" / "distill.py"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_images(d: Path) -> dict[str, bytes]:
+    """An object on transparent background, an RGB photo (no alpha), a fully transparent image, a corrupt file."""
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    a = np.zeros((64, 64, 4), np.uint8)
+    a[16:48, 20:44] = (200, 60, 30, 255)
+    Image.fromarray(a, "RGBA").save(d / "object.png")
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb, "RGB").save(d / "photo.jpg")
+    Image.fromarray(np.zeros((32, 32, 4), np.uint8), "RGBA").save(d / "transparent.png")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 4)
+    return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+# ------------------------------------------------------------------------------------------- argument errors
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--source", "synthetic:4"], "synthesize reads images"),
+    (["--source", "local:/no/such/folder"], "no such folder"),
+    (["--set", "synthesize.samples_per_image=0"], "samples_per_image"),
+    (["--teacher", "/no/such/teacher"], "no /no/such/teacher.safetensors"),
+])
+def test_argument_errors_exit_2_before_ray(tmp_path, extra, needle, capsys):
+    """Bad arguments: exit 2 with one line, before Ray starts or any model loads."""
+    import ray
+
+    from jobs import synthesize as job
+
+    (tmp_path / "imgs").mkdir()
+    teacher = perturbed_teacher(tmp_path / "t" / "ss_flow")
+    args = ["--source", str(tmp_path / "imgs"), "--teacher", teacher, "--output", str(tmp_path / "out")]
+    args = [f"local:{a}" if a == str(tmp_path / "imgs") else a for a in args]
+    # later flags of the same name replace earlier ones (sources: extra sources are appended, so drop ours)
+    if extra[0] == "--source":
+        args = args[2:]
+    if extra[0] == "--teacher":
+        args = args[:2] + args[4:]
+    rc = job.main(args + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------------------------------------- the whole path
+
+
+def _wait_quiet(ledger_dir: Path, seconds: float = 4.0) -> None:
+    last, quiet_since = None, time.time()
+    while time.time() - quiet_since < seconds:
+        now = sorted(x.name for x in ledger_dir.glob("*/*.parquet"))
+        if now != last:
+            last, quiet_since = now, time.time()
+        time.sleep(0.3)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_images_to_shards_to_distillation(tmp_path):
+    """The `ci` preset through the CLI on a folder with a corrupt file, an RGB image and a transparent image:
+    killed mid-run and rerun (nothing lost, nothing duplicated), provenance columns, failures with reasons, and
+    `jobs/distill.py --preset ci` trains on the result and records its origin in MLflow."""
+    from pipelines.ledger import Ledger
+    from pipelines.shards import load_table
+
+    images = write_images(tmp_path / "imgs")
+    teacher = perturbed_teacher(tmp_path / "teacher" / "ss_flow")
+    teacher_sha = sha(Path(teacher + ".safetensors").read_bytes())
+    out = tmp_path / "out"
+    head = shared_ray_head()
+    cmd = [sys.executable, str(SYNTH), "--preset", "ci", "--source", f"local:{tmp_path / 'imgs'}",
+           "--teacher", teacher, "--output", str(out), "--set", f"ray.address={head.address}"]
+    k = 2  # samples_per_image of the ci preset
+    # run 1, killed (SIGKILL, whole process group) once the first batch is committed
+    log1 = open(tmp_path / "run1.log", "w")
+    p = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 300 and not list((out / "ledger").glob("*/batch-*.parquet")):
+            assert p.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        log1.close()
+    _wait_quiet(out / "ledger")
+    chash = next((out / "ledger").iterdir()).name
+    first = Ledger(str(out), chash).state()
+    assert 0 < first.done_count < 2 * k, "the job was not killed mid-run"
+
+    # run 2: resumes
+    r = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 image(s) without alpha" in r.stdout
+    t = load_table(str(out)).to_pylist()
+    done_ids = sorted(x["file_identifier"] for x in t)
+    assert done_ids == [f"{n}#{i}" for n in ("object.png", "photo.jpg") for i in range(k)]  # no duplicate
+    for row in t:
+        name = row["file_identifier"].split("#")[0]
+        assert row["source_sha256"] == sha(images[name])
+        assert row["teacher_sha256"] == teacher_sha
+        smp = json.loads(row["sampler"])
+        assert smp["ss"]["teacher_sha256"] == teacher_sha and smp["ss"]["steps"] == 25
+        assert smp["ss"]["cfg_strength"] == 5.0 and smp["slat"]["steps"] == 25
+        assert row["num_voxels"] > 0 and len(row["cond_images"]) == 1
+    assert len({row["seed"] for row in t}) == len(t) and len({row["sha256"] for row in t}) == len(t)
+    st = Ledger(str(out), chash).state()
+    reasons = {key.split("\x1f")[1].split("#")[0]: why for key, why in st.failed_reason.items()}
+    assert set(reasons) == {"corrupt.png", "transparent.png"}
+    assert "blank condition" in reasons["transparent.png"]
+    assert "Error" in reasons["corrupt.png"]  # the decoder's own reason
+    rep = [json.loads(x.read_text()) for x in sorted((out / "runs").glob("*/synthesize.json"))][-1]
+    assert rep["images_without_alpha_used_whole"] == 1 and rep["teacher_sha256"] == teacher_sha
+
+    # distillation trains on the shards as they are, and says where its data came from
+    d = subprocess.run([sys.executable, str(DISTILL), "--preset", "ci", "--data", str(out), "--teacher", teacher,
+                        "--output", str(tmp_path / "distill")],
+                       env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-3000:]
+    res = json.loads(d.stdout[d.stdout.index("{\n"):d.stdout.index("\n}") + 2])
+    assert res["export"] and res["error"] is None
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(res["tracking_uri"]).get_run(res["mlflow_run_id"]).data.tags
+    assert tags["data_origin"] == "teacher-generated"
+    assert tags["data_ss_teacher_sha256"] == teacher_sha
+
+
+# ------------------------------------------------------------------------------------------- teacher mismatch
+
+
+def write_generated_shards(out: Path, teacher_sha: str | None) -> None:
+    """Two rows through the real shard writer and manifest, with (or without) the provenance columns."""
+    import io
+
+    from PIL import Image
+
+    from mdt.config import load_config
+    from pipelines import shards
+    from pipelines.config import config_hash
+    from pipelines.rows import pack_array
+    from pipelines.synthesize import SynthesizeConfig
+
+    cfg = load_config(SynthesizeConfig, "ci", [f"output={out}"], prefix="synthesize_")
+    chash = config_hash(cfg)
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8), "RGB").save(buf, format="PNG")
+    rows = []
+    for i in range(2):
+        rows.append({"sha256": f"{i:064x}", "source": "local", "file_identifier": f"img{i}.png#0", "uri": f"u{i}",
+                     "license": None, "aesthetic_score": None, "provenance": "{}", "error": None, "timings": "{}",
+                     "ss_latent": pack_array(rng.standard_normal((8, 16, 16, 16)).astype(np.float32)),
+                     "slat_coords": pack_array(np.array([[1, 2, 3], [4, 5, 6]])),
+                     "slat_feats": pack_array(rng.standard_normal((2, 8)).astype(np.float32)),
+                     "cond_images": [buf.getvalue()],
+                     **({"teacher_sha256": teacher_sha, "seed": i, "source_sha256": f"{i:064x}",
+                         "sampler": json.dumps({"slat": {"teacher_sha256": "f" * 64}})} if teacher_sha else {})})
+    shards.ShardWriter(cfg, "test", chash).write_rows(rows)
+    shards.write_manifest(cfg, chash, "test")
+
+
+def test_teacher_mismatch_refused(tmp_path, capsys):
+    """Shards generated by teacher A: distilling with A passes the check, with B exits 2 in one line (before
+    Ray), with B and data.allow_teacher_mismatch passes; data-driven shards are never refused."""
+    import ray
+
+    from jobs import distill as job
+    from pipelines import distill
+    from pipelines.synthesize import data_teachers
+
+    a = perturbed_teacher(tmp_path / "a" / "ss_flow", seed=1)
+    b = perturbed_teacher(tmp_path / "b" / "ss_flow", seed=2)
+    a_sha = sha(Path(a + ".safetensors").read_bytes())
+    gen, data = tmp_path / "gen", tmp_path / "data"
+    write_generated_shards(gen, a_sha)
+    write_generated_shards(data, None)
+    assert data_teachers(str(gen)) == {"origin": "teacher-generated", "ss": [a_sha], "slat": ["f" * 64]}
+    assert data_teachers(str(data))["origin"] == "data-driven"
+
+    def cfg(data_dir, teacher, *extra):
+        return job.build_config(job.parse_args(["--preset", "ci", "--data", str(data_dir), "--teacher", teacher,
+                                                "--output", str(tmp_path / "o"), *extra]))
+
+    distill.prepare(cfg(gen, a))
+    distill.prepare(cfg(data, b))
+    distill.prepare(cfg(gen, b, "--set", "data.allow_teacher_mismatch=true"))
+    with pytest.raises(distill.ArgumentError, match="data.allow_teacher_mismatch"):
+        distill.prepare(cfg(gen, b))
+    capsys.readouterr()
+    rc = job.main(["--preset", "ci", "--data", str(gen), "--teacher", b, "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "generated by the ss teacher" in err[0], err
+    assert not ray.is_initialized()
