@@ -229,7 +229,8 @@ def check_data_teacher(cfg) -> dict:
     from pipelines.synthesize import check_teacher, data_teachers
 
     data = data_teachers(cfg.data.uri, training_data.storage_config(cfg))
-    reason = check_teacher(cfg.stage, cfg.model.teacher, data)
+    # With teacher_data the run samples its own x0 from its teacher: only coordinates and conditions are read.
+    reason = None if cfg.teacher_data.enabled else check_teacher(cfg.stage, cfg.model.teacher, data)
     if reason and not cfg.data.allow_teacher_mismatch:
         raise ArgumentError(reason)
     if reason:

@@ -42,7 +42,9 @@ def write_images(d: Path) -> dict[str, bytes]:
 
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-            "MLFLOW_DISABLE_TELEMETRY": "true"}
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            # a raylet on a busy shared 2-core machine can take longer than Ray's default wait to register
+            "RAY_raylet_start_wait_time_s": os.environ.get("RAY_raylet_start_wait_time_s", "180")}
 
 
 # ------------------------------------------------------------------------------------------- argument errors
@@ -326,3 +328,24 @@ def test_readme_data_free_ci_commands_run_as_printed(tmp_path):
     t = load_table(str(tmp_path / "outputs" / "synthesize-ci"))
     assert t.num_rows == 2 and set(t["file_identifier"].to_pylist()) == {"mug.png#0", "mug.png#1"}
     assert (tmp_path / "outputs" / "distill-ci" / "ss-mdt-data-free" / "export").is_dir()
+
+
+def test_shards_source_lists_each_asset_and_reads_its_stored_condition_image(tmp_path):
+    """`shards:<dir>`: one image per committed asset (K rows each), read back as the stored PNG bytes."""
+    from types import SimpleNamespace
+
+    from mdt.config import load_config
+    from pipelines import synthesize as S
+    from pipelines.shards import load_table
+
+    write_generated_shards(tmp_path / "pre", None)
+    cfg = load_config(S.SynthesizeConfig, "ci", [f"output={tmp_path / 'out'}",
+                                                 f"sources.specs=[shards:{tmp_path / 'pre'}]"], prefix="synthesize_")
+    rows, stats = S.list_image_rows(cfg)
+    k = cfg.synthesize.samples_per_image
+    assert stats["images"] == 2 and len(rows) == 2 * k
+    stored = {r["sha256"]: r["cond_images"][0] for r in load_table(str(tmp_path / "pre")).to_pylist()}
+    fake = SimpleNamespace(s=cfg.synthesize, cfg=cfg)
+    for r in rows:
+        sha256 = r["file_identifier"].split("#")[0]
+        assert S.Synthesize.read_image_bytes(fake, r["uri"]) == stored[sha256]
