@@ -153,7 +153,7 @@ def test_images_to_shards_to_distillation(tmp_path):
                        env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-3000:]
     res = json.loads(d.stdout[d.stdout.index("{\n"):d.stdout.index("\n}") + 2])
-    assert res["export"] and res["error"] is None
+    assert res["export_dir"] and res["error"] is None
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient(res["tracking_uri"]).get_run(res["mlflow_run_id"]).data.tags
