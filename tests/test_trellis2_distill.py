@@ -85,12 +85,15 @@ def test_texture_batch_binds_shape_latent_in_every_call(tmp_path):
     student = from_pretrained(str(tmp_path / "tex"))
     coords = torch.tensor([[0, 1, 2, 3], [0, 4, 4, 4], [0, 5, 1, 0], [1, 2, 2, 2], [1, 3, 3, 1]], dtype=torch.int32)
     shard = SparseTensor(torch.zeros(5, 8), coords)
-    tcfg = TeacherDataConfig(enabled=True, sampler=TeacherSamplerConfig(steps=2, guidance_strength=1.0),
+    tcfg = TeacherDataConfig(enabled=True, resolution=64, sampler=TeacherSamplerConfig(steps=2, guidance_strength=1.0),
                              shape_sampler=TeacherSamplerConfig(steps=2))
     cond = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
     batch = teacher_batch({"x0": shard, "cond": cond}, tex, tcfg, torch.Generator().manual_seed(2), shape)
     assert torch.equal(batch["x0"].coords, coords) and torch.equal(batch["concat_cond"].coords, coords)
     assert batch["x0"].feats.shape == (5, SHAPE_CHANNELS) and batch["concat_cond"].feats.abs().sum() > 0
+    pooled = teacher_batch({"x0": shard, "cond": cond}, tex, TeacherDataConfig(enabled=True, resolution=16,
+                           sampler=TeacherSamplerConfig(steps=1)), torch.Generator(), shape)["x0"]
+    assert pooled.coords.tolist() == [[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 0]]  # 64³ // 4
     cfg = MDTConfig(w_vm=2.0, w_vd=3.0)
 
     def loss(concat):
@@ -120,7 +123,7 @@ STAGES = {
     "ss": lambda tmp: ["--teacher", tiny_trellis2(tmp / "ss", "SparseStructureFlowModel", 0, resolution=16,
                                                   in_channels=8, out_channels=8)],
     "shape": lambda tmp: ["--teacher", shape_teacher(tmp)],
-    "tex": lambda tmp: ["--teacher", tex_teacher(tmp), "--shape-teacher", str(tmp / "shape")],
+    "tex": lambda tmp: ["--teacher", tex_teacher(tmp), "--shape-teacher", shape_teacher(tmp)],
 }
 
 
@@ -145,3 +148,23 @@ def test_trellis2_ci_preset_distils_each_stage(stage, shards, tmp_path):
     student = from_pretrained(exported)
     assert type(student).__name__.startswith("Trellis2")
     assert res["metrics"]["loss"] == res["metrics"]["loss"]  # finite, not NaN
+
+
+def test_gpu_presets_name_the_released_flows():
+    """The GPU presets load and validate; their teachers are released TRELLIS.2 flows (stems of the manifest of
+    the five released layouts), the conditioner is DINOv3 at 512 px and the student is sharded."""
+    from conftest import shared_path
+    from mdt.config import load_config
+    from mdt.training.config import DistillConfig
+
+    released = set(json.loads(shared_path("reference", "trellis2-flow-state-dict-shapes.json").read_text()))
+    for preset, stage in (("trellis2-ss", "ss"), ("trellis2-shape", "slat"), ("trellis2-tex", "slat")):
+        cfg = load_config(DistillConfig, preset, [("data.uri", "s3://bucket/shards")], prefix="distill_").validate()
+        assert cfg.stage == stage and cfg.train.fsdp and cfg.condition.image_size == 512
+        assert cfg.condition.model == "facebook/dinov3-vitl16-pretrain-lvd1689m"
+        for path in filter(None, (cfg.model.teacher, cfg.model.shape_teacher)):
+            assert path.startswith("microsoft/TRELLIS.2-4B/ckpts/") and path.rsplit("/", 1)[1] in released
+        assert cfg.teacher_data.enabled == (stage == "slat")
+    tex = load_config(DistillConfig, "trellis2-tex", [("data.uri", "x")], prefix="distill_")
+    assert (tex.teacher_data.sampler.guidance_strength, tex.teacher_data.sampler.guidance_interval) == (1.0, [0.6, 0.9])
+    assert tex.model.shape_teacher.endswith("img2shape_dit_1_3B_512_bf16")

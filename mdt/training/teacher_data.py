@@ -26,13 +26,30 @@ def sample_latent(model: nn.Module, coords_like: SparseTensor, cond: torch.Tenso
         guidance_rescale=scfg.guidance_rescale, guidance_interval=tuple(scfg.guidance_interval), **model_kwargs)
 
 
+SHARD_RESOLUTION = 64   # the shards' SLat coordinates (TRELLIS's 64³ grid)
+
+
+def coarsen(x: SparseTensor, resolution: int, source_resolution: int = SHARD_RESOLUTION) -> SparseTensor:
+    """x's occupied voxels max-pooled to a resolution³ grid (TRELLIS.2's 512 pipeline pools its 64³ occupancy to
+    32³): coords // (source / resolution), duplicates merged; rows stay grouped by sample in ascending order."""
+    if resolution == source_resolution:
+        return x
+    if resolution <= 0 or source_resolution % resolution:
+        raise ValueError(f"teacher_data.resolution must divide {source_resolution}, got {resolution}")
+    c = x.coords.clone()
+    c[:, 1:] //= source_resolution // resolution
+    c = torch.unique(c, dim=0)                       # lexicographic: batch index first
+    return SparseTensor(x.feats.new_zeros((c.shape[0], 0)), c, batch_size=x.batch_size)
+
+
 def teacher_batch(batch: dict[str, Any], teacher: nn.Module, tcfg, generator: torch.Generator,
                   shape_teacher: nn.Module | None = None) -> dict[str, Any]:
-    """{"x0": shard latent (its coordinates are used), "cond"} -> {"x0": teacher sample, "cond",
-    "concat_cond"?: shape-teacher sample} on the same coordinates."""
+    """{"x0": shard latent (its coordinates are used, pooled to `tcfg.resolution`), "cond"} -> {"x0": teacher
+    sample, "cond", "concat_cond"?: shape-teacher sample} on those coordinates."""
     x = batch["x0"]
     if not isinstance(x, SparseTensor):
         raise ValueError("teacher-generated latents need sparse batches (stage 'slat')")
+    x = coarsen(x, tcfg.resolution)
     out = dict(batch)
     kwargs = {}
     with torch.no_grad():
