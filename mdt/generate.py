@@ -386,11 +386,27 @@ def load_image(path: str | os.PathLike):
     if size > MAX_IMAGE_BYTES:
         raise ValueError(f"{path.name}: {size} bytes is larger than the {MAX_IMAGE_BYTES} accepted")
     with Image.open(path) as im:
-        w, h = im.size
-        if w * h > MAX_IMAGE_PIXELS:
-            raise ValueError(f"{path.name}: {w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} accepted")
-        im.load()
-        return to_pil(im.copy())
+        return _checked_pil(im, path.name)
+
+
+def load_image_bytes(data: bytes, name: str = "image"):
+    """`load_image` for bytes already read (under the same byte cap): the pixel cap, then decode."""
+    import io
+
+    from PIL import Image
+
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"{name}: {len(data)} bytes is larger than the {MAX_IMAGE_BYTES} accepted")
+    with Image.open(io.BytesIO(bytes(data))) as im:
+        return _checked_pil(im, name)
+
+
+def _checked_pil(im, name: str):
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:  # checked on the header, before any pixel is decoded
+        raise ValueError(f"{name}: {w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} accepted")
+    im.load()
+    return to_pil(im.copy())
 
 
 def check_image(path: str | os.PathLike) -> str | None:

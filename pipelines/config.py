@@ -242,7 +242,8 @@ OUTPUT_SECTIONS = ("render", "cond", "voxelize", "features", "encode")
 def config_hash(cfg: PreprocessConfig) -> str:
     """Short hash of the output-affecting settings: the ledger's resume key."""
     d = asdict(cfg)
-    payload = {k: d[k] for k in OUTPUT_SECTIONS}
+    # A job built on this config (pipelines.synthesize) names its own output-affecting sections.
+    payload = {k: d[k] for k in (*OUTPUT_SECTIONS, *getattr(cfg, "extra_output_sections", ()))}
     payload["stages"] = list(cfg.stages)
     payload["schema_version"] = SCHEMA_VERSION
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

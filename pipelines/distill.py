@@ -107,6 +107,7 @@ def prepare(cfg):
     except (OSError, ValueError) as e:
         raise ArgumentError(str(e).splitlines()[0]) from None
     _check_checkpoint(cfg.model.teacher, "--teacher")
+    check_data_teacher(cfg)
     _check_checkpoint(cfg.model.student, "--student")
     _check_checkpoint(cfg.model.shape_teacher, "--shape-teacher")
     check_resume(cfg, run_dir(cfg))
@@ -214,6 +215,21 @@ def check_cluster(cfg, need: dict[str, float] | None = None) -> None:
 # ------------------------------------------------------------------------------------------------ run
 
 
+def check_data_teacher(cfg) -> dict:
+    """Teacher-generated shards (jobs/synthesize.py) must come from the run's teacher unless
+    `data.allow_teacher_mismatch`; returns the data's provenance (pipelines.synthesize.data_teachers)."""
+    from pipelines.synthesize import check_teacher, data_teachers
+
+    data = data_teachers(cfg.data.uri, training_data.storage_config(cfg))
+    # With teacher_data the run samples its own x0 from its teacher: only coordinates and conditions are read.
+    reason = None if cfg.teacher_data.enabled else check_teacher(cfg.stage, cfg.model.teacher, data)
+    if reason and not cfg.data.allow_teacher_mismatch:
+        raise ArgumentError(reason)
+    if reason:
+        log.warning("distilling anyway (data.allow_teacher_mismatch): %s", reason)
+    return data
+
+
 def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
     """Train to `train.max_steps` (resuming when the run exists). `prepare(cfg)` first unless already done.
     `hooks`: callables run by every worker after every step (`pipelines.distill_worker`)."""
@@ -242,7 +258,10 @@ def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
     snapshot_rows = training_data.first_rows(cfg, cfg.snapshot.num_conditions) \
         if cfg.snapshot.num_conditions > 0 else None
     storage.write_bytes_atomic(f"{rdir}/{RUN_IDENTITY_FILE}", json.dumps(run_identity(cfg), indent=2).encode(), st)
-    tracking = start_training_run(cfg, rdir, resolved, dump_yaml(resolved), st)
+    from pipelines.synthesize import data_tags, data_teachers
+
+    tracking = start_training_run(cfg, rdir, resolved, dump_yaml(resolved), st,
+                                  tags=data_tags(data_teachers(cfg.data.uri, st)))
 
     sc = cfg.scaling
     backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")

@@ -171,14 +171,15 @@ class Plan:
     state: object
 
 
-def plan(cfg: PreprocessConfig) -> Plan:
-    """List the sources and apply the resume filter (driver only; no Ray)."""
+def plan(cfg: PreprocessConfig, lister=None) -> Plan:
+    """List the sources (``lister(cfg)``, default ``sources.list_rows``) and apply the resume filter (driver
+    only; no Ray)."""
     from pipelines.ledger import Ledger
     from pipelines.sources import list_rows
 
     run_id = new_run_id()
     chash = config_hash(cfg)
-    rows, listing = list_rows(cfg)
+    rows, listing = (lister or list_rows)(cfg)
     state = Ledger(cfg.output, chash, cfg.storage).state()
     todo, skipped_done, skipped_failed = [], 0, 0
     for r in rows:
@@ -191,7 +192,8 @@ def plan(cfg: PreprocessConfig) -> Plan:
     return Plan(run_id, chash, rows, todo, skipped_done, skipped_failed, listing, state)
 
 
-def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_every_s: float = 10.0) -> RunResult:
+def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_every_s: float = 10.0,
+        lister=None) -> RunResult:
     """Run the whole job: list, filter, resume, process, write, compact, manifest, report."""
     import ray
 
@@ -206,7 +208,7 @@ def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_eve
         from pipelines.tiny_models import apply_tiny_models
 
         apply_tiny_models(cfg)  # before planning: checkpoint paths are part of the config hash
-    p = plan(cfg)
+    p = plan(cfg, lister)
     run_id, chash, todo, state = p.run_id, p.config_hash, p.todo, p.state
     log.info("run %s, config hash %s, output %s", run_id, chash, cfg.output)
     cleanup_orphans(cfg, chash, state.shards)

@@ -55,10 +55,16 @@ SHARD_SCHEMA = pa.schema(
         _f("cond_crop", pa.binary(), "crop box (x0, y0, x1, y1), normalised coordinates of the uncropped render",
            dtype="float32", shape="V,4"),
         _f("config_hash", pa.string(), "hash of the output-affecting preprocessing config", False),
+        # Teacher-generated rows (jobs/synthesize.py); null in rows made from 3-D assets.
+        _f("teacher_sha256", pa.string(), "sha256 of the SS teacher checkpoint (.safetensors) that sampled the row"),
+        _f("sampler", pa.string(), "JSON: per stage the teacher checkpoint, its sha256 and its sampler settings"),
+        _f("seed", pa.int64(), "seed of the row's teacher sample"),
+        _f("source_sha256", pa.string(), "sha256 of the condition image file the row was sampled for"),
     ],
     metadata={"schema_version": str(SCHEMA_VERSION), "producer": "mdt-orchestrator pipelines.shards"},
 )
 SHARD_COLUMNS = SHARD_SCHEMA.names
+PROVENANCE_COLUMNS = ("teacher_sha256", "sampler", "seed", "source_sha256")
 
 
 # ------------------------------------------------------------------------------------- row conversion
@@ -116,6 +122,7 @@ def to_shard_row(row: dict, config_hash: str, required: Sequence[str] = ()) -> t
         "cond_fov": _opt_raw(row.get("cond_fov"), "<f4", (-1,)),
         "cond_crop": _opt_raw(row.get("cond_crop"), "<f4", (-1, 4)),
         "config_hash": config_hash,
+        **{k: row.get(k) for k in PROVENANCE_COLUMNS},
     }
     f64 = feats.astype(np.float64)
     stats = {"slat_mean": f64.mean(0).tolist(), "slat_sqmean": (f64**2).mean(0).tolist()}

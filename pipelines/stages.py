@@ -14,6 +14,7 @@ STAGES = {
     "features": "pipelines.features:Features",
     "encode": "pipelines.encode:Encode",
     "stand_in": "pipelines.stand_in:StandInCompute",
+    "synthesize": "pipelines.synthesize:Synthesize",
 }
 
 

@@ -118,8 +118,10 @@ def log_params(c, run_id: str, params: dict[str, str]) -> None:
         c.log_batch(run_id, params=items[i:i + 100])
 
 
-def start_training_run(cfg, run_dir: str, resolved: dict, yaml_text: str, storage_cfg=None) -> dict | None:
-    """The MLflow run of a training run -> {"tracking_uri", "run_id"} (None when MLflow is off)."""
+def start_training_run(cfg, run_dir: str, resolved: dict, yaml_text: str, storage_cfg=None,
+                       tags: dict[str, str] | None = None) -> dict | None:
+    """The MLflow run of a training run -> {"tracking_uri", "run_id"} (None when MLflow is off); `tags` are set on
+    it (e.g. where its data came from)."""
     if not cfg.mlflow.enabled:
         return None
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output)
@@ -127,6 +129,8 @@ def start_training_run(cfg, run_dir: str, resolved: dict, yaml_text: str, storag
         uri, cfg.mlflow.experiment, run_dir, cfg.mlflow.run_name or cfg.name,
         tags={"objective": cfg.objective.name, "stage": cfg.stage, "job": "jobs/distill.py"}, storage_cfg=storage_cfg)
     c = client(uri)
+    for k, v in (tags or {}).items():
+        c.set_tag(run_id, k, v)
     log_params(c, run_id, run_params(resolved))
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / ("resolved.yaml" if not resumed else f"resolved-resume-{int(time.time())}.yaml")

@@ -31,6 +31,7 @@ class DataConfig:
     prefetch_batches: int = 1
     storage_s3_endpoint_url: str | None = None  # S3 endpoint of s3:// shards and outputs (else $AWS_ENDPOINT_URL)
     skip_on_resume: bool = True         # re-read and drop the batches of the interrupted epoch already consumed
+    allow_teacher_mismatch: bool = False  # distil from teacher-generated shards of another teacher (jobs/synthesize.py)
 
 
 @dataclass
