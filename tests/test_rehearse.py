@@ -118,3 +118,41 @@ def test_tiny_rehearsal_end_to_end(tmp_path):
     assert set(json.loads((tmp_path / "distill" / "export_check.json").read_text()))
     assert "student 1-step" in report["stages"][-1]["boundary"]["samplers"]
     assert (tmp_path / "report.md").read_text().count("| yes |") == 7
+
+
+def _readme_commands() -> list[str]:
+    from infra.doc_commands import commands
+
+    text = (PROJECT_ROOT / "README.md").read_text()
+    return [c.text.split(" #")[0].strip() for c in commands(text)
+            if c.section == "Memory at full size, the rehearsal, the GPU check"]
+
+
+def test_readme_commands_are_the_tested_entry_points():
+    """The section's commands: `make rehearse` / `make gpu-check` run the modules the tests above and
+    tests/test_gpu_check.py drive; estimate.py runs verbatim here, mdt.bench.activations in the slow test below."""
+    cmds = _readme_commands()
+    assert cmds == ["python -m mdt.bench.activations", "python infra/estimate.py", "make rehearse", "make gpu-check"]
+    make = (PROJECT_ROOT / "Makefile").read_text()
+    assert "rehearse: env\n\t$(BIN)/python -m pipelines.rehearse\n" in make
+    assert "gpu-check: env\n\t$(BIN)/python -m mdt.bench.gpu_check\n" in make
+    import subprocess
+
+    out = subprocess.run([sys.executable, *cmds[1].split()[1:]], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| trellis-ss |" in out.stdout and "| trellis-slat |" in out.stdout
+
+
+@pytest.mark.slow
+def test_readme_activation_command_writes_its_fit(tmp_path):
+    import subprocess
+
+    cmd = _readme_commands()[0]
+    out = subprocess.run([sys.executable, *cmd.split()[1:], "--quick", "--json", str(tmp_path / "a.json")],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr
+    fit = json.loads((tmp_path / "a.json").read_text())
+    for r in fit["fit"]["points"]:
+        assert r["model_bytes"] == pytest.approx(r["bytes"], rel=0.1)
+    assert fit["full_size"]["ss_flow"]["gib_checkpointed"] < fit["full_size"]["ss_flow"]["gib"]
