@@ -140,8 +140,10 @@ def cpu_overrides(kind: str) -> list[Override]:
     no_gpu = "no GPU on this machine"
     two = "one 2-core machine: one actor per stage"
     if kind == "preprocess":
-        ov = [Override(f"resources.{s}", {"concurrency": 1, "num_cpus": 1, "num_gpus": 0}, f"{no_gpu}; {two}")
-              for s in ("download", "render", "voxelize", "features", "encode", "write")]
+        # every stage's actor pool starts at once: their CPUs must add up to the machine's 2
+        cpus = {"download": 0.25, "render": 0.5, "voxelize": 0.25, "features": 0.5, "encode": 0.25, "write": 0.25}
+        ov = [Override(f"resources.{s}", {"concurrency": 1, "num_cpus": c, "num_gpus": 0},
+                       f"{no_gpu}; {two}, CPUs adding up to 2") for s, c in cpus.items()]
         return ov + [Override("ray.num_cpus", 2, "local Ray instance on the 2-core machine"),
                      Override("render.samples", 16, "time: Cycles on 2 CPU cores (128 spp: ~8x longer); "
                                                      "views and resolution unchanged"),
@@ -165,8 +167,9 @@ def cpu_overrides(kind: str) -> list[Override]:
     if kind == "generate":
         return [Override("device", "cpu", no_gpu)]
     if kind == "evaluate":
-        return [Override("compute", {"num_actors": 1, "num_gpus": 0, "num_cpus": 2, "batch_size": 1,
-                                     "max_voxels_per_chunk": 100000}, f"{no_gpu}; one actor"),
+        return [Override("compute", {"num_actors": 1, "num_gpus": 0, "num_cpus": 1, "batch_size": 1,
+                                     "max_voxels_per_chunk": 100000, "torch_threads": 2},
+                         f"{no_gpu}; one actor on one of the 2 CPUs (the other reads the shards), 2 threads"),
                 Override("ray", {"num_cpus": 2}, "local Ray instance on the 2-core machine"),
                 Override("data.split", "all", "one asset: the hash split could leave the holdout empty"),
                 Override("samplers", [{"model": "teacher", "steps": 25}, {"model": "teacher", "steps": 1},

@@ -53,6 +53,8 @@ def test_full_size_plan_keeps_the_shipped_sizes(tmp_path):
             pre.cond.image_size, pre.voxelize.resolution, pre.features.image_size) == (150, 512, 24, 1024, 518, 64,
                                                                                        518)
     assert all(r.num_gpus == 0 for r in pre.resources.values())
+    # all actor pools start at once: more CPUs than the local Ray instance has would hang the graph
+    assert sum(r.num_cpus * r.concurrency for r in pre.resources.values()) <= pre.ray.num_cpus
     for stage in ("ss", "slat"):
         d = cfg[f"distill-{stage}"]
         assert d.stage == stage
