@@ -12,7 +12,7 @@ Stages, each the user's command (`jobs/*.py --preset ...`) in its own process:
    both encoders);
 3. distill --preset trellis-ss, then --preset trellis-slat: one step each (teacher in its checkpoint dtype, bf16
    autocast, gradient checkpointing, as shipped);
-4. export: the students each run exported, loaded back in TRELLIS format;
+4. export: the EMA student each run exported, loaded back in TRELLIS format (and copied to `<output>/students`);
 5. generate --preset trellis with both students at 1+1 steps;
 6. evaluate --preset trellis on that asset: the whole chain, the 1-step samplers.
 
@@ -229,9 +229,9 @@ def plan(out: Path, asset: Path, tiny: bool) -> list[Stage]:
             py + "distill.py", "--preset", f"trellis-{stage}", "--data", str(out / "preprocess"),
             "--teacher", p[f"{stage}_flow"], "--output", str(out / "distill"), "--name", f"rehearse-{stage}"],
             ov + cpu_overrides("distill") + extra("distill")))
-    stages.append(Stage("export", ["-m", "pipelines.rehearse", "--check-export", str(out / "distill")]))
-    students = {s: str(out / "distill" / f"rehearse-{s}" / "export" / "ema" / stem) for s, stem in
-                (("ss", "ss_flow_img_dit_L_16l8_fp16_mdt"), ("slat", "slat_flow_img_dit_L_64l8p2_fp16_mdt"))}
+    stages.append(Stage("export", ["-m", "pipelines.rehearse", "--check-export", str(out / "distill"),
+                                   str(out / "students")]))
+    students = {s: str(out / "students" / stem) for s, stem in STUDENT_STEMS.items()}
     stages.append(Stage("generate", [
         py + "generate.py", "--preset", "trellis", "--image", str(out / "condition.png"),
         "--output", str(out / "generate"), "--ss-model", students["ss"], "--slat-model", students["slat"],
@@ -319,7 +319,10 @@ def boundary(stage: str, out: Path, tiny: bool) -> dict:
     if stage.startswith("distill-"):
         s = stage.split("-", 1)[1]
         run = out / "distill" / f"rehearse-{s}"
-        return {"files": sorted(str(p.relative_to(run)) for p in (run / "export").rglob("*.json"))}
+        files = sorted(str(p.relative_to(run)) for p in run.glob("**/export/*/*.json"))
+        if not files:
+            raise RuntimeError(f"{run}: no exported checkpoint")
+        return {"exported": files}
     if stage == "export":
         return json.loads((out / "distill" / "export_check.json").read_text())
     if stage == "generate":
@@ -334,27 +337,32 @@ def boundary(stage: str, out: Path, tiny: bool) -> dict:
     return {}
 
 
-def check_export(distill: Path) -> int:
-    """Load every exported student back (TRELLIS format) and record its class, parameters and dtypes."""
-    import torch
+STUDENT_STEMS = {"ss": "ss_flow_img_dit_L_16l8_fp16_mdt", "slat": "slat_flow_img_dit_L_64l8p2_fp16_mdt"}
 
+
+def check_export(distill: Path, students: Path) -> int:
+    """Find each run's exported EMA student (`<run>/checkpoint_*/export/ema/<stem>`, the latest), load it back
+    in TRELLIS format, record class, parameters and dtypes, and copy it to `students/` for the next stages."""
     from mdt.models import from_pretrained
 
     found = {}
-    for meta in sorted(distill.glob("rehearse-*/export/*/*.json")):
-        stem = meta.with_suffix("")
-        model = from_pretrained(str(stem), device="cpu", keep_fp16=True)
-        dtypes = sorted({str(v.dtype) for v in model.state_dict().values()})
-        found[str(stem.relative_to(distill))] = {"class": type(model).__name__, "dtypes": dtypes,
-                                                  "parameters": sum(p.numel() for p in model.parameters())}
+    students.mkdir(parents=True, exist_ok=True)
+    for stage, stem in STUDENT_STEMS.items():
+        metas = sorted((distill / f"rehearse-{stage}").glob(f"**/export/ema/{stem}.json"), key=lambda p: p.stat().st_mtime)
+        if not metas:
+            print(f"export: no exported {stem} under {distill / f'rehearse-{stage}'}", file=sys.stderr)
+            return 1
+        src = metas[-1].with_suffix("")
+        model = from_pretrained(str(src), device="cpu", keep_fp16=True)
+        found[stage] = {"exported": str(src), "class": type(model).__name__,
+                        "dtypes": sorted({str(v.dtype) for v in model.state_dict().values()}),
+                        "parameters": sum(p.numel() for p in model.parameters()), "args": model.trellis_args}
         del model
-    stages = {k.split("/")[0] for k in found}
-    (distill / "export_check.json").write_text(json.dumps(found, indent=2))
-    if stages != {"rehearse-ss", "rehearse-slat"}:
-        print(f"export: students of {sorted(stages)} found, expected rehearse-ss and rehearse-slat", file=sys.stderr)
-        return 1
-    print(json.dumps(found, indent=2))
-    return 0 if torch.tensor(1).item() else 1
+        for suffix in (".json", ".safetensors"):
+            shutil.copy(str(src) + suffix, students / (stem + suffix))
+    (distill / "export_check.json").write_text(json.dumps(found, indent=2, default=str))
+    print(json.dumps(found, indent=2, default=str))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -446,7 +454,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny models and few small views (tests)")
     p.add_argument("--plan", action="store_true", help="print the stages and overrides, run nothing")
     p.add_argument("--write-models", metavar="DIR", help=argparse.SUPPRESS)
-    p.add_argument("--check-export", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--check-export", nargs=2, metavar=("DISTILL", "STUDENTS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.write_models:
         info = write_models(Path(a.write_models), a.tiny)
@@ -454,7 +462,7 @@ def main(argv=None) -> int:
         print(f"models: {info['disk_gb']:.2f} GB on disk in {a.write_models}")
         return 0
     if a.check_export:
-        return check_export(Path(a.check_export))
+        return check_export(Path(a.check_export[0]), Path(a.check_export[1]))
     out = Path(a.output or ("outputs/rehearse-tiny" if a.tiny else "outputs/rehearse")).resolve()
     asset = Path(a.asset).resolve()
     if not asset.is_file() or asset.suffix.lower() != ".glb":

@@ -117,7 +117,9 @@ def test_tiny_rehearsal_end_to_end(tmp_path):
     for s in report["stages"]:
         assert s["ok"] and s["wall_s"] > 0 and s["peak_rss_gb"] > 0.05, s
     assert report["stages"][1]["boundary"]["voxels"] > 0
-    assert set(json.loads((tmp_path / "distill" / "export_check.json").read_text()))
+    exported = json.loads((tmp_path / "distill" / "export_check.json").read_text())
+    assert set(exported) == {"ss", "slat"}
+    assert exported["ss"]["class"] == "SparseStructureFlowModel" and exported["slat"]["class"] == "SLatFlowModel"
     assert "student 1-step" in report["stages"][-1]["boundary"]["samplers"]
     assert (tmp_path / "report.md").read_text().count("| yes |") == 7
 
