@@ -304,18 +304,25 @@ def boundary(stage: str, out: Path, tiny: bool) -> dict:
     if stage == "preprocess":
         from pipelines import shards
 
+        import io
+
+        from PIL import Image
+
         rows = list(shards.iter_rows(str(out / "preprocess")))
         if not rows:
             raise RuntimeError("preprocessing wrote no rows")
         r = rows[0]
         coords = np.frombuffer(r["slat_coords"], np.uint8).reshape(-1, 3)
-        shapes = {k: (len(v) if isinstance(v, (list, bytes)) else v) for k, v in r.items()
-                  if not isinstance(v, (dict,))}
+        n = coords.shape[0]
         (out / "condition.png").write_bytes(r["cond_images"][0])
-        sparse_tokens = len({tuple(c // 2) for c in coords.tolist()})
-        return {"rows": len(rows), "voxels": int(coords.shape[0]), "slat_transformer_tokens": sparse_tokens,
-                "ss_transformer_tokens": 16 ** 3, "condition_images": len(r["cond_images"]),
-                "columns": {k: v for k, v in shapes.items() if k not in ("sha256",)}}
+        image = Image.open(io.BytesIO(r["cond_images"][0]))
+        return {"rows": len(rows), "voxels": int(n),
+                "slat_transformer_tokens": int(np.unique(coords // 2, axis=0).shape[0]),
+                "ss_transformer_tokens": 16 ** 3,
+                "shapes": {"ss_latent": [8, 16, 16, 16] if len(r["ss_latent"]) == 8 * 16 ** 3 * 4 else
+                           f"{len(r['ss_latent'])} bytes",
+                           "slat_coords": [n, 3], "slat_feats": [n, len(r["slat_feats"]) // (4 * n)],
+                           "cond_images": [len(r["cond_images"]), image.height, image.width, len(image.getbands())]}}
     if stage.startswith("distill-"):
         s = stage.split("-", 1)[1]
         run = out / "distill" / f"rehearse-{s}"
