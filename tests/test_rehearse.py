@@ -160,3 +160,17 @@ def test_readme_activation_command_writes_its_fit(tmp_path):
     for r in fit["fit"]["points"]:
         assert r["model_bytes"] == pytest.approx(r["bytes"], rel=0.1)
     assert fit["full_size"]["ss_flow"]["gib_checkpointed"] < fit["full_size"]["ss_flow"]["gib"]
+
+
+@pytest.mark.ray
+def test_trellis_aesthetic_filter_reads_its_column_beside_the_stage_columns(tmp_path, ray_connected):
+    """The trellis presets set data.min_aesthetic; the training reader asks for the stage's columns only, so the
+    filter must read aesthetic_score itself (found by the rehearsal: KeyError 'aesthetic_score')."""
+    from _distill_helpers import write_tiny_shards
+    from pipelines import shards
+    from pipelines.training_data import STAGE_COLUMNS
+
+    data = write_tiny_shards(tmp_path / "data", n=3)
+    ds = shards.read_shards(str(data), max_voxels=10 ** 6, min_aesthetic=4.5, columns=STAGE_COLUMNS["ss"])
+    rows = ds.take_all()
+    assert len(rows) == 3 and set(rows[0]) == set(STAGE_COLUMNS["ss"])
