@@ -302,11 +302,11 @@ def boundary(stage: str, out: Path, tiny: bool) -> dict:
     if stage == "models":
         return json.loads((out / "models" / "models.json").read_text())
     if stage == "preprocess":
-        from pipelines import shards
-
         import io
 
         from PIL import Image
+
+        from pipelines import shards
 
         rows = list(shards.iter_rows(str(out / "preprocess")))
         if not rows:

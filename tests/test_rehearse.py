@@ -7,8 +7,8 @@ import json
 import sys
 
 import pytest
-
 from conftest import PROJECT_ROOT, shared_path
+
 from pipelines import rehearse
 
 # keys the full-size rehearsal may override: devices, workers, resources, batch, steps, samples, samplers,
@@ -167,6 +167,7 @@ def test_trellis_aesthetic_filter_reads_its_column_beside_the_stage_columns(tmp_
     """The trellis presets set data.min_aesthetic; the training reader asks for the stage's columns only, so the
     filter must read aesthetic_score itself (found by the rehearsal: KeyError 'aesthetic_score')."""
     from _distill_helpers import write_tiny_shards
+
     from pipelines import shards
     from pipelines.training_data import STAGE_COLUMNS
 

@@ -115,8 +115,8 @@ def _flow_inputs(model, size: str, device: str, batch: int = 2, seed: int = 0):
 
 def _variant(model, prec: str, device: str):
     """(model, autocast context) of a precision: fp32; fp16 = the published fp16 torso; bf16 = autocast."""
-    import copy
     import contextlib
+    import copy
 
     m = copy.deepcopy(model).to(device)
     m.float()
