@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: env check test demo bench bench-preprocess clean
+.PHONY: env check test demo bench bench-preprocess gpu-check rehearse clean
 
 env: $(STAMP)
 
@@ -38,6 +38,16 @@ bench: env
 
 bench-preprocess: env
 	$(BIN)/python -m pipelines.bench
+
+# One CUDA GPU, <= 8 min: backend parity, fp16/bf16 errors, chain latency, one training step per trellis preset
+# (without CUDA: the CPU self-test on tiny models). Report: outputs/gpu-check/gpu_check.{json,md}
+gpu-check: env
+	$(BIN)/python -m mdt.bench.gpu_check
+
+# The shipped trellis* presets end to end at full size on this machine's CPUs (about 90 min; peak RSS < 22 GB).
+# Report: outputs/rehearse/report.{json,md}
+rehearse: env
+	$(BIN)/python -m pipelines.rehearse
 
 clean:
 	rm -rf $(VENV) .pytest_cache

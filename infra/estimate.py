@@ -13,6 +13,13 @@ Model (steady-state pipeline, every stage's actor pool sized to keep up):
   resources from the run's config). Wall time = max(N x GPU-s / GPUs, N x CPU-s / CPUs) / efficiency;
   cost = wall time x the nodes' hourly prices; shards stored in S3 = N x bytes per asset.
 Figures marked PLACEHOLDER are not measured: replace them with a benchmark run's report (see the docs).
+
+Distillation memory per GPU (the `trellis-ss` / `trellis-slat` presets, no FSDP): the student's float32 weights,
+gradients, AdamW moments and EMA (20 bytes per parameter), the teacher's published fp16 weights (2 bytes per
+parameter), the bf16 DINOv2 ViT-L conditioner, and activations = micro-batch (batch_size / batch_split) x graphs
+kept for one backward (MDT-dist: 2, the student's VM prediction and its one-step VD generation) x per-sample
+activation memory of the flow from the measured model of `mdt.bench.activations` (float32: an upper bound under
+bf16 autocast), with or without gradient checkpointing as the preset says.
 """
 from __future__ import annotations
 
@@ -52,6 +59,59 @@ PLACEHOLDER_SECONDS = {"download": 3.0, "render": 150.0, "voxelize": 5.0, "featu
 PLACEHOLDER_BYTES_PER_ASSET = 2_500_000  # shard bytes per asset (latents + 24 cond PNGs at 518 px): PLACEHOLDER
 # Distillation PLACEHOLDERS: seconds per optimizer step of MDT-dist on 16 A100s (batch 8 per GPU).
 PLACEHOLDER_TRAIN_STEP_S = 1.5
+
+
+GIB = 2 ** 30
+DINOV2_L_PARAMS = 304_000_000        # ViT-L/14 with registers (its conditioner weights, bf16)
+STATE_BYTES_PER_PARAM = 20           # fp32 student weights + grads + AdamW exp_avg, exp_avg_sq + EMA
+TEACHER_BYTES_PER_PARAM = 2          # published fp16 torso
+GPU_MEMORY_GIB = 80.0                # A100 / H100 80 GB
+
+
+def distill_memory(stage: str, activation_coef: dict | None = None) -> dict:
+    """Per-GPU memory of one `trellis-<stage>` training step at the preset's batch (module docstring)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from mdt.bench import activations
+    from mdt.config import load_config
+    from mdt.generate import full_size_model_args
+    from mdt.models import build_model
+    from mdt.training.config import DistillConfig
+
+    cfg = load_config(DistillConfig, f"trellis-{stage}", [("data.uri", "-")], prefix="distill_")
+    name, args = full_size_model_args(f"{stage}_flow")
+    params = sum(p.numel() for p in build_model(name, args, device="meta").parameters())
+    coef = activation_coef or activations.MEASURED
+    full = activations.full_size(coef)[f"{stage}_flow"]
+    ckpt = bool(cfg.model.gradient_checkpointing)
+    per_sample = full["gib_checkpointed" if ckpt else "gib"]
+    micro = cfg.data.batch_size // cfg.data.batch_split
+    graphs = 2 if cfg.objective.name == "mdt" and cfg.objective.mdt.lambda_vd > 0 else 1
+    out = {"parameters": params, "per_gpu_batch": cfg.data.batch_size, "micro_batch": micro,
+           "graphs_with_grad": graphs, "gradient_checkpointing": ckpt, "activation_gib_per_sample": per_sample,
+           "activation_gib_per_sample_without_checkpointing": full["gib"],
+           "student_state_gib": params * STATE_BYTES_PER_PARAM / GIB,
+           "teacher_gib": params * TEACHER_BYTES_PER_PARAM / GIB, "conditioner_gib": DINOV2_L_PARAMS * 2 / GIB,
+           "activations_gib": micro * graphs * per_sample, "tokens": full["tokens"]}
+    if "voxels" in full:
+        out["voxels"] = full["voxels"]
+    out["total_gib"] = (out["student_state_gib"] + out["teacher_gib"] + out["conditioner_gib"]
+                        + out["activations_gib"])
+    out["total_gib_without_checkpointing"] = out["total_gib"] - out["activations_gib"] + micro * graphs * full["gib"]
+    return out
+
+
+def render_memory(mem: dict[str, dict]) -> str:
+    lines = ["", f"Distillation memory per GPU (float32 activations, an upper bound under bf16 autocast; "
+                 f"{GPU_MEMORY_GIB:.0f} GiB cards):", "",
+             "| preset | params | batch / micro | act. GiB per sample | weights+optimizer+EMA | teacher | "
+             "activations | total GiB | without checkpointing |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage, m in mem.items():
+        lines.append(f"| trellis-{stage} | {m['parameters'] / 1e6:.0f} M | {m['per_gpu_batch']} / {m['micro_batch']} "
+                     f"x {m['graphs_with_grad']} graphs | {m['activation_gib_per_sample']:.2f} | "
+                     f"{m['student_state_gib']:.1f} | {m['teacher_gib']:.1f} | {m['activations_gib']:.1f} | "
+                     f"{m['total_gib']:.1f} | {m['total_gib_without_checkpointing']:.1f} |")
+    return "\n".join(lines)
 
 
 def preset_resources(preset: str = "trellis") -> dict[str, dict]:
@@ -159,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=100_000, help="distillation steps (0: no training line)")
     ap.add_argument("--train-step-s", type=float, default=PLACEHOLDER_TRAIN_STEP_S)
     ap.add_argument("--train-nodes", type=int, default=2)
+    ap.add_argument("--activations", type=Path,
+                    help="JSON of `python -m mdt.bench.activations --json` (default: its stored measurement)")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = ap.parse_args(argv)
 
@@ -183,10 +245,14 @@ def main(argv=None) -> int:
         placeholders.add("train")
     est = estimate(seconds, resources, args.assets, args.render_nodes, args.cpu_nodes, args.efficiency, args.spot,
                    bpa)
+    coef = json.loads(args.activations.read_text())["fit"] if args.activations else None
+    memory = {stage: distill_memory(stage, coef) for stage in ("ss", "slat")}
     if args.json:
-        print(json.dumps({"seconds": seconds, "placeholders": sorted(placeholders), **est}, indent=2))
+        print(json.dumps({"seconds": seconds, "placeholders": sorted(placeholders), **est,
+                          "distill_memory": memory}, indent=2))
     else:
         print(render_markdown(seconds, resources, placeholders, est, args))
+        print(render_memory(memory))
     return 0
 
 

@@ -343,12 +343,19 @@ def read_shards(uri: str, *, storage_cfg=None, max_voxels: int | None = None, mi
     # Reading is I/O: a fraction of a CPU, so that it is scheduled even when training workers hold every
     # whole CPU of the cluster (with Ray's default of 1 CPU per read task the dataset would wait forever).
     read_kwargs.setdefault("num_cpus", READ_NUM_CPUS)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_kwargs)
+    # the filters read their own columns even when the caller asked for others; dropped again after filtering
+    filter_columns = ([] if max_voxels is None else ["num_voxels"]) + ([] if min_aesthetic is None
+                                                                        else ["aesthetic_score"])
+    extra = [c for c in filter_columns if columns is not None and c not in columns]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=None if columns is None else list(columns) + extra,
+                               **read_kwargs)
     if max_voxels is not None:
         ds = ds.filter(lambda r, m=max_voxels: r["num_voxels"] <= m, num_cpus=READ_NUM_CPUS)
     if min_aesthetic is not None:
         ds = ds.filter(lambda r, m=min_aesthetic: r["aesthetic_score"] is None or r["aesthetic_score"] >= m,
                        num_cpus=READ_NUM_CPUS)
+    if extra:
+        ds = ds.drop_columns(extra)
     return ds
 
 

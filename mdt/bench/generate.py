@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--occupancy", type=float, default=None,
                    help="fraction of the 64³ grid the random SS decoder occupies (default 0.08 full-size, 0.004 tiny)")
+    p.add_argument("--formats", nargs="+", choices=["gaussians", "mesh"], default=None,
+                   help="decoded outputs (default: the preset's, both)")
     p.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "docs" / "examples" / "mug.png"))
     args = p.parse_args(argv)
 
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
             save_tiny_dinov2(repo / "dinov2", hidden_size=64)
     overrides = [("models.pipeline", str(repo)), ("models.dinov2", str(repo / "dinov2")), ("device", args.device),
                  ("precision", args.precision), ("num_samples", args.num_samples)]
+    if args.formats:
+        overrides.append(("decode.formats", list(args.formats)))
     cfg = load_config(GenerateConfig, "trellis", overrides, prefix="generate_")
     pipe = ImageTo3D.from_config(cfg)
     image = load_image(args.image)

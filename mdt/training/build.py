@@ -53,6 +53,10 @@ def build_student(mcfg, device: torch.device, teacher: nn.Module | None = None) 
     student.float()
     if hasattr(student, "convert_to_fp32"):
         student.convert_to_fp32()
+    if getattr(mcfg, "gradient_checkpointing", False):
+        if not hasattr(student, "use_checkpoint"):
+            raise ValueError(f"model.gradient_checkpointing: {type(student).__name__} has no use_checkpoint")
+        student.use_checkpoint = True
     student.requires_grad_(True)
     return student.train()
 

@@ -46,6 +46,8 @@ class ModelConfig:
     export_stem: str = "ss_flow_student"  # `<stem>.json` + `<stem>.safetensors` of the exported student
     teacher_dtype: str = "auto"         # auto (fp16 layout on CUDA as published, fp32 on CPU) | float32 | bfloat16
     shape_teacher: str | None = None    # TRELLIS.2 texture stage: the shape flow whose samples are concat_cond
+    gradient_checkpointing: bool = False  # student: recompute each transformer block in backward (TRELLIS's
+                                          # use_checkpoint); same gradients, activations of one block at a time
 
 
 @dataclass

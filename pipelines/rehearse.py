@@ -1,0 +1,494 @@
+"""The shipped `trellis*` presets end to end on one CPU machine (`make rehearse`), at the released model sizes:
+
+    python -m pipelines.rehearse [--output outputs/rehearse] [--asset ../shared/assets/glb/kenney_tree.glb]
+    python -m pipelines.rehearse --tiny      # the same driver on tiny models and few small views (tests)
+    python -m pipelines.rehearse --plan      # print the stages, commands and overrides; run nothing
+
+Stages, each the user's command (`jobs/*.py --preset ...`) in its own process:
+
+1. models: a local cache of random-weight checkpoints in TRELLIS-image-large's layout (`mdt.generate.
+   write_trellis_repo`, the SS/SLat encoders, a DINOv2 ViT-L/14-reg-shaped conditioner), written once, reused;
+2. preprocess --preset trellis: one real asset (150 views at 512 px, 24 condition views, 64³ voxels, features,
+   both encoders);
+3. distill --preset trellis-ss, then --preset trellis-slat: one step each (teacher in its checkpoint dtype, bf16
+   autocast, gradient checkpointing, as shipped);
+4. export: the EMA student each run exported, loaded back in TRELLIS format (and copied to `<output>/students`);
+5. generate --preset trellis with both students at 1+1 steps;
+6. evaluate --preset trellis on that asset: the whole chain, the 1-step samplers.
+
+Only what a single CPU-only machine forces is overridden (device, worker and actor counts, GPU resources, batch,
+steps, Cycles samples, which samplers run, no network for feature nets); each override is printed with its
+reason. Per stage: wall time, peak resident memory of its whole process tree, shapes at its output boundary ->
+`<output>/report.json` (`{"stages": [{"name", "ok", "wall_s", "peak_rss_gb", ...}], ...}`) and `report.md`.
+Exit 1 when a stage fails (the following stages are not run), 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ASSET = ROOT.parent / "shared" / "assets" / "glb" / "kenney_tree.glb"
+RSS_LIMIT_GB = 22.0
+
+
+@dataclass
+class Override:
+    key: str
+    value: object
+    why: str
+
+    def arg(self) -> list[str]:
+        v = self.value
+        text = json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+        return ["--set", f"{self.key}={text}"]
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]                     # the command (after the Python interpreter)
+    overrides: list[Override] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        return [sys.executable, *self.argv, *[a for o in self.overrides for a in o.arg()]]
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+ENCODER_ARGS = {   # the released ckpts/*.json (reference section 1)
+    "ss_enc_conv3d_16l8_fp16": ("SparseStructureEncoder", dict(
+        in_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2, channels=[32, 128, 512],
+        use_fp16=True)),
+    "slat_enc_swin8_B_64l8_fp16": ("SLatEncoder", dict(
+        resolution=64, in_channels=1024, model_channels=768, latent_channels=8, num_blocks=12, num_heads=12,
+        mlp_ratio=4, attn_mode="swin", window_size=8, use_fp16=True)),
+}
+
+
+def model_paths(models: Path, tiny: bool) -> dict[str, str]:
+    from mdt.generate import TRELLIS_STEMS
+
+    repo = models / "TRELLIS-image-large"
+    paths = {k: str(repo / "ckpts" / stem) for k, stem in TRELLIS_STEMS.items()}
+    paths.update(repo=str(repo), dinov2=str(models / "dinov2-vitl14-reg"))
+    if tiny:
+        paths.update(ss_encoder=str(models / "encoders" / "ss_enc_tiny"),
+                     slat_encoder=str(models / "encoders" / "slat_enc_tiny"))
+    else:
+        paths.update({k: str(repo / "ckpts" / stem) for k, stem in
+                      (("ss_encoder", "ss_enc_conv3d_16l8_fp16"), ("slat_encoder", "slat_enc_swin8_B_64l8_fp16"))})
+    return paths
+
+
+def write_models(models: Path, tiny: bool) -> dict:
+    """The random-weight cache (each part skipped when present). Returns paths, parameter counts, disk use."""
+    import torch
+
+    from mdt.conditioning import save_tiny_dinov2
+    from mdt.generate import write_trellis_repo
+    from mdt.models import build_model, save_pretrained
+    from pipelines.encode import save_tiny_encoders
+
+    paths = model_paths(models, tiny)
+    repo = Path(paths["repo"])
+    if not (repo / "pipeline.json").exists():
+        write_trellis_repo(repo, full_size=not tiny, cond_channels=64)
+    if not (Path(paths["dinov2"]) / "config.json").exists():
+        if tiny:
+            save_tiny_dinov2(paths["dinov2"], hidden_size=64)
+        else:
+            save_tiny_dinov2(paths["dinov2"], hidden_size=1024, num_hidden_layers=24, num_attention_heads=16)
+    if not Path(paths["ss_encoder"] + ".json").exists():
+        if tiny:
+            save_tiny_encoders(Path(paths["ss_encoder"]).parent, feature_channels=64)
+        else:
+            for stem, (name, args) in ENCODER_ARGS.items():
+                torch.manual_seed(0)
+                model = build_model(name, dict(args)).float()
+                g = torch.Generator().manual_seed(1)
+                with torch.no_grad():    # zero-initialised output layers would give all-zero latents: redraw all
+                    for pname, p in model.named_parameters():
+                        if p.ndim == 1:
+                            base = 1.0 if ("norm" in pname and pname.endswith("weight")) else 0.0
+                            p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+                        else:
+                            p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5))
+                model.convert_to_fp16()
+                save_pretrained(model, repo / "ckpts" / stem)
+    size = sum(f.stat().st_size for f in models.rglob("*") if f.is_file())
+    params = {}
+    for key in ("ss_flow", "slat_flow", "ss_decoder", "slat_decoder_gs", "slat_decoder_mesh", "ss_encoder",
+                "slat_encoder"):
+        meta = json.loads(Path(paths[key] + ".json").read_text())
+        params[key] = sum(p.numel() for p in build_model(meta["name"], meta["args"], device="meta").parameters())
+    return {"paths": paths, "parameters": params, "disk_gb": size / 1e9}
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+def cpu_overrides(kind: str) -> list[Override]:
+    """What a CPU-only single machine forces, per job kind, with the reason."""
+    no_gpu = "no GPU on this machine"
+    two = "one 2-core machine: one actor per stage"
+    if kind == "preprocess":
+        # every stage's actor pool starts at once: their CPUs must add up to the machine's 2
+        cpus = {"download": 0.25, "render": 0.5, "voxelize": 0.25, "features": 0.5, "encode": 0.25, "write": 0.25}
+        ov = [Override(f"resources.{s}", {"concurrency": 1, "num_cpus": c, "num_gpus": 0},
+                       f"{no_gpu}; {two}, CPUs adding up to 2") for s, c in cpus.items()]
+        return ov + [Override("ray.num_cpus", 2, "local Ray instance on the 2-core machine"),
+                     Override("render.samples", 16, "time: Cycles on 2 CPU cores (128 spp: ~8x longer); "
+                                                     "views and resolution unchanged"),
+                     Override("cond.samples", 16, "time: as render.samples")]
+    if kind == "distill":
+        return [Override("scaling.use_gpu", False, no_gpu),
+                Override("scaling.num_workers", 1, "one 2-core machine (FSDP is off in the preset)"),
+                Override("scaling.cpus_per_worker", 1, "one 2-core machine: one core for the worker, one for data"),
+                Override("scaling.backend", "gloo", "nccl needs GPUs"),
+                Override("ray.num_cpus", 2, "local Ray instance on the 2-core machine"),
+                Override("data.batch_size", 1, "time and memory: one sample (the asset) on a CPU; 8 per GPU "
+                                               "is sized for 80 GB cards"),
+                Override("data.batch_split", 1, "follows data.batch_size 1"),
+                Override("data.shuffle_buffer", 0, "one asset"),
+                Override("train.max_steps", 1, "time: one step proves the wiring at full size"),
+                Override("train.ckpt_every", 1, "follows max_steps 1"),
+                Override("train.precision", "bf16", "bf16 autocast as on GPU (the CPU supports it; 'auto' "
+                                                    "means fp32 on CPU)"),
+                Override("snapshot.num_conditions", 1, "time: one asset"),
+                Override("snapshot.student_steps", [1], "time: the 1-step student")]
+    if kind == "generate":
+        return [Override("device", "cpu", no_gpu)]
+    if kind == "evaluate":
+        return [Override("compute", {"num_actors": 1, "num_gpus": 0, "num_cpus": 1, "batch_size": 1,
+                                     "max_voxels_per_chunk": 100000, "torch_threads": 2},
+                         f"{no_gpu}; one actor on one of the 2 CPUs (the other reads the shards), 2 threads"),
+                Override("ray", {"num_cpus": 2}, "local Ray instance on the 2-core machine"),
+                Override("data.split", "all", "one asset: the hash split could leave the holdout empty"),
+                Override("samplers", [{"model": "teacher", "steps": 25}, {"model": "teacher", "steps": 1},
+                                      {"model": "student", "steps": 1}],
+                         "time: the reference (teacher 25) and the 1-step samplers only"),
+                Override("latency", {"repeats": 1, "warmup": 1}, "time"),
+                Override("metrics.inception", "outputs/no-inception-weights.pt",
+                         "no network: the feature nets fall back to named random networks"),
+                Override("metrics.dinov2", "outputs/no-dinov2-weights", "no network: as metrics.inception")]
+    raise ValueError(kind)
+
+
+def tiny_overrides(kind: str) -> list[Override]:
+    """--tiny only: test-sized views and images (the full-size rehearsal never changes these)."""
+    why = "tiny mode (test size)"
+    if kind == "preprocess":
+        return [Override("render.num_views", 4, why), Override("render.resolution", 64, why),
+                Override("render.samples", 2, why), Override("cond.num_views", 2, why),
+                Override("cond.render_resolution", 64, why), Override("cond.samples", 2, why),
+                Override("cond.image_size", 56, why), Override("features.image_size", 56, why)]
+    if kind == "distill":
+        return [Override("condition.image_size", 56, why), Override("snapshot.teacher_steps", 2, why),
+                Override("snapshot.image_size", 32, why)]
+    if kind == "generate":
+        return [Override("image_size", 56, why), Override("decode.formats", ["gaussians"], why),
+                Override("preview", {"png": False, "html": False}, why)]
+    if kind == "evaluate":
+        return [Override("condition.image_size", 56, why),
+                Override("samplers", [{"model": "teacher", "steps": 2}, {"model": "teacher", "steps": 1},
+                                      {"model": "student", "steps": 1}], why),
+                Override("sampling.reference", "teacher 2-step", why),
+                Override("metrics", {"views": 2, "render_size": 32, "inception": "outputs/no-inception-weights.pt",
+                                     "dinov2": "outputs/no-dinov2-weights"}, why)]
+    return []
+
+
+def plan(out: Path, asset: Path, tiny: bool) -> list[Stage]:
+    models = out / "models"
+    p = model_paths(models, tiny)
+    py = "jobs/"
+    tracking = f"sqlite:///{out / 'mlflow.db'}"
+    extra = tiny_overrides if tiny else (lambda kind: [])
+    assets = out / "asset"
+    stages = [Stage("models", ["-m", "pipelines.rehearse", "--write-models", str(models)] + (["--tiny"] if tiny else []))]
+    pre = [Override("features.checkpoint", p["dinov2"], "local random-weight DINOv2 ViT-L/14-reg (no hub access)"),
+           Override("encode.ss_encoder", p["ss_encoder"], "local random-weight encoder in the released layout"),
+           Override("encode.slat_encoder", p["slat_encoder"], "as encode.ss_encoder")]
+    stages.append(Stage("preprocess", [py + "preprocess.py", "--preset", "trellis", "--source", f"local:{assets}",
+                                       "--output", str(out / "preprocess")],
+                        pre + cpu_overrides("preprocess") + extra("preprocess")))
+    for stage in ("ss", "slat"):
+        ov = [Override("condition.model", p["dinov2"], "local random-weight DINOv2 (no hub access)"),
+              Override("mlflow.tracking_uri", tracking, "a local MLflow store")]
+        if stage == "ss":
+            ov.append(Override("snapshot.decoder", p["ss_decoder"], "local random-weight SS decoder"))
+        stages.append(Stage(f"distill-{stage}", [
+            py + "distill.py", "--preset", f"trellis-{stage}", "--data", str(out / "preprocess"),
+            "--teacher", p[f"{stage}_flow"], "--output", str(out / "distill"), "--name", f"rehearse-{stage}"],
+            ov + cpu_overrides("distill") + extra("distill")))
+    stages.append(Stage("export", ["-m", "pipelines.rehearse", "--check-export", str(out / "distill"),
+                                   str(out / "students")]))
+    students = {s: str(out / "students" / stem) for s, stem in STUDENT_STEMS.items()}
+    stages.append(Stage("generate", [
+        py + "generate.py", "--preset", "trellis", "--image", str(out / "condition.png"),
+        "--output", str(out / "generate"), "--ss-model", students["ss"], "--slat-model", students["slat"],
+        "--ss-steps", "1", "--slat-steps", "1"],
+        [Override("models.pipeline", p["repo"], "local random-weight copy of the repository"),
+         Override("models.dinov2", p["dinov2"], "local random-weight DINOv2")]
+        + cpu_overrides("generate") + extra("generate")))
+    stages.append(Stage("evaluate", [
+        py + "evaluate.py", "--preset", "trellis", "--data", str(out / "preprocess"), "--teacher", p["ss_flow"],
+        "--student", students["ss"], "--decoder", p["ss_decoder"], "--slat-teacher", p["slat_flow"],
+        "--slat-student", students["slat"], "--slat-decoder", p["slat_decoder_gs"], "--output", str(out / "eval")],
+        [Override("condition.model", p["dinov2"], "local random-weight DINOv2"),
+         Override("mlflow.tracking_uri", tracking, "a local MLflow store")]
+        + cpu_overrides("evaluate") + extra("evaluate")))
+    return stages
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of `root` and all its descendants (one /proc scan)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(parts[1]), []).append(int(d))     # field 4: ppid
+            rss[int(d)] = int(parts[21]) * page                        # field 24: rss pages
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def run_measured(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, float]:
+    """(return code, wall s, peak GB of the process tree's resident memory, sampled every 0.5 s)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        peak = [0]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], tree_rss_bytes(proc.pid))
+                done.wait(0.5)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        rc = proc.wait()
+        done.set()
+        th.join()
+    return rc, time.perf_counter() - start, peak[0] / 1e9
+
+
+def boundary(stage: str, out: Path, tiny: bool) -> dict:
+    """Shapes and figures at a stage's output (what the next stage receives)."""
+    import numpy as np
+
+    if stage == "models":
+        return json.loads((out / "models" / "models.json").read_text())
+    if stage == "preprocess":
+        import io
+
+        from PIL import Image
+
+        from pipelines import shards
+
+        rows = list(shards.iter_rows(str(out / "preprocess")))
+        if not rows:
+            raise RuntimeError("preprocessing wrote no rows")
+        r = rows[0]
+        coords = np.frombuffer(r["slat_coords"], np.uint8).reshape(-1, 3)
+        n = coords.shape[0]
+        (out / "condition.png").write_bytes(r["cond_images"][0])
+        image = Image.open(io.BytesIO(r["cond_images"][0]))
+        return {"rows": len(rows), "voxels": int(n),
+                "slat_transformer_tokens": int(np.unique(coords // 2, axis=0).shape[0]),
+                "ss_transformer_tokens": 16 ** 3,
+                "shapes": {"ss_latent": [8, 16, 16, 16] if len(r["ss_latent"]) == 8 * 16 ** 3 * 4 else
+                           f"{len(r['ss_latent'])} bytes",
+                           "slat_coords": [n, 3], "slat_feats": [n, len(r["slat_feats"]) // (4 * n)],
+                           "cond_images": [len(r["cond_images"]), image.height, image.width, len(image.getbands())]}}
+    if stage.startswith("distill-"):
+        s = stage.split("-", 1)[1]
+        run = out / "distill" / f"rehearse-{s}"
+        files = sorted(str(p.relative_to(run)) for p in run.glob("**/export/*/*.json"))
+        if not files:
+            raise RuntimeError(f"{run}: no exported checkpoint")
+        return {"exported": files}
+    if stage == "export":
+        return json.loads((out / "distill" / "export_check.json").read_text())
+    if stage == "generate":
+        files = sorted(str(p.relative_to(out / "generate")) for p in (out / "generate").rglob("*") if p.is_file())
+        return {"files": files[:20], "count": len(files)}
+    if stage == "evaluate":
+        found = sorted((out / "eval").rglob("results.json"))
+        if not found:
+            raise RuntimeError("no evaluation results.json")
+        res = json.loads(found[-1].read_text())
+        return {"samplers": [r.get("sampler") for r in res.get("rows", [])]}
+    return {}
+
+
+STUDENT_STEMS = {"ss": "ss_flow_img_dit_L_16l8_fp16_mdt", "slat": "slat_flow_img_dit_L_64l8p2_fp16_mdt"}
+
+
+def check_export(distill: Path, students: Path) -> int:
+    """Find each run's exported EMA student (`<run>/checkpoint_*/export/ema/<stem>`, the latest), load it back
+    in TRELLIS format, record class, parameters and dtypes, and copy it to `students/` for the next stages."""
+    from mdt.models import from_pretrained
+
+    found = {}
+    students.mkdir(parents=True, exist_ok=True)
+    for stage, stem in STUDENT_STEMS.items():
+        metas = sorted((distill / f"rehearse-{stage}").glob(f"**/export/ema/{stem}.json"), key=lambda p: p.stat().st_mtime)
+        if not metas:
+            print(f"export: no exported {stem} under {distill / f'rehearse-{stage}'}", file=sys.stderr)
+            return 1
+        src = metas[-1].with_suffix("")
+        model = from_pretrained(str(src), device="cpu", keep_fp16=True)
+        found[stage] = {"exported": str(src), "class": type(model).__name__,
+                        "dtypes": sorted({str(v.dtype) for v in model.state_dict().values()}),
+                        "parameters": sum(p.numel() for p in model.parameters()), "args": model.trellis_args}
+        del model
+        for suffix in (".json", ".safetensors"):
+            shutil.copy(str(src) + suffix, students / (stem + suffix))
+    (distill / "export_check.json").write_text(json.dumps(found, indent=2, default=str))
+    print(json.dumps(found, indent=2, default=str))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def markdown(report: dict) -> str:
+    lines = [f"# Rehearsal of the trellis presets ({report['mode']})", "",
+             f"{report['machine']}; total {report['wall_s'] / 60:.1f} min; "
+             f"{'every stage ok' if report['ok'] else 'FAILED at ' + str(report.get('failed'))}; "
+             f"peak RSS {report['peak_rss_gb']:.1f} GB (limit {RSS_LIMIT_GB:g})", "",
+             "| stage | ok | wall s | peak RSS GB |", "|---|---|---:|---:|"]
+    for s in report["stages"]:
+        lines.append(f"| {s['name']} | {'yes' if s['ok'] else 'NO'} | {s['wall_s']:.0f} | {s['peak_rss_gb']:.2f} |")
+    lines += ["", "## Overrides (forced by a CPU-only machine)", ""]
+    for s in report["stages"]:
+        for o in s.get("overrides", []):
+            lines.append(f"- {s['name']}: `{o['key']}={json.dumps(o['value'])}`: {o['why']}")
+    if report.get("gpu_plan"):
+        lines += ["", "## Figures for a GPU plan", "", "```", json.dumps(report["gpu_plan"], indent=2), "```"]
+    for s in report["stages"]:
+        if s.get("error"):
+            lines += ["", f"{s['name']}: {s['error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def gpu_plan(report: dict) -> dict:
+    from mdt.bench import activations
+
+    plan = {"activation_memory_per_sample_float32": activations.full_size(activations.MEASURED)}
+    for s in report["stages"]:
+        if s["name"] == "models" and s["ok"]:
+            plan["parameters"] = s["boundary"].get("parameters")
+            plan["models_disk_gb"] = s["boundary"].get("disk_gb")
+        if s["name"] == "preprocess" and s["ok"]:
+            b = s["boundary"]
+            plan["asset"] = {k: b[k] for k in ("voxels", "slat_transformer_tokens", "ss_transformer_tokens")}
+            plan["activation_memory_per_sample_float32"] = activations.full_size(activations.MEASURED, b["voxels"])
+    return plan
+
+
+def rehearse(out: Path, asset: Path, tiny: bool) -> dict:
+    import platform
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "asset").mkdir(exist_ok=True)
+    target = out / "asset" / asset.name
+    if not target.exists():
+        shutil.copy(asset, target)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    report = {"mode": "tiny" if tiny else "full size", "asset": str(asset), "stages": [],
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+    t0 = time.perf_counter()
+    for stage in plan(out, asset, tiny):
+        print(f"\n=== {stage.name} ===", flush=True)
+        for o in stage.overrides:
+            print(f"  override {o.key}={json.dumps(o.value)}  ({o.why})", flush=True)
+        cmd = stage.command()
+        print("  $ " + " ".join(cmd[1:]), flush=True)
+        rc, wall, peak = run_measured(cmd, out / f"{stage.name}.log", env)
+        entry = {"name": stage.name, "ok": rc == 0, "wall_s": round(wall, 1), "peak_rss_gb": round(peak, 3),
+                 "returncode": rc, "command": cmd[1:], "log": str(out / f"{stage.name}.log"),
+                 "overrides": [{"key": o.key, "value": o.value, "why": o.why} for o in stage.overrides]}
+        if rc == 0:
+            try:
+                entry["boundary"] = boundary(stage.name, out, tiny)
+            except Exception as e:                                     # a stage that wrote nothing usable failed
+                entry.update(ok=False, error=f"{type(e).__name__}: {e}")
+        else:
+            tail = (out / f"{stage.name}.log").read_text(errors="replace").strip().splitlines()[-1:]
+            entry["error"] = f"exit {rc}: {tail[0] if tail else ''}"
+        report["stages"].append(entry)
+        print(f"=== {stage.name}: {'ok' if entry['ok'] else 'FAILED'} in {wall:.0f} s, peak RSS {peak:.2f} GB ===",
+              flush=True)
+        if not entry["ok"]:
+            report["failed"] = stage.name
+            break
+    report["wall_s"] = time.perf_counter() - t0
+    report["peak_rss_gb"] = max(s["peak_rss_gb"] for s in report["stages"])
+    report["ok"] = "failed" not in report and report["peak_rss_gb"] < RSS_LIMIT_GB
+    report["gpu_plan"] = gpu_plan(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", default=None, help="default outputs/rehearse (--tiny: outputs/rehearse-tiny)")
+    p.add_argument("--asset", default=str(DEFAULT_ASSET), help="one GLB file")
+    p.add_argument("--tiny", action="store_true", help="tiny models and few small views (tests)")
+    p.add_argument("--plan", action="store_true", help="print the stages and overrides, run nothing")
+    p.add_argument("--write-models", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--check-export", nargs=2, metavar=("DISTILL", "STUDENTS"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.write_models:
+        info = write_models(Path(a.write_models), a.tiny)
+        Path(a.write_models, "models.json").write_text(json.dumps(info, indent=2))
+        print(f"models: {info['disk_gb']:.2f} GB on disk in {a.write_models}")
+        return 0
+    if a.check_export:
+        return check_export(Path(a.check_export[0]), Path(a.check_export[1]))
+    out = Path(a.output or ("outputs/rehearse-tiny" if a.tiny else "outputs/rehearse")).resolve()
+    asset = Path(a.asset).resolve()
+    if not asset.is_file() or asset.suffix.lower() != ".glb":
+        p.error(f"--asset {a.asset}: not a GLB file")
+    if a.plan:
+        for stage in plan(out, asset, a.tiny):
+            print(f"{stage.name}: {' '.join(stage.command()[1:])}")
+            for o in stage.overrides:
+                print(f"    {o.key}={json.dumps(o.value)}  # {o.why}")
+        return 0
+    report = rehearse(out, asset, a.tiny)
+    print(f"\n-> {out / 'report.json'}, {out / 'report.md'}")
+    if not report["ok"]:
+        why = (f"stage {report['failed']} failed" if "failed" in report
+               else f"peak RSS {report['peak_rss_gb']:.1f} GB >= {RSS_LIMIT_GB:g}")
+        print(f"rehearse: {why} (see {out / 'report.md'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
