@@ -22,7 +22,7 @@ from pipelines.shards import collate_slat, collate_ss, decode_array, decode_slat
 
 GLBS = ("kenney_ladder.glb", "quaternius_fence.glb")  # small real models: a few seconds each to render
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.blender]
 
 
 def demo_config(tmp_path, sources: list[str]) -> PreprocessConfig:

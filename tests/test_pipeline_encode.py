@@ -78,6 +78,7 @@ def ray_local():
 
 
 @pytest.mark.ray
+@pytest.mark.blender
 def test_compute_chain_on_ray_equals_direct(ckpts, ray_local):
     import ray.data
 

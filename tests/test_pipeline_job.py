@@ -69,8 +69,8 @@ def test_cli_exit_codes(tmp_path, capsys):
     c = build_config(parse_args(["--preset", "ci", "--source", "synthetic:2", "--source", "local:/a b",
                                  "--output", "s3://b/p", "--retry-failed"]))
     assert c.sources.specs == ["synthetic:2", "local:/a b"] and c.output == "s3://b/p" and c.resume.retry_failed
-    # the job itself cannot run (its only source does not exist): non-zero, before anything is started
-    assert main(["--preset", "ci", "--source", f"local:{tmp_path}/missing", "--output", str(tmp_path / "o")]) == 1
+    # a source that does not exist is an input error: exit 2, before anything is started
+    assert main(["--preset", "ci", "--source", f"local:{tmp_path}/missing", "--output", str(tmp_path / "o")]) == 2
 
 
 @pytest.mark.ray
