@@ -1,4 +1,4 @@
-"""`make demo` piece by piece (the whole run takes ~6 min on an idle 2-core machine): the shipped preset and
+"""`make demo` piece by piece (the whole run takes ~4.5 min on an idle 2-core machine): the shipped preset and
 every preset it builds on load and validate, the demo's assets, its structured SS encoder, its probe, and its
 evaluation stage (the `evaluate_demo` preset as shipped) on tiny shards."""
 from __future__ import annotations
