@@ -37,7 +37,7 @@ bench: env
 	$(BIN)/python -m mdt.bench.models
 
 bench-preprocess: env
-	$(BIN)/python -m pipelines.bench
+	$(BIN)/python -m pipelines.preprocess.bench
 
 # One CUDA GPU, <= 8 min: backend parity, fp16/bf16 errors, chain latency, one training step per trellis preset
 # (without CUDA: the CPU self-test on tiny models). Report: outputs/gpu-check/gpu_check.{json,md}

@@ -118,7 +118,7 @@ def preset_resources(preset: str = "trellis") -> dict[str, dict]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from mdt.config import load_config, to_dict
-    from pipelines.config import PreprocessConfig
+    from pipelines.preprocess.config import PreprocessConfig
 
     cfg = load_config(PreprocessConfig, preset, [], prefix="preprocess_")
     return {k: to_dict(v) for k, v in cfg.resources.items()}

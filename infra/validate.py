@@ -605,7 +605,7 @@ def check_dockerignore(text: str) -> list[str]:
     for must in (".git", ".venv", "outputs", "mlruns", ".env", ".aws/credentials"):
         if not ignored(must):
             errs.append(f".dockerignore does not exclude {must}")
-    for keep in ("pyproject.toml", "README.md", "mdt/__init__.py", "pipelines/graph.py", "jobs/preprocess.py",
+    for keep in ("pyproject.toml", "README.md", "mdt/__init__.py", "pipelines/preprocess/driver.py", "jobs/preprocess.py",
                  "jobs/configs/preprocess_trellis.yaml", "mdt/config.py"):
         if ignored(keep):
             errs.append(f".dockerignore excludes {keep}, which the image needs")

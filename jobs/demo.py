@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from pipelines.demo import DemoConfig, mlflow_ui_hint, run
+    from pipelines.demo.driver import DemoConfig, mlflow_ui_hint, run
 
     overrides: list = list(args.overrides)
     if args.out:

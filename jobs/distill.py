@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = parse_args(argv)
-    from pipelines import distill
+    from pipelines.distill import driver as distill
 
     try:
         cfg = build_config(args)

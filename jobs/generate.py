@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace):
     from mdt.config import load_preset
     from mdt.generate import GenerateConfig, Trellis2GenerateConfig, check_checkpoint_arg, check_image
-    from pipelines.cluster import created_model_path, durable_output
+    from pipelines.common.cluster import created_model_path, durable_output
 
     trellis2 = load_preset(args.preset, prefix="generate_").get("family") == "trellis2"
     if trellis2 and (args.slat_model or args.slat_steps or args.cfg):  # its stages are set with --set shape.…

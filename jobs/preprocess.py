@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from pipelines.config import PreprocessConfig
+    from pipelines.preprocess.config import PreprocessConfig
 
     overrides = list(args.overrides)
     if args.source:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from pipelines import graph, report
+    from pipelines.preprocess import driver as graph, report
 
     if not args.print_config:
         try:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     print(f"output: {cfg.output}\nmanifest: {cfg.output.rstrip('/')}/manifest.json\nreport: {report_md}", flush=True)
     rep = result.report or {}
     if rep.get("failed") and not rep.get("done"):
-        from pipelines.ledger import Ledger
+        from pipelines.preprocess.ledger import Ledger
 
         print(f"preprocess: 0 of {rep.get('processed')} assets succeeded ({rep['failed']} failed); reasons in "
               f"{report_md} and the ledger {Ledger(cfg.output, result.config_hash).dir}", file=sys.stderr)

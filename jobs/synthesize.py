@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from pipelines.synthesize import SynthesizeConfig
+    from pipelines.synthesize.driver import SynthesizeConfig
 
     overrides = list(args.overrides)
     if args.source:
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from pipelines import synthesize
+    from pipelines.synthesize import driver as synthesize
 
     try:
         cfg = build_config(args)
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     print("# resolved config\n" + dump_yaml(cfg), flush=True)
     if args.print_config:
         return 0
-    from pipelines import graph, report
+    from pipelines.preprocess import driver as graph, report
 
     try:
         result = synthesize.run(cfg, resolved_config=resolved)

@@ -96,7 +96,7 @@ def write_models(models: Path, tiny: bool) -> dict:
     from mdt.conditioning import save_tiny_dinov2
     from mdt.generate import write_trellis_repo
     from mdt.models import build_model, save_pretrained
-    from pipelines.encode import save_tiny_encoders
+    from pipelines.preprocess.encode import save_tiny_encoders
 
     paths = model_paths(models, tiny)
     repo = Path(paths["repo"])
@@ -306,7 +306,7 @@ def boundary(stage: str, out: Path, tiny: bool) -> dict:
 
         from PIL import Image
 
-        from pipelines import shards
+        from pipelines.preprocess import shards
 
         rows = list(shards.iter_rows(str(out / "preprocess")))
         if not rows:

@@ -33,10 +33,10 @@ def free_port() -> int:
 def write_tiny_shards(out: Path, n: int = 8, image_size: int = 56, views: int = 2) -> Path:
     """`n` synthetic assets through download's bytes + StandInCompute + the real ShardWriter/manifest (no Ray)."""
     from mdt.config import load_config
-    from pipelines import shards
-    from pipelines.config import PreprocessConfig, config_hash
-    from pipelines.synthetic_meshes import synthetic_mesh_glb
-    from pipelines.stand_in import StandInCompute
+    from pipelines.preprocess import shards
+    from pipelines.preprocess.config import PreprocessConfig, config_hash
+    from pipelines.preprocess.synthetic_meshes import synthetic_mesh_glb
+    from pipelines.preprocess.stand_in import StandInCompute
 
     cfg = load_config(PreprocessConfig, "ci", [f"output={out}", f"cond.image_size={image_size}",
                                                f"cond.num_views={views}"], prefix="preprocess_")
@@ -87,7 +87,7 @@ def run_cli_without_ray(argv, capsys, monkeypatch, job: str = "distill") -> tupl
     import ray
 
     import mdt.generate
-    from pipelines import distill
+    from pipelines.distill import driver as distill
 
     started = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -207,7 +207,7 @@ def fault_injected_run() -> dict:
     import tempfile
 
     from _pipeline_helpers import connect_ray
-    from pipelines.distill import run
+    from pipelines.distill.driver import run
 
     tmp = Path(tempfile.mkdtemp(prefix="mdt-distill-test-"))
     server = MlflowServer(tmp / "mlflow")

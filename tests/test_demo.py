@@ -35,8 +35,8 @@ def test_bad_demo_override_exits_2():
 
 def test_every_config_the_demo_builds_loads_and_validates(tmp_path):
     from mdt.config import load_config
-    from pipelines import demo
-    from pipelines.evaluate import EvaluateConfig
+    from pipelines.demo import driver as demo
+    from pipelines.evaluate.driver import EvaluateConfig
 
     cfg = load_config(demo.DemoConfig, "cpu", prefix="demo_")
     models = {"dinov2": str(tmp_path / "dino")}
@@ -58,7 +58,7 @@ def test_demo_assets_are_centred_single_primitives_with_distinct_colours(tmp_pat
     import trimesh
 
     from mdt.config import load_config
-    from pipelines import demo
+    from pipelines.demo import driver as demo
 
     cfg = load_config(demo.DemoConfig, "cpu", prefix="demo_")
     demo.write_assets(tmp_path, cfg.assets)
@@ -146,7 +146,8 @@ def test_demo_generation_uses_its_probe_and_measures_iou_with_the_condition(tmp_
     from _distill_helpers import TINY_SS_ARGS, perturbed_teacher, write_tiny_shards
     from mdt.conditioning import save_tiny_dinov2
     from mdt.eval.snapshots import OccupancyProbe, occupancy_grid
-    from pipelines import demo, shards
+    from pipelines.demo import driver as demo
+    from pipelines.preprocess import shards
 
     data = write_tiny_shards(tmp_path / "pre", n=2, image_size=56)
     student = perturbed_teacher(tmp_path / "s" / "student", {**TINY_SS_ARGS, "cond_channels": 64})

@@ -47,7 +47,7 @@ def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path, 
     """The README's teacher line, then the MDT line under the teacher run's name: refused, not 'resumed'."""
     from mdt.config import load_config
     from mdt.training.config import DistillConfig
-    from pipelines import distill
+    from pipelines.distill import driver as distill
 
     tmp, data, teacher = inputs
     base = [("data.uri", str(data)), ("output", str(tmp_path / "runs")), ("name", "shared")]
@@ -69,7 +69,7 @@ def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path, 
 def test_relative_output_refused_under_job_submit(inputs, monkeypatch):
     from mdt.config import load_config
     from mdt.training.config import DistillConfig
-    from pipelines import distill
+    from pipelines.distill import driver as distill
 
     tmp, data, teacher = inputs
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}}))
@@ -86,7 +86,7 @@ def test_cluster_check_names_the_shortfall(monkeypatch):
 
     from mdt.config import load_config
     from mdt.training.config import DistillConfig
-    from pipelines import distill
+    from pipelines.distill import driver as distill
 
     cfg = load_config(DistillConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")], prefix="distill_").validate()
     assert distill.required_resources(cfg) == {"CPU": 3.0}

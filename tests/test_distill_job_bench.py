@@ -9,7 +9,7 @@ from _distill_helpers import ci_config, perturbed_teacher, write_tiny_shards
 
 
 def test_bench_json_has_the_ratio_fields(tmp_path, monkeypatch, capsys):
-    from pipelines import distill
+    from pipelines.distill import driver as distill
 
     data = write_tiny_shards(tmp_path / "data", n=2)
     teacher = perturbed_teacher(tmp_path / "teacher" / "ss_flow_tiny")

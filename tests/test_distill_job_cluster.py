@@ -18,7 +18,7 @@ def test_two_node_cluster(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.distill import run
+    from pipelines.distill.driver import run
 
     data = write_tiny_shards(tmp_path / "data", n=4)
     teacher = perturbed_teacher(tmp_path / "teacher" / "ss_flow_tiny")

@@ -30,7 +30,7 @@ def test_eval_after_training_logs_one_table_and_headline_metrics(inputs, ray_con
     from mlflow import MlflowClient
 
     from _distill_helpers import ci_config
-    from pipelines.distill import run
+    from pipelines.distill.driver import run
 
     cfg = ci_config(tmp_path, Path(inputs["data"]), inputs["teacher"], f"sqlite:///{tmp_path / 'mlflow.db'}", [
         "train.max_steps=2", "scaling.num_workers=1", "snapshot.num_conditions=0", "eval.enabled=true",
@@ -83,7 +83,7 @@ def test_eval_config_evaluates_what_the_run_exports(inputs, tmp_path):
     """A distillation run: its registered export (EMA, or the raw student when asked) as the student against its
     teacher; a flow-matching run: its export as the teacher, teacher samplers only; the run's conditioner."""
     from _distill_helpers import ci_config
-    from pipelines.distill import eval_config, run_dir
+    from pipelines.distill.driver import eval_config, run_dir
 
     common = ["eval.enabled=true", "eval.preset=ci", f"eval.decoder={inputs['decoder']}", "eval.split=train"]
     mdt = ci_config(tmp_path, Path(inputs["data"]), inputs["teacher"], None, common)

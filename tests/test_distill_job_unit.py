@@ -229,7 +229,7 @@ def test_slat_stage_sparse_batches_from_shards(setup):
 
     from _distill_helpers import perturbed_slat_teacher
     from mdt.training.build import build_conditioner
-    from pipelines import shards
+    from pipelines.preprocess import shards
 
     tmp, data, _ = setup
     teacher_path = perturbed_slat_teacher(tmp / "teacher" / "slat_flow_tiny")
@@ -282,7 +282,7 @@ def test_batch_stream_resumes_the_exact_sequence(cache, shuffle):
     uninterrupted stream yields from there on (epochs >= 1 of a cached stream included)."""
     from types import SimpleNamespace
 
-    from pipelines.distill_worker import BatchStream
+    from pipelines.distill.worker import BatchStream
 
     rows = [{"sha256": f"{i:064x}"[::-1], "i": i} for i in range(7)]
     d = SimpleNamespace(batch_size=3, skip_on_resume=True, cache_in_memory=cache, shuffle_buffer=shuffle,

@@ -155,7 +155,7 @@ def test_trellis_preset_configures_the_full_chain():
     """The trellis preset as shipped: the released SLat flow and Gaussian decoder, MDT-dist's SLat CFG for the
     student, NFE per stage as TRELLIS counts it (25 steps, CFG on t in [0.5, 1], rescale_t 3)."""
     from mdt.config import load_config
-    from pipelines.evaluate import EvaluateConfig, _nfe
+    from pipelines.evaluate.driver import EvaluateConfig, _nfe
 
     cfg = load_config(EvaluateConfig, "trellis", [("data.uri", "d"), ("models.teacher", "t"),
                                                   ("models.student", "s"), ("models.slat_student", "ss")],

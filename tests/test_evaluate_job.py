@@ -97,7 +97,7 @@ def test_mlflow_run_is_linked_to_the_distillation_run(tmp_path):
     from mlflow import MlflowClient
 
     from mdt.config import load_config
-    from pipelines.evaluate import EvaluateConfig, log_mlflow
+    from pipelines.evaluate.driver import EvaluateConfig, log_mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)
@@ -139,7 +139,7 @@ def test_unknown_key_exits_2(inputs, tmp_path, capsys):
 def test_holdout_split_is_a_fixed_fraction_by_asset():
     import hashlib
 
-    from pipelines.evaluate import EvalDataConfig, in_split, split_of
+    from pipelines.evaluate.driver import EvalDataConfig, in_split, split_of
 
     shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
     held = [s for s in shas if split_of(s, 0.1) == "holdout"]

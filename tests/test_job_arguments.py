@@ -106,9 +106,10 @@ def test_created_models_go_under_the_output_under_job_submit(tmp_path, monkeypat
     """A tiny conditioner / tiny-model folder that a job creates: under the cwd normally, under `<output>/models`
     when the cwd is the job's temporary copy; models that must exist are never moved."""
     from mdt.config import load_config
-    from pipelines import evaluate, graph
-    from pipelines.cluster import created_model_path
-    from pipelines.config import PreprocessConfig
+    from pipelines.evaluate import driver as evaluate
+    from pipelines.preprocess import driver as graph
+    from pipelines.common.cluster import created_model_path
+    from pipelines.preprocess.config import PreprocessConfig
 
     monkeypatch.chdir(tmp_path)
     assert created_model_path("outputs/models/tiny", "/abs/out") == str(tmp_path / "outputs/models/tiny")

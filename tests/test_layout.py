@@ -161,7 +161,33 @@ def test_jobs_are_thin(job):
 def test_the_checker_sees_a_wrong_way_import(tmp_path):
     """The graph builder resolves relative and lazy imports (a checker that sees nothing passes everything)."""
     known = {"mdt": ROOT / "mdt/__init__.py", "mdt.flow": ROOT / "mdt/flow.py", "pipelines": ROOT / "pipelines",
-             "pipelines.graph": ROOT / "pipelines/graph.py", "mdt.x": tmp_path / "x.py"}
+             "pipelines.preprocess.driver": ROOT / "pipelines/preprocess/driver.py", "mdt.x": tmp_path / "x.py"}
     src = tmp_path / "x.py"
-    src.write_text("from . import flow\n\ndef f():\n    from pipelines import graph\n")
-    assert _imports("mdt.x", src, known) == {"mdt.flow", "pipelines.graph"}
+    src.write_text("from . import flow\n\ndef f():\n    from pipelines.preprocess import driver\n")
+    assert _imports("mdt.x", src, known) == {"mdt.flow", "pipelines.preprocess.driver"}
+
+
+def _job_folder(module: str) -> str:
+    """The folder of pipelines/ a module belongs to: `pipelines.distill.worker` -> `pipelines.distill`."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_the_ray_layer_is_one_folder_per_job():
+    """Every module of pipelines/ sits in a job's folder or in common/ (rehearse.py, which runs the jobs' CLIs, and
+    the package's own __init__ apart); each job folder has the driver its CLI calls."""
+    loose = sorted(p.name for p in (ROOT / "pipelines").glob("*.py") if p.name not in {"__init__.py", "rehearse.py"})
+    assert not loose, f"modules outside a job folder: {loose}"
+    for job in (ROOT / "jobs").glob("*.py"):
+        if job.stem != "generate":  # generation runs without Ray: mdt.generate
+            assert (ROOT / "pipelines" / job.stem / "driver.py").is_file(), f"jobs/{job.name} has no pipelines/{job.stem}/driver.py"
+
+
+def test_no_folder_cycle_in_the_ray_layer_and_common_imports_no_job():
+    edges: dict[str, set[str]] = {}
+    for m, deps in _graph().items():
+        if m.startswith("pipelines."):
+            edges.setdefault(_job_folder(m), set()).update(
+                _job_folder(d) for d in deps if d.startswith("pipelines.") and _job_folder(d) != _job_folder(m))
+    cycles = _cycles(edges)
+    assert not cycles, "folder cycles in pipelines/:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    assert edges["pipelines.common"] <= {"pipelines"}, f"common/ imports a job: {sorted(edges['pipelines.common'])}"

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from pipelines.asset_refs import (ExternalReferenceError, bundle_files, check_tree, references,
+from pipelines.preprocess.asset_refs import (ExternalReferenceError, bundle_files, check_tree, references,
                                   resolve_reference)
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.bench import goals, save, table
+from pipelines.preprocess.bench import goals, save, table
 
 
 def result(workers: int, wall_s: float, compute_s: float, startup: float) -> dict:

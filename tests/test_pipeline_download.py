@@ -13,10 +13,10 @@ import pytest
 from _pipeline_helpers import (LoopbackHTTP, MotoS3, glb_bytes, obj_asset, sha256, tar_bytes, tiny_blend,
                                zip_bytes)
 from mdt.config import load_config
-from pipelines.config import PreprocessConfig
-from pipelines.asset_refs import ExternalReferenceError, references, resolve_reference
-from pipelines.download import Download, HostSlots, materialize_mesh, safe_member
-from pipelines.sources.base import make_row
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.asset_refs import ExternalReferenceError, references, resolve_reference
+from pipelines.preprocess.download import Download, HostSlots, materialize_mesh, safe_member
+from pipelines.preprocess.sources.base import make_row
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +244,9 @@ def test_failures_become_ledger_records_while_others_complete(http, tmp_path, ra
     """The Ray graph end to end: every bad asset ends as a ledger failure with its reason."""
     import pandas as pd
 
-    from pipelines import graph
-    from pipelines.ledger import Ledger
-    from pipelines.shards import load_table
+    from pipelines.preprocess import driver as graph
+    from pipelines.preprocess.ledger import Ledger
+    from pipelines.preprocess.shards import load_table
 
     g1, g2 = glb_bytes(10), glb_bytes(11)
     z = tmp_path / "evil.zip"
@@ -293,7 +293,7 @@ def test_failures_become_ledger_records_while_others_complete(http, tmp_path, ra
 def test_host_limiter_actor_blocks_until_release(ray_connected):
     import ray
 
-    from pipelines.download import HostLimiterActor
+    from pipelines.preprocess.download import HostLimiterActor
 
     lim = HostLimiterActor.remote(1)
     t1 = ray.get(lim.acquire.remote("h", 60.0))

@@ -15,10 +15,10 @@ from _pipeline_helpers import LoopbackHTTP, sha256
 from conftest import shared_path
 from mdt.config import load_config
 from mdt.models import from_pretrained
-from pipelines import graph
-from pipelines.config import PreprocessConfig
-from pipelines.rows import unpack_array
-from pipelines.shards import collate_slat, collate_ss, decode_array, decode_slat, decode_ss, load_table
+from pipelines.preprocess import driver as graph
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.rows import unpack_array
+from pipelines.preprocess.shards import collate_slat, collate_ss, decode_array, decode_slat, decode_ss, load_table
 
 GLBS = ("kenney_ladder.glb", "quaternius_fence.glb")  # small real models: a few seconds each to render
 

@@ -12,12 +12,12 @@ import torch
 from mdt.conditioning import load_dinov2, save_tiny_dinov2
 from mdt.models import from_pretrained
 from mdt.sparse import SparseTensor
-from pipelines.config import PreprocessConfig
-from pipelines.encode import Encode, save_tiny_encoders
-from pipelines.render import Render
-from pipelines.rows import pack_array, unpack_array
-from pipelines.synthetic_meshes import synthetic_mesh_glb
-from pipelines.voxelize import mesh_from_ply, voxelize_mesh
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.encode import Encode, save_tiny_encoders
+from pipelines.preprocess.render import Render
+from pipelines.preprocess.rows import pack_array, unpack_array
+from pipelines.preprocess.synthetic_meshes import synthetic_mesh_glb
+from pipelines.preprocess.voxelize import mesh_from_ply, voxelize_mesh
 from test_pipeline_features import direct_voxel_features
 
 
@@ -82,9 +82,9 @@ def ray_local():
 def test_compute_chain_on_ray_equals_direct(ckpts, ray_local):
     import ray.data
 
-    from pipelines.config import PreprocessConfig, StageResources
-    from pipelines.graph import StageRunner
-    from pipelines.rows import SOURCE_KEYS
+    from pipelines.preprocess.config import PreprocessConfig, StageResources
+    from pipelines.preprocess.driver import StageRunner
+    from pipelines.preprocess.rows import SOURCE_KEYS
 
     cfg = PreprocessConfig()
     cfg.render.num_views, cfg.render.resolution, cfg.render.samples = 4, 64, 4

@@ -18,8 +18,8 @@ from PIL import Image
 
 from conftest import shared_path
 from mdt.config import load_config
-from pipelines.config import PreprocessConfig
-from pipelines.mesh_check import CompressedGeometry, MeshError, asset_encoding, parse_mesh
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.mesh_check import CompressedGeometry, MeshError, asset_encoding, parse_mesh
 
 # folder -> its encoding, as the variants' README lists them
 VARIANTS = {
@@ -119,7 +119,7 @@ def test_raw_check_refuses_compressed_geometry_and_reads_the_rest(tmp_path):
 
 
 def test_coverage_table_in_the_report():
-    from pipelines.report import build_report, to_markdown
+    from pipelines.preprocess.report import build_report, to_markdown
 
     t = json.dumps({"download": 0.1, "render": 1.0})
     summaries = [
@@ -176,7 +176,7 @@ bpy.ops.render.render(write_still=True)
 def test_missing_texture_magenta_is_caught(tmp_path):
     """Blender draws an image-texture node without a loaded image in magenta: the detector sees it in a real
     Cycles render, and the render worker fails such an asset with its reason instead of rendering it."""
-    from pipelines.render import RenderPass, RenderSettings, feature_cameras, render_file
+    from pipelines.preprocess.render import RenderPass, RenderSettings, feature_cameras, render_file
 
     script = tmp_path / "make.py"
     script.write_text(BLENDER_MAGENTA)
@@ -215,7 +215,7 @@ bpy.ops.wm.save_as_mainfile(filepath=sys.argv[1])
 
 @pytest.mark.blender
 def test_missing_texture_inside_a_node_group_fails(tmp_path):
-    from pipelines.render import RenderPass, RenderSettings, feature_cameras, render_file
+    from pipelines.preprocess.render import RenderPass, RenderSettings, feature_cameras, render_file
 
     script, blend = tmp_path / "make.py", tmp_path / "bundle" / "group.blend"
     script.write_text(BLENDER_GROUP)
@@ -230,7 +230,7 @@ def test_missing_texture_inside_a_node_group_fails(tmp_path):
 @pytest.fixture(scope="module")
 def demo_render():
     """The render stage exactly as the `demo` preset configures it."""
-    from pipelines.render import Render
+    from pipelines.preprocess.render import Render
 
     stage = Render(load_config(PreprocessConfig, "demo", [], prefix="preprocess_"))
     yield stage
@@ -240,7 +240,7 @@ def demo_render():
 @pytest.mark.blender
 @pytest.mark.slow
 def test_every_variant_renders_with_textures_and_draco_matches_plain(demo_render):
-    from pipelines.voxelize import mesh_from_ply, voxelize_mesh
+    from pipelines.preprocess.voxelize import mesh_from_ply, voxelize_mesh
 
     voxels = {}
     for folder, encoding in VARIANTS.items():
@@ -342,7 +342,7 @@ def test_demo_preset_job_on_every_shared_variant(tmp_path):
     bundle done, condition renders free of magenta, Draco voxels matching the plain variant's, and the coverage
     table in the report."""
     from _pipeline_helpers import run_job
-    from pipelines.shards import decode_array, load_table
+    from pipelines.preprocess.shards import decode_array, load_table
 
     variants = shared_path("assets", "gltf-variants")
     out = tmp_path / "out"

@@ -13,10 +13,10 @@ from PIL import Image
 
 from mdt.conditioning import (ImageConditioner, crop_condition_image, encode_image, load_dinov2,
                               preprocess_condition_image, prenorm_tokens, save_tiny_dinov2, zero_negative_condition)
-from pipelines.config import PreprocessConfig
-from pipelines.features import Features
-from pipelines.render import feature_cameras
-from pipelines.rows import pack_array, unpack_array
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.features import Features
+from pipelines.preprocess.render import feature_cameras
+from pipelines.preprocess.rows import pack_array, unpack_array
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])

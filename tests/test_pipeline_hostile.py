@@ -22,8 +22,8 @@ import pytest
 from _pipeline_helpers import (GOOD_GLBS, PROJECT_ROOT, S3_ENV, files_containing, make_hostile_assets,
                                stop_process_group)
 from conftest import shared_path
-from pipelines.ledger import Ledger
-from pipelines.shards import load_table
+from pipelines.preprocess.ledger import Ledger
+from pipelines.preprocess.shards import load_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.blender]
 
@@ -200,7 +200,7 @@ def test_worker_wall_hides_files_outside_the_bundle(tmp_path):
     import numpy as np
 
     from _pipeline_helpers import TRIANGLE, _gltf_doc
-    from pipelines.render import RenderPass, RenderSettings, feature_cameras, render_file
+    from pipelines.preprocess.render import RenderPass, RenderSettings, feature_cameras, render_file
 
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -64,7 +64,7 @@ def test_render_inside_the_sandbox(tmp_path, device):
     from _pipeline_helpers import GOOD_GLBS
     from conftest import shared_path
 
-    from pipelines.render import (
+    from pipelines.preprocess.render import (
         RenderPass,
         RenderSettings,
         WarmWorker,

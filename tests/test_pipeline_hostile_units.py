@@ -8,11 +8,11 @@ import os
 import pytest
 
 from mdt.config import load_config
-from pipelines import storage
-from pipelines.config import PreprocessConfig
-from pipelines.download import Download
-from pipelines.sources.base import make_row
-from pipelines.synthetic_meshes import synthetic_mesh_glb
+from pipelines.common import storage
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.download import Download
+from pipelines.preprocess.sources.base import make_row
+from pipelines.preprocess.synthetic_meshes import synthetic_mesh_glb
 
 
 def make_cfg(tmp_path) -> PreprocessConfig:
@@ -158,8 +158,8 @@ def test_unscannable_and_usd_expressions(tmp_path, name, data, reason):
 
 def test_unscannable_listing(tmp_path):
     (tmp_path / "x.usdc").write_bytes(b"PXR-USDC")
-    from pipelines.sources.base import ListingHints, SourceSpec
-    from pipelines.sources.local import LocalSource
+    from pipelines.preprocess.sources.base import ListingHints, SourceSpec
+    from pipelines.preprocess.sources.local import LocalSource
 
     rows = list(LocalSource(SourceSpec("local", str(tmp_path), {}), make_cfg(tmp_path), ListingHints()).rows())
     assert [r["file_identifier"] for r in rows] == ["x.usdc"]  # listed, so it fails with its reason
@@ -321,8 +321,8 @@ def test_sandbox_settings_refused(over, reason):
 
 
 def test_sandbox_rule_changes_the_config_hash_and_ledger_records():
-    from pipelines.config import config_hash
-    from pipelines.ledger import sandbox_mode
+    from pipelines.preprocess.config import config_hash
+    from pipelines.preprocess.ledger import sandbox_mode
 
     off = load_config(PreprocessConfig, None, ["render.allow_unsandboxed=true"])
     assert config_hash(off) != config_hash(PreprocessConfig())

@@ -17,9 +17,9 @@ from _pipeline_helpers import (PROJECT_ROOT, S3_ENV, set_sleep_or_fail,
                                shared_ray_head)
 from mdt.config import ConfigError, load_config, parse_override
 from jobs.preprocess import main
-from pipelines.config import PreprocessConfig
-from pipelines.ledger import Ledger
-from pipelines.shards import load_table, shard_files
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.ledger import Ledger
+from pipelines.preprocess.shards import load_table, shard_files
 
 
 def reports(out: Path) -> list[dict]:
@@ -94,13 +94,13 @@ def test_run_where_every_asset_fails_exits_1(tmp_path):
 
 def test_mlflow_report_logging(tmp_path):
     mlflow = pytest.importorskip("mlflow")
-    from pipelines.report import log_mlflow
+    from pipelines.preprocess.report import log_mlflow
 
     cfg = load_config(PreprocessConfig, None, [f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
                                                f"mlflow.artifact_location={tmp_path}/art"])
     from types import SimpleNamespace
 
-    from pipelines.report import build_report, to_markdown
+    from pipelines.preprocess.report import build_report, to_markdown
 
     t = lambda **kw: json.dumps(kw)  # noqa: E731
     summaries = [
@@ -204,7 +204,7 @@ def test_kill_and_rerun(tmp_path):
         assert rep2["failure_reasons"][0]["reason"] == "RuntimeError: injected failure for synthetic-5"
         assert rep2["stages"]["test_hook"]["failed"] == 1
     # what a third run would do, without and with --retry-failed (plan only: no Ray)
-    from pipelines.graph import plan
+    from pipelines.preprocess.driver import plan
 
     cfg = load_config(PreprocessConfig, "ci", [f"output={out}", f"sources.specs=[synthetic:{n}]",
                                                "stages=[download, tests._pipeline_helpers:SleepOrFail, stand_in]",
@@ -217,11 +217,11 @@ def test_kill_and_rerun(tmp_path):
 
 def test_failed_assets_are_skipped_without_retry_flag(tmp_path):
     """Resume filter alone (no Ray needed): failed records are skipped unless retry_failed is set."""
-    from pipelines.graph import run
+    from pipelines.preprocess.driver import run
 
     out = tmp_path / "o"
     cfg = load_config(PreprocessConfig, "ci", [f"output={out}", "sources.specs=[synthetic:2]"], prefix="preprocess_")
-    from pipelines.config import config_hash
+    from pipelines.preprocess.config import config_hash
 
     led = Ledger(str(out), config_hash(cfg))
     led.write([{"sha256": None, "source": "synthetic", "file_identifier": "synthetic-0", "stage": "render",

@@ -6,8 +6,8 @@ import threading
 import pytest
 
 from _pipeline_helpers import MotoS3
-from pipelines import storage
-from pipelines.ledger import Ledger, slat_normalisation
+from pipelines.common import storage
+from pipelines.preprocess.ledger import Ledger, slat_normalisation
 
 
 def rec(sha, stage, status, fid=None, **kw):

@@ -18,13 +18,13 @@ from PIL import Image
 
 from conftest import shared_path
 from mdt.config import load_config
-from pipelines.config import PreprocessConfig
-from pipelines.features import project_voxels
-from pipelines.render import (COND_R_MAX, COND_R_MIN, Render, cond_cameras, feature_cameras,
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.features import project_voxels
+from pipelines.preprocess.render import (COND_R_MAX, COND_R_MIN, Render, cond_cameras, feature_cameras,
                               hammersley_yaw_pitch, look_at_origin)
-from pipelines.rows import unpack_array
-from pipelines.synthetic_meshes import synthetic_mesh_glb, synthetic_scene
-from pipelines.voxelize import mesh_from_ply
+from pipelines.preprocess.rows import unpack_array
+from pipelines.preprocess.synthetic_meshes import synthetic_mesh_glb, synthetic_scene
+from pipelines.preprocess.voxelize import mesh_from_ply
 
 GLBS = ["kenney_ladder.glb", "kenney_tree.glb", "khronos_box_vertex_colors.glb", "khronos_cesium_milk_truck.glb",
         "khronos_fox.glb", "khronos_iridescence_suzanne.glb", "quaternius_cart.glb", "quaternius_fence.glb",
@@ -280,12 +280,12 @@ blender_worker.run_cli(sys.argv[1:])
 
 @pytest.mark.blender
 def test_hanging_render_is_killed_while_others_complete(monkeypatch, tmp_path):
-    import pipelines.render
+    import pipelines.preprocess.render
 
     # the real worker, except that it hangs while importing an asset whose file name contains "hangme"
     script = tmp_path / "hanging_blender_worker.py"
-    script.write_text(HANGING_WORKER.format(pipelines=str(pipelines.render.WORKER.parent)))
-    monkeypatch.setattr(pipelines.render, "WORKER", script)
+    script.write_text(HANGING_WORKER.format(pipelines=str(pipelines.preprocess.render.WORKER.parent)))
+    monkeypatch.setattr(pipelines.preprocess.render, "WORKER", script)
     stage = tiny_stage(timeout_s=10)
     rows = [asset_row(synthetic_mesh_glb(s), "glb", n) for s, n in ((0, "a.glb"), (1, "hangme.glb"), (2, "b.glb"))]
     with ThreadPoolExecutor(2) as pool:
@@ -315,14 +315,14 @@ blender_worker.run_cli(sys.argv[1:])
 def test_stuck_warm_worker_is_killed_and_the_asset_renders_in_a_fresh_process(monkeypatch, tmp_path, mode):
     import time
 
-    import pipelines.render
+    import pipelines.preprocess.render
 
     # the real worker for assets; as a warm worker it either never gets ready or never answers a job
     script = tmp_path / f"stuck_{mode}_worker.py"
-    script.write_text(STUCK_WARM_WORKER.format(pipelines=str(pipelines.render.WORKER.parent), mode=mode))
-    monkeypatch.setattr(pipelines.render, "WORKER", script)
-    monkeypatch.setattr(pipelines.render.WarmWorker, "STARTUP_TIMEOUT_S", 4.0)
-    monkeypatch.setattr(pipelines.render.WarmWorker, "REPLY_TIMEOUT_S", 3.0)
+    script.write_text(STUCK_WARM_WORKER.format(pipelines=str(pipelines.preprocess.render.WORKER.parent), mode=mode))
+    monkeypatch.setattr(pipelines.preprocess.render, "WORKER", script)
+    monkeypatch.setattr(pipelines.preprocess.render.WarmWorker, "STARTUP_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(pipelines.preprocess.render.WarmWorker, "REPLY_TIMEOUT_S", 3.0)
     stage = tiny_stage(timeout_s=60)
     t0 = time.time()
     out = stage(asset_row(synthetic_mesh_glb(0), "glb", "a.glb"))

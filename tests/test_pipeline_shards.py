@@ -9,14 +9,14 @@ import torch
 
 from _pipeline_helpers import MotoS3, glb_bytes
 from mdt.config import load_config
-from pipelines.config import PreprocessConfig
-from pipelines.ledger import Ledger
-from pipelines.rows import fail, pack_array
-from pipelines.shards import (SHARD_SCHEMA, ShardRowError, ShardWriter, collate, collate_cond, collate_slat,
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.ledger import Ledger
+from pipelines.preprocess.rows import fail, pack_array
+from pipelines.preprocess.shards import (SHARD_SCHEMA, ShardRowError, ShardWriter, collate, collate_cond, collate_slat,
                               collate_ss, decode_array, load_table, read_manifest, shard_files, to_shard_row,
                               write_manifest)
-from pipelines.sources.base import make_row
-from pipelines.stand_in import StandInCompute
+from pipelines.preprocess.sources.base import make_row
+from pipelines.preprocess.stand_in import StandInCompute
 
 
 def compute_row(i: int, n_extra: int = 0) -> dict:
@@ -105,8 +105,8 @@ def test_collate_dense_sparse_cond_and_max_voxels(tmp_path):
 def test_s3_write_and_read_back_with_ray(tmp_path, ray_connected):
     """Full job to s3:// (moto on loopback): sources, cache, shards, ledger and manifest on S3, read back
     through Ray Data with pyarrow's S3FileSystem."""
-    from pipelines import graph
-    from pipelines.shards import read_shards
+    from pipelines.preprocess import driver as graph
+    from pipelines.preprocess.shards import read_shards
 
     s3 = MotoS3()
     try:

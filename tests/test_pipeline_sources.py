@@ -9,9 +9,9 @@ import pytest
 from _pipeline_helpers import glb_bytes, sha256, tar_bytes, write_gz_json, zip_bytes
 from conftest import shared_path
 from mdt.config import load_config
-from pipelines.config import PreprocessConfig
-from pipelines.rows import SOURCE_KEYS
-from pipelines.sources import build_source, list_rows, parse_spec
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.rows import SOURCE_KEYS
+from pipelines.preprocess.sources import build_source, list_rows, parse_spec
 
 
 def cfg_with(**overrides) -> PreprocessConfig:

@@ -6,7 +6,7 @@ import io
 import numpy as np
 import trimesh
 
-from pipelines.synthetic_meshes import (FAMILIES, box_mesh, box_surface_voxels, sphere_surface_voxels,
+from pipelines.preprocess.synthetic_meshes import (FAMILIES, box_mesh, box_surface_voxels, sphere_surface_voxels,
                                         synthetic_mesh, synthetic_mesh_glb, synthetic_scene)
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import trimesh
 
-from pipelines.config import PreprocessConfig
-from pipelines.rows import unpack_array
-from pipelines.synthetic_meshes import box_mesh, box_surface_voxels, sphere_surface_voxels, synthetic_mesh
-from pipelines.voxelize import (Voxelize, mesh_from_ply, mesh_to_ply, occupancy_grid, voxel_centres,
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.rows import unpack_array
+from pipelines.preprocess.synthetic_meshes import box_mesh, box_surface_voxels, sphere_surface_voxels, synthetic_mesh
+from pipelines.preprocess.voxelize import (Voxelize, mesh_from_ply, mesh_to_ply, occupancy_grid, voxel_centres,
                                 voxelize_mesh)
 
 

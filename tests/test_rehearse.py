@@ -168,8 +168,8 @@ def test_trellis_aesthetic_filter_reads_its_column_beside_the_stage_columns(tmp_
     filter must read aesthetic_score itself (found by the rehearsal: KeyError 'aesthetic_score')."""
     from _distill_helpers import write_tiny_shards
 
-    from pipelines import shards
-    from pipelines.training_data import STAGE_COLUMNS
+    from pipelines.preprocess import shards
+    from pipelines.distill.training_data import STAGE_COLUMNS
 
     data = write_tiny_shards(tmp_path / "data", n=3)
     ds = shards.read_shards(str(data), max_voxels=10 ** 6, min_aesthetic=4.5, columns=STAGE_COLUMNS["ss"])

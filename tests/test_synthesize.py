@@ -96,8 +96,8 @@ def test_images_to_shards_to_distillation(tmp_path):
     """The `ci` preset through the CLI on a folder with a corrupt file, an RGB image and a transparent image:
     killed mid-run and rerun (nothing lost, nothing duplicated), provenance columns, failures with reasons, and
     `jobs/distill.py --preset ci` trains on the result and records its origin in MLflow."""
-    from pipelines.ledger import Ledger
-    from pipelines.shards import load_table
+    from pipelines.preprocess.ledger import Ledger
+    from pipelines.preprocess.shards import load_table
 
     images = write_images(tmp_path / "imgs")
     teacher = perturbed_teacher(tmp_path / "teacher" / "ss_flow")
@@ -171,10 +171,10 @@ def write_generated_shards(out: Path, teacher_sha: str | None) -> None:
     from PIL import Image
 
     from mdt.config import load_config
-    from pipelines import shards
-    from pipelines.config import config_hash
-    from pipelines.rows import pack_array
-    from pipelines.synthesize import SynthesizeConfig
+    from pipelines.preprocess import shards
+    from pipelines.preprocess.config import config_hash
+    from pipelines.preprocess.rows import pack_array
+    from pipelines.synthesize.driver import SynthesizeConfig
 
     cfg = load_config(SynthesizeConfig, "ci", [f"output={out}"], prefix="synthesize_")
     chash = config_hash(cfg)
@@ -201,8 +201,8 @@ def test_teacher_mismatch_refused(tmp_path, capsys):
     import ray
 
     from jobs import distill as job
-    from pipelines import distill
-    from pipelines.synthesize import data_teachers
+    from pipelines.distill import driver as distill
+    from pipelines.synthesize.driver import data_teachers
 
     a = perturbed_teacher(tmp_path / "a" / "ss_flow", seed=1)
     b = perturbed_teacher(tmp_path / "b" / "ss_flow", seed=2)
@@ -235,9 +235,9 @@ def test_teacher_mismatch_refused(tmp_path, capsys):
 TRELLIS_STAGE = """
 import json, sys
 from jobs import synthesize as job
-from pipelines import synthesize as S
-from pipelines.stages import stage_keys
-from pipelines.graph import StageRunner
+from pipelines.synthesize import driver as S
+from pipelines.preprocess.stages import stage_keys
+from pipelines.preprocess.driver import StageRunner
 cfg = S.prepare(job.build_config(job.parse_args(["--preset", "trellis", "--source", "local:imgs", "--output", "out"])))
 rows, _ = S.list_image_rows(cfg)
 runner = StageRunner("synthesize", cfg, dict(stage_keys(cfg.stages))["synthesize"])
@@ -310,7 +310,7 @@ def test_readme_data_free_ci_commands_run_as_printed(tmp_path):
     on docs/examples as shards, a student distilled from them."""
     from test_generate import link_repo
 
-    from pipelines.shards import load_table
+    from pipelines.preprocess.shards import load_table
 
     cmds = [c for c in readme_data_free_commands() if "--preset ci" in c]
     assert len(cmds) == 4 and any("jobs/synthesize.py" in c for c in cmds)
@@ -334,8 +334,8 @@ def test_shards_source_lists_each_asset_and_reads_its_stored_condition_image(tmp
     from types import SimpleNamespace
 
     from mdt.config import load_config
-    from pipelines import synthesize as S
-    from pipelines.shards import load_table
+    from pipelines.synthesize import driver as S
+    from pipelines.preprocess.shards import load_table
 
     write_generated_shards(tmp_path / "pre", None)
     cfg = load_config(S.SynthesizeConfig, "ci", [f"output={tmp_path / 'out'}",

@@ -149,7 +149,7 @@ def test_the_jobs_chain_samples_a_trellis2_teacher_with_its_guidance_and_rescale
     from mdt.flow import FlowEulerGuidanceIntervalSampler, FlowEulerSampler
     from mdt.generate import save_tiny_model
     from mdt.models import from_pretrained
-    from pipelines.evaluate import EvalSamplingConfig, SamplerSpec
+    from pipelines.evaluate.driver import EvalSamplingConfig, SamplerSpec
 
     net = from_pretrained(save_tiny_model("t2_ss_flow", tmp_path / "ss", cond_channels=16, seed=4)).eval()
     chain = SamplingChain.__new__(SamplingChain)

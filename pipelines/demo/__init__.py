@@ -1,0 +1,2 @@
+"""`make demo`: preprocessing -> teacher -> MDT-dist student -> generation -> evaluation on one local Ray
+instance (`driver.run`)."""

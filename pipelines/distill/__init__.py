@@ -1,0 +1,3 @@
+"""The distillation job (Ray Train): `driver` checks the arguments and resources and runs a `TorchTrainer`,
+`worker` is the loop each Ray Train worker runs around `mdt.training.Trainer`, `training_data` turns shards
+into the workers' batches."""

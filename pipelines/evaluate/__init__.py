@@ -1,0 +1,1 @@
+"""The evaluation job: a student and its teacher sampled on held-out shards, metrics logged (`driver.run`)."""
