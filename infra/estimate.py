@@ -74,7 +74,7 @@ def distill_memory(stage: str, activation_coef: dict | None = None) -> dict:
         sys.path.insert(0, str(ROOT))
     from mdt.bench import activations
     from mdt.config import load_config
-    from mdt.generate import full_size_model_args
+    from mdt.models.zoo import full_size_model_args
     from mdt.models import build_model
     from mdt.training.config import DistillConfig
 
@@ -135,7 +135,7 @@ def from_report(path: Path) -> tuple[dict[str, float], dict[str, dict], int | No
 
 
 def from_bench(path: Path, workers: int | None = None) -> dict[str, float]:
-    """Per-stage seconds per asset of one actor from the preprocessing benchmark (pipelines/bench.py writes a list
+    """Per-stage seconds per asset of one actor from the preprocessing benchmark (pipelines/preprocess/bench.py writes a list
     of configurations, each with `workers` and `stage_mean_s`): the configuration with `workers` workers, by
     default the one with the fewest (one actor per stage: no sharing of cores between stages)."""
     runs = json.loads(path.read_text())
@@ -143,7 +143,7 @@ def from_bench(path: Path, workers: int | None = None) -> dict[str, float]:
         runs = [runs]
     runs = [r for r in runs if r.get("stage_mean_s")]
     if not runs:
-        raise SystemExit(f"{path}: no configuration with stage_mean_s (is it pipelines/bench.py's bench.json?)")
+        raise SystemExit(f"{path}: no configuration with stage_mean_s (is it pipelines/preprocess/bench.py's bench.json?)")
     if workers is None:
         run = min(runs, key=lambda r: r.get("workers", 1))
     else:
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--report", type=Path, help="report.json of a preprocessing run (measured per-stage means)")
-    ap.add_argument("--bench", type=Path, help="bench.json of the preprocessing benchmark (pipelines/bench.py)")
+    ap.add_argument("--bench", type=Path, help="bench.json of the preprocessing benchmark (pipelines/preprocess/bench.py)")
     ap.add_argument("--bench-workers", type=int, help="which configuration of --bench (default: the fewest workers)")
     ap.add_argument("--seconds", action="append", default=[], metavar="STAGE=S",
                     help="override one stage's seconds per asset per actor")

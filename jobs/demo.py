@@ -3,7 +3,7 @@ image-to-3D generation -> evaluation — with the evaluation job's table at the 
 
     python jobs/demo.py [--preset cpu] [--out outputs/demo] [--fresh] [--set teacher.steps=1200]
 
-What runs and why each setting is what it is: pipelines/demo.py and jobs/configs/demo_cpu.yaml.
+What runs and why each setting is what it is: pipelines/demo/driver.py and jobs/configs/demo_cpu.yaml.
 Exit status: 0 when the demo ran and passed its checks (the teacher's 25-step samples follow their conditioning
 shapes, IoU >= `min_teacher_iou`; the 1-step student is clearly closer to the 25-step teacher than the 1-step
 teacher); 3 when it ran but a check failed (one line per failed check); 2 for a bad argument; 1 when a stage

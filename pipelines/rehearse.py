@@ -75,7 +75,7 @@ ENCODER_ARGS = {   # the released ckpts/*.json (reference section 1)
 
 
 def model_paths(models: Path, tiny: bool) -> dict[str, str]:
-    from mdt.generate import TRELLIS_STEMS
+    from mdt.models.zoo import TRELLIS_STEMS
 
     repo = models / "TRELLIS-image-large"
     paths = {k: str(repo / "ckpts" / stem) for k, stem in TRELLIS_STEMS.items()}
@@ -93,10 +93,10 @@ def write_models(models: Path, tiny: bool) -> dict:
     """The random-weight cache (each part skipped when present). Returns paths, parameter counts, disk use."""
     import torch
 
-    from mdt.conditioning import save_tiny_dinov2
-    from mdt.generate import write_trellis_repo
+    from mdt.models.zoo import save_tiny_dinov2
+    from mdt.models.zoo import write_trellis_repo
     from mdt.models import build_model, save_pretrained
-    from pipelines.preprocess.encode import save_tiny_encoders
+    from mdt.models.zoo import save_tiny_encoders
 
     paths = model_paths(models, tiny)
     repo = Path(paths["repo"])

@@ -156,7 +156,7 @@ class MlflowServer:
 
 
 # ------------------------------------------------------------------------------------------ worker hooks
-# Ray Train workers run `hook(loop, step, rows)` after every step (`pipelines.distill_worker`); this module is pickled by
+# Ray Train workers run `hook(loop, step, rows)` after every step (`pipelines.distill.worker`); this module is pickled by
 # value so that the workers need not import the tests directory.
 import ray.cloudpickle  # noqa: E402 (Ray pickles with its own copy of cloudpickle)
 

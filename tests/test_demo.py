@@ -144,7 +144,7 @@ def test_demo_generation_uses_its_probe_and_measures_iou_with_the_condition(tmp_
     the one derived here — a probe that marks every cell occupied gives |asset| / 16³, one that marks none gives
     0, which fails the demo's check with one line per input."""
     from _distill_helpers import TINY_SS_ARGS, perturbed_teacher, write_tiny_shards
-    from mdt.conditioning import save_tiny_dinov2
+    from mdt.models.zoo import save_tiny_dinov2
     from mdt.eval.snapshots import OccupancyProbe, occupancy_grid
     from pipelines.demo import driver as demo
     from pipelines.preprocess import shards

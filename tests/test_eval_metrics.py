@@ -126,7 +126,7 @@ def test_inception_loads_torchscript_file_else_named_random_net(tmp_path):
 
 
 def test_dinov2_loads_local_dir_else_named_random_net(tmp_path):
-    from mdt.conditioning import save_tiny_dinov2
+    from mdt.models.zoo import save_tiny_dinov2
 
     d = save_tiny_dinov2(tmp_path / "dino", hidden_size=32, image_size=224)
     imgs = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""The image -> 3D chain (mdt/generate.py), its exporters (mdt/export/) and jobs/generate.py.
+"""The image -> 3D chain (mdt/generate/), its exporters (mdt/export/) and jobs/generate.py.
 
 Tiny random-weight models of the real architectures; expected values are derived independently of the code under
 test (analytic SDFs, plyfile as the PLY reader, trimesh as the GLB reader, scipy rotations).
@@ -359,7 +359,7 @@ def test_cli_exit_status_2_from_the_process(tmp_path):
 def test_cli_incompatible_student_fails_with_one_line(tmp_path, monkeypatch, capsys):
     """A flow checkpoint whose condition width does not fit the DINOv2: exit 1, one readable line."""
     from jobs.generate import main
-    from mdt.generate import save_tiny_model
+    from mdt.models.zoo import save_tiny_model
 
     link_repo(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -407,8 +407,8 @@ def write_fake_hub(cache: Path) -> None:
     """A local Hugging Face cache holding microsoft/TRELLIS-image-large (pipeline.json + ckpts/ in TRELLIS format,
     tiny random weights) and facebook/dinov2-with-registers-large (tiny random weights): the trellis preset then
     loads "from the hub" offline through the real code paths. Few occupied voxels keep the 25 + 25 steps cheap."""
-    from mdt.conditioning import save_tiny_dinov2
-    from mdt.generate import write_trellis_repo
+    from mdt.models.zoo import save_tiny_dinov2
+    from mdt.models.zoo import write_trellis_repo
 
     rev = "0" * 40
     for repo_dir, write in (("models--microsoft--TRELLIS-image-large",

@@ -417,7 +417,7 @@ class DocChecker:
         return "run here"
 
     def estimate_bench(self, cmd):
-        """`--bench FILE` on a bench.json in the format pipelines/bench.py writes (a list of configurations)."""
+        """`--bench FILE` on a bench.json in the format pipelines/preprocess/bench.py writes (a list of configurations)."""
         path = self.workdir / self.argv(cmd.text)[3]
         path.parent.mkdir(parents=True, exist_ok=True)
         stages = {"download": 0.5, "render": 12.0, "voxelize": 3.0, "features": 1.0, "encode": 2.0, "write": 0.02}

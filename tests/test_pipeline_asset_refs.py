@@ -1,4 +1,4 @@
-"""External references per format (pipelines.asset_refs) and the self-contained rule, on hand-made files."""
+"""External references per format (pipelines.preprocess.asset_refs) and the self-contained rule, on hand-made files."""
 from __future__ import annotations
 
 import gzip

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from mdt.conditioning import load_dinov2, save_tiny_dinov2
+from mdt.conditioning import load_dinov2
+from mdt.models.zoo import save_tiny_dinov2
 from mdt.models import from_pretrained
 from mdt.sparse import SparseTensor
 from pipelines.preprocess.config import PreprocessConfig
-from pipelines.preprocess.encode import Encode, save_tiny_encoders
+from pipelines.preprocess.encode import Encode
+from mdt.models.zoo import save_tiny_encoders
 from pipelines.preprocess.render import Render
 from pipelines.preprocess.rows import pack_array, unpack_array
 from pipelines.preprocess.synthetic_meshes import synthetic_mesh_glb

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from mdt.conditioning import (ImageConditioner, crop_condition_image, encode_image, load_dinov2,
-                              preprocess_condition_image, prenorm_tokens, save_tiny_dinov2, zero_negative_condition)
+                              preprocess_condition_image, prenorm_tokens, zero_negative_condition)
+from mdt.models.zoo import save_tiny_dinov2
 from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.features import Features
 from pipelines.preprocess.render import feature_cameras

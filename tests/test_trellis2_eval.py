@@ -35,7 +35,7 @@ def test_nfe_counts_the_guidance_interval():
 
 @pytest.fixture(scope="module")
 def flows(tmp_path_factory):
-    from mdt.generate import save_tiny_model
+    from mdt.models.zoo import save_tiny_model
     from mdt.models import from_pretrained
 
     d = tmp_path_factory.mktemp("t2eval")
@@ -117,7 +117,7 @@ def test_evaluation_job_table_for_a_trellis2_ss_student(ray_connected, tmp_path)
     from pathlib import Path
 
     from _distill_helpers import write_tiny_shards
-    from mdt.generate import save_tiny_model
+    from mdt.models.zoo import save_tiny_model
 
     root = Path(__file__).resolve().parents[1]
     data = write_tiny_shards(tmp_path / "pre", n=4, image_size=64)
@@ -147,7 +147,7 @@ def test_the_jobs_chain_samples_a_trellis2_teacher_with_its_guidance_and_rescale
 
     from mdt.eval.chain import SamplingChain
     from mdt.flow import FlowEulerGuidanceIntervalSampler, FlowEulerSampler
-    from mdt.generate import save_tiny_model
+    from mdt.models.zoo import save_tiny_model
     from mdt.models import from_pretrained
     from pipelines.evaluate.driver import EvalSamplingConfig, SamplerSpec
 

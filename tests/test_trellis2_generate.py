@@ -48,8 +48,8 @@ def test_readme_trellis2_demo_command_runs_as_printed(tmp_path):
 def write_fake_trellis2_hub(cache: Path) -> None:
     """microsoft/TRELLIS.2-4B (pipeline.json + the 512 pipeline's three flows), TRELLIS-image-large's SS decoder and
     facebook/dinov3-vitl16-pretrain-lvd1689m, all tiny random weights, in a local Hugging Face cache."""
-    from mdt.conditioning import save_tiny_dinov3
-    from mdt.generate import TRELLIS_STEMS, save_tiny_model, write_trellis2_repo
+    from mdt.models.zoo import save_tiny_dinov3
+    from mdt.models.zoo import TRELLIS_STEMS, save_tiny_model, write_trellis2_repo
 
     rev = "0" * 40
     for repo_dir, write in (

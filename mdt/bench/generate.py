@@ -36,9 +36,10 @@ def main(argv=None) -> int:
     p.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "docs" / "examples" / "mug.png"))
     args = p.parse_args(argv)
 
-    from mdt.conditioning import save_tiny_dinov2
+    from mdt.models.zoo import save_tiny_dinov2
     from mdt.config import load_config
-    from mdt.generate import GenerateConfig, ImageTo3D, StageSampler, load_image, write_trellis_repo
+    from mdt.generate import GenerateConfig, ImageTo3D, StageSampler, load_image
+    from mdt.models.zoo import write_trellis_repo
 
     repo = Path(args.repo)
     if not (repo / "pipeline.json").exists():

@@ -132,7 +132,7 @@ def _variant(model, prec: str, device: str):
 
 def precision_errors(repo: Path, device: str, size: str) -> dict:
     from mdt.distill.mdt_dist import MDTConfig, vm_target
-    from mdt.generate import TRELLIS_STEMS
+    from mdt.models.zoo import TRELLIS_STEMS
     from mdt.models import from_pretrained
 
     rows = []
@@ -190,7 +190,7 @@ def chain_latency(repo: Path, device: str, size: str, out: Path) -> dict:
 
 def training_step(repo: Path, stage: str, device: str, size: str) -> dict:
     from mdt.config import load_config
-    from mdt.generate import TRELLIS_STEMS
+    from mdt.models.zoo import TRELLIS_STEMS
     from mdt.training.bench import synthetic_batch
     from mdt.training.build import build_student, build_teacher
     from mdt.training.config import DistillConfig
@@ -239,8 +239,8 @@ def training_step(repo: Path, stage: str, device: str, size: str) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 
 def write_repo(repo: Path, size: str) -> Path:
-    from mdt.conditioning import save_tiny_dinov2
-    from mdt.generate import write_trellis_repo
+    from mdt.models.zoo import save_tiny_dinov2
+    from mdt.models.zoo import write_trellis_repo
 
     if not (repo / "pipeline.json").exists():
         write_trellis_repo(repo, full_size=size == "full")

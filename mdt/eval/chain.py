@@ -1,6 +1,6 @@
 """The models an evaluation samples with, loaded once per process, and the two sampling stages.
 
-    chain = SamplingChain(cfg, device)      # cfg: pipelines.evaluate.EvaluateConfig (condition, models, sampling)
+    chain = SamplingChain(cfg, device)      # cfg: pipelines.evaluate.driver.EvaluateConfig (condition, models, sampling)
     x = chain.sample(spec, noise, cond)     # SS latents of one sampler (spec: .model, .steps)
     occ = chain.decode(x)                   # bool occupancy [B, R, R, R]
     gaussians = chain.assets(spec, occ, cond, seeds)   # full chain: SLat on the occupied voxels -> Gaussians

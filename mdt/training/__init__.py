@@ -1,6 +1,6 @@
 """Training: the optimisation step of any objective (`Trainer`), how objectives call the networks (`wrappers`),
 checkpoint state and the networks a run builds (`build`). Plain PyTorch: the Ray Train worker loop that feeds
-`Trainer` shards and logs to MLflow is `pipelines.distill_worker`."""
+`Trainer` shards and logs to MLflow is `pipelines.distill.worker`."""
 from .config import (OBJECTIVES, STAGES, ClipConfig, ConditionConfig, DataConfig, DistillConfig, EMAConfig,
                      MlflowConfig, ModelConfig, ObjectiveConfig, OptimConfig, RayConfig, ScalingConfig,
                      SnapshotConfig, TrainConfig)

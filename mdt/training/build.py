@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from mdt.models import build_model, from_pretrained
+from mdt.models.zoo import ensure_tiny_dino
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +62,10 @@ def build_student(mcfg, device: torch.device, teacher: nn.Module | None = None) 
 
 
 def ensure_tiny_conditioner(ccfg) -> None:
-    """CPU presets: write a tiny random DINOv2 (or DINOv3, `tiny_kind`) at `condition.model` when it does not exist
-    yet."""
-    if not ccfg.tiny:
-        return
-    path = Path(ccfg.model)
-    if (path / "config.json").exists():
-        return
-    from mdt.conditioning import save_tiny_dinov2, save_tiny_dinov3
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_tiny = save_tiny_dinov3 if getattr(ccfg, "tiny_kind", "dinov2") == "dinov3" else save_tiny_dinov2
-    save_tiny(tmp, hidden_size=ccfg.tiny_hidden_size)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process won the race
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    """CPU presets (`condition.tiny`): a tiny random DINOv2 (or DINOv3, `tiny_kind`) at `condition.model` unless one
+    is there (`mdt.models.zoo.ensure_tiny_dino`)."""
+    if ccfg.tiny:
+        ensure_tiny_dino(ccfg.model, getattr(ccfg, "tiny_kind", "dinov2"), ccfg.tiny_hidden_size)
 
 
 def build_conditioner(ccfg, device: torch.device):

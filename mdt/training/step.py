@@ -5,7 +5,7 @@ The student may be wrapped for data parallelism (DDP, or FSDP2 sharding); object
 `wrappers.StudentCalls` (the wrapper for calls that build a graph, so that gradients are synchronised; the
 unwrapped module in float32 for no-grad target calls and JVPs) and the frozen teacher through
 `wrappers.FrozenTeacher` (eval mode, no parameter requires grad, outside the student's autocast). `Trainer`
-knows nothing about Ray: the Ray Train loop (`pipelines.distill_worker`) feeds it batches; tests drive it directly.
+knows nothing about Ray: the Ray Train loop (`pipelines.distill.worker`) feeds it batches; tests drive it directly.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ found again on a re-run), its params and resolved config.
   run's outputs, `sqlite:///<output>/mlflow.db` with artifacts in `<output>/artifacts` (a local `output`
   only: with an s3:// output a tracking URI must be given).
 * One MLflow run per training run (`<output>/<name>`): its id is recorded in `<output>/<name>/mlflow_run.json`
-  (local or s3://, through `pipelines.storage`, so a custom S3 endpoint applies); re-running the same job, or
+  (local or s3://, through `pipelines.common.storage`, so a custom S3 endpoint applies); re-running the same job, or
   Ray Train restarting workers after a failure, logs into the same run.
 * Params: the resolved config, of the objectives only the active one's section.
 

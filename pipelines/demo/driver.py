@@ -114,10 +114,10 @@ def prepare_models(out: Path, structured_latents: bool = True) -> dict[str, str]
     import numpy as np
     import torch
 
-    from mdt.conditioning import save_tiny_dinov2
+    from mdt.models.zoo import save_tiny_dinov2
     from mdt.eval.calibration import set_occupancy_fraction_weights, standardize_latents
     from mdt.models import from_pretrained, save_pretrained
-    from pipelines.preprocess.encode import save_tiny_encoders
+    from mdt.models.zoo import save_tiny_encoders
     from pipelines.preprocess.synthetic_meshes import box_surface_voxels, sphere_surface_voxels
 
     d = out / "models"

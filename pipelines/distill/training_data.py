@@ -1,8 +1,8 @@
 """The training side of the shards: which columns a stage reads, the Ray Dataset the workers split, the first
 rows (fixed snapshot conditions) and the collate function bound to the stage's settings.
 
-Reading goes through `pipelines.shards`' reader API only; the collate function is handed to the Ray Train loop
-(`pipelines.distill_worker`) as a plain callable.
+Reading goes through `pipelines.preprocess.shards`' reader API only; the collate function is handed to the Ray Train loop
+(`pipelines.distill.worker`) as a plain callable.
 """
 from __future__ import annotations
 

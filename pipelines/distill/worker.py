@@ -6,7 +6,7 @@ checkpoints (`ray.train.report`), resume (`ray.train.get_checkpoint`), export at
 
 * ``cfg``: the `DistillConfig`;
 * ``collate``: ``collate(rows, generator=None, cond_view=...) -> {"x0": dense [B, 8, 16³] | SparseTensor,
-  "cond": images [B, 3, S, S], ...}`` (the driver binds `pipelines.shards.collate` to the stage, SLat statistics
+  "cond": images [B, 3, S, S], ...}`` (the driver binds `pipelines.preprocess.shards.collate` to the stage, SLat statistics
   and max-voxels filter; mdt does not import pipelines);
 * ``run_dir``: `<storage>/<name>`;
 * ``mlflow``: ``{"tracking_uri", "run_id"}`` or None;

@@ -2,7 +2,7 @@
 
     result = run(cfg)          # cfg: EvaluateConfig (jobs/configs/evaluate_*.yaml)
 
-Graph: shards (`pipelines.shards.read_shards`) -> split filter (a fixed hash of sha256: `holdout` / `train` /
+Graph: shards (`pipelines.preprocess.shards.read_shards`) -> split filter (a fixed hash of sha256: `holdout` / `train` /
 `all`) -> `SamplerActor` pool (`compute.num_actors` actors, `compute.num_gpus` each: GPU actors on a cluster, CPU
 here) -> one row per (asset, seed, sampler) with its measurements, plus one per asset for the ground truth.
 Each actor loads the conditioner, the SS models, the SS decoder and the two feature networks once and, per

@@ -17,7 +17,7 @@ References found per format (``references``):
 * USDA: ``@asset path@`` and ``@@@…@@@`` references; any USD expression (``${…}``, backquotes) fails
 * PLY: ``comment TextureFile``
 Formats whose references are binary-encoded (USDC, USDZ, Alembic) are refused by the content rules
-(pipelines.asset_content) unless explicitly enabled for sandboxed rendering.
+(pipelines.preprocess.asset_content) unless explicitly enabled for sandboxed rendering.
 """
 from __future__ import annotations
 

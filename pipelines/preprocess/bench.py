@@ -192,10 +192,10 @@ def main(argv=None) -> int:
     if max(workers) > len(cores):
         p.error(f"{max(workers)} workers asked but this process may use {len(cores)} cores")
     out.mkdir(parents=True, exist_ok=True)
-    from pipelines.preprocess.tiny_models import ensure_tiny_models
+    from mdt.models.zoo import ensure_tiny_preprocess_models
 
     tiny = out / "tiny-models"
-    ensure_tiny_models(str(tiny))
+    ensure_tiny_preprocess_models(str(tiny))
     results = []
     for n in workers:
         with tempfile.TemporaryDirectory() as scratch:

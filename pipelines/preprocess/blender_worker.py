@@ -5,7 +5,7 @@
 
 This file is a standalone script on purpose: it imports only the standard library, numpy and bpy, so a
 crash, hang or runaway allocation inside Blender only ever takes this process down, and the parent
-(`pipelines.render`) can kill it. The job file (JSON) says:
+(`pipelines.preprocess.render`) can kill it. The job file (JSON) says:
 
     input            path of the asset's main file
     format           glb gltf obj ply fbx stl blend (case-insensitive)
@@ -751,7 +751,7 @@ def _normalise(bpy, np) -> tuple[float, list[float]]:
 
 
 def _check_geometry(np, v, f) -> None:
-    """The rule of pipelines.mesh_check.check_geometry, on the imported (decoded) scene (this script imports no
+    """The rule of pipelines.preprocess.mesh_check.check_geometry, on the imported (decoded) scene (this script imports no
     project module): finite positions, faces in range, a non-zero total area."""
     if not len(v) or not len(f):
         raise AssetError("no mesh geometry in the asset")

@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-SCHEMA_VERSION = 1  # bumped whenever the shard schema changes (pipelines/shards.py)
+SCHEMA_VERSION = 1  # bumped whenever the shard schema changes (pipelines/preprocess/shards.py)
 
 MESH_FORMATS = ["glb", "gltf", "obj", "ply", "fbx", "stl", "blend", "dae", "usdz", "usd", "usda", "usdc", "abc"]
 
@@ -73,7 +73,7 @@ class DownloadConfig:
     backoff_max_s: float = 30.0
     per_host_concurrency: int = 4  # per download actor; cluster-wide bound = actors x this
     # Files up to this size travel in the row (Ray's object store); larger ones are streamed from the cache to
-    # the local disk of the stage that needs them (pipelines.download.materialize_mesh). 0: never in the row.
+    # the local disk of the stage that needs them (pipelines.preprocess.download.materialize_mesh). 0: never in the row.
     carry_max_bytes: int = 8 * 1024 * 1024
     extract_dir: str = ""  # per-node directory for unpacked archives; "" = <tmp>/mdt-archives
     bundle_max_files: int = 256  # multi-file assets (gltf/obj): at most this many referenced files
@@ -203,7 +203,7 @@ DEFAULT_STAGES = ["download", "render", "voxelize", "features", "encode"]
 class PreprocessConfig:
     output: str = "outputs/preprocess"  # local dir or s3://bucket/prefix
     # CPU demo / CI only: a local directory where random-weight tiny DINOv2 and SS/SLat encoders are created
-    # (if missing) and used instead of features.checkpoint / encode.* (pipelines.tiny_models.ensure_tiny_models).
+    # (if missing) and used instead of features.checkpoint / encode.* (mdt.models.zoo.ensure_tiny_preprocess_models).
     tiny_models: str | None = None
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     resources: dict[str, StageResources] = field(

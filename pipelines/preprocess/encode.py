@@ -95,33 +95,3 @@ class Encode:
         row["slat_feats"] = pack_array(slat.numpy().astype(np.float32))
         return row
 
-
-def save_tiny_encoders(directory, feature_channels: int = 64, seed: int = 0) -> tuple[str, str]:
-    """Random-weight tiny SS and SLat encoders in TRELLIS checkpoint format (tests and the CPU demo).
-
-    Every parameter is redrawn (std 1/sqrt(fan_in), norms around 1) so that no output is trivially zero.
-    Returns the two checkpoint paths `<directory>/ss_enc_tiny`, `<directory>/slat_enc_tiny` for
-    `encode.ss_encoder` / `encode.slat_encoder`."""
-    from pathlib import Path
-
-    from mdt.models import SLatEncoder, SparseStructureEncoder, save_pretrained
-
-    torch.manual_seed(seed)
-    ss = SparseStructureEncoder(in_channels=1, latent_channels=8, num_res_blocks=1, num_res_blocks_middle=1,
-                                channels=[8, 16, 32], use_fp16=False)
-    slat = SLatEncoder(resolution=64, in_channels=feature_channels, model_channels=64, latent_channels=8,
-                       num_blocks=2, num_heads=4, mlp_ratio=4, attn_mode="swin", window_size=8, use_fp16=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for model in (ss, slat):
-            for name, p in model.named_parameters():
-                if p.ndim == 1:
-                    base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-                    p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-                else:
-                    fan_in = int(np.prod(p.shape[1:]))
-                    p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
-    directory = Path(directory)
-    save_pretrained(ss, directory / "ss_enc_tiny")
-    save_pretrained(slat, directory / "slat_enc_tiny")
-    return str(directory / "ss_enc_tiny"), str(directory / "slat_enc_tiny")

@@ -1,7 +1,7 @@
 """Render stage: Blender (Cycles) views, cameras and the normalised mesh of one asset per row.
 
 The parent side (this module) chooses the cameras, writes the asset into a private temp directory, checks it
-(external references, raw geometry) and has `pipelines/blender_worker.py` render it in a child process that it
+(external references, raw geometry) and has `pipelines/preprocess/blender_worker.py` render it in a child process that it
 can kill: a per-asset timeout (the child's whole process group is SIGKILLed), an address-space cap set inside
 the child with `resource.setrlimit`, the mandatory sandbox (`blender_worker.confine`; `render: no sandbox: <why>`
 where it cannot be set up, unless `render.allow_unsandboxed`), an environment without credentials, a factory-reset scene,
@@ -393,9 +393,9 @@ def _tail(path: Path, n: int = 4000) -> str:
 class Render:
     """Row stage: asset bytes -> feature views, condition views (cropped), cameras, normalised mesh.
 
-    Reads `cfg.render`, `cfg.cond` and `cfg.storage` (pipelines.config.PreprocessConfig). Before Blender sees
-    the asset: every external reference is checked (pipelines.asset_refs) and, for the formats parsed without
-    a renderer, the raw geometry (pipelines.mesh_check).
+    Reads `cfg.render`, `cfg.cond` and `cfg.storage` (pipelines.preprocess.config.PreprocessConfig). Before Blender sees
+    the asset: every external reference is checked (pipelines.preprocess.asset_refs) and, for the formats parsed without
+    a renderer, the raw geometry (pipelines.preprocess.mesh_check).
     """
 
     name = "render"
@@ -533,7 +533,7 @@ class Render:
 
 def pre_import_checks(path: Path, root: Path, fmt: str, unscannable_ok=frozenset(),
                       max_pixels: int = MAX_PIXELS) -> dict:
-    """External references and content rules (always; pipelines.asset_content) and raw geometry (formats
+    """External references and content rules (always; pipelines.preprocess.asset_content) and raw geometry (formats
     parsed without Blender) of a materialised asset. Raises ExternalReferenceError / MeshError / ContentError;
     returns what was checked, for the ledger's stats. A file the cheap parser cannot read is left to Blender's
     importer and the worker's own checks."""

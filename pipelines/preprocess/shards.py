@@ -161,7 +161,7 @@ def shard_dir(output: str, config_hash: str) -> str:
 
 def asset_encoding_of(row: dict) -> str:
     """The row's ``<format>/<encoding>`` for the report's coverage table: what the render stage read from the
-    file (pipelines.mesh_check.asset_encoding), else ``<format>/unchecked`` (the asset failed before it)."""
+    file (pipelines.preprocess.mesh_check.asset_encoding), else ``<format>/unchecked`` (the asset failed before it)."""
     try:
         enc = json.loads(row.get("asset_checks") or "{}").get("encoding")
     except (ValueError, AttributeError):

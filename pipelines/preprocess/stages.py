@@ -1,5 +1,5 @@
 """The stage registry: names usable in ``cfg.stages`` and what each stage adds to, removes from and needs
-of a row. Graph building (pipelines.graph) and reporting (pipelines.report) both read it."""
+of a row. Graph building (pipelines.preprocess.driver) and reporting (pipelines.preprocess.report) both read it."""
 from __future__ import annotations
 
 import importlib

@@ -1,7 +1,7 @@
 """``stand_in``: the CI preset's cheap replacement for render -> voxelize -> features -> encode.
 
 It treats the asset like the real stages do up to the geometry: the file is materialised, its external
-references checked (pipelines.asset_refs), its raw mesh parsed and validated (pipelines.mesh_check), the
+references checked (pipelines.preprocess.asset_refs), its raw mesh parsed and validated (pipelines.preprocess.mesh_check), the
 normalised mesh voxelized with the real voxelizer. A file that is not a mesh fails here as it would in the
 render stage. Only what needs Blender and the networks is stood in for: the latents and the condition images
 are deterministic noise seeded by the asset's bytes, with the shapes of the real fields.

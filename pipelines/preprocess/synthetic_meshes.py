@@ -7,7 +7,7 @@ small embedded base-colour texture. The same seed always gives the same bytes. T
 assets in tests and in the CPU demo (no network).
 
 The analytic helpers at the end (`box_mesh`, `box_surface_voxels`, `sphere_surface_voxels`) give exact
-reference voxelisations for the voxelisation tests. Grid convention (same as `pipelines.voxelize`): the
+reference voxelisations for the voxelisation tests. Grid convention (same as `pipelines.preprocess.voxelize`): the
 cube [-0.5, 0.5]^3 split into R^3 voxels, voxel i spanning the closed interval [i/R - 0.5, (i+1)/R - 0.5].
 """
 from __future__ import annotations
