@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mdt.config import ConfigError, load_config  # noqa: E402
+from mdt.config import ConfigError, load_config, load_preset  # noqa: E402
 
 
 class ArgError(Exception):
@@ -53,7 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from mdt.config import load_preset
     from mdt.generate import GenerateConfig, Trellis2GenerateConfig, check_checkpoint_arg, check_image
     from pipelines.common.cluster import created_model_path, durable_output
 

@@ -17,6 +17,8 @@ Writes `<out>/gpu_check.json` and `<out>/gpu_check.md`; exit 0 when every check 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import platform
 import sys
@@ -115,9 +117,6 @@ def _flow_inputs(model, size: str, device: str, batch: int = 2, seed: int = 0):
 
 def _variant(model, prec: str, device: str):
     """(model, autocast context) of a precision: fp32; fp16 = the published fp16 torso; bf16 = autocast."""
-    import contextlib
-    import copy
-
     m = copy.deepcopy(model).to(device)
     m.float()
     if hasattr(m, "convert_to_fp32"):
@@ -132,8 +131,8 @@ def _variant(model, prec: str, device: str):
 
 def precision_errors(repo: Path, device: str, size: str) -> dict:
     from mdt.distill.mdt_dist import MDTConfig, vm_target
-    from mdt.models.zoo import TRELLIS_STEMS
     from mdt.models import from_pretrained
+    from mdt.models.zoo import TRELLIS_STEMS
 
     rows = []
     for slot in ("ss_flow", "slat_flow"):
@@ -239,8 +238,7 @@ def training_step(repo: Path, stage: str, device: str, size: str) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 
 def write_repo(repo: Path, size: str) -> Path:
-    from mdt.models.zoo import save_tiny_dinov2
-    from mdt.models.zoo import write_trellis_repo
+    from mdt.models.zoo import save_tiny_dinov2, write_trellis_repo
 
     if not (repo / "pipeline.json").exists():
         write_trellis_repo(repo, full_size=size == "full")

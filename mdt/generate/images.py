@@ -1,6 +1,7 @@
 """Input images: hostile-input-safe loading (byte and pixel caps) and TRELLIS's condition crop."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -31,7 +32,6 @@ def load_image(path: str | os.PathLike):
 
 def load_image_bytes(data: bytes, name: str = "image"):
     """`load_image` for bytes already read (under the same byte cap): the pixel cap, then decode."""
-    import io
 
     from PIL import Image
 

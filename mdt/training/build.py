@@ -8,7 +8,7 @@ import os
 import torch
 from torch import nn
 
-from mdt.models import build_model, from_pretrained
+from mdt.models import build_model, from_pretrained, save_pretrained
 from mdt.models.zoo import ensure_tiny_dino
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,6 @@ def build_conditioner(ccfg, device: torch.device):
 def export_model(like: tuple[str, dict], state: dict[str, torch.Tensor], path: str | os.PathLike):
     """Write `state` (a full float32 state dict of model class `like[0]` with args `like[1]`) as a TRELLIS
     checkpoint `<path>.json` + `<path>.safetensors` (published dtypes: fp16 torso when args say use_fp16)."""
-    from mdt.models import save_pretrained
-
     name, args = like
     model = build_model(name, dict(args), device="meta").to_empty(device="cpu")
     model.float()

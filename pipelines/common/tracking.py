@@ -16,9 +16,10 @@ skipped by the trainer; the run gets the metric `skipped_steps` and the tag `ale
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -144,8 +145,6 @@ def log_eval_table(tracking_uri: str, run_id: str, eval_dir: str, headline: dict
                    name: str = "eval") -> None:
     """An evaluation's table as one artifact folder (`<name>/table.md` and `<name>/results.json`, from
     `eval_dir`) plus a few headline metrics (`<name>/<key>`), instead of one single-point chart per cell."""
-    import shutil
-
     c = client(tracking_uri)
     with tempfile.TemporaryDirectory() as d:
         for f in ("table.md", "results.json"):

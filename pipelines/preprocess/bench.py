@@ -24,6 +24,7 @@ results and `ratios` (the same figures and their goals).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -90,8 +91,6 @@ def run_one(workers: int, assets: int, out: Path, tiny: Path, render_workers: st
         cfg.resources[stage] = StageResources(concurrency=1, num_cpus=share)
     for stage in COMPUTE_STAGES:
         cfg.resources[stage] = StageResources(concurrency=workers, num_cpus=share)
-    import ctypes
-
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned descendants stay in our tree
     graph.absolutize_paths(cfg)
     graph.init_ray(cfg)  # not timed: the wall time below starts at listing

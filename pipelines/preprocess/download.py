@@ -27,6 +27,7 @@ What it guarantees:
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -48,8 +49,8 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import tenacity
 
-from pipelines.preprocess import asset_content, asset_refs
 from pipelines.common import storage
+from pipelines.preprocess import asset_content, asset_refs
 from pipelines.preprocess.config import MESH_FORMATS, DownloadConfig, PreprocessConfig, StorageConfig
 from pipelines.preprocess.rows import fail
 
@@ -83,8 +84,6 @@ try:  # the cluster-wide limiter is a Ray actor; the module also works without R
             self.peak: dict[str, int] = defaultdict(int)
 
         async def acquire(self, host: str, lease_s: float) -> str:
-            import asyncio
-
             while True:
                 now = time.time()
                 slots = self.active[host]

@@ -15,7 +15,9 @@ for the run report's coverage table; it reads only the glTF JSON (or the OBJ's `
 """
 from __future__ import annotations
 
+import json
 import os
+import struct
 
 import numpy as np
 
@@ -47,9 +49,6 @@ MAX_GLTF_JSON_BYTES = 64 << 20  # a larger JSON chunk is not read (the importer'
 
 def gltf_json(path: str | os.PathLike, fmt: str) -> dict | None:
     """The JSON document of a .gltf file or a .glb's JSON chunk; None when it cannot be read as one."""
-    import json
-    import struct
-
     try:
         with open(path, "rb") as fh:
             if fmt == "glb":

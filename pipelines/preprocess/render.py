@@ -30,10 +30,12 @@ Row in: `sha256`, `mesh_bytes` (+ `mesh_format`, `mesh_name`, `mesh_bundle`, `un
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -48,7 +50,8 @@ import numpy as np
 
 from pipelines.preprocess.asset_content import MAX_PIXELS, check_bundle
 from pipelines.preprocess.asset_refs import ExternalReferenceError, check_tree
-from pipelines.preprocess.mesh_check import MeshError, asset_encoding, check_geometry
+from pipelines.preprocess.mesh_check import (PARSED_FORMATS, CompressedGeometry, MeshError, asset_encoding,
+                                             check_geometry, parse_mesh)
 
 log = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("blender_worker.py")
@@ -230,8 +233,6 @@ class WarmWorker:
             raise
 
     def _line(self, timeout_s: float | None) -> str | None:
-        import select
-
         deadline = None if timeout_s is None else time.time() + timeout_s
         while b"\n" not in self._buf:
             wait = None if deadline is None else max(0.0, deadline - time.time())
@@ -537,8 +538,6 @@ def pre_import_checks(path: Path, root: Path, fmt: str, unscannable_ok=frozenset
     parsed without Blender) of a materialised asset. Raises ExternalReferenceError / MeshError / ContentError;
     returns what was checked, for the ledger's stats. A file the cheap parser cannot read is left to Blender's
     importer and the worker's own checks."""
-    from pipelines.preprocess.mesh_check import PARSED_FORMATS, CompressedGeometry, parse_mesh
-
     files = check_tree(path, root)
     check_bundle(files, Path(path).relative_to(root).as_posix(), unscannable_ok, max_pixels)
     checks: dict = {"references": "checked", "content": "checked", "encoding": asset_encoding(path, fmt)}
@@ -559,8 +558,6 @@ def pre_import_checks(path: Path, root: Path, fmt: str, unscannable_ok=frozenset
 def is_blank(png: bytes) -> bool:
     """True for an image with nothing visible: fully transparent, or black wherever it is opaque."""
     from PIL import Image
-
-    import io
 
     a = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
     visible = a[..., 3] > 0

@@ -9,11 +9,14 @@ in progress), so an orphan shard of a killed run is never read.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import time
 import uuid
+from dataclasses import asdict
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -22,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common import storage
 from pipelines.preprocess.config import SCHEMA_VERSION, PreprocessConfig, join_uri
-from pipelines.preprocess.ledger import WRITE_STAGE, Ledger, sandbox_mode
+from pipelines.preprocess.ledger import WRITE_STAGE, Ledger, sandbox_mode, slat_normalisation
 from pipelines.preprocess.rows import error_stage, timings, unpack_array
 
 log = logging.getLogger(__name__)
@@ -517,9 +520,6 @@ def iter_rows(uri: str, storage_cfg=None, columns: list[str] | None = None) -> I
 
 def checkpoint_info(cfg: PreprocessConfig) -> dict:
     """Encoder (and feature model) checkpoints with content hashes when they are local files."""
-    import hashlib
-    import os
-
     out = {}
     refs = {}
     if "features" in cfg.stages:
@@ -548,10 +548,6 @@ def checkpoint_info(cfg: PreprocessConfig) -> dict:
 def write_manifest(cfg: PreprocessConfig, chash: str, run_id: str, resolved_config: dict | None = None) -> dict:
     """``<output>/manifest.json`` (and ``manifest-<config_hash>.json``) from the ledger: shard list, counts,
     SLat normalisation stats over every done asset, bytes per asset, checkpoints."""
-    from dataclasses import asdict
-
-    from pipelines.preprocess.ledger import slat_normalisation
-
     st = Ledger(cfg.output, chash, cfg.storage).state()
     d = shard_dir(cfg.output, chash)
     shards, missing = [], []
