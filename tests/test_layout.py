@@ -76,9 +76,20 @@ def _external_imports(path: Path) -> set[str]:
 
 
 def _folder(module: str) -> str:
-    """The folder a module of mdt/ belongs to: `mdt.eval.chain` -> `mdt.eval`; a top-level module is its own."""
+    """The folder a module belongs to: `mdt.eval.chain` -> `mdt.eval`, `pipelines.distill.worker` ->
+    `pipelines.distill`; a top-level module is its own."""
     parts = module.split(".")
     return ".".join(parts[:2])
+
+
+def _folder_edges(top: str) -> dict[str, set[str]]:
+    """Folder -> the other folders of `top` it imports from."""
+    edges: dict[str, set[str]] = {}
+    for m, deps in _graph().items():
+        if m.startswith(top + "."):
+            edges.setdefault(_folder(m), set()).update(
+                _folder(d) for d in deps if d.startswith(top + ".") and _folder(d) != _folder(m))
+    return edges
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -136,12 +147,7 @@ def test_no_import_cycle():
 def test_no_folder_cycle_inside_the_library():
     """Folders of mdt/ depend on each other in one direction (eval may use training's builders, or the other
     way round, never both): a folder-level cycle is a tangle that module-level checks do not see."""
-    edges: dict[str, set[str]] = {}
-    for m, deps in _graph().items():
-        if m.startswith("mdt."):
-            edges.setdefault(_folder(m), set()).update(
-                _folder(d) for d in deps if d.startswith("mdt.") and _folder(d) != _folder(m))
-    cycles = _cycles(edges)
+    cycles = _cycles(_folder_edges("mdt"))
     assert not cycles, "folder cycles in mdt/:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
@@ -167,11 +173,6 @@ def test_the_checker_sees_a_wrong_way_import(tmp_path):
     assert _imports("mdt.x", src, known) == {"mdt.flow", "pipelines.preprocess.driver"}
 
 
-def _job_folder(module: str) -> str:
-    """The folder of pipelines/ a module belongs to: `pipelines.distill.worker` -> `pipelines.distill`."""
-    return ".".join(module.split(".")[:2])
-
-
 def test_the_ray_layer_is_one_folder_per_job():
     """Every module of pipelines/ sits in a job's folder or in common/ (rehearse.py, which runs the jobs' CLIs, and
     the package's own __init__ apart); each job folder has the driver its CLI calls."""
@@ -179,15 +180,12 @@ def test_the_ray_layer_is_one_folder_per_job():
     assert not loose, f"modules outside a job folder: {loose}"
     for job in (ROOT / "jobs").glob("*.py"):
         if job.stem != "generate":  # generation runs without Ray: mdt.generate
-            assert (ROOT / "pipelines" / job.stem / "driver.py").is_file(), f"jobs/{job.name} has no pipelines/{job.stem}/driver.py"
+            driver = ROOT / "pipelines" / job.stem / "driver.py"
+            assert driver.is_file(), f"jobs/{job.name} has no {driver.relative_to(ROOT)}"
 
 
 def test_no_folder_cycle_in_the_ray_layer_and_common_imports_no_job():
-    edges: dict[str, set[str]] = {}
-    for m, deps in _graph().items():
-        if m.startswith("pipelines."):
-            edges.setdefault(_job_folder(m), set()).update(
-                _job_folder(d) for d in deps if d.startswith("pipelines.") and _job_folder(d) != _job_folder(m))
+    edges = _folder_edges("pipelines")
     cycles = _cycles(edges)
     assert not cycles, "folder cycles in pipelines/:\n" + "\n".join(" -> ".join(c) for c in cycles)
     assert edges["pipelines.common"] <= {"pipelines"}, f"common/ imports a job: {sorted(edges['pipelines.common'])}"

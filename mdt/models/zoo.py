@@ -224,49 +224,12 @@ def save_tiny_encoders(directory, feature_channels: int = 64, seed: int = 0) -> 
     return str(directory / "ss_enc_tiny"), str(directory / "slat_enc_tiny")
 
 
-def save_tiny_dinov2(path: str | os.PathLike, hidden_size: int = 64, num_hidden_layers: int = 2,
-                     num_attention_heads: int = 4, image_size: int = IMAGE_SIZE, patch_size: int = 14,
-                     num_register_tokens: int = 4, seed: int = 0) -> Path:
-    """Write a random-weight Dinov2WithRegisters model (same code path as the real checkpoint) with
-    `save_pretrained`; every weight, including the layer-norm affines, is randomised so that prenorm and
-    postnorm outputs differ. Returns the directory."""
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel  # heavy: transformers
-
-    config = Dinov2WithRegistersConfig(
-        hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        mlp_ratio=4, image_size=image_size, patch_size=patch_size, num_register_tokens=num_register_tokens,
-        layerscale_value=1.0)
+def _save_random_hf(make, path: str | os.PathLike, seed: int) -> Path:
+    """Build a Hugging Face model (`make()`, after seeding torch), redraw every weight from `seed` (norm weights
+    around 1, other vectors around 0, matrices with std 1/sqrt(fan_in); the mask token untouched), and
+    `save_pretrained` it at `path`."""
     torch.manual_seed(seed)
-    model = Dinov2WithRegistersModel(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mask_token"):
-                continue
-            if p.ndim == 1 and ("norm" in name and name.endswith("weight")):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
-    path = Path(path)
-    model.save_pretrained(path)
-    return path
-
-
-def save_tiny_dinov3(path: str | os.PathLike, hidden_size: int = 64, num_hidden_layers: int = 2,
-                     num_attention_heads: int = 4, image_size: int = 64, patch_size: int = 16,
-                     num_register_tokens: int = 4, seed: int = 0) -> Path:
-    """Write a random-weight `DINOv3ViTModel` (TRELLIS.2's conditioner class) with `save_pretrained`, every
-    weight randomised like `save_tiny_dinov2`'s. Returns the directory."""
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel  # heavy: transformers
-
-    config = DINOv3ViTConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                             num_attention_heads=num_attention_heads, intermediate_size=2 * hidden_size,
-                             image_size=image_size, patch_size=patch_size, num_register_tokens=num_register_tokens)
-    torch.manual_seed(seed)
-    model = DINOv3ViTModel(config).eval()
+    model = make().eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -282,6 +245,34 @@ def save_tiny_dinov3(path: str | os.PathLike, hidden_size: int = 64, num_hidden_
     path = Path(path)
     model.save_pretrained(path)
     return path
+
+
+def save_tiny_dinov2(path: str | os.PathLike, hidden_size: int = 64, num_hidden_layers: int = 2,
+                     num_attention_heads: int = 4, image_size: int = IMAGE_SIZE, patch_size: int = 14,
+                     num_register_tokens: int = 4, seed: int = 0) -> Path:
+    """Write a random-weight Dinov2WithRegisters model (same code path as the real checkpoint) with
+    `save_pretrained`; every weight, including the layer-norm affines, is randomised so that prenorm and
+    postnorm outputs differ. Returns the directory."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel  # heavy: transformers
+
+    config = Dinov2WithRegistersConfig(
+        hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        mlp_ratio=4, image_size=image_size, patch_size=patch_size, num_register_tokens=num_register_tokens,
+        layerscale_value=1.0)
+    return _save_random_hf(lambda: Dinov2WithRegistersModel(config), path, seed)
+
+
+def save_tiny_dinov3(path: str | os.PathLike, hidden_size: int = 64, num_hidden_layers: int = 2,
+                     num_attention_heads: int = 4, image_size: int = 64, patch_size: int = 16,
+                     num_register_tokens: int = 4, seed: int = 0) -> Path:
+    """Write a random-weight `DINOv3ViTModel` (TRELLIS.2's conditioner class) with `save_pretrained`, every
+    weight randomised like `save_tiny_dinov2`'s. Returns the directory."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel  # heavy: transformers
+
+    config = DINOv3ViTConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                             num_attention_heads=num_attention_heads, intermediate_size=2 * hidden_size,
+                             image_size=image_size, patch_size=patch_size, num_register_tokens=num_register_tokens)
+    return _save_random_hf(lambda: DINOv3ViTModel(config), path, seed)
 
 
 def ensure_tiny_dino(path: str | os.PathLike, kind: str = "dinov2", hidden_size: int = 64) -> None:
