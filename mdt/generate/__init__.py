@@ -35,20 +35,20 @@ models: `mdt.models.zoo`. Every name above is importable from `mdt.generate`.
 """
 from __future__ import annotations
 
-from mdt.generate.config import FORMATS, StageSampler, GenerateModels, DecodeConfig, PreviewConfig, GenerateConfig
-from mdt.generate.sources import (TINY_NOW, TINY_EARLIER, ModelSource, checkpoint_exists, looks_like_hub_path,
-                                  check_checkpoint_arg, read_pipeline_json, resolve_model_paths, ensure_tiny_models)
-from mdt.generate.images import (MAX_IMAGE_PIXELS, MAX_IMAGE_BYTES, load_image, load_image_bytes, check_image,
+from mdt.generate.chain import (GeneratedSample, Generation, ImageTo3D, StageTimer, check_compatible, decode_gaussians,
+                                denormalize_slat, pick_device, sample_groups, sparse_noise)
+from mdt.generate.config import FORMATS, DecodeConfig, GenerateConfig, GenerateModels, PreviewConfig, StageSampler
+from mdt.generate.images import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, check_image, load_image, load_image_bytes,
                                  preprocess_image)
-from mdt.generate.chain import (GeneratedSample, Generation, StageTimer, pick_device, ImageTo3D, sparse_noise,
-                                denormalize_slat, sample_groups, decode_gaussians, check_compatible)
-from mdt.generate.job import sample_point_clouds, write_sample_files, write_previews, safe_name, generate
-from mdt.generate.trellis2 import (GuidanceSampler, Trellis2Models, Trellis2GenerateConfig, resolve_trellis2_paths,
-                                   ensure_tiny_trellis2, Trellis2Sample, Trellis2Generation, max_pool_occupancy,
-                                   Trellis2ImageTo3D, write_trellis2_latents, generate_trellis2)
-from mdt.models.zoo import (SLOTS, PIPELINE_KEYS, TRELLIS2_SLOTS, TRELLIS2_LATENT_CHANNELS, TINY_OCCUPANCY,
-                            TRELLIS_STEMS, TRELLIS_SLAT_MEAN, TRELLIS_SLAT_STD, tiny_model_args, full_size_model_args,
-                            save_tiny_model, write_trellis_repo, tiny_trellis2_args, write_trellis2_repo)
+from mdt.generate.job import generate, safe_name, sample_point_clouds, write_previews, write_sample_files
+from mdt.generate.sources import (TINY_EARLIER, TINY_NOW, ModelSource, check_checkpoint_arg, checkpoint_exists,
+                                  ensure_tiny_models, looks_like_hub_path, read_pipeline_json, resolve_model_paths)
+from mdt.generate.trellis2 import (GuidanceSampler, Trellis2GenerateConfig, Trellis2Generation, Trellis2ImageTo3D,
+                                   Trellis2Models, Trellis2Sample, ensure_tiny_trellis2, generate_trellis2,
+                                   max_pool_occupancy, resolve_trellis2_paths, write_trellis2_latents)
+from mdt.models.zoo import (PIPELINE_KEYS, SLOTS, TINY_OCCUPANCY, TRELLIS2_LATENT_CHANNELS, TRELLIS2_SLOTS,
+                            TRELLIS_SLAT_MEAN, TRELLIS_SLAT_STD, TRELLIS_STEMS, full_size_model_args, save_tiny_model,
+                            tiny_model_args, tiny_trellis2_args, write_trellis2_repo, write_trellis_repo)
 
 __all__ = ['FORMATS', 'StageSampler', 'GenerateModels', 'DecodeConfig', 'PreviewConfig', 'GenerateConfig', 'TINY_NOW',
            'TINY_EARLIER', 'ModelSource', 'checkpoint_exists', 'looks_like_hub_path', 'check_checkpoint_arg',

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from mdt.conditioning import ImageConditioner
+from mdt.export.flexicubes import MeshData, mesh_from_decoder_output
+from mdt.export.mesh import occupancy_mesh
 from mdt.flow import FlowEulerSampler
 from mdt.generate.config import GenerateConfig, StageSampler
 from mdt.generate.images import preprocess_image
@@ -192,8 +194,6 @@ class ImageTo3D:
 
     @torch.no_grad()
     def decode_meshes(self, slat: SparseTensor) -> list:
-        from mdt.export.flexicubes import MeshData, mesh_from_decoder_output
-
         dec, parts, out = self.models["slat_decoder_mesh"], sparse_unbind(slat), []
         resolution = dec.resolution * 4
         for group in self.chunks(slat):
@@ -212,8 +212,6 @@ class ImageTo3D:
             slat: StageSampler | None = None) -> Generation:
         """One input image (PIL / array / bytes, or an already preprocessed [3, S, S] tensor) -> `num_samples`
         samples in one batch. `ss` / `slat` override the config's samplers for this call."""
-        from mdt.export.mesh import occupancy_mesh
-
         k = num_samples or self.cfg.num_samples
         formats = formats or self.cfg.decode.formats
         ss, slat_s = ss or self.cfg.ss, slat or self.cfg.slat

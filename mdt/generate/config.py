@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mdt.config import ConfigError
 from mdt.flow import count_nfe
 
 FORMATS = ("gaussians", "mesh")
@@ -78,8 +79,6 @@ class GenerateConfig:
     output: str = "outputs/generate"
 
     def validate(self) -> None:
-        from mdt.config import ConfigError
-
         for name, s in (("ss", self.ss), ("slat", self.slat)):
             if s.steps < 1:
                 raise ConfigError(f"{name}.steps must be >= 1, got {s.steps}")

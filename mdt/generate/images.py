@@ -5,6 +5,7 @@ import io
 import os
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from mdt.conditioning import preprocess_condition_image, to_pil
@@ -20,8 +21,6 @@ MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 def load_image(path: str | os.PathLike):
     """Read one image file (only that file); refuse oversize files and decompression bombs."""
-    from PIL import Image
-
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_IMAGE_BYTES:
@@ -32,8 +31,6 @@ def load_image(path: str | os.PathLike):
 
 def load_image_bytes(data: bytes, name: str = "image"):
     """`load_image` for bytes already read (under the same byte cap): the pixel cap, then decode."""
-
-    from PIL import Image
 
     if len(data) > MAX_IMAGE_BYTES:
         raise ValueError(f"{name}: {len(data)} bytes is larger than the {MAX_IMAGE_BYTES} accepted")
@@ -53,8 +50,6 @@ def check_image(path: str | os.PathLike) -> str | None:
     """An input checked before any model loads, from its header only: ValueError (one line) when it is not a
     readable image within the size limits; returns a note when it has no alpha channel (it is then used whole:
     this chain has no background removal), else None."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file() or not os.access(path, os.R_OK):
         raise ValueError(f"{path}: not a readable file")

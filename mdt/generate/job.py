@@ -9,6 +9,10 @@ from typing import Any
 
 import torch
 
+from mdt.export.html import write_orbit_viewer
+from mdt.export.mesh import sample_surface, write_glb
+from mdt.export.ply import write_gaussian_ply
+from mdt.export.preview import PointCloud, gaussian_cloud, save_preview, shade_normals
 from mdt.generate.chain import GeneratedSample, Generation, ImageTo3D
 from mdt.generate.config import GenerateConfig, PreviewConfig
 from mdt.generate.images import load_image
@@ -22,9 +26,6 @@ log = logging.getLogger(__name__)
 
 def sample_point_clouds(sample: GeneratedSample, resolution: int, surface_points: int, prefix: str = ""):
     """What previews show of one sample: Gaussian centres, mesh surface samples, occupied voxel centres."""
-    from mdt.export.mesh import sample_surface
-    from mdt.export.preview import PointCloud, gaussian_cloud, shade_normals
-
     clouds = []
     if sample.gaussians is not None:
         clouds.append(gaussian_cloud(sample.gaussians, f"{prefix}gaussians"))
@@ -42,9 +43,6 @@ def sample_point_clouds(sample: GeneratedSample, resolution: int, surface_points
 
 def write_sample_files(directory: Path, sample: GeneratedSample) -> dict[str, str]:
     """gaussians.ply, mesh.glb, occupancy.glb (when present) -> {kind: path}."""
-    from mdt.export.mesh import write_glb
-    from mdt.export.ply import write_gaussian_ply
-
     directory.mkdir(parents=True, exist_ok=True)
     files = {}
     if sample.gaussians is not None:
@@ -59,9 +57,6 @@ def write_sample_files(directory: Path, sample: GeneratedSample) -> dict[str, st
 
 
 def write_previews(directory: Path, name: str, gen: Generation, resolution: int, cfg: PreviewConfig) -> dict:
-    from mdt.export.html import write_orbit_viewer
-    from mdt.export.preview import save_preview
-
     many = len(gen.samples) > 1
     clouds = []
     for k, s in enumerate(gen.samples):

@@ -45,9 +45,7 @@ def read_pipeline_json(pipeline: str) -> dict:
     local = Path(pipeline) / "pipeline.json"
     if local.exists():
         return json.loads(local.read_text())
-    from huggingface_hub import (
-        hf_hub_download,  # honours HF_HUB_OFFLINE and the local cache
-    )
+    from huggingface_hub import hf_hub_download  # heavy: huggingface_hub; honours HF_HUB_OFFLINE and the cache
 
     return json.loads(Path(hf_hub_download(pipeline, "pipeline.json")).read_text())
 

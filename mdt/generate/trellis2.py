@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mdt.conditioning import ImageConditioner
+from mdt.config import ConfigError
+from mdt.export.mesh import occupancy_mesh, write_glb
+from mdt.flow import FlowEulerGuidanceIntervalSampler, count_nfe_trellis2
 from mdt.generate.chain import StageTimer, pick_device, sparse_noise
 from mdt.generate.images import load_image, preprocess_image
 from mdt.generate.job import safe_name
@@ -41,8 +45,6 @@ class GuidanceSampler:
     rescale_t: float = 3.0
 
     def nfe(self) -> int:
-        from mdt.flow import count_nfe_trellis2
-
         return count_nfe_trellis2(self.steps, self.guidance_strength, tuple(self.guidance_interval), self.rescale_t)
 
     def kwargs(self) -> dict:
@@ -89,8 +91,6 @@ class Trellis2GenerateConfig:
     output: str = "outputs/generate-trellis2"
 
     def validate(self) -> None:
-        from mdt.config import ConfigError
-
         for name, s in (("ss", self.ss), ("shape", self.shape), ("tex", self.tex)):
             if s.steps < 1:
                 raise ConfigError(f"{name}.steps must be >= 1, got {s.steps}")
@@ -188,8 +188,6 @@ class Trellis2ImageTo3D:
 
     def __init__(self, models: dict[str, nn.Module], conditioner: ImageConditioner, cfg: Trellis2GenerateConfig,
                  sources: dict[str, ModelSource] | None = None):
-        from mdt.flow import FlowEulerGuidanceIntervalSampler
-
         self.models, self.conditioner, self.cfg = models, conditioner, cfg
         self.device = pick_device(cfg.device)
         self.sources = sources or {}
@@ -227,8 +225,6 @@ class Trellis2ImageTo3D:
     def run(self, image, num_samples: int | None = None, seed: int | None = None,
             samplers: dict[str, GuidanceSampler] | None = None) -> Trellis2Generation:
         """One image -> `num_samples` samples in one batch; `samplers` overrides {ss, shape, tex} for this call."""
-        from mdt.export.mesh import occupancy_mesh
-
         cfg, k = self.cfg, num_samples or self.cfg.num_samples
         s = {"ss": cfg.ss, "shape": cfg.shape, "tex": cfg.tex, **(samplers or {})}
         timer = StageTimer(self.device)
@@ -284,8 +280,6 @@ class Trellis2ImageTo3D:
 def write_trellis2_latents(path: Path, sample: Trellis2Sample, ss_latent: Tensor) -> Path:
     """latents.npz: coords [N, 3] int32 (structure grid), shape [N, 32] and tex [N, 32] float32 (de-normalised),
     ss [8, 16, 16, 16] float32."""
-    import numpy as np
-
     c = TRELLIS2_LATENT_CHANNELS
     empty = np.zeros((0, c), np.float32)
     np.savez(path, coords=sample.coords.numpy().astype(np.int32), ss=ss_latent.numpy().astype(np.float32),
@@ -298,8 +292,6 @@ def generate_trellis2(cfg: Trellis2GenerateConfig, images: list[str], output: st
                       pipeline: Trellis2ImageTo3D | None = None, echo=print) -> dict:
     """TRELLIS.2's chain on every image; per input `<output>/<name>/` (`sample_<k>/` for K > 1): latents.npz,
     occupancy.glb, and timings.json (warm). Returns the summary (also `<output>/summary.json`)."""
-    from mdt.export.mesh import write_glb
-
     threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
