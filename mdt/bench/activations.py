@@ -28,6 +28,10 @@ import json
 
 import torch
 
+from mdt.bench.models import shell_voxels
+from mdt.models import build_model
+from mdt.sparse import SparseTensor
+
 COND_TOKENS_FULL = 1374
 # The fit of `python -m mdt.bench.activations` (all points; measured on the 2-core CPU machine, torch 2.13.0): every
 # measured point within 3% of the model. infra/estimate.py sizes the distillation presets with it.
@@ -55,9 +59,6 @@ def _ss_inputs(args: dict, batch: int, cond_tokens: int, seed: int = 0):
 
 
 def _slat_inputs(args: dict, batch: int, cond_tokens: int, voxels: int, seed: int = 0):
-    from mdt.bench.models import shell_voxels
-    from mdt.sparse import SparseTensor
-
     g = torch.Generator().manual_seed(seed)
     one = shell_voxels(voxels, args["resolution"])
     coords = torch.cat([torch.cat([torch.full((one.shape[0], 1), b, dtype=one.dtype), one[:, 1:]], 1)
@@ -67,16 +68,12 @@ def _slat_inputs(args: dict, batch: int, cond_tokens: int, voxels: int, seed: in
 
 
 def slat_tokens(voxels: int, resolution: int = 64, patch_size: int = 2) -> int:
-    from mdt.bench.models import shell_voxels
-
     c = shell_voxels(voxels, resolution)[:, 1:] // patch_size
     return int(torch.unique(c, dim=0).shape[0])
 
 
 def per_sample_bytes(name: str, args: dict, cond_tokens: int, voxels: int | None = None) -> int:
     """Measured activation bytes of one more sample (batch 2 minus batch 1), training mode, float32."""
-    from mdt.models import build_model
-
     torch.manual_seed(0)
     model = build_model(name, dict(args)).float().train()
     if hasattr(model, "convert_to_fp32"):

@@ -17,6 +17,10 @@ import json
 import statistics
 from pathlib import Path
 
+from mdt.config import load_config
+from mdt.generate import GenerateConfig, ImageTo3D, StageSampler, load_image
+from mdt.models.zoo import save_tiny_dinov2, write_trellis_repo
+
 STAGES = ("condition", "ss_flow", "ss_decode", "slat_flow", "decode_gaussians", "decode_mesh")
 
 
@@ -35,11 +39,6 @@ def main(argv=None) -> int:
                    help="decoded outputs (default: the preset's, both)")
     p.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "docs" / "examples" / "mug.png"))
     args = p.parse_args(argv)
-
-    from mdt.models.zoo import save_tiny_dinov2
-    from mdt.config import load_config
-    from mdt.generate import GenerateConfig, ImageTo3D, StageSampler, load_image
-    from mdt.models.zoo import write_trellis_repo
 
     repo = Path(args.repo)
     if not (repo / "pipeline.json").exists():

@@ -28,6 +28,21 @@ from pathlib import Path
 
 import torch
 
+from mdt.bench import generate as bench_generate
+from mdt.bench.models import shell_voxels
+from mdt.config import load_config
+from mdt.distill.mdt_dist import MDTConfig, vm_target
+from mdt.models import from_pretrained
+from mdt.models.zoo import TRELLIS_STEMS, save_tiny_dinov2, write_trellis_repo
+from mdt.sparse import SparseConv3d, SparseTensor, set_backends
+from mdt.sparse.attention import varlen_attention
+from mdt.sparse.backends import flash_attn_available, spconv_available
+from mdt.training.bench import synthetic_batch
+from mdt.training.build import build_student, build_teacher
+from mdt.training.config import DistillConfig
+from mdt.training.machinery import resolve_precision
+from mdt.training.step import Trainer
+
 # Relative L2 error allowed against the float32 reference: fp16/bf16 carry 11/8 mantissa bits (2^-11 ≈ 5e-4,
 # 2^-8 ≈ 4e-3 per rounding); a deep network accumulates several roundings, so the tolerances are ~10x those.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 4e-2}
@@ -48,11 +63,6 @@ def _sync(device: str) -> None:
 # ------------------------------------------------------------------------------------------------ 1. backends
 
 def backend_parity(device: str, size: str) -> dict:
-    from mdt.bench.models import shell_voxels
-    from mdt.sparse import SparseConv3d, SparseTensor, set_backends
-    from mdt.sparse.attention import varlen_attention
-    from mdt.sparse.backends import flash_attn_available, spconv_available
-
     voxels, channels, heads, tokens = (FULL_SLAT_VOXELS, 128, 16, 4544) if size == "full" else (800, 16, 2, 300)
     g = torch.Generator().manual_seed(0)
     coords = shell_voxels(voxels)
@@ -98,9 +108,6 @@ def backend_parity(device: str, size: str) -> dict:
 # ------------------------------------------------------------------------------------------------ 2. precision
 
 def _flow_inputs(model, size: str, device: str, batch: int = 2, seed: int = 0):
-    from mdt.bench.models import shell_voxels
-    from mdt.sparse import SparseTensor
-
     g = torch.Generator().manual_seed(seed)
     a = model.trellis_args
     cond = torch.randn(batch, 1374 if size == "full" else 16, a["cond_channels"], generator=g)
@@ -130,10 +137,6 @@ def _variant(model, prec: str, device: str):
 
 
 def precision_errors(repo: Path, device: str, size: str) -> dict:
-    from mdt.distill.mdt_dist import MDTConfig, vm_target
-    from mdt.models import from_pretrained
-    from mdt.models.zoo import TRELLIS_STEMS
-
     rows = []
     for slot in ("ss_flow", "slat_flow"):
         model = from_pretrained(repo / "ckpts" / TRELLIS_STEMS[slot], device="cpu", keep_fp16=False).eval()
@@ -165,8 +168,6 @@ def precision_errors(repo: Path, device: str, size: str) -> dict:
 # ------------------------------------------------------------------------------------------------ 3. latency
 
 def chain_latency(repo: Path, device: str, size: str, out: Path) -> dict:
-    from mdt.bench import generate as bench_generate
-
     if size == "full":
         argv = ["--repo", str(repo), "--device", device, "--steps", "1", "2", "25", "--repeats", "3", "--full-size"]
     else:   # the self-test: the same code at 1+1 and 2+2, Gaussians only (a CPU's mesh decode takes minutes)
@@ -188,14 +189,6 @@ def chain_latency(repo: Path, device: str, size: str, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ 4. training
 
 def training_step(repo: Path, stage: str, device: str, size: str) -> dict:
-    from mdt.config import load_config
-    from mdt.models.zoo import TRELLIS_STEMS
-    from mdt.training.bench import synthetic_batch
-    from mdt.training.build import build_student, build_teacher
-    from mdt.training.config import DistillConfig
-    from mdt.training.machinery import resolve_precision
-    from mdt.training.step import Trainer
-
     cfg = load_config(DistillConfig, f"trellis-{stage}", [
         ("data.uri", "-"), ("model.teacher", str(repo / "ckpts" / TRELLIS_STEMS[f"{stage}_flow"])),
         ("condition.model", str(repo / "dinov2"))], prefix="distill_").validate()
@@ -238,8 +231,6 @@ def training_step(repo: Path, stage: str, device: str, size: str) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 
 def write_repo(repo: Path, size: str) -> Path:
-    from mdt.models.zoo import save_tiny_dinov2, write_trellis_repo
-
     if not (repo / "pipeline.json").exists():
         write_trellis_repo(repo, full_size=size == "full")
     if not (repo / "dinov2" / "config.json").exists():

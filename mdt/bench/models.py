@@ -29,6 +29,9 @@ import time
 
 import torch
 
+from mdt.models import build_model
+from mdt.sparse import SparseTensor
+
 FULL_SIZE = {
     "ss_flow": ("SparseStructureFlowModel", dict(
         resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024, num_blocks=24,
@@ -139,9 +142,6 @@ def count_forward(model: torch.nn.Module, inputs: tuple) -> tuple[int, int]:
 
 
 def measure(model_key: str, size: str, voxels: int, repeats: int, device: str, precision: str) -> dict:
-    from mdt.models import build_model
-    from mdt.sparse import SparseTensor
-
     rss_start = rss_mb()
     table, cond_tokens = SIZES[size]
     name, args = table[model_key]

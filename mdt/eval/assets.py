@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mdt.export.preview import gaussian_cloud, render_points
+
 from .shapes import subsample_points
 
 VIEW_ELEVATION = 30.0
@@ -24,8 +26,6 @@ VIEW_AZIMUTH0 = 45.0
 
 def asset_points(gaussians, max_points: int = 4096, seed: int = 0) -> Tensor:
     """Visible Gaussian centres in [-1, 1]^3, float64 [P, 3] with P <= max_points."""
-    from mdt.export.preview import gaussian_cloud
-
     if gaussians is None:
         return torch.zeros((0, 3), dtype=torch.float64)
     pts = gaussian_cloud(gaussians).points.detach().double().cpu() * 2.0
@@ -35,8 +35,6 @@ def asset_points(gaussians, max_points: int = 4096, seed: int = 0) -> Tensor:
 def asset_cloud(gaussians, max_points: int = 4096, seed: int = 0) -> np.ndarray:
     """What the previews show of an asset: visible Gaussian centres (world frame) and their colours, float32
     [P, 6] (x, y, z, r, g, b) with P <= max_points."""
-    from mdt.export.preview import gaussian_cloud
-
     if gaussians is None:
         return np.zeros((0, 6), np.float32)
     c = gaussian_cloud(gaussians)
@@ -46,8 +44,6 @@ def asset_cloud(gaussians, max_points: int = 4096, seed: int = 0) -> np.ndarray:
 
 def render_asset_views(gaussians, views: int, size: int) -> np.ndarray:
     """`views` point-splat renders of the visible Gaussians around the asset: uint8 [views, size, size, 3]."""
-    from mdt.export.preview import gaussian_cloud, render_points
-
     if gaussians is None:
         pts, cols = torch.zeros((0, 3)), torch.zeros((0, 3))
     else:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mdt.models.ss_vae import DownsampleBlock3d, ResBlock3d
+
 
 @torch.no_grad()
 def standardize_latents(encoder: nn.Module, occupancy: Tensor) -> tuple[Tensor, Tensor]:
@@ -35,8 +37,6 @@ def set_occupancy_fraction_weights(encoder: nn.Module, blur_channels: int | None
     3³ neighbourhood (a box blur) for the other half (`blur_channels`). The latent is then a deterministic,
     spatially smooth function of the shape, as a trained SS VAE's latent is (and a random encoder's is not),
     which a small flow model learns in a few hundred steps. Follow with `standardize_latents`."""
-    from mdt.models.ss_vae import DownsampleBlock3d, ResBlock3d
-
     g = torch.Generator().manual_seed(seed)
     for p in encoder.parameters():
         p.zero_()

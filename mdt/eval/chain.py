@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import torch
 
+from mdt.distill import student_sample
+from mdt.eval.snapshots import decode_occupancy, load_decoder
+from mdt.flow import FlowEulerSampler
+from mdt.generate import decode_gaussians, denormalize_slat, sparse_noise
+from mdt.models import from_pretrained
+from mdt.training.build import build_conditioner
+
 
 class SamplingChain:
     """Everything a sampler needs, loaded once per process: conditioner, SS teacher/student, SS decoder and, for
     the full chain, SLat teacher/student, the Gaussian decoder and the SLat statistics."""
 
     def __init__(self, cfg, device: torch.device):
-        from mdt.eval.snapshots import load_decoder
-        from mdt.models import from_pretrained
-        from mdt.training.build import build_conditioner
-
         def load(path):
             return from_pretrained(path, device=device).eval().requires_grad_(False)
 
@@ -70,9 +73,6 @@ class SamplingChain:
     def sample(self, spec, noise, cond: torch.Tensor, stage: str = "ss"):
         """Dense SS noise or sparse SLat noise -> the sample of `spec`'s model for that stage (the flow
         samplers of mdt.flow / mdt.distill work on both)."""
-        from mdt.distill import student_sample
-        from mdt.flow import FlowEulerSampler
-
         s = self.cfg.sampling
         kind, steps = (spec.model, spec.steps) if stage == "ss" else (spec.slat_kind, spec.slat_step_count)
         net = (self.nets if stage == "ss" else self.slat_nets)[kind]
@@ -95,16 +95,12 @@ class SamplingChain:
                     seeds: list[int]):
         """Occupied voxels [N_i, 3] per sample (all non-empty), their conditions [B, T, C] -> the de-normalised
         SLat (noise of sample i from `seeds[i]`, drawn on the CPU: independent of batching and device)."""
-        from mdt.generate import denormalize_slat, sparse_noise
-
         channels = next(iter(self.slat_nets.values())).in_channels
         noise = sparse_noise(coords, channels, [torch.Generator().manual_seed(x) for x in seeds], self.device)
         return denormalize_slat(self.sample(spec, noise, cond, "slat"), self.slat_mean, self.slat_std)
 
     @torch.no_grad()
     def decode_gaussians(self, slat) -> list:
-        from mdt.generate import decode_gaussians
-
         return decode_gaussians(self.gs_decoder, slat, self.cfg.compute.max_voxels_per_chunk)
 
     @torch.no_grad()
@@ -121,8 +117,6 @@ class SamplingChain:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        from mdt.eval.snapshots import decode_occupancy
-
         return decode_occupancy(self.decoder, latents)
 
     def latent_shape(self) -> tuple[int, ...]:

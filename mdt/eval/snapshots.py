@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mdt.distill import student_sample
+from mdt.flow import FlowEulerSampler
 from mdt.models.occupancy_probe import OccupancyProbe, fit_occupancy_probe, load_decoder  # noqa: F401 (re-exported)
 
 # ------------------------------------------------------------------------------------------------- decoders
@@ -161,9 +163,6 @@ def snapshot_samples(teacher: nn.Module | None, student: nn.Module, noise: Any, 
 
     Teacher: TRELLIS Euler sampler with CFG (rescale_t 1, no interval, as MDT-dist snapshots); student: uniform
     Euler grid (`mdt.distill.student_sample`) with the same CFG. `teacher_samples` reuses a cached teacher run."""
-    from mdt.distill import student_sample
-    from mdt.flow import FlowEulerSampler
-
     out: dict[str, Any] = {}
     neg = torch.zeros_like(cond)
     if teacher is not None:

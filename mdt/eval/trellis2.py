@@ -15,12 +15,17 @@ warm (median of `repeats` after `warmup` calls) for the whole batch.
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mdt.distill import student_sample
+from mdt.eval.latency import warm_latency
+from mdt.flow import FlowEulerGuidanceIntervalSampler
+from mdt.generate import sparse_noise
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,6 @@ def sampler_nfe(spec: LatentSamplerSpec, released) -> int:
 def sample_latent(flow, spec: LatentSamplerSpec, noise, cond: Tensor, released, concat_cond: Tensor | None = None):
     """One sampler's latent (a SparseTensor on the noise's coordinates). concat_cond feats [N, Cs] (texture stage:
     the normalised shape latent) reach every call of the flow."""
-    from mdt.distill import student_sample
-    from mdt.flow import FlowEulerGuidanceIntervalSampler
-
     neg = torch.zeros_like(cond)
     bound = flow.bound_concat_cond(concat_cond) if concat_cond is not None else contextlib.nullcontext()
     with torch.no_grad(), bound:
@@ -76,9 +78,6 @@ def evaluate_latent_stage(teacher, student, cond: Tensor, coords: list[Tensor], 
 
     cond [B, T, C]; coords per sample [N_i, 3]; noise of sample i from `seeds[i]` (CPU generator, independent of
     batching). `released`: a `mdt.generate.GuidanceSampler` (the stage's released settings)."""
-    from mdt.eval.latency import warm_latency
-    from mdt.generate import sparse_noise
-
     specs = specs or default_latent_specs()
     device = cond.device
     noise = sparse_noise(coords, teacher.out_channels, [torch.Generator().manual_seed(s) for s in seeds], device)

@@ -16,6 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from mdt.export.ply import gaussian_colors
+
 BACKGROUND = (245, 245, 245)
 
 
@@ -31,8 +33,6 @@ class PointCloud:
 def gaussian_cloud(gaussians, title: str = "gaussians", min_opacity: float = 0.05) -> PointCloud:
     """What a preview draws of 3-D Gaussians (`mdt.models.Gaussians`): the centres (world frame) of those with
     activated opacity above `min_opacity`, in their DC colour."""
-    from mdt.export.ply import gaussian_colors
-
     keep = gaussians.activated_opacity.reshape(-1) > min_opacity
     return PointCloud(title, gaussians.world_xyz[keep], gaussian_colors(gaussians)[keep])
 

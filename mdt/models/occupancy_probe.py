@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mdt.models.io import from_pretrained
+
 
 class OccupancyProbe(nn.Module):
     """Latent [B, C, R, R, R] -> occupancy logits [B, 1, R·up, R·up, R·up] (two 3³ convs + a 1³ head)."""
@@ -90,6 +92,4 @@ def load_decoder(path: str | Path) -> nn.Module:
         probe = OccupancyProbe(**meta["args"])
         probe.load_state_dict(load_file(stem + ".safetensors"))
         return probe.eval().requires_grad_(False)
-    from mdt.models import from_pretrained
-
     return from_pretrained(stem).eval().requires_grad_(False)

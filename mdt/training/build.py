@@ -8,6 +8,7 @@ import os
 import torch
 from torch import nn
 
+from mdt.conditioning import ImageConditioner
 from mdt.models import build_model, from_pretrained, save_pretrained
 from mdt.models.zoo import ensure_tiny_dino
 
@@ -69,8 +70,6 @@ def ensure_tiny_conditioner(ccfg) -> None:
 
 
 def build_conditioner(ccfg, device: torch.device):
-    from mdt.conditioning import ImageConditioner
-
     ensure_tiny_conditioner(ccfg)
     dt = _dtype(ccfg.dtype)
     if dt is None:
