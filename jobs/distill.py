@@ -3,7 +3,7 @@ flow-matching training of a teacher, on the preprocessing job's shards, tracked 
 
     python jobs/distill.py --preset ci --data outputs/preprocess-ci --objective flow_matching
     python jobs/distill.py --preset ci --data outputs/preprocess-ci \
-        --teacher outputs/distill-ci/ss-flow_matching/export/ema/ss_flow_student
+        --teacher outputs/distill-ci/ss-flow_matching/export/ema/ss_flow_teacher
     python jobs/distill.py --preset trellis-ss --data s3://bucket/trellis --set scaling.num_workers=8
     python jobs/distill.py --preset demo --data outputs/preprocess-demo --teacher T --bench
 

@@ -373,7 +373,7 @@ class WorkerLoop:
             return
         self.logger.artifact(out, "export")
         which = cfg.mlflow.register_weights if collected.get("ema") is not None else "student"
-        role = "teacher" if cfg.objective.name == "flow_matching" else "student"
+        role = cfg.role
         name = cfg.mlflow.register_model or f"{cfg.name}-{role}"
         try:
             version = register_model(self.tracking["tracking_uri"], self.tracking["run_id"], name, f"export/{which}",

@@ -233,8 +233,7 @@ def test_slat_stage_sparse_batches_from_shards(setup):
 
     tmp, data, _ = setup
     teacher_path = perturbed_slat_teacher(tmp / "teacher" / "slat_flow_tiny")
-    cfg = ci_config(tmp, data, teacher_path, None, ["stage=slat", "data.batch_split=1", "data.max_voxels=32768",
-                                                     "model.export_stem=slat_flow_student"])
+    cfg = ci_config(tmp, data, teacher_path, None, ["stage=slat", "data.batch_split=1", "data.max_voxels=32768"])
     man = shards.read_manifest(str(data))
     collate = functools.partial(shards.collate, kind="slat", stats=man, max_voxels=cfg.data.max_voxels,
                                 cond_view=0, image_size=cfg.condition.image_size)
