@@ -44,7 +44,7 @@ from mdt.training.machinery import resolve_precision
 from mdt.training.step import Trainer, bound_concat_cond, to_device
 from mdt.training.teacher_data import teacher_batch
 from mdt.training.wrappers import wrap_student
-from pipelines.tracking import MetricLogger, register_model
+from pipelines.tracking import MetricLogger, lr_metrics, register_model
 
 log = logging.getLogger("distill.worker")
 
@@ -318,7 +318,7 @@ class WorkerLoop:
             m["loss_fixed_batch"] = fixed_batch_loss(tr, self.fixed, cfg.train.seed)
         if ddp:
             m["ddp_param_mismatch"] = mismatch
-        m.update({"lr": res.lr, "skipped_steps": tr.skipped_total, "epoch": self.stream.epoch})
+        m.update({**lr_metrics(res.lr), "skipped_steps": tr.skipped_total, "epoch": self.stream.epoch})
         self.logger.log(step, m)
         if tr.skipped_total > self.logger.alerted:
             self.logger.alert_nonfinite(tr.skipped_total, step)

@@ -301,3 +301,36 @@ def test_batch_stream_resumes_the_exact_sequence(cache, shuffle):
         pos = first.position()
         again = BatchStream(_FixedOrderShard(rows), d, seed=3, epoch=pos["epoch"], skip=pos["batch_in_epoch"])
         assert take(again, 12 - k) == full[k:], (k, pos)
+
+
+def test_lr_is_logged_so_that_an_mlflow_chart_shows_it():
+    """The worker's metrics at the `ci` preset's constant lr of 1e-3. MLflow's run charts (plotly's autorange,
+    found here in the installed MLflow's bundle) draw a constant metric v on the axis [v - 1, v + 1], where 1e-3
+    is a flat line on 0: some lr metric must sit at least a tenth of that half-range off 0 and give the lr back."""
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from pipelines import distill_worker
+
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    constant_range = re.compile(r"if\((\w+)===\w+\)\{var \w+=\1-1,\w+=\1\+1")
+    assert any(constant_range.search(p.read_text(errors="ignore")) for p in bundle.glob("*.js"))
+
+    cfg = load_config(DistillConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")], prefix="distill_").validate()
+    assert cfg.optim.lr == 1e-3 and cfg.optim.warmup_steps == 0
+    logged: dict[int, dict] = {}
+    loop = object.__new__(distill_worker.WorkerLoop)
+    loop.cfg, loop.world, loop.fixed = cfg, 1, None
+    loop.trainer = SimpleNamespace(skipped_total=0)
+    loop.stream = SimpleNamespace(epoch=0)
+    loop.window = distill_worker.Window()
+    loop.logger = SimpleNamespace(log=lambda step, m: logged.setdefault(step, dict(m)), alerted=0)
+    loop.log(6, SimpleNamespace(lr=cfg.optim.lr))
+    m = logged[6]
+    assert m["lr"] == 1e-3                                                  # as it is, for the record
+    readable = {k: v for k, v in m.items() if k.startswith("lr") and abs(v) >= 0.1}
+    assert readable, m
+    assert all(10 ** v == pytest.approx(1e-3) for v in readable.values()), readable
