@@ -54,6 +54,9 @@ def test_ci_preset_as_shipped(shards, tmp_path):
     assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     versions = c.search_model_versions("name='ss-flow_matching-teacher'")
     assert versions and versions[0].source.rstrip("/").endswith("export/ema")
+    # snapshot.every 0: one grid, at the end (the README's snapshot table)
+    grids = [a.path for a in c.list_artifacts(run.info.run_id, "snapshots")]
+    assert grids == ["snapshots/step_0000006.png"], grids
 
 
 def test_demo_preset_as_shipped_starts_trains_and_finishes(shards, tmp_path):

@@ -334,3 +334,31 @@ def test_lr_is_logged_so_that_an_mlflow_chart_shows_it():
     readable = {k: v for k, v in m.items() if k.startswith("lr") and abs(v) >= 0.1}
     assert readable, m
     assert all(10 ** v == pytest.approx(1e-3) for v in readable.values()), readable
+
+
+def test_readme_snapshot_table_matches_every_preset():
+    """The README's per-preset snapshot table against each shipped preset's resolved `snapshot.*` settings, and
+    every `jobs/configs/distill_*.yaml` preset in it once."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    header = "| presets | teacher vs student steps | drawn |"
+    rows = text[text.index(header):].split("\n\n", 1)[0].splitlines()[2:]
+    claimed = {}
+    for row in rows:
+        names, steps, drawn = (c.strip() for c in row.strip("|").split("|"))
+        for name in re.findall(r"`([^`]+)`", names):
+            assert name not in claimed, name
+            claimed[name] = (steps, drawn)
+    shipped = {p.stem.removeprefix("distill_") for p in (root / "jobs" / "configs").glob("distill_*.yaml")}
+    assert set(claimed) == shipped
+    for preset, (steps, drawn) in claimed.items():
+        s = load_config(DistillConfig, preset, [("data.uri", "/d"), ("model.teacher", "/t")],
+                        prefix="distill_").validate().snapshot
+        if s.num_conditions == 0:
+            assert (steps, drawn) == ("—", "none"), preset
+            continue
+        assert steps == f"{s.teacher_steps} vs {'/'.join(map(str, s.student_steps))}", preset
+        assert drawn == (f"at step 0, every {s.every} steps, at the end" if s.every > 0 else "at the end"), preset
