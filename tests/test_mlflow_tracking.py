@@ -1,7 +1,8 @@
 """MLflow tracking of the distillation job against a real `mlflow server` (SQLite backend, proxied artifact
 store) on 127.0.0.1, read back through MLflow's REST API: params and the resolved config, metrics (losses, the
-10 per-time-bin losses, lr and its log10, grad norm, throughput, skipped steps), snapshot PNGs, the exported TRELLIS-format
-student (which loads with from_pretrained and reproduces the trained student exactly) and its model version."""
+10 per-time-bin losses, lr and its log10, grad norm, throughput, skipped steps), snapshot PNGs, the exported
+TRELLIS-format student (which loads with from_pretrained and reproduces the trained student exactly) and its
+model version."""
 from __future__ import annotations
 
 import json
