@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, default_preset="demo")
     p.add_argument("--data", help="preprocessing output (dir, manifest.json or s3:// prefix)")
-    p.add_argument("--teacher", help="teacher checkpoint: <dir>/<stem> or <hf_repo>/ckpts/<stem>")
+    p.add_argument("--teacher", help="teacher checkpoint: <dir>/<stem> or <hf_repo>/ckpts/<stem>, e.g. a "
+                   "flow-matching run's <output>/<name>/export/ema/ss_flow_teacher")
     p.add_argument("--student", help="student init checkpoint (default: a copy of the teacher)")
     p.add_argument("--shape-teacher", dest="shape_teacher",
                    help="TRELLIS.2 texture stage: the shape flow checkpoint whose samples condition the texture")
