@@ -3,7 +3,7 @@ flow-matching training of a teacher, on the preprocessing job's shards, tracked 
 
     python jobs/distill.py --preset ci --data outputs/preprocess-ci --objective flow_matching
     python jobs/distill.py --preset ci --data outputs/preprocess-ci \
-        --teacher outputs/distill-ci/ss-flow_matching/export/ema/ss_flow_student
+        --teacher outputs/distill-ci/ss-flow_matching/export/ema/ss_flow_teacher
     python jobs/distill.py --preset trellis-ss --data s3://bucket/trellis --set scaling.num_workers=8
     python jobs/distill.py --preset demo --data outputs/preprocess-demo --teacher T --bench
 
@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, default_preset="demo")
     p.add_argument("--data", help="preprocessing output (dir, manifest.json or s3:// prefix)")
-    p.add_argument("--teacher", help="teacher checkpoint: <dir>/<stem> or <hf_repo>/ckpts/<stem>")
+    p.add_argument("--teacher", help="teacher checkpoint: <dir>/<stem> or <hf_repo>/ckpts/<stem>, e.g. a "
+                   "flow-matching run's <output>/<name>/export/ema/ss_flow_teacher")
     p.add_argument("--student", help="student init checkpoint (default: a copy of the teacher)")
     p.add_argument("--shape-teacher", dest="shape_teacher",
                    help="TRELLIS.2 texture stage: the shape flow checkpoint whose samples condition the texture")

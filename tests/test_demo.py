@@ -46,6 +46,14 @@ def test_every_config_the_demo_builds_loads_and_validates(tmp_path):
                             "teacher", cfg.student.steps, cfg.student.overrides)
     assert t.train.max_steps == 800 and t.data.cond_view == 0 and t.model.teacher is None
     assert s.objective.name == "mdt" and s.data.cond_view == 0 and s.model.teacher == "teacher"
+    # the exports the README's demo evaluation line reads: named by what each run trains
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("python jobs/evaluate.py --preset demo "))
+    assert (t.model.export_stem, s.model.export_stem) == ("ss_flow_demo_teacher", "ss_flow_demo_student")
+    for run in (t, s):
+        assert f"/{run.name}/export/ema/{run.model.export_stem} " in line, (run.name, line)
     ev = load_config(EvaluateConfig, "demo", [("data.uri", "d"), ("models.teacher", "t"), ("models.student", "s"),
                                               ("models.ss_decoder", "p")] + cfg.evaluate_overrides,
                      prefix="evaluate_").validate()

@@ -43,6 +43,39 @@ def test_default_run_name_says_stage_and_objective():
         assert cfg.name == f"ss-{objective}"
 
 
+def test_export_names_say_teacher_or_student_and_stage(capsys, monkeypatch, inputs, tmp_path):
+    """A flow-matching run exports a teacher and every distillation objective a student, named so per stage; a
+    preset's `{role}` is filled in the same way; a literal name that says the other role is refused (exit 2)."""
+    from mdt.config import load_config
+    from mdt.training.config import DistillConfig, OBJECTIVES
+
+    def stem(preset, *ov):
+        return load_config(DistillConfig, preset, [("data.uri", "/d"), ("model.teacher", "/t"), *ov],
+                           prefix="distill_").validate().model.export_stem
+
+    for objective in OBJECTIVES:
+        role = "teacher" if objective == "flow_matching" else "student"
+        for stage in ("ss", "slat"):
+            assert stem("ci", ("objective.name", objective), ("stage", stage)) == f"{stage}_flow_{role}"
+        assert stem("demo", ("objective.name", objective)) == f"ss_flow_demo_{role}"
+        assert stem("trellis2-shape-ci", ("objective.name", objective)) == f"slat_flow_trellis2_shape_{role}"
+    assert stem("ci", ("model.export_stem", "my_ss_model")) == "my_ss_model"            # a literal name is kept
+    assert stem("trellis-ss") == "ss_flow_img_dit_L_16l8_fp16_mdt"
+    tmp, data, teacher = inputs
+    out = ["--output", str(tmp_path / "runs")]
+    for argv, needle in (
+            (["--preset", "ci", "--data", str(data), "--objective", "flow_matching", "--set",
+              "model.export_stem=ss_flow_student", *out], "names a student, but objective 'flow_matching'"),
+            (["--preset", "trellis-ss", "--data", str(data), "--objective", "flow_matching", *out],
+             "names a student"),
+            (["--preset", "ci", "--data", str(data), "--teacher", teacher, "--set",
+              "model.export_stem=ss_flow_teacher", *out], "names a teacher, but objective 'mdt'"),
+            (["--preset", "ci", "--data", str(data), "--teacher", teacher, "--set",
+              "model.export_stem=ss_{kind}", *out], "the only fields are {stage} and {role}")):
+        rc, err = run_cli_without_ray(argv, capsys, monkeypatch)
+        assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
+
+
 def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path, monkeypatch):
     """The README's teacher line, then the MDT line under the teacher run's name: refused, not 'resumed'."""
     from mdt.config import load_config

@@ -98,5 +98,5 @@ def test_eval_config_evaluates_what_the_run_exports(inputs, tmp_path):
     assert eval_config(raw).models.student == f"{run_dir(raw)}/export/student/ss_flow_student"
     fm = ci_config(tmp_path, Path(inputs["data"]), None, None, common + ["objective.name=flow_matching"])
     ec = eval_config(fm).validate()
-    assert (ec.models.teacher, ec.models.student) == (f"{run_dir(fm)}/export/ema/ss_flow_student", None)
+    assert (ec.models.teacher, ec.models.student) == (f"{run_dir(fm)}/export/ema/ss_flow_teacher", None)
     assert {s.model for s in ec.samplers} == {"teacher"} and not ec.mlflow.enabled

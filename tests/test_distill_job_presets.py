@@ -42,7 +42,9 @@ def test_ci_preset_as_shipped(shards, tmp_path):
     run_dir = tmp_path / "outputs" / "distill-ci" / "ss-flow_matching"
     res = json.loads((run_dir / "result.json").read_text())
     assert res["error"] is None and res["metrics"]["step"] == 6 and res["checkpoint"].endswith("checkpoint_0000006")
-    assert Path(res["export_dir"], "ema", "ss_flow_student.safetensors").exists()
+    # a flow-matching run exports a teacher, named as one (the README's next line reads it from there)
+    assert Path(res["export_dir"], "ema", "ss_flow_teacher.safetensors").exists()
+    assert not Path(res["export_dir"], "ema", "ss_flow_student.safetensors").exists()
     assert res["tracking_uri"] == f"sqlite:///{tmp_path / 'outputs' / 'distill-ci' / 'mlflow.db'}"
     from mlflow import MlflowClient
 
@@ -52,6 +54,9 @@ def test_ci_preset_as_shipped(shards, tmp_path):
     assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     versions = c.search_model_versions("name='ss-flow_matching-teacher'")
     assert versions and versions[0].source.rstrip("/").endswith("export/ema")
+    # snapshot.every 0: one grid, at the end (the README's snapshot table)
+    grids = [a.path for a in c.list_artifacts(run.info.run_id, "snapshots")]
+    assert grids == ["snapshots/step_0000006.png"], grids
 
 
 def test_demo_preset_as_shipped_starts_trains_and_finishes(shards, tmp_path):
@@ -60,4 +65,4 @@ def test_demo_preset_as_shipped_starts_trains_and_finishes(shards, tmp_path):
     assert r.returncode == 0, out[-4000:]
     res = json.loads((tmp_path / "outputs" / "demo" / "runs" / "ss-flow_matching" / "result.json").read_text())
     assert res["error"] is None and res["metrics"]["step"] == 2
-    assert Path(res["export_dir"], "ema", "ss_flow_demo_student.safetensors").exists()
+    assert Path(res["export_dir"], "ema", "ss_flow_demo_teacher.safetensors").exists()

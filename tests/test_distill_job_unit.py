@@ -233,8 +233,7 @@ def test_slat_stage_sparse_batches_from_shards(setup):
 
     tmp, data, _ = setup
     teacher_path = perturbed_slat_teacher(tmp / "teacher" / "slat_flow_tiny")
-    cfg = ci_config(tmp, data, teacher_path, None, ["stage=slat", "data.batch_split=1", "data.max_voxels=32768",
-                                                     "model.export_stem=slat_flow_student"])
+    cfg = ci_config(tmp, data, teacher_path, None, ["stage=slat", "data.batch_split=1", "data.max_voxels=32768"])
     man = shards.read_manifest(str(data))
     collate = functools.partial(shards.collate, kind="slat", stats=man, max_voxels=cfg.data.max_voxels,
                                 cond_view=0, image_size=cfg.condition.image_size)
@@ -302,3 +301,64 @@ def test_batch_stream_resumes_the_exact_sequence(cache, shuffle):
         pos = first.position()
         again = BatchStream(_FixedOrderShard(rows), d, seed=3, epoch=pos["epoch"], skip=pos["batch_in_epoch"])
         assert take(again, 12 - k) == full[k:], (k, pos)
+
+
+def test_lr_is_logged_so_that_an_mlflow_chart_shows_it():
+    """The worker's metrics at the `ci` preset's constant lr of 1e-3. MLflow's run charts (plotly's autorange,
+    found here in the installed MLflow's bundle) draw a constant metric v on the axis [v - 1, v + 1], where 1e-3
+    is a flat line on 0: some lr metric must sit at least a tenth of that half-range off 0 and give the lr back."""
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from pipelines import distill_worker
+
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    constant_range = re.compile(r"if\((\w+)===\w+\)\{var \w+=\1-1,\w+=\1\+1")
+    assert any(constant_range.search(p.read_text(errors="ignore")) for p in bundle.glob("*.js"))
+
+    cfg = load_config(DistillConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")], prefix="distill_").validate()
+    assert cfg.optim.lr == 1e-3 and cfg.optim.warmup_steps == 0
+    logged: dict[int, dict] = {}
+    loop = object.__new__(distill_worker.WorkerLoop)
+    loop.cfg, loop.world, loop.fixed = cfg, 1, None
+    loop.trainer = SimpleNamespace(skipped_total=0)
+    loop.stream = SimpleNamespace(epoch=0)
+    loop.window = distill_worker.Window()
+    loop.logger = SimpleNamespace(log=lambda step, m: logged.setdefault(step, dict(m)), alerted=0)
+    loop.log(6, SimpleNamespace(lr=cfg.optim.lr))
+    m = logged[6]
+    assert m["lr"] == 1e-3                                                  # as it is, for the record
+    readable = {k: v for k, v in m.items() if k.startswith("lr") and abs(v) >= 0.1}
+    assert readable, m
+    assert all(10 ** v == pytest.approx(1e-3) for v in readable.values()), readable
+
+
+def test_readme_snapshot_table_matches_every_preset():
+    """The README's per-preset snapshot table against each shipped preset's resolved `snapshot.*` settings, and
+    every `jobs/configs/distill_*.yaml` preset in it once."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    header = "| presets | teacher vs student steps | drawn |"
+    rows = text[text.index(header):].split("\n\n", 1)[0].splitlines()[2:]
+    claimed = {}
+    for row in rows:
+        names, steps, drawn = (c.strip() for c in row.strip("|").split("|"))
+        for name in re.findall(r"`([^`]+)`", names):
+            assert name not in claimed, name
+            claimed[name] = (steps, drawn)
+    shipped = {p.stem.removeprefix("distill_") for p in (root / "jobs" / "configs").glob("distill_*.yaml")}
+    assert set(claimed) == shipped
+    for preset, (steps, drawn) in claimed.items():
+        s = load_config(DistillConfig, preset, [("data.uri", "/d"), ("model.teacher", "/t")],
+                        prefix="distill_").validate().snapshot
+        if s.num_conditions == 0:
+            assert (steps, drawn) == ("—", "none"), preset
+            continue
+        assert steps == f"{s.teacher_steps} vs {'/'.join(map(str, s.student_steps))}", preset
+        assert drawn == (f"at step 0, every {s.every} steps, at the end" if s.every > 0 else "at the end"), preset

@@ -1,5 +1,6 @@
 """Argument and input errors of the preprocessing, evaluation and generation jobs: exit 2 with one line before
-Ray starts or a model loads (the distillation job's own cases: tests/test_distill_job_args.py); under
+Ray starts or a model loads (the distillation job's own cases: tests/test_distill_job_args.py, the synthesis
+job's: tests/test_synthesize.py); under
 `ray job submit --working-dir` a relative output is refused the same way, and a model that a job creates
 itself goes under the output instead of the job's temporary copy of the code."""
 from __future__ import annotations
@@ -83,7 +84,7 @@ def test_generate_rgb_input_gets_a_note_rgba_none(tmp_path):
     assert check_image(tmp_path / "rgba.png") is None
 
 
-@pytest.mark.parametrize("job", ["preprocess", "evaluate", "generate"])
+@pytest.mark.parametrize("job", ["preprocess", "evaluate", "generate", "synthesize"])
 def test_relative_output_refused_under_job_submit(job, inputs, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
@@ -94,7 +95,9 @@ def test_relative_output_refused_under_job_submit(job, inputs, tmp_path, capsys,
     argv = {"preprocess": ["--preset", "ci", "--source", "synthetic:2", "--output", "outputs/pre"],
             "evaluate": ["--preset", "ci", "--data", str(data), "--teacher", ckpt, "--student", ckpt,
                          "--decoder", ckpt, "--output", "outputs/eval"],
-            "generate": ["--preset", "demo", "--image", "in.png", "--output", "outputs/gen"]}[job]
+            "generate": ["--preset", "demo", "--image", "in.png", "--output", "outputs/gen"],
+            "synthesize": ["--preset", "ci", "--source", f"local:{tmp_path}", "--teacher", ckpt,
+                           "--output", "outputs/synth"]}[job]
     _assert_one_line(job, argv, "is relative: under `ray job submit --working-dir`", capsys, monkeypatch)
     # the preset's default output is relative too: also refused
     no_output = argv[:argv.index("--output")] if job != "generate" else None
@@ -124,6 +127,16 @@ def test_created_models_go_under_the_output_under_job_submit(tmp_path, monkeypat
     evaluate.absolutize_paths(ecfg)
     assert ecfg.condition.model == "/abs/eval/models/tiny-dinov2" and not ecfg.condition.model.startswith(
         str(tmp_path))
+    from pipelines import synthesize
+
+    scfg = load_config(synthesize.SynthesizeConfig, "ci", [("output", str(tmp_path / "abs-synth"))],
+                       prefix="synthesize_")
+    scfg.sources.specs = [f"local:{tmp_path}"]
+    scfg.synthesize.teacher = perturbed_teacher(tmp_path / "teacher" / "ss_flow_tiny")
+    synthesize.prepare(scfg)
+    for created in (scfg.synthesize.tiny_models, scfg.synthesize.dinov2):
+        assert created.startswith(str(tmp_path / "abs-synth" / "models")), created
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.ray
@@ -141,7 +154,9 @@ def test_relative_outputs_refused_under_a_real_ray_job_submit(inputs, tmp_path):
                         "--output", "outputs/relative-test"],
             "evaluate": ["--preset", "ci", "--data", str(data), "--teacher", ckpt, "--student", ckpt,
                          "--decoder", ckpt, "--output", "outputs/relative-test"],
-            "generate": ["--preset", "demo", "--image", "docs/examples/mug.png", "--output", "outputs/relative-test"]}
+            "generate": ["--preset", "demo", "--image", "docs/examples/mug.png", "--output", "outputs/relative-test"],
+            "synthesize": ["--preset", "ci", "--source", "local:docs/examples", "--teacher", ckpt,
+                           "--output", "outputs/relative-test"]}
     head = RayHead(dashboard=True, num_cpus=2)
     try:
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",

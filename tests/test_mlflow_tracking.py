@@ -1,7 +1,8 @@
 """MLflow tracking of the distillation job against a real `mlflow server` (SQLite backend, proxied artifact
 store) on 127.0.0.1, read back through MLflow's REST API: params and the resolved config, metrics (losses, the
-10 per-time-bin losses, lr, grad norm, throughput, skipped steps), snapshot PNGs, the exported TRELLIS-format
-student (which loads with from_pretrained and reproduces the trained student exactly) and its model version."""
+10 per-time-bin losses, lr and its log10, grad norm, throughput, skipped steps), snapshot PNGs, the exported
+TRELLIS-format student (which loads with from_pretrained and reproduces the trained student exactly) and its
+model version."""
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ def test_metrics_including_time_bins(fr):
                 "skipped_steps", "loss_fixed_batch"):
         assert key in latest and math.isfinite(latest[key]), key
     assert latest["skipped_steps"] == 0 and latest["lr"] == pytest.approx(1e-3)
+    assert latest["lr_log10"] == pytest.approx(-3)                 # what MLflow's chart draws off its 0 line
     bins = {i: metric_history(url, run_id, f"loss_bin_{i}") for i in range(10)}
     assert sum(len(v) for v in bins.values()) >= 9             # every logged step fills at least one t-bin
     assert bins[9] or bins[8]                                   # logit-normal(1, 1) t sits mostly near 1

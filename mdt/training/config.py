@@ -43,7 +43,10 @@ class ModelConfig:
     name: str = "SparseStructureFlowModel"  # class built from `args` when neither checkpoint is given
     args: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
-    export_stem: str = "ss_flow_student"  # `<stem>.json` + `<stem>.safetensors` of the exported student
+    # `<stem>.json` + `<stem>.safetensors` of the export; `{stage}` and `{role}` are filled in by validate() (role:
+    # `teacher` for flow_matching, `student` for the distillation objectives), so the default names an exported
+    # flow-matching teacher `ss_flow_teacher` and an MDT-dist student `ss_flow_student`; a literal name is kept
+    export_stem: str = "{stage}_flow_{role}"
     teacher_dtype: str = "auto"         # auto (fp16 layout on CUDA as published, fp32 on CPU) | float32 | bfloat16
     shape_teacher: str | None = None    # TRELLIS.2 texture stage: the shape flow whose samples are concat_cond
     gradient_checkpointing: bool = False  # student: recompute each transformer block in backward (TRELLIS's
@@ -222,6 +225,11 @@ class DistillConfig:
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @property
+    def role(self) -> str:
+        """What the trained network is: `teacher` (flow matching) or `student` (every distillation objective)."""
+        return "teacher" if self.objective.name == "flow_matching" else "student"
+
     def validate(self) -> "DistillConfig":
         if not self.name:
             self.name = f"{self.stage}-{self.objective.name}"
@@ -258,4 +266,17 @@ class DistillConfig:
             raise ValueError(f"eval.enabled: the evaluation covers the SS stage only (stage is {self.stage!r})")
         if self.eval.enabled and not self.eval.decoder:
             raise ValueError("eval.enabled needs eval.decoder (an SS decoder checkpoint or occupancy probe)")
+        try:
+            self.model.export_stem = self.model.export_stem.format(stage=self.stage, role=self.role)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"model.export_stem {self.model.export_stem!r}: the only fields are {{stage}} and "
+                             "{role}") from None
+        stem = self.model.export_stem
+        if not stem or "/" in stem:
+            raise ValueError(f"model.export_stem {stem!r}: a file name stem, not a path")
+        says = "teacher" if "teacher" in stem else "student" if ("student" in stem or stem.endswith("_mdt")) else None
+        if says and says != self.role:
+            raise ValueError(f"model.export_stem {stem!r} names a {says}, but objective {self.objective.name!r} "
+                             f"trains a {self.role}: give --set model.export_stem=<name> (e.g. "
+                             f"{self.stage}_flow_{{role}})")
         return self

@@ -11,7 +11,8 @@ found again on a re-run), its params and resolved config.
 
 The workers' side (rank 0 of a training run): `MetricLogger` (metrics with their step, tags, artifacts) and
 `register_model`, through `mlflow.MlflowClient` with the run id the driver created. Non-finite steps are
-skipped by the trainer; the run gets the metric `skipped_steps` and the tag `alert.nonfinite_steps`.
+skipped by the trainer; the run gets the metric `skipped_steps` and the tag `alert.nonfinite_steps`. The
+learning rate goes in as `lr` and as `lr_log10` (`lr_metrics`).
 """
 from __future__ import annotations
 
@@ -161,6 +162,13 @@ def client(tracking_uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def lr_metrics(lr: float) -> dict[str, float]:
+    """`lr` as it is, and `lr_log10` = log10(lr) (omitted at lr 0, e.g. the first warm-up step). MLflow's charts
+    (plotly autorange) draw a constant metric v on the axis [v - 1, v + 1]: a constant lr of 1e-3 is a flat line
+    indistinguishable from 0 there, whereas its log10 is a line on the -3 tick."""
+    return {"lr": lr, **({"lr_log10": math.log10(lr)} if lr > 0 else {})}
 
 
 class MetricLogger:

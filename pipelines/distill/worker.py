@@ -44,7 +44,7 @@ from mdt.training.machinery import resolve_precision
 from mdt.training.step import Trainer, bound_concat_cond, to_device
 from mdt.training.teacher_data import teacher_batch
 from mdt.training.wrappers import wrap_student
-from pipelines.common.tracking import MetricLogger, register_model
+from pipelines.common.tracking import MetricLogger, lr_metrics, register_model
 
 log = logging.getLogger("distill.worker")
 
@@ -318,7 +318,7 @@ class WorkerLoop:
             m["loss_fixed_batch"] = fixed_batch_loss(tr, self.fixed, cfg.train.seed)
         if ddp:
             m["ddp_param_mismatch"] = mismatch
-        m.update({"lr": res.lr, "skipped_steps": tr.skipped_total, "epoch": self.stream.epoch})
+        m.update({**lr_metrics(res.lr), "skipped_steps": tr.skipped_total, "epoch": self.stream.epoch})
         self.logger.log(step, m)
         if tr.skipped_total > self.logger.alerted:
             self.logger.alert_nonfinite(tr.skipped_total, step)
@@ -373,7 +373,7 @@ class WorkerLoop:
             return
         self.logger.artifact(out, "export")
         which = cfg.mlflow.register_weights if collected.get("ema") is not None else "student"
-        role = "teacher" if cfg.objective.name == "flow_matching" else "student"
+        role = cfg.role
         name = cfg.mlflow.register_model or f"{cfg.name}-{role}"
         try:
             version = register_model(self.tracking["tracking_uri"], self.tracking["run_id"], name, f"export/{which}",

@@ -112,7 +112,8 @@ def generate_config(s: SynthesizeSection):
 
 def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
     """Driver, before Ray: absolute paths, the sources checked, tiny models written, the teachers resolved and
-    hashed. ValueError / FileNotFoundError for a bad argument."""
+    hashed. ValueError / FileNotFoundError for a bad argument (a relative output under `ray job submit`
+    included); the tiny models it creates go under the output there, not into the job's temporary copy."""
     from types import SimpleNamespace
 
     from mdt.generate import ensure_tiny_models, resolve_model_paths
@@ -121,6 +122,7 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
     from pipelines.preprocess import driver as graph
 
     s = cfg.synthesize
+    cluster.durable_output(cfg.output, "--output")
     generate_config(s).validate()
     if s.samples_per_image < 1:
         raise ValueError(f"synthesize.samples_per_image must be >= 1, got {s.samples_per_image}")
@@ -132,7 +134,7 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
         check_source_spec(spec)
     graph.absolutize_paths(cfg)
     fix = cluster.resolve_local_path
-    s.tiny_models = fix(s.tiny_models)
+    s.tiny_models = cluster.created_model_path(s.tiny_models, cfg.output)
     for name in ("pipeline", "dinov2"):  # a name not on disk stays: a hub id
         setattr(s, name, fix(getattr(s, name), must_exist=True))
     s.teacher = fix(s.teacher, must_exist=True)
@@ -141,7 +143,7 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
         if stem and "://" not in stem and os.path.isabs(stem) and not os.path.isfile(f"{stem}.safetensors"):
             raise FileNotFoundError(f"{name} {stem}: no {stem}.safetensors")
     if s.tiny_models and s.dinov2:  # CPU presets name a local directory, created here when missing
-        s.dinov2 = fix(s.dinov2)
+        s.dinov2 = cluster.created_model_path(s.dinov2, cfg.output)
         ensure_tiny_conditioner(SimpleNamespace(tiny=True, model=s.dinov2, tiny_hidden_size=s.tiny_hidden_size))
     gcfg = generate_config(s)
     sources, _ = resolve_model_paths(gcfg)
