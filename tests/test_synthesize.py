@@ -348,3 +348,77 @@ def test_shards_source_lists_each_asset_and_reads_its_stored_condition_image(tmp
     for r in rows:
         sha256 = r["file_identifier"].split("#")[0]
         assert S.Synthesize.read_image_bytes(fake, r["uri"]) == stored[sha256]
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+def synth_stage(tmp_path, preset="ci", *overrides):
+    """The prepared config and the stage (no Ray) of `preset` on write_images' folder with a perturbed teacher."""
+    from jobs import synthesize as job
+    from pipelines import synthesize as S
+
+    write_images(tmp_path / "imgs")
+    Image = __import__("PIL.Image", fromlist=["Image"])
+    a = np.zeros((48, 48, 4), np.uint8)
+    a[8:40, 12:30] = (30, 200, 90, 255)
+    Image.fromarray(a, "RGBA").save(tmp_path / "imgs" / "second.png")
+    teacher = perturbed_teacher(tmp_path / "teacher" / "ss_flow")
+    args = ["--preset", preset, "--source", f"local:{tmp_path / 'imgs'}", "--teacher", teacher,
+            "--output", str(tmp_path / "out"), *overrides]
+    cfg = S.prepare(job.build_config(job.parse_args(args)))
+    return cfg, S.Synthesize(cfg)
+
+
+def test_batched_rows_equal_unbatched_rows_with_one_forward_per_step(tmp_path):
+    """Same rows (seeds, provenance, latents within float tolerance) from one batch of every (image, sample) row as
+    from one row at a time; failed images fail alone inside a batch; the SS teacher runs one forward per sampler
+    call for the whole batch (not one per image)."""
+    from pipelines import synthesize as S
+    from pipelines.rows import unpack_array
+
+    cfg, stage = synth_stage(tmp_path)
+    rows, _ = S.list_image_rows(cfg)
+    assert len(rows) == 5 * cfg.synthesize.samples_per_image
+    calls = []
+    flow = stage.pipe.models["ss_flow"]
+    hook = flow.register_forward_hook(lambda m, i, o: calls.append(int(i[0].shape[0])))
+    single = []
+    for r in rows:
+        try:
+            single.append(stage(dict(r)))
+        except Exception as e:  # noqa: BLE001 - the row's failure, compared below
+            single.append(e)
+    n_single = len(calls)
+    calls.clear()
+    batched = stage.call_batch([dict(r) for r in rows])
+    hook.remove()
+    live = [x for x in single if not isinstance(x, Exception)]
+    assert len(live) == 3 * cfg.synthesize.samples_per_image          # object, photo, second (each K samples)
+    assert n_single == len(live) * len(calls)                          # per row: as many forwards as the batch
+    assert max(calls) == 2 * len(live)                                 # CFG: conditional + unconditional, batched
+    for r, a, b in zip(rows, single, batched):
+        if isinstance(a, Exception):
+            assert type(b) is type(a) and str(b).split(" <")[0] == str(a).split(" <")[0], (r["file_identifier"], a, b)
+            continue
+        assert not isinstance(b, Exception), (r["file_identifier"], b)
+        for key in ("sha256", "seed", "source_sha256", "teacher_sha256", "sampler", "asset_checks", "cond_images"):
+            assert a[key] == b[key], key
+        for key in ("ss_latent", "slat_feats"):
+            np.testing.assert_allclose(unpack_array(a[key]), unpack_array(b[key]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(unpack_array(a["slat_coords"]), unpack_array(b["slat_coords"]))
+    # different images in the batch: different samples (the batch does not share one condition)
+    lat = {b["source_sha256"]: unpack_array(b["ss_latent"]) for b in batched if not isinstance(b, Exception)}
+    assert len(lat) == 3 and not np.allclose(*list(lat.values())[:2])
+
+
+def test_batch_size_only_for_stages_that_take_batches():
+    from mdt.config import load_config
+    from pipelines import graph
+    from pipelines.config import PreprocessConfig
+    from pipelines.synthesize import SynthesizeConfig
+
+    graph.check_batching(load_config(SynthesizeConfig, "ci", prefix="synthesize_"))
+    cfg = load_config(PreprocessConfig, "ci", [("resources.render.batch_size", 4)], prefix="preprocess_")
+    with pytest.raises(ValueError, match="resources.render.batch_size=4"):
+        graph.check_batching(cfg)
