@@ -419,6 +419,7 @@ def test_batch_size_only_for_stages_that_take_batches():
     from pipelines.synthesize import SynthesizeConfig
 
     graph.check_batching(load_config(SynthesizeConfig, "ci", prefix="synthesize_"))
-    cfg = load_config(PreprocessConfig, "ci", [("resources.render.batch_size", 4)], prefix="preprocess_")
+    cfg = load_config(PreprocessConfig, "demo", [("resources.render.batch_size", 4)], prefix="preprocess_")
+    assert "render" in cfg.stages
     with pytest.raises(ValueError, match="resources.render.batch_size=4"):
         graph.check_batching(cfg)
