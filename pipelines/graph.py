@@ -233,8 +233,9 @@ def plan(cfg: PreprocessConfig, lister=None) -> Plan:
 
 
 def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_every_s: float = 10.0,
-        lister=None) -> RunResult:
-    """Run the whole job: list, filter, resume, process, write, compact, manifest, report."""
+        lister=None, unit: str = "assets") -> RunResult:
+    """Run the whole job: list, filter, resume, process, write, compact, manifest, report (`unit`: what a row
+    is, in the progress log)."""
     import ray
 
     from pipelines import report as report_mod
@@ -274,8 +275,8 @@ def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_eve
                 last = time.time()
                 n = sum(counts.values())
                 rate = n / max(1e-9, last - t_start) * 3600
-                log.info("progress %d/%d (done %d, failed %d) %.0f assets/h", n, len(todo), counts["done"],
-                         counts["failed"], rate)
+                log.info("progress %d/%d %s (done %d, failed %d) %.0f %s/h", n, len(todo), unit, counts["done"],
+                         counts["failed"], rate, unit)
         ray.kill(limiter)
         ray.kill(claims)
     if cfg.write.compact_ledger and todo:

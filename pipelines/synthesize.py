@@ -130,6 +130,7 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
         raise ValueError("no image source: pass --source local:<dir> | s3://... | manifest:<csv> | shards:<dir>")
     for spec in cfg.sources.specs:
         check_source_spec(spec)
+    graph.check_batching(cfg)
     graph.absolutize_paths(cfg)
     fix = cluster.resolve_local_path
     s.tiny_models = fix(s.tiny_models)
@@ -382,7 +383,7 @@ def run(cfg: SynthesizeConfig, resolved_config: dict | None = None):
     summary (images/s, samples/s, images without alpha) in the report and `runs/<run_id>/synthesize.json`."""
     from pipelines import graph
 
-    result = graph.run(cfg, resolved_config=resolved_config, lister=list_image_rows)
+    result = graph.run(cfg, resolved_config=resolved_config, lister=list_image_rows, unit="samples")
     result.report = {**(result.report or {}), "synthesize": summary(cfg, result)}
     storage.write_bytes_atomic(join_uri(graph.run_dir(cfg, result.run_id), "synthesize.json"),
                                json.dumps(result.report["synthesize"], indent=2).encode(), cfg.storage)
@@ -415,6 +416,9 @@ def to_markdown(syn: dict) -> str:
              f"(sha256 {syn['slat_teacher_sha256']}), {syn['samples_per_image']} sample(s) per image",
              f"- images done {syn['images_done']} of {syn['images_processed']}, samples done {syn['samples_done']}; "
              f"{syn['images_per_s']:.4f} images/s, {syn['samples_per_s']:.4f} samples/s (wall clock of this run)"]
+    if syn["seconds_per_sample_mean"] is not None:
+        lines.append(f"- synthesize stage {syn['seconds_per_sample_mean']:.3f} s per sample (mean; a batch's time "
+                     "shared by its rows), the rest of the wall clock is Ray, actor start-up and writing")
     if syn["images_without_alpha_used_whole"]:
         lines.append(f"- {syn['images_without_alpha_used_whole']} image(s) without alpha: {NO_ALPHA_NOTE}")
     return "\n".join(lines)
