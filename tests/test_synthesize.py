@@ -389,7 +389,8 @@ def test_readme_data_free_ci_commands_run_as_printed(tmp_path):
     assert t.num_rows == 2 and set(t["file_identifier"].to_pylist()) == {"mug.png#0", "mug.png#1"}
     assert (tmp_path / "outputs" / "distill-ci" / "ss-mdt-data-free" / "export").is_dir()
     res = json.loads(next((tmp_path / "outputs" / "eval-data-free").glob("*/results.json")).read_text())
-    assert {"teacher 25-step", "student 1-step"} <= {r["sampler"] for r in res["rows"]}
+    assert "student 1-step" in {r["sampler"] for r in res["rows"]}
+    assert res["models"]["student"].endswith("ss-mdt-data-free/export/ema/ss_flow_student")
 
 
 @pytest.mark.ray
