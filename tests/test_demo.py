@@ -202,7 +202,7 @@ def test_merged_table_puts_the_data_free_rows_after_the_evaluation_rows():
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_demo_data_free_synthesis_and_evaluation_on_tiny_shards(tmp_path, ray_connected):
+def test_demo_data_free_synthesis_and_evaluation_on_tiny_shards(tmp_path):
     """The demo's data-free steps on tiny shards with its presets (synthesize_demo, evaluate_demo): every asset's
     condition view becomes K teacher samples conditioned on exactly that image (its sha256 is the row's
     source_sha256), and the data-free student's evaluation rows are the ones the final table adds."""
@@ -223,7 +223,14 @@ def test_demo_data_free_synthesis_and_evaluation_on_tiny_shards(tmp_path, ray_co
     probe.save(tmp_path / "probe")
     save_tiny_dinov2(tmp_path / "dino", hidden_size=64)
     models = {"dinov2": str(tmp_path / "dino")}
-    out_dir, summary = demo.synthesize(tmp_path, str(data), teacher, str(tmp_path / "probe"), models, [])
+    import ray
+
+    try:                                                        # the jobs start a private Ray, as in the demo
+        out_dir, summary = demo.synthesize(tmp_path, str(data), teacher, str(tmp_path / "probe"), models, [])
+        ev = demo.evaluate_data_free(tmp_path, str(data), teacher, student, str(tmp_path / "probe"), models,
+                                     f"sqlite:///{tmp_path / 'mlflow.db'}", None, [])
+    finally:
+        ray.shutdown()
     k = 4                                                       # synthesize_demo's samples_per_image
     assert summary["images_done"] == 2 and summary["samples_done"] == 2 * k
     written = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "condition-images").glob("*.png")}
@@ -231,8 +238,6 @@ def test_demo_data_free_synthesis_and_evaluation_on_tiny_shards(tmp_path, ray_co
     assert len(rows) == 2 * k and {r["source_sha256"] for r in rows} == written and len(written) == 2
     assert {r["teacher_sha256"] for r in rows} == {
         hashlib.sha256(Path(teacher + ".safetensors").read_bytes()).hexdigest()}
-    ev = demo.evaluate_data_free(tmp_path, str(data), teacher, student, str(tmp_path / "probe"), models,
-                                 f"sqlite:///{tmp_path / 'mlflow.db'}", None, [])
     labels = [r["sampler"] for r in ev.results["rows"]]
     assert labels == ["teacher 25-step", "data-free student 1-step", "data-free student 2-step"]
     merged, table = demo.merged_table([{"sampler": "student 1-step", "kind": "student", "steps": 1}],
