@@ -14,6 +14,13 @@ Model (steady-state pipeline, every stage's actor pool sized to keep up):
   cost = wall time x the nodes' hourly prices; shards stored in S3 = N x bytes per asset.
 Figures marked PLACEHOLDER are not measured: replace them with a benchmark run's report (see the docs).
 
+Data-free alternative (`jobs/synthesize.py --preset trellis`: condition images -> the teacher's own samples, no
+3-D asset): per image, K = synthesize.samples_per_image teacher samples, each the SS flow's and the SLat flow's
+network evaluations at the preset's sampler settings (`mdt.flow.count_nfe`), so
+  GPU-seconds per image = num_gpus x K x (NFE_ss + NFE_slat) x seconds per network evaluation
+(the conditioner and the SS decoder run once per sample and are counted inside the per-evaluation figure),
+on the same GPU nodes; GPU-hours = N x GPU-s / 3600 for both paths.
+
 Distillation memory per GPU (the `trellis-ss` / `trellis-slat` presets, no FSDP): the student's float32 weights,
 gradients, AdamW moments and EMA (20 bytes per parameter), the teacher's published fp16 weights (2 bytes per
 parameter), the bf16 DINOv2 ViT-L conditioner, and activations = micro-batch (batch_size / batch_split) x graphs
@@ -59,6 +66,11 @@ PLACEHOLDER_SECONDS = {"download": 3.0, "render": 150.0, "voxelize": 5.0, "featu
 PLACEHOLDER_BYTES_PER_ASSET = 2_500_000  # shard bytes per asset (latents + 24 cond PNGs at 518 px): PLACEHOLDER
 # Distillation PLACEHOLDERS: seconds per optimizer step of MDT-dist on 16 A100s (batch 8 per GPU).
 PLACEHOLDER_TRAIN_STEP_S = 1.5
+# Synthesis PLACEHOLDER: seconds per network evaluation of TRELLIS-image-large's flows, from the MDT-dist paper's
+# 6.1 s for its 25 + 25-step chain (44 + 44 evaluations with the CFG interval, decoding included) on an A800; not
+# measured here, and an A10G is slower than an A800. Replace with a synthesis run's `seconds_per_sample_mean`
+# (runs/<run_id>/synthesize.json) divided by its NFE per sample.
+PLACEHOLDER_SYNTH_EVAL_S = 6.1 / 88
 
 
 GIB = 2 ** 30
@@ -155,6 +167,48 @@ def from_bench(path: Path, workers: int | None = None) -> dict[str, float]:
     return {k: float(v) for k, v in run["stage_mean_s"].items() if v}
 
 
+def synthesize_preset(preset: str = "trellis") -> dict:
+    """The synthesis preset's samples per image, NFE per sample of each flow and its actor's resources."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from mdt.config import load_config, to_dict
+    from mdt.flow import count_nfe
+    from pipelines.synthesize.driver import SynthesizeConfig
+
+    cfg = load_config(SynthesizeConfig, preset, [], prefix="synthesize_")
+    s = cfg.synthesize
+    nfe = {n: count_nfe(x.steps, x.cfg_strength, tuple(x.cfg_interval), x.rescale_t)
+           for n, x in (("ss", s.ss), ("slat", s.slat))}
+    return {"samples_per_image": s.samples_per_image, "nfe": nfe, "resources": to_dict(cfg.resources["synthesize"])}
+
+
+def estimate_synthesize(preset: dict, eval_s: float, n_images: int, render_nodes: int, efficiency: float,
+                        spot: bool) -> dict:
+    """The data-free path's cost on the GPU nodes (module docstring): per image K x NFE x eval_s GPU-seconds."""
+    gpus_per_actor = float(preset["resources"].get("num_gpus") or 0)
+    sample_s = sum(preset["nfe"].values()) * eval_s
+    gpu_s = gpus_per_actor * preset["samples_per_image"] * sample_s
+    gpus = render_nodes * RENDER.gpus
+    wall_h = n_images * gpu_s / max(gpus, 1) / 3600 / efficiency
+    per_h = render_nodes * PRICES[RENDER.instance] * (SPOT_FACTOR if spot else 1.0) + PRICES[HEAD.instance]
+    return {"sample_s": sample_s, "gpu_s_per_image": gpu_s, "gpu_h": n_images * gpu_s / 3600, "wall_h": wall_h,
+            "usd_per_h": per_h, "usd": wall_h * per_h}
+
+
+def render_synthesize(preset: dict, syn: dict, est: dict, eval_s_placeholder: bool, args) -> str:
+    mark = " (PLACEHOLDER)" if eval_s_placeholder else ""
+    nfe = preset["nfe"]
+    return "\n".join([
+        "", f"Data-free alternative: synthesizing {args.assets:,} condition images (jobs/synthesize.py --preset "
+            f"trellis) on the same {args.render_nodes} x {RENDER.instance}, efficiency {args.efficiency:.2f}", "",
+        f"- per image: {preset['samples_per_image']} sample(s) x (SS {nfe['ss']} + SLat {nfe['slat']} network "
+        f"evaluations) x {syn['sample_s'] / sum(nfe.values()):.4f} s{mark} = {syn['sample_s']:.1f} s per sample "
+        f"on {float(preset['resources'].get('num_gpus') or 0):g} GPU -> {syn['gpu_s_per_image']:.1f} GPU-s",
+        f"- wall time {syn['wall_h']:.1f} h, cluster ${syn['usd_per_h']:,.2f}/h -> ${syn['usd']:,.0f} in all",
+        f"- GPU-hours: {syn['gpu_h']:,.0f} synthesizing vs {est['gpu_h_total']:,.0f} preprocessing (preprocessing "
+        f"{est['gpu_h_total'] / max(syn['gpu_h'], 1e-9):.1f}x), with no 3-D asset, render or encoder"])
+
+
 def estimate(seconds: dict[str, float], resources: dict[str, dict], n_assets: int, render_nodes: int,
              cpu_nodes: int, efficiency: float, spot: bool, bytes_per_asset: float) -> dict:
     gpu_s = sum(t * float(resources.get(s, {}).get("num_gpus") or 0) for s, t in seconds.items())
@@ -168,7 +222,7 @@ def estimate(seconds: dict[str, float], resources: dict[str, dict], n_assets: in
     per_h = (render_nodes * PRICES[RENDER.instance] + cpu_nodes * PRICES[CPU.instance]) * factor + PRICES[HEAD.instance]
     return {
         "gpu_s_per_asset": gpu_s, "cpu_s_per_asset": cpu_s, "gpus": gpus, "cpus": cpus,
-        "gpu_bound_h": gpu_h, "cpu_bound_h": cpu_h, "bottleneck": "GPU" if gpu_h >= cpu_h else "CPU",
+        "gpu_bound_h": gpu_h, "cpu_bound_h": cpu_h, "gpu_h_total": n_assets * gpu_s / 3600, "bottleneck": "GPU" if gpu_h >= cpu_h else "CPU",
         "wall_h": wall_h, "assets_per_h": n_assets / wall_h if wall_h else None, "usd_per_h": per_h,
         "usd": wall_h * per_h, "usd_per_1k_assets": wall_h * per_h / n_assets * 1000,
         "shards_gb": n_assets * bytes_per_asset / 1e9,
@@ -187,7 +241,8 @@ def render_markdown(seconds, resources, placeholders: set[str], est: dict, args)
         r = resources.get(s, {})
         g, c = float(r.get("num_gpus") or 0), float(r.get("num_cpus") or 1)
         lines.append(f"| {s} | {t:g}{mark(s)} | {g:g} | {c:g} | {t * g:g} | {t * c:g} |")
-    lines += ["", f"- per asset: {est['gpu_s_per_asset']:.1f} GPU-s, {est['cpu_s_per_asset']:.1f} CPU-s",
+    lines += ["", f"- per asset: {est['gpu_s_per_asset']:.1f} GPU-s, {est['cpu_s_per_asset']:.1f} CPU-s; "
+                  f"{est['gpu_h_total']:,.0f} GPU-hours in all",
               f"- GPU bound {est['gpu_bound_h']:.1f} h, CPU bound {est['cpu_bound_h']:.1f} h -> "
               f"{est['bottleneck']}-bound; wall time {est['wall_h']:.1f} h ({est['wall_h'] / 24:.1f} days), "
               f"{est['assets_per_h']:,.0f} assets/h",
@@ -219,6 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=100_000, help="distillation steps (0: no training line)")
     ap.add_argument("--train-step-s", type=float, default=PLACEHOLDER_TRAIN_STEP_S)
     ap.add_argument("--train-nodes", type=int, default=2)
+    ap.add_argument("--synth-eval-s", type=float, default=PLACEHOLDER_SYNTH_EVAL_S,
+                    help="data-free path: seconds per network evaluation of the teacher flows (measured: a "
+                         "synthesis run's seconds_per_sample_mean / its NFE per sample)")
     ap.add_argument("--activations", type=Path,
                     help="JSON of `python -m mdt.bench.activations --json` (default: its stored measurement)")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -247,11 +305,16 @@ def main(argv=None) -> int:
                    bpa)
     coef = json.loads(args.activations.read_text())["fit"] if args.activations else None
     memory = {stage: distill_memory(stage, coef) for stage in ("ss", "slat")}
+    preset = synthesize_preset()
+    syn = estimate_synthesize(preset, args.synth_eval_s, args.assets, args.render_nodes, args.efficiency, args.spot)
+    if args.synth_eval_s == PLACEHOLDER_SYNTH_EVAL_S:
+        placeholders.add("synthesize")
     if args.json:
         print(json.dumps({"seconds": seconds, "placeholders": sorted(placeholders), **est,
-                          "distill_memory": memory}, indent=2))
+                          "synthesize": {**preset, **syn}, "distill_memory": memory}, indent=2))
     else:
         print(render_markdown(seconds, resources, placeholders, est, args))
+        print(render_synthesize(preset, syn, est, "synthesize" in placeholders, args))
         print(render_memory(memory))
     return 0
 

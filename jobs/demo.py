@@ -1,5 +1,6 @@
 """`make demo`: the whole product end to end on a 2-core CPU — preprocessing -> teacher -> MDT-dist student ->
-image-to-3D generation -> evaluation — with the evaluation job's table at the end.
+image-to-3D generation -> evaluation, then a data-free student (the teacher's samples for the condition images ->
+MDT-dist) — with the evaluation job's table at the end, both students in it.
 
     python jobs/demo.py [--preset cpu] [--out outputs/demo] [--fresh] [--set teacher.steps=1200]
 
@@ -73,6 +74,11 @@ def main(argv=None) -> int:
     print(f"\nfeature networks: {r['feature_nets']['inception']['name']}, {r['feature_nets']['dinov2']['name']}")
     print(f"teacher 25-step samples vs their conditioning shapes: IoU {r['teacher25_iou_with_condition']:.3f} "
           f"(threshold {cfg.min_teacher_iou})")
+    if r.get("data_free"):
+        syn = r["data_free"]["synthesis"]
+        print(f"data-free student: distilled from {syn['samples_done']} teacher samples of {syn['images_done']} "
+              f"condition images ({syn['images_per_s']:.3f} images/s, {syn['samples_per_s']:.3f} samples/s), no "
+              f"3-D data; evaluation: {r['data_free']['evaluation_dir']}")
     print(f"results: {Path(cfg.output).resolve() / 'results.json'}; evaluation: {r['evaluation_dir']}")
     phases = ", ".join(f"{k.split(' (')[0].split(':')[0]}: {v:.0f}s" for k, v in r["phases_s"].items())
     print(f"total wall time: {r['total_s'] / 60:.1f} min  ({phases})")

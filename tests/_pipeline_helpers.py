@@ -192,13 +192,15 @@ class MotoS3:
 class RayHead:
     """``ray start --head --block`` in its own process group; stopped by killing that group (never ray stop)."""
 
-    def __init__(self, dashboard: bool = False, num_cpus: int = 2):
+    def __init__(self, dashboard: bool = False, num_cpus: int = 2, own_address: bool = False):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_port = free_port() if dashboard else None
         env = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                # `python` in a job's entrypoint is the cluster's Python: here, the project's venv
                "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        if own_address:  # every process the head starts (job entrypoints) joins this head, not "the latest" Ray
+            env["RAY_ADDRESS"] = self.address
         # Every port explicit: fixed defaults (agent 52365, metrics, ...) clash with other Ray instances on
         # a shared machine, and an agent that cannot bind leaves the head without job submission.
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={self.port}",

@@ -60,6 +60,17 @@ def test_every_config_the_demo_builds_loads_and_validates(tmp_path):
     assert ev.data.cond_view == s.data.cond_view             # evaluated on the view it was trained on
     assert [x.label for x in ev.samplers] == ["teacher 25-step", "teacher 4-step", "teacher 2-step",
                                               "teacher 1-step", "student 1-step", "student 2-step", "student 4-step"]
+    # the data-free student: the same MDT-dist budget, on the synthesize_demo preset's rows
+    assert cfg.data_free.enabled
+    f = demo.distill_config("demo-mdt-data-free", tmp_path, str(tmp_path / "synth"), models, "probe",
+                            "sqlite:///x.db", "mdt", "teacher", cfg.student.steps, cfg.student.overrides)
+    assert (f.train.max_steps, f.objective, f.optim, f.data.batch_size) == (s.train.max_steps, s.objective, s.optim,
+                                                                            s.data.batch_size)
+    from pipelines.synthesize.driver import SynthesizeConfig
+
+    syn = load_config(SynthesizeConfig, "demo", cfg.data_free.overrides, prefix="synthesize_").synthesize
+    assert syn.ss.steps == 25 and syn.ss.cfg_strength == ev.sampling.teacher_cfg == 0.0   # the evaluation's reference
+    assert syn.ss.rescale_t == ev.sampling.teacher_rescale_t and syn.image_size == ev.condition.image_size
 
 
 def test_demo_assets_are_centred_single_primitives_with_distinct_colours(tmp_path):
@@ -182,3 +193,64 @@ def test_demo_generation_uses_its_probe_and_measures_iou_with_the_condition(tmp_
     assert "mean IoU 0.550" in demo.generation_failures(two, 0.6)[0]
     assert "no generated occupancy for b" in demo.generation_failures(
         {"inputs": [{"name": "a", "iou_with_condition": 0.9}, {"name": "b"}]}, 0.5)[0]
+
+
+def test_merged_table_puts_the_data_free_rows_after_the_evaluation_rows():
+    from pipelines.demo import driver as demo
+
+    rows = [{"sampler": "teacher 25-step", "kind": "teacher", "steps": 25, "nfe": 25, "iou": 0.6},
+            {"sampler": "student 1-step", "kind": "student", "steps": 1, "nfe": 1, "iou": 0.5}]
+    free = [{"sampler": "teacher 25-step", "kind": "teacher", "steps": 25, "nfe": 25, "iou": 0.6},
+            {"sampler": "data-free student 1-step", "kind": "student", "steps": 1, "nfe": 1, "iou": 0.4}]
+    merged, table = demo.merged_table(rows, free)
+    assert [r["sampler"] for r in merged] == ["teacher 25-step", "student 1-step", "data-free student 1-step"]
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3 and lines[-1].startswith("| data-free student 1-step | 1 |")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_data_free_synthesis_and_evaluation_on_tiny_shards(tmp_path):
+    """The demo's data-free steps on tiny shards with its presets (synthesize_demo, evaluate_demo): every asset's
+    condition view becomes K teacher samples conditioned on exactly that image (its sha256 is the row's
+    source_sha256), and the data-free student's evaluation rows are the ones the final table adds."""
+    import hashlib
+
+    from _distill_helpers import TINY_SS_ARGS, perturbed_teacher, write_tiny_shards
+    from mdt.conditioning import save_tiny_dinov2
+    from mdt.eval.snapshots import OccupancyProbe
+    from pipelines.demo import driver as demo
+    from pipelines.preprocess import shards
+
+    data = write_tiny_shards(tmp_path / "pre", n=2, image_size=56)
+    args = {**TINY_SS_ARGS, "cond_channels": 64}
+    teacher = perturbed_teacher(tmp_path / "t" / "teacher", args)
+    student = perturbed_teacher(tmp_path / "s" / "student", args, seed=3)
+    probe = OccupancyProbe(8, hidden=8)
+    with torch.no_grad():
+        probe.net[-1].bias.fill_(1.0)
+    probe.save(tmp_path / "probe")
+    save_tiny_dinov2(tmp_path / "dino", hidden_size=64)
+    models = {"dinov2": str(tmp_path / "dino")}
+    import ray
+
+    try:                                                        # the jobs start a private Ray, as in the demo
+        out_dir, summary = demo.synthesize(tmp_path, str(data), teacher, str(tmp_path / "probe"), models, [])
+        ev = demo.evaluate_data_free(tmp_path, str(data), teacher, student, str(tmp_path / "probe"), models,
+                                     f"sqlite:///{tmp_path / 'mlflow.db'}", None, [])
+    finally:
+        ray.shutdown()
+    k = 4                                                       # synthesize_demo's samples_per_image
+    assert summary["images_done"] == 2 and summary["samples_done"] == 2 * k
+    written = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "condition-images").glob("*.png")}
+    rows = list(shards.iter_rows(out_dir, columns=["source_sha256", "teacher_sha256"]))
+    assert len(rows) == 2 * k and {r["source_sha256"] for r in rows} == written and len(written) == 2
+    assert {r["teacher_sha256"] for r in rows} == {
+        hashlib.sha256(Path(teacher + ".safetensors").read_bytes()).hexdigest()}
+    labels = [r["sampler"] for r in ev.results["rows"]]
+    assert labels == ["teacher 25-step", "data-free student 1-step", "data-free student 2-step"]
+    merged, table = demo.merged_table([{"sampler": "student 1-step", "kind": "student", "steps": 1}],
+                                      ev.results["rows"])
+    assert [r["sampler"] for r in merged] == ["student 1-step", "data-free student 1-step",
+                                              "data-free student 2-step"]

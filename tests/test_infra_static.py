@@ -530,3 +530,26 @@ def test_doc_checker_rejects_broken_commands(tmp_path, line, expected):
     with pytest.raises(Exception) as e:
         checker.check(cmds[1])
     assert expected in str(e.value), str(e.value)
+
+
+def test_estimate_synthesize_cost_model():
+    """The data-free line: GPU-s per image = GPUs per actor x K x (NFE_ss + NFE_slat) x s per evaluation, with the
+    trellis synthesize preset's 1 sample and TRELLIS's 25 steps with CFG on t in [0.5, 1] at rescale_t 3 = 44
+    evaluations per flow (19 steps inside the interval count two: the time grid t_i = 3s / (1 + 2s), s = i / 25)."""
+    s = [i / 25 for i in range(25, 0, -1)]
+    nfe = sum(2 if 0.5 <= 3 * x / (1 + 2 * x) <= 1 else 1 for x in s)
+    assert nfe == 44
+    r = subprocess.run([sys.executable, "infra/estimate.py", "--json", "--synth-eval-s", "0.1", "--assets", "1000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    syn = out["synthesize"]
+    assert syn["nfe"] == {"ss": nfe, "slat": nfe} and syn["samples_per_image"] == 1
+    assert syn["gpu_s_per_image"] == pytest.approx(1 * 1 * 2 * nfe * 0.1)
+    assert syn["gpu_h"] == pytest.approx(1000 * 2 * nfe * 0.1 / 3600)
+    assert syn["wall_h"] == pytest.approx(1000 * 2 * nfe * 0.1 / 96 / 3600 / 0.8)
+    assert out["gpu_h_total"] == pytest.approx(1000 * out["gpu_s_per_asset"] / 3600)
+    assert "synthesize" not in out["placeholders"]
+    default = json.loads(subprocess.run([sys.executable, "infra/estimate.py", "--json"], cwd=ROOT,
+                                        capture_output=True, text=True, timeout=120).stdout)
+    assert "synthesize" in default["placeholders"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -55,6 +56,8 @@ def env() -> dict:
     (["--source", "local:/no/such/folder"], "no such folder"),
     (["--set", "synthesize.samples_per_image=0"], "samples_per_image"),
     (["--teacher", "/no/such/teacher"], "no /no/such/teacher.safetensors"),
+    (["--set", "resources.synthesize.batch_size=0"], "batch_size=0"),
+    (["--set", "synthesize.ss_decoder=/no/such/probe"], "/no/such/probe: no such checkpoint"),
 ])
 def test_argument_errors_exit_2_before_ray(tmp_path, extra, needle, capsys):
     """Bad arguments: exit 2 with one line, before Ray starts or any model loads."""
@@ -280,6 +283,64 @@ def test_trellis_preset_loads_teacher_by_hub_id(tmp_path):
     assert row["error"] is None or "empty occupancy" in row["error"], row["error"]
 
 
+# ------------------------------------------------------------------------------------------- the demo preset
+
+
+def write_demo_models(root: Path) -> str:
+    """What `make demo` leaves under outputs/demo/models that the demo preset names (its tiny DINOv2, its occupancy
+    probe), and a demo-width (64-channel condition) teacher; returns the teacher."""
+    from _distill_helpers import TINY_SS_ARGS
+
+    from mdt.conditioning import save_tiny_dinov2
+    from mdt.eval.snapshots import OccupancyProbe
+
+    models = root / "outputs" / "demo" / "models"
+    save_tiny_dinov2(models / "tiny-dinov2", hidden_size=64)
+    probe = OccupancyProbe(8, hidden=8)
+    torch = __import__("torch")
+    with torch.no_grad():
+        probe.net[-1].bias.fill_(1.0)                        # some occupied cells for every latent
+    probe.save(models / "ss_occupancy_probe")
+    return perturbed_teacher(root / "teacher" / "ss_flow_demo_teacher", {**TINY_SS_ARGS, "cond_channels": 64})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_preset_runs_as_shipped(tmp_path):
+    """`--preset demo` with only its inputs (images, teacher) in a directory where `make demo` left its models:
+    the demo's probe is the SS decoder, the rows carry its sampler (25 steps, no CFG), K = 4 rows per image, the
+    batched stage writes them, and the report gives images/s and samples/s. Without the probe: exit 2, one line."""
+    from pipelines.preprocess.shards import load_table
+
+    teacher = write_demo_models(tmp_path)
+    write_images(tmp_path / "imgs")
+    for name in ("corrupt.png", "transparent.png"):
+        (tmp_path / "imgs" / name).unlink()
+    cmd = [sys.executable, str(SYNTH), "--preset", "demo", "--source", "local:imgs", "--teacher", teacher]
+    r = subprocess.run(cmd, env={**env(), "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(r.stdout[r.stdout.index("## synthesis"):])              # the measured throughput, for the record
+    t = load_table(str(tmp_path / "outputs" / "demo" / "synthesize")).to_pylist()
+    assert sorted(x["file_identifier"] for x in t) == [f"{n}#{k}" for n in ("object.png", "photo.jpg")
+                                                       for k in range(4)]
+    smp = json.loads(t[0]["sampler"])
+    assert smp["ss"]["steps"] == 25 and smp["ss"]["cfg_strength"] == 0.0 and smp["ss"]["rescale_t"] == 1.0
+    rep = [json.loads(x.read_text()) for x in (tmp_path / "outputs" / "demo" / "synthesize" / "runs")
+           .glob("*/synthesize.json")][0]
+    assert rep["samples_done"] == 8 and rep["images_done"] == 2 and rep["samples_per_s"] > 0
+    assert "batch_size: 8" in r.stdout and "ss_occupancy_probe" in r.stdout     # the resolved config
+    import shutil
+
+    shutil.rmtree(tmp_path / "outputs" / "demo" / "models" / "ss_occupancy_probe", ignore_errors=True)
+    for f in (tmp_path / "outputs" / "demo" / "models").glob("ss_occupancy_probe*"):
+        f.unlink()
+    r = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "ss_occupancy_probe" in err[0], r.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------- README
 
 
@@ -304,20 +365,20 @@ def test_readme_data_free_trellis_command_resolves(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(2400)
 def test_readme_data_free_ci_commands_run_as_printed(tmp_path):
-    """The section's CPU commands, verbatim and in order, in a fresh working directory: a teacher, its samples
-    on docs/examples as shards, a student distilled from them."""
+    """The section's CPU block, verbatim and in order, in a fresh working directory: a teacher, its samples on
+    docs/examples as shards, a student distilled from them, that student evaluated on the preprocessed assets."""
     from test_generate import link_repo
 
     from pipelines.preprocess.shards import load_table
 
-    cmds = [c for c in readme_data_free_commands() if "--preset ci" in c]
-    assert len(cmds) == 4 and any("jobs/synthesize.py" in c for c in cmds)
+    cmds = [c for c in readme_data_free_commands() if c.startswith("python") and "--preset trellis" not in c]
+    assert len(cmds) == 6 and cmds[-1].startswith("python jobs/evaluate.py")
     link_repo(tmp_path)
     e = {**env(), "OMP_NUM_THREADS": "1"}  # PYTHONPATH: Ray workers import this checkout's code
     for cmd in cmds:
-        argv = cmd.split()
+        argv = shlex.split(cmd)
         assert argv[0] == "python"
         r = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=e, capture_output=True, text=True,
                            timeout=900)
@@ -327,6 +388,39 @@ def test_readme_data_free_ci_commands_run_as_printed(tmp_path):
     t = load_table(str(tmp_path / "outputs" / "synthesize-ci"))
     assert t.num_rows == 2 and set(t["file_identifier"].to_pylist()) == {"mug.png#0", "mug.png#1"}
     assert (tmp_path / "outputs" / "distill-ci" / "ss-mdt-data-free" / "export").is_dir()
+    res = json.loads(next((tmp_path / "outputs" / "eval-data-free").glob("*/results.json")).read_text())
+    assert "student 1-step" in {r["sampler"] for r in res["rows"]}
+    assert res["models"]["student"].endswith("ss-mdt-data-free/export/ema/ss_flow_student")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_readme_data_free_ray_job_submit_commands_run_as_printed(tmp_path):
+    """The section's `ray job submit` lines, verbatim, against a Ray head started here, with `$OUT` a temporary
+    directory holding the cluster section's teacher: the synthesized shards and the data-free student appear."""
+    from _distill_helpers import VENV_BIN
+    from _pipeline_helpers import RayHead, ray_job_submit
+
+    from pipelines.preprocess.shards import load_table
+
+    cmds = [c for c in readme_data_free_commands() if c.startswith("ray job submit")]
+    assert len(cmds) == 2 and all(" --working-dir . -- python jobs/" in c for c in cmds)
+    out = tmp_path / "cluster"
+    perturbed_teacher(out / "distill" / "ss-flow_matching" / "export" / "ema" / "ss_flow_student")
+    head = RayHead(dashboard=True, num_cpus=4, own_address=True)  # the cluster section's head: --num-cpus=4 and
+    # RAY_ADDRESS in its environment
+    try:
+        e = {**env(), "RAY_ADDRESS": head.dashboard_url, "OUT": str(out),
+             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        e.pop("PYTHONPATH")                     # the job imports the uploaded copy of the code
+        for cmd in cmds:
+            r = ray_job_submit(["bash", "-c", cmd], e, timeout=900)
+            assert r.returncode == 0, cmd + "\n" + (r.stdout + r.stderr)[-4000:]
+    finally:
+        head.stop()
+    assert load_table(str(out / "synthesize")).num_rows == 2
+    assert (out / "distill" / "ss-mdt-data-free" / "export").is_dir()
 
 
 def test_shards_source_lists_each_asset_and_reads_its_stored_condition_image(tmp_path):
@@ -348,3 +442,78 @@ def test_shards_source_lists_each_asset_and_reads_its_stored_condition_image(tmp
     for r in rows:
         sha256 = r["file_identifier"].split("#")[0]
         assert S.Synthesize.read_image_bytes(fake, r["uri"]) == stored[sha256]
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+def synth_stage(tmp_path, preset="ci", *overrides):
+    """The prepared config and the stage (no Ray) of `preset` on write_images' folder with a perturbed teacher."""
+    from jobs import synthesize as job
+    from pipelines.synthesize import driver as S
+
+    write_images(tmp_path / "imgs")
+    Image = __import__("PIL.Image", fromlist=["Image"])
+    a = np.zeros((48, 48, 4), np.uint8)
+    a[8:40, 12:30] = (30, 200, 90, 255)
+    Image.fromarray(a, "RGBA").save(tmp_path / "imgs" / "second.png")
+    teacher = perturbed_teacher(tmp_path / "teacher" / "ss_flow")
+    args = ["--preset", preset, "--source", f"local:{tmp_path / 'imgs'}", "--teacher", teacher,
+            "--output", str(tmp_path / "out"), *overrides]
+    cfg = S.prepare(job.build_config(job.parse_args(args)))
+    return cfg, S.Synthesize(cfg)
+
+
+def test_batched_rows_equal_unbatched_rows_with_one_forward_per_step(tmp_path):
+    """Same rows (seeds, provenance, latents within float tolerance) from one batch of every (image, sample) row as
+    from one row at a time; failed images fail alone inside a batch; the SS teacher runs one forward per sampler
+    call for the whole batch (not one per image)."""
+    from pipelines.synthesize import driver as S
+    from pipelines.preprocess.rows import unpack_array
+
+    cfg, stage = synth_stage(tmp_path)
+    rows, _ = S.list_image_rows(cfg)
+    assert len(rows) == 5 * cfg.synthesize.samples_per_image
+    calls = []
+    flow = stage.pipe.models["ss_flow"]
+    hook = flow.register_forward_hook(lambda m, i, o: calls.append(int(i[0].shape[0])))
+    single = []
+    for r in rows:
+        try:
+            single.append(stage(dict(r)))
+        except Exception as e:  # noqa: BLE001 - the row's failure, compared below
+            single.append(e)
+    n_single = len(calls)
+    calls.clear()
+    batched = stage.call_batch([dict(r) for r in rows])
+    hook.remove()
+    live = [x for x in single if not isinstance(x, Exception)]
+    assert len(live) == 3 * cfg.synthesize.samples_per_image          # object, photo, second (each K samples)
+    assert n_single == len(live) * len(calls)                          # per row: as many forwards as the batch
+    assert max(calls) == 2 * len(live)                                 # CFG: conditional + unconditional, batched
+    for r, a, b in zip(rows, single, batched):
+        if isinstance(a, Exception):
+            assert type(b) is type(a) and str(b).split(" <")[0] == str(a).split(" <")[0], (r["file_identifier"], a, b)
+            continue
+        assert not isinstance(b, Exception), (r["file_identifier"], b)
+        for key in ("sha256", "seed", "source_sha256", "teacher_sha256", "sampler", "asset_checks", "cond_images"):
+            assert a[key] == b[key], key
+        for key in ("ss_latent", "slat_feats"):
+            np.testing.assert_allclose(unpack_array(a[key]), unpack_array(b[key]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(unpack_array(a["slat_coords"]), unpack_array(b["slat_coords"]))
+    # different images in the batch: different samples (the batch does not share one condition)
+    lat = {b["source_sha256"]: unpack_array(b["ss_latent"]) for b in batched if not isinstance(b, Exception)}
+    assert len(lat) == 3 and not np.allclose(*list(lat.values())[:2])
+
+
+def test_batch_size_only_for_stages_that_take_batches():
+    from mdt.config import load_config
+    from pipelines.preprocess import driver as graph
+    from pipelines.preprocess.config import PreprocessConfig
+    from pipelines.synthesize.driver import SynthesizeConfig
+
+    graph.check_batching(load_config(SynthesizeConfig, "ci", prefix="synthesize_"))
+    cfg = load_config(PreprocessConfig, "demo", [("resources.render.batch_size", 4)], prefix="preprocess_")
+    assert "render" in cfg.stages
+    with pytest.raises(ValueError, match="resources.render.batch_size=4"):
+        graph.check_batching(cfg)

@@ -136,13 +136,20 @@ class ImageTo3D:
         return self.conditioner(images.to(self.device))
 
     @torch.no_grad()
-    def sample_structure(self, cond: Tensor, num_samples: int, generator: torch.Generator,
+    def sample_structure(self, cond: Tensor, num_samples: int,
+                         generator: "torch.Generator | list[torch.Generator]",
                          sampler: StageSampler | None = None) -> Tensor:
-        """cond [1, T, C] -> SS latents [K, 8, R, R, R] (one batch; noise drawn from `generator`)."""
+        """cond [1, T, C] (or one per sample [K, T, C]) -> SS latents [K, 8, R, R, R] in one batch; noise drawn
+        from `generator`, or sample i's from `generator[i]` (noise that does not depend on which samples share
+        the batch)."""
         s = sampler or self.cfg.ss
         flow = self.models["ss_flow"]
         r = flow.resolution
-        noise = torch.randn((num_samples, flow.in_channels, r, r, r), generator=generator, device=self.device)
+        if isinstance(generator, torch.Generator):
+            noise = torch.randn((num_samples, flow.in_channels, r, r, r), generator=generator, device=self.device)
+        else:
+            noise = torch.cat([torch.randn((1, flow.in_channels, r, r, r), generator=g, device=self.device)
+                               for g in generator])
         return self.sampler.sample(flow, noise, cond, torch.zeros_like(cond), steps=s.steps,
                                    rescale_t=s.rescale_t, cfg_strength=s.cfg_strength,
                                    cfg_interval=tuple(s.cfg_interval))
@@ -172,13 +179,15 @@ class ImageTo3D:
         return coords, notes
 
     @torch.no_grad()
-    def sample_latent(self, cond: Tensor, coords: list[Tensor], generator: torch.Generator,
+    def sample_latent(self, cond: Tensor, coords: list[Tensor],
+                      generator: "torch.Generator | list[torch.Generator]",
                       sampler: StageSampler | None = None) -> SparseTensor:
-        """cond [1, T, C], per-sample coords (all non-empty) -> de-normalised SLat, one batch entry per sample."""
+        """cond [1, T, C] (or one per sample), per-sample coords (all non-empty) -> de-normalised SLat, one batch
+        entry per sample; noise as `sparse_noise` draws it."""
         s = sampler or self.cfg.slat
         flow = self.models["slat_flow"]
         noise = sparse_noise(coords, flow.in_channels, generator, self.device)
-        cond_k = cond.expand(len(coords), *cond.shape[1:])
+        cond_k = cond if cond.shape[0] == len(coords) else cond.expand(len(coords), *cond.shape[1:])
         z = self.sampler.sample(flow, noise, cond_k, torch.zeros_like(cond_k), steps=s.steps,
                                 rescale_t=s.rescale_t, cfg_strength=s.cfg_strength,
                                 cfg_interval=tuple(s.cfg_interval))

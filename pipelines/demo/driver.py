@@ -12,7 +12,10 @@ evaluate, on one private local Ray instance and a local MLflow store (`<output>/
 4. a small SS-stage teacher trained with flow matching, then distilled with MDT-dist (VM + VD) into a student
    (the distillation driver, presets `distill_demo`);
 5. image -> 3-D with the student for a few condition images (the generation chain, `generate_demo`);
-6. the evaluation job (`evaluate_demo`): teacher 25/4/2/1 and student 1/2/4 steps -> the final table.
+6. the evaluation job (`evaluate_demo`): teacher 25/4/2/1 and student 1/2/4 steps -> the final table;
+7. data-free (`data_free.enabled`): the synthesis job (`synthesize_demo`) turns the condition images into the
+   teacher's own samples, a second student is distilled from them with the same MDT-dist budget and evaluated on
+   the same assets and seeds; its rows ("data-free student N-step") join the final table.
 Finished stages are reused when `output` already holds them (`fresh: true` starts over).
 """
 from __future__ import annotations
@@ -54,6 +57,12 @@ class DemoProbeConfig:
 
 
 @dataclass
+class DemoDataFreeConfig:
+    enabled: bool = True                # synthesize -> distil -> evaluate a data-free student beside the other
+    overrides: list[str] = field(default_factory=list)  # on top of the synthesize_demo preset
+
+
+@dataclass
 class DemoConfig:
     output: str = "outputs/demo"
     fresh: bool = False
@@ -61,6 +70,7 @@ class DemoConfig:
     probe: DemoProbeConfig = field(default_factory=DemoProbeConfig)
     teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
     student: DemoStudentConfig = field(default_factory=DemoStudentConfig)
+    data_free: DemoDataFreeConfig = field(default_factory=DemoDataFreeConfig)
     generate_images: int = 2            # condition images turned into 3-D by the student
     evaluate_overrides: list[str] = field(default_factory=list)  # on top of the evaluate_demo preset
     min_teacher_iou: float = 0.5        # the teacher's 25-step samples vs their conditioning shapes
@@ -240,6 +250,29 @@ def train(cfg) -> tuple[str, str | None, str]:
     return str(Path(res.export_dir) / "ema" / cfg.model.export_stem), res.mlflow_run_id, res.run_dir
 
 
+def write_condition_images(directory: Path, data: str, n: int | None = None) -> tuple[list[str], list]:
+    """The first `n` assets' condition view 0 of the shards as RGB PNGs in `directory` -> (paths, each asset's
+    voxel coords [N, 3]). The view as training saw it (`shards.decode_cond_image`: the preprocessing's crop,
+    premultiplied on black), as RGB so that the chain uses the whole frame: re-cropping the stored RGBA crop
+    reframes soft-edged shapes (measured on the demo's assets: mean student IoU 0.38 re-cropped at alpha > 0)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.preprocess import shards
+
+    images, voxels = [], []
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(shards.iter_rows(data, columns=["sha256", "cond_images", "slat_coords"])):
+        if n is not None and i >= n:
+            break
+        p = directory / f"{row['sha256'][:8]}.png"
+        rgb = (shards.decode_cond_image(row["cond_images"][0]).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        Image.fromarray(rgb, "RGB").save(p)
+        images.append(str(p))
+        voxels.append(np.frombuffer(row["slat_coords"], np.uint8).reshape(-1, 3))
+    return images, voxels
+
+
 def generate_samples(out: Path, data: str, student: str, probe: str, models: dict, n: int) -> dict:
     """Image -> 3-D (`mdt.generate`, preset generate_demo) with the 1-step student as the SS flow and the demo's
     occupancy probe as the SS decoder, for `n` condition images of the shards; then each generated occupancy's
@@ -247,30 +280,14 @@ def generate_samples(out: Path, data: str, student: str, probe: str, models: dic
     SLat flow and decoders are random-weight tiny models (the demo trains only the SS stage), so the output that
     shows the student's shape is the SS occupancy (occupancy.glb, the previews' occupancy view); the chain's
     files, formats and timings are the real ones."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     from mdt.config import load_config
     from mdt.eval.shapes import paired_iou
     from mdt.eval.snapshots import occupancy_grid
     from mdt.generate import GenerateConfig, ImageTo3D, generate, load_image
-    from pipelines.preprocess import shards
 
-    images, voxels = [], []
-    src = out / "generate" / "inputs"
-    src.mkdir(parents=True, exist_ok=True)
-    for i, row in enumerate(shards.iter_rows(data, columns=["sha256", "cond_images", "slat_coords"])):
-        if i >= n:
-            break
-        # the condition view as training saw it (`shards.decode_cond_image`: the preprocessing's crop, premultiplied
-        # on black), as RGB so that the chain uses the whole frame: re-cropping the stored RGBA crop reframes
-        # soft-edged shapes (measured on the demo's assets: mean student IoU 0.38 re-cropped at alpha > 0)
-        p = src / f"{row['sha256'][:8]}.png"
-        rgb = (shards.decode_cond_image(row["cond_images"][0]).transpose(1, 2, 0) * 255).round().astype(np.uint8)
-        Image.fromarray(rgb, "RGB").save(p)
-        images.append(str(p))
-        voxels.append(np.frombuffer(row["slat_coords"], np.uint8).reshape(-1, 3))
+    images, voxels = write_condition_images(out / "generate" / "inputs", data, n)
     cfg = load_config(GenerateConfig, "demo", [
         ("models.ss_flow", student), ("models.ss_decoder", probe), ("models.dinov2", models["dinov2"]),
         ("models.tiny_models", str(out / "models" / "generate-tiny")), ("ss.steps", 1), ("ss.cfg_strength", 0.0),
@@ -308,14 +325,55 @@ def generation_failures(summary: dict, min_iou: float) -> list[str]:
 
 
 def evaluate(out: Path, data: str, teacher: str, student: str, probe: str, models: dict, tracking_uri: str,
-             distill_run: str | None, overrides: list[str]):
+             distill_run: str | None, overrides: list, output: Path | None = None):
     from pipelines.evaluate import driver as ev
 
     cfg = ev.make_config("demo", data=data, teacher=teacher, student=student, decoder=probe,
-                         output=str(out / "eval"), distill_run_id=distill_run,
+                         output=str(output or out / "eval"), distill_run_id=distill_run,
                          overrides=[("condition.model", models["dinov2"]), ("mlflow.tracking_uri", tracking_uri)]
                          + list(overrides))
     return ev.run(cfg.validate())
+
+
+DATA_FREE = "data-free student"
+
+
+def synthesize(out: Path, data: str, teacher: str, probe: str, models: dict, overrides: list[str]) -> tuple[str, dict]:
+    """The teacher's own samples for the demo's condition images (`jobs/synthesize.py --preset demo`: the
+    synthesis job's Ray Data graph) -> (teacher-generated shards, the job's synthesis summary)."""
+    from mdt.config import load_config
+    from pipelines.synthesize import driver as syn
+
+    images = out / "condition-images"
+    write_condition_images(images, data)
+    cfg = load_config(syn.SynthesizeConfig, "demo", [
+        ("sources.specs", [f"local:{images}"]), ("output", str(out / "synthesize")), ("synthesize.teacher", teacher),
+        ("synthesize.dinov2", models["dinov2"]), ("synthesize.ss_decoder", probe),
+        ("synthesize.tiny_models", str(out / "models" / "synthesize-tiny"))] + list(overrides), prefix="synthesize_")
+    res = syn.run(syn.prepare(cfg))
+    summary = res.report["synthesize"]
+    print(syn.to_markdown(summary), flush=True)
+    if not (res.manifest or {}).get("counts", {}).get("done"):
+        raise RuntimeError("synthesis produced no shards")
+    return cfg.output, summary
+
+
+def evaluate_data_free(out: Path, data: str, teacher: str, student: str, probe: str, models: dict,
+                       tracking_uri: str, distill_run: str | None, overrides: list[str]):
+    """The data-free student on the same assets, seeds and reference (teacher 25-step) as the data-driven one."""
+    samplers = [{"model": "teacher", "steps": 25}] + [
+        {"model": "student", "steps": s, "name": f"{DATA_FREE} {s}-step"} for s in (1, 2)]
+    return evaluate(out, data, teacher, student, probe, models, tracking_uri, distill_run,
+                    [("samplers", samplers), ("name", "evaluate-demo-data-free")] + list(overrides),
+                    output=out / "eval-data-free")
+
+
+def merged_table(rows: list[dict], data_free_rows: list[dict]) -> tuple[list[dict], str]:
+    """The evaluation's rows followed by the data-free student's (its evaluation's reference row left out)."""
+    from mdt.eval import report
+
+    merged = list(rows) + [r for r in data_free_rows if r["sampler"].startswith(DATA_FREE)]
+    return merged, report.markdown_table(merged)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -362,10 +420,28 @@ def run(cfg: DemoConfig) -> DemoResult:
         with clock.phase("evaluate: teacher 25/4/2/1 and student 1/2/4 steps (Ray Data)"):
             ev = evaluate(out, data, teacher, student, probe, models, tracking_uri, student_run,
                           cfg.evaluate_overrides)
+        free = None
+        if cfg.data_free.enabled:
+            with clock.phase("data-free: the teacher's samples for the condition images (Ray Data)"):
+                free_data, synthesis = synthesize(out, data, teacher, probe, models, cfg.data_free.overrides)
+            with clock.phase("data-free student: MDT-dist on the teacher's samples (Ray Train)"):
+                fcfg = distill_config("demo-mdt-data-free", out, free_data, models, probe, tracking_uri, "mdt",
+                                      teacher, cfg.student.steps, cfg.student.overrides)
+                free_student, free_run, _ = train(fcfg)
+            with clock.phase("evaluate: the data-free student 1/2 steps (Ray Data)"):
+                free_ev = evaluate_data_free(out, data, teacher, free_student, probe, models, tracking_uri,
+                                             free_run, cfg.evaluate_overrides)
+            free = {"student": free_student, "data": free_data, "synthesis": synthesis, "mlflow_run": free_run,
+                    "evaluation_dir": free_ev.run_dir, "rows": free_ev.results["rows"]}
     finally:
         ray.shutdown()
 
     res = dict(ev.results)
+    table = ev.table
+    if free:
+        res["rows"], table = merged_table(res["rows"], free["rows"])
+        res["notes"] = list(res.get("notes", [])) + list(free_ev.results.get("notes", []))
+        res["data_free"] = {k: v for k, v in free.items() if k != "rows"}
     rows = {r["sampler"]: r for r in res["rows"]}
     t25, t1, s1 = rows["teacher 25-step"], rows["teacher 1-step"], rows["student 1-step"]
     reasons = []
@@ -387,7 +463,7 @@ def run(cfg: DemoConfig) -> DemoResult:
                 "failures": reasons})
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     shutil.copy(out / "results.json", Path(student_dir) / "results.json")
-    return DemoResult(res, ev.table, not reasons, reasons)
+    return DemoResult(res, table, not reasons, reasons)
 
 
 def mlflow_ui_hint(tracking_uri: str) -> str:

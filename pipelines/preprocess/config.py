@@ -22,6 +22,7 @@ class StageResources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     memory_gb: float | None = None  # Ray logical memory per actor (scheduling only)
+    batch_size: int = 1  # rows per call for a stage that processes batches (`call_batch`: synthesize)
 
 
 @dataclass

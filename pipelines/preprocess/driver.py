@@ -44,6 +44,32 @@ class StageRunner:
         return {k: row.get(k) for k in self.keys}
 
 
+class BatchStageRunner(StageRunner):
+    """:class:`StageRunner` for a stage with ``call_batch(rows) -> [row | Exception]`` (Ray Data map_batches):
+    one call per batch of rows, failures still per row; each row records its share of the batch's time."""
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        live = [r for r in rows if not r.get("error")]
+        if live:
+            t0 = time.perf_counter()
+            try:
+                results = self.stage.call_batch(live)
+            except Exception as e:  # the whole batch failed in a shared step: every row of it, with the reason
+                log.warning("%s failed on a batch of %d rows: %s", self.name, len(live), e)
+                results = [e] * len(live)
+            share = (time.perf_counter() - t0) / len(live)
+            for row, res in zip(live, results):
+                if isinstance(res, Exception):
+                    fail(row, self.name, f"{type(res).__name__}: {res}")
+                else:
+                    row.update(res)
+                add_timing(row, self.name, share)
+        return pa.Table.from_pylist([{k: r.get(k) for k in self.keys} for r in rows])
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -82,15 +108,28 @@ def build_dataset(cfg: PreprocessConfig, rows: list[dict], run_id: str, chash: s
         remote = {}
         if res.memory_gb:
             remote["memory"] = int(res.memory_gb * 1024**3)
-        ds = ds.map(StageRunner, fn_constructor_kwargs={"stage": name, "cfg": cfg, "keys": keys,
-                                                        "stage_kwargs": kwargs},
-                    compute=ray.data.ActorPoolStrategy(size=max(1, res.concurrency)), num_cpus=res.num_cpus,
+        ctor = {"stage": name, "cfg": cfg, "keys": keys, "stage_kwargs": kwargs}
+        pool = dict(compute=ray.data.ActorPoolStrategy(size=max(1, res.concurrency)), num_cpus=res.num_cpus,
                     num_gpus=res.num_gpus or None, **remote)
+        if res.batch_size > 1:  # check_batching: the stage has call_batch
+            ds = ds.map_batches(BatchStageRunner, fn_constructor_kwargs=ctor, batch_size=res.batch_size,
+                                batch_format="pyarrow", **pool)
+        else:
+            ds = ds.map(StageRunner, fn_constructor_kwargs=ctor, **pool)
     w = stage_resources(cfg, "write")
     ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"cfg": cfg, "run_id": run_id, "config_hash": chash},
                         batch_size=max(1, cfg.write.rows_per_shard), batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=max(1, w.concurrency)), num_cpus=w.num_cpus)
     return ds
+
+
+def check_batching(cfg: PreprocessConfig) -> None:
+    """ValueError when `resources.<stage>.batch_size` is not >= 1, or > 1 for a stage without `call_batch`."""
+    for name in cfg.stages:
+        n = stage_resources(cfg, name).batch_size
+        if n < 1 or (n > 1 and not hasattr(resolve_stage(name), "call_batch")):
+            raise ValueError(f"resources.{name}.batch_size={n}: must be >= 1, and 1 for a stage that takes one row "
+                             "at a time")
 
 
 def check_resources(cfg: PreprocessConfig) -> None:
@@ -151,6 +190,7 @@ def prepare(cfg: PreprocessConfig) -> PreprocessConfig:
     from pipelines.preprocess.sources import check_specs
 
     check_specs(cfg)
+    check_batching(cfg)
     absolutize_paths(cfg)
     return cfg
 
@@ -193,8 +233,9 @@ def plan(cfg: PreprocessConfig, lister=None) -> Plan:
 
 
 def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_every_s: float = 10.0,
-        lister=None) -> RunResult:
-    """Run the whole job: list, filter, resume, process, write, compact, manifest, report."""
+        lister=None, unit: str = "assets") -> RunResult:
+    """Run the whole job: list, filter, resume, process, write, compact, manifest, report (`unit`: what a row
+    is, in the progress log)."""
     import ray
 
     from pipelines.preprocess import report as report_mod
@@ -234,8 +275,8 @@ def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_eve
                 last = time.time()
                 n = sum(counts.values())
                 rate = n / max(1e-9, last - t_start) * 3600
-                log.info("progress %d/%d (done %d, failed %d) %.0f assets/h", n, len(todo), counts["done"],
-                         counts["failed"], rate)
+                log.info("progress %d/%d %s (done %d, failed %d) %.0f %s/h", n, len(todo), unit, counts["done"],
+                         counts["failed"], rate, unit)
         ray.kill(limiter)
         ray.kill(claims)
     if cfg.write.compact_ledger and todo:

@@ -6,7 +6,7 @@
     -> map_batches(ShardWriter): one shard row per (image, sample) in the shard schema + provenance columns
 
 The graph, ledger, resume, failures-as-data, manifest and report are the preprocessing job's
-(``pipelines.graph.run`` with this module's lister and the ``synthesize`` stage). A row's ``x0`` is the teacher's
+(``pipelines.preprocess.driver.run`` with this module's lister and the ``synthesize`` stage). A row's ``x0`` is the teacher's
 own many-step sample for its condition, so `jobs/distill.py --data <output>` trains on it unchanged.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ class SynthesizeSection:
 
     teacher: str | None = None               # SS flow `<dir>/<stem>` (None: the pipeline's)
     slat_teacher: str | None = None          # SLat flow (None: the pipeline's, or a tiny one with tiny_models)
+    ss_decoder: str | None = None            # SS decoder or occupancy probe (None: the pipeline's, or a tiny one)
     pipeline: str | None = None              # TRELLIS repo (HF id / dir): decoders, DINOv2, SLat normalisation
     dinov2: str | None = None
     tiny_models: str | None = None           # CPU presets: missing slots become random-weight tiny models here
@@ -104,7 +105,7 @@ def generate_config(s: SynthesizeSection):
 
     return GenerateConfig(
         models=GenerateModels(pipeline=s.pipeline, dinov2=s.dinov2, ss_flow=s.teacher, slat_flow=s.slat_teacher,
-                              tiny_models=s.tiny_models),
+                              ss_decoder=s.ss_decoder, tiny_models=s.tiny_models),
         ss=s.ss, slat=s.slat, image_size=s.image_size, alpha_threshold=s.alpha_threshold,
         slat_normalization=s.slat_normalization, device=s.device, precision=s.precision,
         decode=DecodeConfig(formats=[], max_structure_voxels=s.max_structure_voxels))
@@ -116,7 +117,7 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
     included); the tiny models it creates go under the output there, not into the job's temporary copy."""
     from types import SimpleNamespace
 
-    from mdt.generate import ensure_tiny_models, resolve_model_paths
+    from mdt.generate import checkpoint_exists, ensure_tiny_models, looks_like_hub_path, resolve_model_paths
     from mdt.training.build import ensure_tiny_conditioner
     from pipelines.common import cluster
     from pipelines.preprocess import driver as graph
@@ -132,6 +133,7 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
         raise ValueError("no image source: pass --source local:<dir> | s3://... | manifest:<csv> | shards:<dir>")
     for spec in cfg.sources.specs:
         check_source_spec(spec)
+    graph.check_batching(cfg)
     graph.absolutize_paths(cfg)
     fix = cluster.resolve_local_path
     s.tiny_models = cluster.created_model_path(s.tiny_models, cfg.output)
@@ -139,6 +141,9 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
         setattr(s, name, fix(getattr(s, name), must_exist=True))
     s.teacher = fix(s.teacher, must_exist=True)
     s.slat_teacher = fix(s.slat_teacher, must_exist=True)
+    s.ss_decoder = fix(s.ss_decoder, must_exist=True)
+    if s.ss_decoder and not looks_like_hub_path(s.ss_decoder) and not checkpoint_exists(s.ss_decoder):
+        raise FileNotFoundError(f"synthesize.ss_decoder {s.ss_decoder}: no such checkpoint")
     for name, stem in (("--teacher", s.teacher), ("--slat-teacher", s.slat_teacher)):
         if stem and "://" not in stem and os.path.isabs(stem) and not os.path.isfile(f"{stem}.safetensors"):
             raise FileNotFoundError(f"{name} {stem}: no {stem}.safetensors")
@@ -285,12 +290,16 @@ class Synthesize:
         return storage.read_bytes(uri, self.cfg.storage)
 
     def __call__(self, row: dict) -> dict:
-        import numpy as np
-        import torch
+        out = self.call_batch([row])[0]
+        if isinstance(out, Exception):
+            raise out
+        row.update(out)
+        return row
 
-        from mdt.conditioning import alpha_bbox, encode_image
+    def prepare_row(self, row: dict) -> dict:
+        """Read and check one (image, k) row -> its preprocessed condition image, seed and notes."""
+        from mdt.conditioning import alpha_bbox
         from mdt.generate import load_image_bytes, preprocess_image
-        from pipelines.preprocess.rows import pack_array
 
         data = self.read_image_bytes(row["uri"])
         src_sha = hashlib.sha256(data).hexdigest()
@@ -302,31 +311,71 @@ class Synthesize:
         else:
             checks["alpha"] = NO_ALPHA_NOTE
         k = int(json.loads(row["provenance"] or "{}").get("sample", 0))
-        seed = sample_seed(self.s.seed, src_sha, k)
-        x = preprocess_image(image, self.s.image_size, self.s.alpha_threshold)          # [3, S, S]
-        pipe = self.pipe
-        gen = torch.Generator(pipe.device).manual_seed(seed)
-        cond = pipe.condition(x.unsqueeze(0))                                           # [1, T, C]
-        z = pipe.sample_structure(cond, 1, gen)                                         # [1, 8, 16, 16, 16]
-        coords, notes = pipe.decode_structure(z)
-        if coords[0].shape[0] == 0:
-            raise ValueError(notes[0])
-        if notes[0]:
-            checks["structure"] = notes[0]
-        slat = pipe.sample_latent(cond, coords, gen)                                    # feats [N, 8], raw
-        rgb = (x.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+        return {"src_sha": src_sha, "seed": sample_seed(self.s.seed, src_sha, k), "checks": checks,
+                "x": preprocess_image(image, self.s.image_size, self.s.alpha_threshold)}          # [3, S, S]
+
+    def call_batch(self, rows: list[dict]) -> list:
+        """Rows -> per row its outputs (dict) or the Exception it failed with. One conditioner forward for the
+        batch's distinct images, then each teacher stage as one batched forward per sampler step; sample i draws
+        its noise from its own generator (seeded `sample_seed`), so a row's sample does not depend on the batch."""
+        out: list = [None] * len(rows)
+        prep = {}
+        for i, row in enumerate(rows):
+            try:
+                prep[i] = self.prepare_row(row)
+            except Exception as e:  # an unreadable or blank image fails alone
+                out[i] = e
+        if prep:
+            for i, res in self.sample(rows, prep).items():
+                out[i] = res
+        return out
+
+    def sample(self, rows: list[dict], prep: dict[int, dict]) -> dict[int, object]:
+        import numpy as np
+        import torch
         from PIL import Image
 
-        row.update(
-            sha256=hashlib.sha256(f"{src_sha}:{self.s.teacher_sha256}:{self.s.slat_teacher_sha256}:{seed}"
-                                  .encode()).hexdigest(),
-            ss_latent=pack_array(z[0].float().cpu().numpy()),
-            slat_coords=pack_array(slat.coords[:, 1:].cpu().numpy().astype(np.int64)),
-            slat_feats=pack_array(slat.feats.float().cpu().numpy()),
-            cond_images=[encode_image(Image.fromarray(rgb, "RGB"), "png")],
-            asset_checks=json.dumps(checks) if checks else None,
-            teacher_sha256=self.s.teacher_sha256, sampler=self.sampler, seed=seed, source_sha256=src_sha)
-        return row
+        from mdt.conditioning import encode_image
+        from pipelines.preprocess.rows import pack_array
+
+        pipe, idx = self.pipe, list(prep)
+        images = {}                                                     # distinct images: one conditioner pass
+        for i in idx:
+            images.setdefault(prep[i]["src_sha"], len(images))
+        firsts = {v: next(i for i in idx if prep[i]["src_sha"] == sha) for sha, v in images.items()}
+        x = torch.stack([prep[firsts[v]]["x"] for v in range(len(images))])
+        cond_u = pipe.condition(x)                                                      # [U, T, C]
+        cond = cond_u[torch.tensor([images[prep[i]["src_sha"]] for i in idx], device=cond_u.device)]
+        gens = [torch.Generator(pipe.device).manual_seed(prep[i]["seed"]) for i in idx]
+        z = pipe.sample_structure(cond, len(idx), gens)                                # [B, 8, 16, 16, 16]
+        coords, notes = pipe.decode_structure(z)
+        res: dict[int, object] = {}
+        live = []
+        for j, i in enumerate(idx):
+            if coords[j].shape[0] == 0:
+                res[i] = ValueError(notes[j])
+            else:
+                live.append(j)
+                if notes[j]:
+                    prep[i]["checks"]["structure"] = notes[j]
+        if not live:
+            return res
+        slat = pipe.sample_latent(cond[live], [pipe.to_slat_grid(coords[j]) for j in live], [gens[j] for j in live])
+        for n, j in enumerate(live):
+            i, p = idx[j], prep[idx[j]]
+            sl = slat.layout[n]
+            rgb = (p["x"].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+            res[i] = dict(
+                sha256=hashlib.sha256(f"{p['src_sha']}:{self.s.teacher_sha256}:{self.s.slat_teacher_sha256}:"
+                                      f"{p['seed']}".encode()).hexdigest(),
+                ss_latent=pack_array(z[j].float().cpu().numpy()),
+                slat_coords=pack_array(slat.coords[sl, 1:].cpu().numpy().astype(np.int64)),
+                slat_feats=pack_array(slat.feats[sl].float().cpu().numpy()),
+                cond_images=[encode_image(Image.fromarray(rgb, "RGB"), "png")],
+                asset_checks=json.dumps(p["checks"]) if p["checks"] else None,
+                teacher_sha256=self.s.teacher_sha256, sampler=self.sampler, seed=p["seed"],
+                source_sha256=p["src_sha"])
+        return res
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -337,7 +386,7 @@ def run(cfg: SynthesizeConfig, resolved_config: dict | None = None):
     summary (images/s, samples/s, images without alpha) in the report and `runs/<run_id>/synthesize.json`."""
     from pipelines.preprocess import driver as graph
 
-    result = graph.run(cfg, resolved_config=resolved_config, lister=list_image_rows)
+    result = graph.run(cfg, resolved_config=resolved_config, lister=list_image_rows, unit="samples")
     result.report = {**(result.report or {}), "synthesize": summary(cfg, result)}
     storage.write_bytes_atomic(join_uri(graph.run_dir(cfg, result.run_id), "synthesize.json"),
                                json.dumps(result.report["synthesize"], indent=2).encode(), cfg.storage)
@@ -370,6 +419,9 @@ def to_markdown(syn: dict) -> str:
              f"(sha256 {syn['slat_teacher_sha256']}), {syn['samples_per_image']} sample(s) per image",
              f"- images done {syn['images_done']} of {syn['images_processed']}, samples done {syn['samples_done']}; "
              f"{syn['images_per_s']:.4f} images/s, {syn['samples_per_s']:.4f} samples/s (wall clock of this run)"]
+    if syn["seconds_per_sample_mean"] is not None:
+        lines.append(f"- synthesize stage {syn['seconds_per_sample_mean']:.3f} s per sample (mean; a batch's time "
+                     "shared by its rows), the rest of the wall clock is Ray, actor start-up and writing")
     if syn["images_without_alpha_used_whole"]:
         lines.append(f"- {syn['images_without_alpha_used_whole']} image(s) without alpha: {NO_ALPHA_NOTE}")
     return "\n".join(lines)
