@@ -112,10 +112,14 @@ def test_ci_preset_results_structure(ci_run):
     res = json.loads((out / "results.json").read_text())
     assert set(res["meta"]["problems"]) == set(PROBLEMS)
     for problem in PROBLEMS:
-        assert set(res[problem]) == set(METHODS), problem
+        # the data-driven methods and the image-only rows: mdt_release's and the best consistency baseline's
+        img = res["image_only"][problem]
+        assert img["best_baseline"] in ("cm", "pcm", "scm"), problem
+        assert img["methods"] == ["mdt_release_imageonly", f"{img['best_baseline']}_imageonly"]
+        assert set(res[problem]) == set(METHODS) | set(img["methods"]), problem
         metrics = set(res[problem]["teacher"]["25"])
         assert metrics, problem
-        for method in METHODS:
+        for method in METHODS + tuple(img["methods"]):
             steps = {"1", "2", "4"} | ({"25"} if method == "teacher" else set())
             assert set(res[problem][method]) == steps, (problem, method)
             for s in steps:
@@ -128,6 +132,41 @@ def test_ci_preset_results_structure(ci_run):
     assert (out / "logs.json").exists()
     assert "Table 2 [gmm]" in stdout and "Table 3 [shapes]" in stdout and "wall ratio" in stdout
     assert "PCM (K=" in stdout and "NFE per asset under TRELLIS" in stdout
+    assert "Image-only [gmm]" in stdout and "MDT release img-only" in stdout and "re-noising sampler" in stdout
+
+
+@pytest.mark.slow
+def test_ci_preset_image_only_and_renoise(ci_run):
+    """Image-only rows: trained on the pool (not the data: their results differ from the data-driven method's on the
+    same seeds), the pool's size and cost as declared, the gmm pool's mode coverage consistent with K uniform draws
+    over 8 modes; every reported student also sampled with re-noising at 2 and 4 steps, identical to nothing else."""
+    out, _ = ci_run
+    res = json.loads((out / "results.json").read_text())
+    preset = {pp["name"]: pp for pp in get_preset("ci")["problems"]}
+    from mdt.flow import count_nfe
+
+    for problem in PROBLEMS:
+        img, pp = res["image_only"][problem], preset[problem]
+        assert img["k"] == pp["imageonly_k"]
+        assert img["pool_nfe"] == img["conditions"] * img["k"] * count_nfe(25, pp["distill"]["cfg"])
+        for method in img["methods"]:
+            assert res["protocol"]["problems"][problem]["methods"][method]["chosen"] is not None
+        assert set(res["renoise"][problem]) == set(METHODS[1:]) | set(img["methods"])
+        for method, per in res["renoise"][problem].items():
+            assert set(per) == {"2", "4"}, (problem, method)
+    gmm = res["gmm"]
+    d = res["paired"]["gmm"]["image_only"]["mdt_release_imageonly"]
+    assert d["reference"] == "mdt_release" and all(v["mean"] != 0.0 for v in d["steps"].values())
+    pool = res["image_only"]["gmm"]
+    k = pool["k"]
+    # K draws over 8 equally likely modes leave a mode empty with probability (7/8)^K: coverage ~ 1 - (7/8)^K
+    assert abs(pool["pool"]["mode_coverage"]["mean"] - (1 - (7 / 8) ** k)) < 0.15
+    assert pool["pool"]["mode_coverage"] == pool["pool_by_k"][str(k)]["mode_coverage"]
+    assert pool["pool_by_k"]["1"]["mode_coverage"]["mean"] <= 1 / 8 + 1e-9
+    assert pool["pool"]["off_mode"]["mean"] < 0.05          # the 25-step teacher's samples sit on the modes
+    # re-noising keeps a mean-velocity student's 4-step samples on the modes at least as well as Euler does
+    for method in ("vm", "mdt_release"):
+        assert res["renoise"]["gmm"][method]["4"]["off_mode"]["mean"] <= gmm[method]["4"]["off_mode"]["mean"] + 0.05
 
 
 @pytest.mark.slow
@@ -187,9 +226,20 @@ def test_ci_preset_fair_protocol(ci_run):
         assert not set(entry["val_seeds"]) & set(entry["test_seeds"]), problem
         sel = entry["selection"]
         assert sel["metric"] == res["notes"]["orderings"][problem]["metric"] and sel["steps"] == ["1", "2"]
-        sizes = {m: len(entry["methods"][m]["configs"]) for m in STUDENT_METHODS}
-        assert set(entry["methods"]) == set(STUDENT_METHODS) and set(sizes.values()) == {2}, sizes
-        for method in STUDENT_METHODS:
+        variants = entry["image_only"]["methods"]
+        sizes = {m: len(entry["methods"][m]["configs"]) for m in entry["methods"]}
+        assert set(entry["methods"]) == set(STUDENT_METHODS) | set(variants) and set(sizes.values()) == {2}, sizes
+        # image-only variants: their base method's grid; the baseline is the best chosen CM/PCM/sCM validation score
+        for v in variants:
+            base = v.removesuffix("_imageonly")
+            assert [c["config"] for c in entry["methods"][v]["configs"]] == \
+                [c["config"] for c in entry["methods"][base]["configs"]]
+        chosen_scores = {b: entry["methods"][b]["configs"][entry["methods"][b]["chosen_index"]]["score"]
+                         for b in ("cm", "pcm", "scm")}
+        assert chosen_scores == entry["image_only"]["baseline_scores"]
+        pick = min if sel["lower_is_better"] else max
+        assert chosen_scores[entry["image_only"]["best_baseline"]] == pick(chosen_scores.values())
+        for method in entry["methods"]:
             m = entry["methods"][method]
             # each score is recomputed from its per-seed values; the chosen one is the best finite score
             scores = []
@@ -247,6 +297,21 @@ def test_ci_preset_gates_and_paired_differences(ci_run):
                     assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
                 else:
                     assert d["ci95"] is None
+        # image-only rows: paired against their data-driven method
+        assert set(e["image_only"]) == set(res["image_only"][problem]["methods"])
+        for method, v in e["image_only"].items():
+            assert v["reference"] == method.removesuffix("_imageonly")
+            for steps, d in v["steps"].items():
+                expected = (res[problem][method][steps][e["metric"]]["mean"]
+                            - res[problem][v["reference"]][steps][e["metric"]]["mean"])
+                assert d["mean"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    # the keys the benchmark's acceptance names: gmm, gates with their three entries, the protocol
+    assert "gmm" in res and {"rule", "problems"} <= set(res["protocol"])
+    for problem in PROBLEMS:
+        g = res["gates"][problem]
+        assert isinstance(g["teacher_monotone"], bool) and g["class_mean_worst"] in (True, False, None)
+        assert g["straightness"] is None or isinstance(g["straightness"], float)
+        assert {"grid", "selection", "val_seeds", "test_seeds", "methods"} <= set(res["protocol"]["problems"][problem])
 
 
 def test_protocol_grid_rules():
@@ -289,7 +354,7 @@ def test_small_preset_as_shipped_is_a_valid_fair_protocol():
         grid = grid_configs(pp)
         assert all(len(c) == 4 for c in grid.values()), pp["name"]
         assert all(len({c["lr"] for c in cs}) == 2 for cs in grid.values())
-        assert len(pp["seeds"]) == 3
+        assert len(pp["seeds"]) == 3 and pp["imageonly_k"] >= 1     # every problem has image-only rows
         TeacherHP(**pp["teacher"])
         for cs in grid.values():
             for c in cs:
@@ -364,3 +429,26 @@ def test_sweep_preset_as_shipped_is_a_valid_protocol():
                 DistillHP(**{**pp["distill"], **c})
     big = build_problem(preset["problems"][-1])
     assert big.means.shape == (4, 8, 8 * 16 ** 3)
+
+
+def test_image_only_pool_is_the_teachers_own_samples_and_batches_draw_from_it_only():
+    """teacher_pool: K samples per condition of the exact gmm teacher's 25-step sampler (on the modes: its x0 is
+    no data draw), its coverage statistics recomputed by hand; pool_batches returns pool rows with their own
+    conditions, and the same generator seed gives the same batches (common random numbers)."""
+    from mdt.experiments.gmm import GMMProblem, GMMSpec
+    from mdt.experiments.jobs import pool_batches, teacher_pool
+
+    problem = GMMProblem(GMMSpec(num_classes=2, modes=4))
+    pp = {"imageonly_k": 8, "distill": {"cfg": 0.0}}
+    pool, stats = teacher_pool(problem, problem.exact_teacher(), pp, seed=0)
+    assert pool["x0"].shape == (16, 8) and torch.equal(pool["labels"], torch.arange(2).repeat_interleave(8))
+    on = problem.on_mode(pool["x0"], pool["labels"])
+    assert on.any(1).float().mean() > 0.95                           # 25 Euler steps of the exact teacher: on modes
+    cov = sum(float((on[pool["labels"] == c].sum(0) >= 0.25 * 8 / 4).float().mean()) for c in range(2)) / 2
+    assert stats["k"] == 8 and stats["mode_coverage"] == pytest.approx(cov)
+    assert set(stats["by_k"]) == {"1", "2", "4", "8", "16", "32", "64"}
+    sample = pool_batches(pool)
+    a, b = sample(32, torch.Generator().manual_seed(3)), sample(32, torch.Generator().manual_seed(3))
+    assert torch.equal(a["x0"], b["x0"]) and torch.equal(a["cond"], b["cond"])
+    rows = {tuple(r.tolist()): int(lab) for r, lab in zip(pool["x0"], pool["labels"])}
+    assert all(rows[tuple(x.tolist())] == int(c.argmax()) for x, c in zip(a["x0"], a["cond"]))

@@ -9,9 +9,17 @@ docs/method.md). Teachers and students train through the distillation job's own 
 same step, AdamW, adaptive gradient clipping, EMA and NaN guard). Every distillation method starts from the
 teacher's weights and gets the same budget in updates and batch size; with common random numbers: the data
 stream and the objective's noise generator of a seed are the same for every method. Students are sampled with the
-Euler rule on the uniform grid (`mdt.distill.student_sample` mode "euler"); the guided-target students without CFG
-(the teacher's guidance is distilled into them), `mdt_paper` (distilled from the unguided teacher) with the
-problem's CFG; the teacher with `FlowEulerSampler` and CFG.
+Euler rule on the uniform grid (`mdt.distill.student_sample` mode "euler": deterministic, so that the paired
+metrics compare each noise with its own reference) and, at k > 1 steps, also with re-noising (mode "consistency":
+the x0 estimate re-noised with fresh noise; the uniform Euler rule takes a mean-velocity student off the data
+distribution, docs/reproduction.md); at one step both rules are x1 - S(x1, 1). The guided-target students sample
+without CFG (the teacher's guidance is distilled into them), `mdt_paper` (distilled from the unguided teacher) with
+the problem's CFG; the teacher with `FlowEulerSampler` and CFG.
+
+Image-only variants (`<method>_imageonly`, e.g. `mdt_release_imageonly`): the same objective and budget, but the
+x0 of every training pair is drawn from a fixed pool of the teacher's own many-step samples (its sampler settings,
+K per condition) instead of data (mdt.experiments.jobs.teacher_pool): the data-free distillation of
+`jobs/synthesize.py`.
 """
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ METHODS = ("teacher", "cm", "pcm", "scm", "vm", "mdt_release", "mdt_paper")
 STUDENT_METHODS = METHODS[1:]
 CONSISTENCY_METHODS = ("cm", "pcm", "scm")
 MDT_METHODS = ("vm", "mdt_release", "mdt_paper")
+IMAGE_ONLY = "_imageonly"     # suffix of a data-free variant: x0 from the teacher's own samples
+IMAGE_ONLY_FIXED = ("mdt_release",)             # image-only in every run; plus the best baseline on validation
+RENOISE_OFFSET = 3571         # the re-noising sampler's generator: the evaluation noise seed + this
 # The paper's VD loss gradient on the fake sample is lambda (v_S' - v_tgt'); this code's is 2 lambda_vd (v_S' - v_tgt')
 # (the stop-gradient square, mdt.distill.mdt_dist), so the paper's lambda = 1 is lambda_vd = 0.5.
 PAPER_LAMBDA_VD = 0.5
@@ -80,8 +91,18 @@ class DistillHP:
     jvp: str = "func"
 
 
+def base_method(method: str) -> str:
+    """The data-driven method of an image-only variant (the method itself otherwise)."""
+    return method[:-len(IMAGE_ONLY)] if method.endswith(IMAGE_ONLY) else method
+
+
+def image_only(method: str) -> str:
+    return method + IMAGE_ONLY
+
+
 def objective(method: str, hp: DistillHP, step: int = 0) -> tuple[str, Any]:
-    """(Trainer objective name, its config) of a method."""
+    """(Trainer objective name, its config) of a method (an image-only variant: its base method's)."""
+    method = base_method(method)
     sched = dict(t_schedule=hp.t_schedule, t_mean=hp.t_mean, t_std=hp.t_std)
     if method == "cm":
         return "cm", CMConfig(delta=hp.delta, phases=1, w=hp.cfg, **sched)
@@ -106,7 +127,7 @@ def objective(method: str, hp: DistillHP, step: int = 0) -> tuple[str, Any]:
 def sample_cfg(method: str, cfg: float) -> float:
     """CFG strength at sampling: the teacher and `mdt_paper` (distilled from the unguided teacher) use the problem's,
     the students of guided targets none."""
-    return cfg if method in ("teacher", "mdt_paper") else 0.0
+    return cfg if base_method(method) in ("teacher", "mdt_paper") else 0.0
 
 
 def trainer_config(name: str, ocfg: Any, lr: float, warmup: int, grad_clip: float, ema: float,
@@ -176,6 +197,7 @@ def distill(method: str, teacher: torch.nn.Module, sample_batch: Callable, hp: D
 
     `target_teacher` (default: `teacher`) is the network the objectives query; the exact teacher of the Gaussian-
     mixture problem plays it there while the student starts from the flow-matching network."""
+    method = base_method(method)
     teacher = teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     name, ocfg = objective(method, hp)
@@ -194,16 +216,18 @@ def distill(method: str, teacher: torch.nn.Module, sample_batch: Callable, hp: D
 
 @torch.no_grad()
 def sample(method: str, model: torch.nn.Module, noise, cond: torch.Tensor, steps: int, cfg: float,
-           batch: int | None = None):
-    """Generate from `noise` (dense tensor; sparse handled by the caller): teacher = Euler + CFG, students = Euler
-    with `sample_cfg`. `batch` splits dense generation into chunks (memory)."""
+           batch: int | None = None, mode: str = "euler", generator: torch.Generator | None = None):
+    """Generate from `noise` (dense tensor or SparseTensor): teacher = Euler + CFG, students = `student_sample` in
+    `mode` ("euler" or re-noising "consistency" with `generator`) with `sample_cfg`. `batch` splits dense generation
+    into chunks (memory)."""
     model.eval()
     if batch is None or noise.shape[0] <= batch:
         if method == "teacher":
             return FlowEulerSampler().sample(model, noise, cond, steps=steps, cfg_strength=cfg)
-        return student_sample(model, noise, cond, steps=steps, mode="euler", cfg_strength=sample_cfg(method, cfg))
-    outs = [sample(method, model, noise[i:i + batch], cond[i:i + batch], steps, cfg) for i in
-            range(0, noise.shape[0], batch)]
+        return student_sample(model, noise, cond, steps=steps, mode=mode, cfg_strength=sample_cfg(method, cfg),
+                              generator=generator)
+    outs = [sample(method, model, noise[i:i + batch], cond[i:i + batch], steps, cfg, mode=mode, generator=generator)
+            for i in range(0, noise.shape[0], batch)]
     return torch.cat(outs)
 
 

@@ -46,7 +46,7 @@ GMM = {
     "teacher": {"steps": 1500, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ema": 0.995, "t_mean": 0.0},
     "distill": {"steps": 400, "batch_size": 256, "lr": 2e-4, "warmup": 20, "cfg": 0.0, "delta": 0.02,
                 "pcm_phases": 2, "t_mean": 0.0, "jvp": "func", "d_norm": True},
-    "eval_per_class": 200, "eval_batch": None, "seeds": [0, 1, 2], "timing_batch": 1000,
+    "eval_per_class": 200, "eval_batch": None, "seeds": [0, 1, 2], "timing_batch": 1000, "imageonly_k": 16,
     "primary": "pair_l2_ode",
     "ablations": [],
 }
@@ -63,7 +63,7 @@ SHAPES = {
     "teacher": {"steps": 1500, "batch_size": 32, "lr": 1e-3, "warmup": 100, "ema": 0.99, "t_mean": 0.0},
     "distill": {"steps": 200, "batch_size": 16, "lr": 1e-4, "warmup": 10, "cfg": 2.0, "delta": 0.02,
                 "pcm_phases": 2, "t_mean": 0.0, "jvp": "fd", "d_norm": True},
-    "eval_per_class": 16, "eval_batch": 128, "seeds": [0, 1, 2], "timing_batch": 16,
+    "eval_per_class": 16, "eval_batch": 128, "seeds": [0, 1, 2], "timing_batch": 16, "imageonly_k": 16,
     "primary": "cov_iou_data",
     "ablations": [],
 }
@@ -76,7 +76,7 @@ SHAPES_SPARSE = {
     "teacher": {"steps": 600, "batch_size": 8, "lr": 2e-3, "warmup": 50, "ema": 0.99, "t_mean": 0.0},
     "distill": {"steps": 30, "batch_size": 4, "lr": 1e-3, "warmup": 3, "cfg": 1.0, "delta": 0.02,
                 "pcm_phases": 2, "t_mean": 0.0, "jvp": "fd", "d_norm": True},
-    "eval_per_class": 4, "eval_batch": None, "seeds": [0, 1, 2], "timing_batch": 4,
+    "eval_per_class": 4, "eval_batch": None, "seeds": [0, 1, 2], "timing_batch": 4, "imageonly_k": 4,
     "primary": "mse_teacher",
     "ablations": [],
 }
@@ -107,12 +107,14 @@ def _ci() -> dict:
     shp["teacher"].update(steps=60, batch_size=16)
     shp["distill"].update(steps=4, batch_size=8)
     shp["eval_per_class"] = 3
+    shp["imageonly_k"] = 3
     shp["seeds"] = [0]
     shp["timing_batch"] = 2
     spr["spec"]["num_classes"] = 4
     spr["teacher"].update(steps=6, batch_size=2, warmup=2)
     spr["distill"].update(steps=2, batch_size=2, warmup=1)
     spr["eval_per_class"] = 1
+    spr["imageonly_k"] = 1
     spr["seeds"] = [0]
     spr["timing_batch"] = 1
     problems = [with_protocol(pp, [pp["distill"]["lr"]]) for pp in (gmm, shp, spr)]    # 1 lr x 2 knob values

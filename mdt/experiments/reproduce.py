@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from . import jobs, protocol
-from .methods import METHODS, STUDENT_METHODS, DistillHP, nfe, trellis_nfe
+from .methods import (CONSISTENCY_METHODS, IMAGE_ONLY_FIXED, METHODS, STUDENT_METHODS, DistillHP, base_method,
+                      image_only, nfe, trellis_nfe)
 from .presets import get_preset
 
 PROBLEM_TITLES = {
@@ -59,7 +60,7 @@ PROBLEM_TITLES = {
                      "tiny SLatFlowModel",
 }
 RESERVED = ("meta", "nfe", "nfe_trellis", "wall_time", "notes", "data_floor", "protocol", "gates", "paired",
-            "class_mean")
+            "class_mean", "image_only", "renoise")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 STEPS = ("1", "2", "4")
 
@@ -99,14 +100,32 @@ class Scheduler:
             self.pool.join()
 
 
+def image_only_methods(pp: dict, best: str | None = None) -> list[str]:
+    """The problem's image-only variants: `mdt_release`'s and, once the consistency baselines are selected, the
+    best baseline's (`best`); none without a declared pool size `imageonly_k`."""
+    if not pp.get("imageonly_k"):
+        return []
+    return [image_only(m) for m in IMAGE_ONLY_FIXED] + ([image_only(best)] if best else [])
+
+
+def best_baseline(scores: dict, lower: bool) -> str:
+    """The consistency baseline whose chosen configuration has the best validation score (grid order on ties)."""
+    order = list(CONSISTENCY_METHODS)
+    return order[protocol.select([scores[m] for m in order], lower)]
+
+
 def run_jobs(preset: dict, out: Path, workers: int, log) -> tuple[list[dict], dict]:
-    """Teacher -> references (validation and test seeds) -> every grid configuration on the validation seeds ->
-    per method, once all its validation runs are in, the selected configuration on the test seeds (+ ablations).
+    """Teacher -> references and image-only pools (validation and test seeds) -> every grid configuration on the
+    validation seeds -> per method, once all its validation runs are in, the selected configuration on the test
+    seeds (+ ablations). Image-only variants (`mdt_release_imageonly`, and the best baseline's once CM, PCM and sCM
+    are selected) get their base method's grid and the same selection.
     Returns the finished jobs (each with its `role`: teacher, ref, val, test or ablation) and the protocol record."""
     problems = {pp["name"]: pp for pp in preset["problems"]}
     grids = {name: protocol.grid_configs(pp) for name, pp in problems.items()}
-    val_runs = {name: {m: [[] for _ in grids[name][m]] for m in STUDENT_METHODS} for name in problems}
+    val_runs: dict = {name: {} for name in problems}
     chosen: dict = {name: {} for name in problems}
+    scores_of: dict = {name: {} for name in problems}        # the chosen configuration's validation score
+    best_of: dict = {name: None for name in problems}         # the best consistency baseline (validation)
     test_refs: dict = {name: [] for name in problems}
     sched = Scheduler(workers)
     out_s = str(out)
@@ -116,6 +135,16 @@ def run_jobs(preset: dict, out: Path, workers: int, log) -> tuple[list[dict], di
     def submit_test(name: str, method: str, seed: int) -> None:
         sched.submit(f"test/{name}/{method}/{seed}", jobs.distill_job, problems[name], out_s, method, seed,
                      grids[name][method][chosen[name][method]], method)
+
+    def submit_val(name: str, method: str, seed: int) -> None:
+        pp = problems[name]
+        grids[name].setdefault(method, grids[name][base_method(method)])
+        val_runs[name].setdefault(method, [[] for _ in grids[name][method]])
+        # evaluated only where scored: the selection metric at the selection's step counts
+        sel_steps = tuple(int(s) for s in pp["selection"]["steps"])
+        for i, ov in enumerate(grids[name][method]):
+            sched.submit(f"val/{name}/{method}/{seed}/{i}", jobs.distill_job, pp, out_s, method, seed, ov,
+                         f"{method}@{i}", sel_steps, (pp["selection"]["metric"],), ())
 
     done: list[dict] = []
     try:
@@ -129,13 +158,8 @@ def run_jobs(preset: dict, out: Path, workers: int, log) -> tuple[list[dict], di
                 for seed in pp["val_seeds"] + pp["seeds"]:      # the teacher's metrics: test seeds only
                     sched.submit(f"ref/{name}/{seed}", jobs.reference_job, pp, out_s, seed, seed in pp["seeds"])
             elif kind == "ref" and res["seed"] in pp["val_seeds"]:
-                # evaluated only where scored: the selection metric at the selection's step counts
-                sel_steps = tuple(int(s) for s in pp["selection"]["steps"])
-                sel_metrics = (pp["selection"]["metric"],)
-                for method in STUDENT_METHODS:
-                    for i, ov in enumerate(grids[name][method]):
-                        sched.submit(f"val/{name}/{method}/{res['seed']}/{i}", jobs.distill_job, pp, out_s, method,
-                                     res["seed"], ov, f"{method}@{i}", sel_steps, sel_metrics)
+                for method in STUDENT_METHODS + tuple(image_only_methods(pp)):
+                    submit_val(name, method, res["seed"])
             elif kind == "ref":
                 seed = res["seed"]
                 test_refs[name].append(seed)
@@ -151,18 +175,27 @@ def run_jobs(preset: dict, out: Path, workers: int, log) -> tuple[list[dict], di
                 runs = val_runs[name][method]
                 if all(len(r) == len(pp["val_seeds"]) for r in runs):
                     sel = pp["selection"]
+                    lower = lower_is_better(name, sel["metric"])
                     scores = [protocol.config_score(r, sel["metric"], sel["steps"]) for r in runs]
-                    chosen[name][method] = protocol.select(scores, lower_is_better(name, sel["metric"]))
+                    chosen[name][method] = protocol.select(scores, lower)
+                    scores_of[name][method] = scores[chosen[name][method]]
                     for seed in test_refs[name]:
                         submit_test(name, method, seed)
+                    if (pp.get("imageonly_k") and best_of[name] is None
+                            and all(m in chosen[name] for m in CONSISTENCY_METHODS)):
+                        best_of[name] = best_baseline(scores_of[name], lower)
+                        for seed in pp["val_seeds"]:
+                            submit_val(name, image_only(best_of[name]), seed)
     finally:
         sched.close()
-    return done, protocol_record(preset, grids, val_runs, chosen)
+    return done, protocol_record(preset, grids, val_runs, chosen, scores_of, best_of)
 
 
-def protocol_record(preset: dict, grids: dict, val_runs: dict, chosen: dict) -> dict:
+def protocol_record(preset: dict, grids: dict, val_runs: dict, chosen: dict, scores_of: dict, best_of: dict
+                    ) -> dict:
     """results.json["protocol"]: per problem the declared grid, the selection rule, every configuration's
-    validation score and the chosen configuration per method."""
+    validation score and the chosen configuration per method (image-only variants included), and the image-only
+    setting (pool size K, the variants, the best baseline and the scores that chose it)."""
     rec = {"rule": ("every configuration of a method's grid is distilled on the validation seeds and scored by the "
                     "problem's primary metric averaged over the selection step counts and the validation seeds "
                     "(non-finite scores rank last); the best configuration is distilled again on the test seeds, "
@@ -172,15 +205,25 @@ def protocol_record(preset: dict, grids: dict, val_runs: dict, chosen: dict) -> 
         lib = lower_is_better(name, sel["metric"])
         entry = {"grid": pp["grid"], "selection": {**sel, "lower_is_better": lib}, "val_seeds": pp["val_seeds"],
                  "test_seeds": pp["seeds"], "methods": {}}
-        for method in STUDENT_METHODS:
+        for method in STUDENT_METHODS + tuple(image_only_methods(pp, best_of[name])):
             configs = []
-            for ov, runs in zip(grids[name][method], val_runs[name][method]):
+            for ov, runs in zip(grids[name].get(method, []), val_runs[name].get(method, [])):
                 configs.append({"config": ov, "score": protocol.config_score(runs, sel["metric"], sel["steps"]),
                                 "per_seed": {str(s): {st: r[st][sel["metric"]] for st in sel["steps"]}
                                              for s, r in zip(pp["val_seeds"], runs)}})
             i = chosen[name].get(method)
             entry["methods"][method] = {"configs": configs, "chosen_index": i,
                                         "chosen": None if i is None else grids[name][method][i]}
+        if pp.get("imageonly_k"):
+            entry["image_only"] = {
+                "k": pp["imageonly_k"], "methods": image_only_methods(pp, best_of[name]),
+                "best_baseline": best_of[name],
+                "baseline_scores": {m: scores_of[name].get(m) for m in CONSISTENCY_METHODS},
+                "rule": ("x0 of every training pair is drawn from K samples per condition of the teacher's own "
+                         "sampler (25 Euler steps + CFG at the problem's strength), generated per seed; "
+                         "mdt_release_imageonly always, plus the image-only variant of the consistency baseline "
+                         "whose chosen configuration scores best on the validation seeds; each variant is selected "
+                         "on its base method's grid like every method")}
         rec["problems"][name] = entry
     return rec
 
@@ -196,22 +239,55 @@ def aggregate(done: list[dict], preset: dict) -> tuple[dict, dict]:
     floors: dict = {}
     for pp in preset["problems"]:
         name = pp["name"]
-        per = {m: {} for m in METHODS}
+        per = {m: {} for m in METHODS}            # + the image-only variants that ran
         for r in done:
             # reported: the teacher on the test seeds and the selected configurations' test runs
             if r.get("problem") != name or r["role"] not in ("ref", "test") or r["seed"] not in pp["seeds"]:
                 continue
             for steps, metrics in r["metrics"].items():
                 for k, v in metrics.items():
-                    per[r["method"]].setdefault(steps, {}).setdefault(k, []).append(v)
+                    per.setdefault(r["method"], {}).setdefault(steps, {}).setdefault(k, []).append(v)
         results[name] = {m: {s: {k: _mean_std(v) for k, v in sorted(ms.items())}
-                             for s, ms in sorted(per[m].items(), key=lambda kv: int(kv[0]))} for m in METHODS}
+                             for s, ms in sorted(pm.items(), key=lambda kv: int(kv[0]))} for m, pm in per.items()}
         fl = [r["data_floor"] for r in done if r.get("problem") == name and r["job"] == "reference"
               and r["seed"] in pp["seeds"] and r.get("data_floor")]
         if fl:
             # every metric of the held-out sample except those against the teacher (not scored for a floor)
             floors[name] = {k: _mean_std([f[k] for f in fl]) for k in fl[0] if not k.endswith("_teacher")}
     return results, floors
+
+
+def aggregate_renoise(done: list[dict], preset: dict) -> dict:
+    """results.json["renoise"]: {problem: {method: {steps: {metric: {mean, std}}}}}, the reported (test) students
+    sampled at k > 1 steps with the re-noising sampler (student_sample mode "consistency"), over the test seeds."""
+    out = {}
+    for pp in preset["problems"]:
+        per: dict = {}
+        for r in done:
+            if r.get("problem") == pp["name"] and r["role"] == "test" and r.get("renoise"):
+                for steps, metrics in r["renoise"].items():
+                    for k, v in metrics.items():
+                        per.setdefault(r["method"], {}).setdefault(steps, {}).setdefault(k, []).append(v)
+        out[pp["name"]] = {m: {st: {k: _mean_std(v) for k, v in sorted(ms.items())} for st, ms in sorted(pm.items())}
+                           for m, pm in per.items()}
+    return out
+
+
+def format_renoise(renoise: dict, results: dict) -> str:
+    lines = ["", "Multi-step students, Euler vs re-noising sampler (test seeds; paired metrics compare each noise with "
+                 "its own reference, which re-noising does not keep)"]
+    for name, res in renoise.items():
+        if not res:
+            continue
+        metrics = list(next(iter(next(iter(res.values())).values())))
+        lines.append(f"[{name}] " + f"{'method':<24}{'steps':>6}{'sampler':>10}" +
+                     "".join(f"{m:>16}" for m in metrics))
+        for method, per in res.items():
+            for steps, ms in per.items():
+                for label, src in (("euler", results[name][method][steps]), ("renoise", ms)):
+                    lines.append(f"{'':<{len(name) + 3}}{method:<24}{steps:>6}{label:>10}" +
+                                 "".join(f"{_fmt(src.get(m)):>16}" for m in metrics))
+    return "\n".join(lines)
 
 
 # ---- timing ----------------------------------------------------------------------------------------------------
@@ -347,6 +423,43 @@ def class_mean_scores(done: list[dict], preset: dict) -> dict:
     return out
 
 
+def image_only_summary(done: list[dict], preset: dict, protocol_rec: dict) -> dict:
+    """results.json["image_only"][problem]: pool size K, its cost in network evaluations (conditions x K x the
+    teacher's sampler NFE), the variants and the best baseline, and (problems with modes) the pool's mode coverage
+    and off-mode mass at K and at other pool sizes, mean over the test seeds."""
+    from .jobs import TEACHER_STEPS, build_problem
+
+    out = {}
+    for pp in preset["problems"]:
+        if not pp.get("imageonly_k"):
+            continue
+        rec = protocol_rec["problems"][pp["name"]]["image_only"]
+        n_cond = problem_num_classes(build_problem(pp))
+        entry = {"k": pp["imageonly_k"], "methods": rec["methods"], "best_baseline": rec["best_baseline"],
+                 "pool_nfe": n_cond * pp["imageonly_k"] * nfe("teacher", TEACHER_STEPS, pp["distill"]["cfg"]),
+                 "conditions": n_cond}
+        stats = [r["pool"] for r in done if r.get("problem") == pp["name"] and r["job"] == "reference"
+                 and r["seed"] in pp["seeds"] and r.get("pool")]
+        if stats:
+            entry["pool"] = {k: _mean_std([st[k] for st in stats]) for k in ("mode_coverage", "off_mode")}
+            entry["pool_by_k"] = {kk: {k: _mean_std([st["by_k"][kk][k] for st in stats])
+                                       for k in ("mode_coverage", "off_mode")} for kk in stats[0]["by_k"]}
+        out[pp["name"]] = entry
+    return out
+
+
+def format_image_only(summary: dict) -> str:
+    lines = ["", "Image-only pools (K teacher samples per condition)"]
+    for name, e in summary.items():
+        line = f"[{name}] K {e['k']} x {e['conditions']} conditions, {e['pool_nfe']} NFE; variants {e['methods']}"
+        if "pool" in e:
+            line += (f"; pool mode_coverage {_fmt(e['pool']['mode_coverage'])}, off_mode {_fmt(e['pool']['off_mode'])}"
+                     f"; coverage by K: " + ", ".join(f"{k}: {v['mode_coverage']['mean']:.3f}"
+                                                     for k, v in e["pool_by_k"].items()))
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def gates_pass(g: dict) -> bool:
     return bool(g) and g.get("teacher_monotone") is True and g.get("class_mean_worst") is True and \
         (g.get("straightness") is None or g["straightness"] >= 0.5)
@@ -378,10 +491,28 @@ def gate_checks(results: dict, class_mean: dict, floors: dict, done: list[dict],
     return gates
 
 
+def _paired(runs: dict, method: str, reference: str, seeds: list[int], primary: str) -> dict:
+    """{steps: {diffs, mean, ci95}}: per-test-seed differences method - reference, their mean and two-sided 95 %
+    Student-t interval (None with one seed)."""
+    per = {}
+    for steps in STEPS:
+        diffs = [runs[(method, s)][steps][primary] - runs[(reference, s)][steps][primary]
+                 for s in seeds if (method, s) in runs and (reference, s) in runs]
+        if not diffs:
+            continue
+        mean = float(np.mean(diffs))
+        half = None
+        if len(diffs) > 1:
+            half = T975.get(len(diffs) - 1, 1.96) * float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs))
+        per[steps] = {"diffs": diffs, "mean": mean, "ci95": None if half is None else [mean - half, mean + half]}
+    return per
+
+
 def paired_differences(done: list[dict], preset: dict, reference: str = "mdt_release") -> dict:
     """Per problem, method and step count: the per-test-seed differences method - `reference` of the primary metric
     (common random numbers: same seed = same data stream, noise and evaluation set), their mean and a two-sided 95 %
-    Student-t interval (None with one seed)."""
+    Student-t interval (None with one seed); under "image_only", each image-only variant minus its data-driven
+    base method (same seeds: same objective noise stream and evaluation set)."""
     out = {}
     for pp in preset["problems"]:
         name, primary = pp["name"], pp["primary"]
@@ -390,21 +521,13 @@ def paired_differences(done: list[dict], preset: dict, reference: str = "mdt_rel
         entry = {"metric": primary, "reference": reference, "lower_is_better": lower_is_better(name, primary),
                  "seeds": pp["seeds"], "methods": {}}
         for method in METHODS:
-            if method == reference:
-                continue
-            per = {}
-            for steps in STEPS:
-                diffs = [runs[(method, s)][steps][primary] - runs[(reference, s)][steps][primary]
-                         for s in pp["seeds"] if (method, s) in runs and (reference, s) in runs]
-                if not diffs:
-                    continue
-                mean = float(np.mean(diffs))
-                half = None
-                if len(diffs) > 1:
-                    half = T975.get(len(diffs) - 1, 1.96) * float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs))
-                per[steps] = {"diffs": diffs, "mean": mean,
-                              "ci95": None if half is None else [mean - half, mean + half]}
-            entry["methods"][method] = per
+            if method != reference:
+                entry["methods"][method] = _paired(runs, method, reference, pp["seeds"], primary)
+        variants = sorted({m for m, _ in runs if m != base_method(m)})
+        if variants:
+            entry["image_only"] = {m: {"reference": base_method(m),
+                                       "steps": _paired(runs, m, base_method(m), pp["seeds"], primary)}
+                                   for m in variants}
         out[name] = entry
     return out
 
@@ -430,6 +553,11 @@ def format_paired(paired: dict) -> str:
                 ci = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]"
                 cells.append(f"{steps}: {d['mean']:+.3g}{ci}")
             lines.append(f"  {method:<12} " + "; ".join(cells))
+        for method, v in e.get("image_only", {}).items():
+            cells = [f"{steps}: {d['mean']:+.3g}" + ("" if d["ci95"] is None else
+                                                     f" [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]")
+                     for steps, d in v["steps"].items()]
+            lines.append(f"  {method} - {v['reference']} (image-only - data-driven) " + "; ".join(cells))
     return "\n".join(lines)
 
 
@@ -462,13 +590,14 @@ def format_tables(results: dict, preset: dict, nfe_table: dict, protocol_rec: di
         def row(method: str, steps: str) -> str:
             n_eval = nfe(method, int(steps), cfg)
             cells = "".join(f"{_fmt(res[method].get(steps, {}).get(m)):>{width}}" for m in metrics)
+            base = base_method(method)
             label = {"teacher": "none (teacher)", "vm": "VM", "mdt_release": "MDT release", "mdt_paper": "MDT paper",
                      "cm": "CM",
                      "pcm": f"PCM (K={pcm_phases})" + (" *" if int(steps) < pcm_phases else ""),
-                     "scm": "sCM"}[method]
-            return f"{label:<16}{steps:>6}{n_eval:>5}{cells}"
+                     "scm": "sCM"}[base] + (" img-only" if base != method else "")
+            return f"{label:<22}{steps:>6}{n_eval:>5}{cells}"
 
-        header = f"{'method':<16}{'steps':>6}{'NFE':>5}" + "".join(f"{h:>{width}}" for h in heads)
+        header = f"{'method':<22}{'steps':>6}{'NFE':>5}" + "".join(f"{h:>{width}}" for h in heads)
         lines.append("")
         lines.append(f"Table 2 [{name}] {PROBLEM_TITLES.get(name, PROBLEM_TITLES['gmm'])} -- mean±std over {nseeds} seed(s); "
                      f"*_teacher: vs the teacher's 25-step CFG (w={cfg}) samples, *_data: vs held-out data")
@@ -489,6 +618,17 @@ def format_tables(results: dict, preset: dict, nfe_table: dict, protocol_rec: di
             for method in ("teacher", "vm", "mdt_release", "mdt_paper"):
                 lines.append(row(method, steps))
             lines.append("")
+        variants = [m for m in res if m != base_method(m)]
+        if variants:
+            lines.append(f"Image-only [{name}]: x0 from the teacher's own samples (K = {pp['imageonly_k']} per "
+                         f"condition) vs the same method on data")
+            lines.append(header)
+            lines.append("-" * len(header))
+            for steps in STEPS:
+                for method in variants:
+                    lines.append(row(base_method(method), steps))
+                    lines.append(row(method, steps))
+                lines.append("")
     return "\n".join(lines)
 
 
@@ -624,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"mdt.experiments.reproduce --preset {args.preset}: {len(preset['problems'])} problems, {workers} workers, "
         f"methods {', '.join(METHODS)}")
     done, protocol_rec = run_jobs(preset, out, workers, log)
+    (out / "jobs.json").write_text(json.dumps({"done": done, "protocol": protocol_rec}, default=str))
     t_jobs = time.perf_counter() - t_start
     log(f"jobs finished in {t_jobs:.1f}s; measuring sampling wall time with {args.timing_threads} threads")
     nfe_table, wall = measure_wall_time(preset, out, args.timing_threads)
@@ -633,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     class_mean = class_mean_scores(done, preset)
     gates = gate_checks(results, class_mean, floors, done, preset)
     paired = paired_differences(done, preset)
+    img = image_only_summary(done, preset, protocol_rec)
+    renoise = aggregate_renoise(done, preset)
     notes = {
         "hyperparameters": {pp["name"]: {"teacher": pp["teacher"], "distill": pp["distill"], "model": pp.get("model"),
                                          "spec": pp.get("spec")} for pp in preset["problems"]},
@@ -640,10 +783,12 @@ def main(argv: list[str] | None = None) -> int:
                      "the teacher's weights with the same number of AdamW updates, batch size and clip; lr and the "
                      "method's key knob come from the preset's declared grid (the same number of configurations per "
                      "method), selected on validation seeds and reported on disjoint test seeds (results.json "
-                     "'protocol'); students sample with the Euler rule on the uniform grid without CFG (the "
-                     "teacher's CFG strength is used inside every objective); the teacher samples with Euler + CFG "
-                     "at the same strength. A seed changes the distillation stream, the evaluation noise and the "
-                     "held-out set."),
+                     "'protocol'); students sample with the Euler rule on the uniform grid without CFG (mdt_paper: "
+                     "with it; the teacher's CFG strength is used inside every other objective), and at k > 1 steps "
+                     "also with re-noising (results.json 'renoise'); the teacher samples with Euler + CFG at the "
+                     "same strength. A seed changes the distillation stream, the "
+                     "evaluation noise, the held-out set and the image-only pool (K teacher samples per "
+                     "condition)."),
         "orderings": ordering_notes(results, preset, gates),
         "nfe_requirements": nfe_ok,
     }
@@ -664,9 +809,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.executable).name, "-m", "mdt.experiments.reproduce"] + (argv or sys.argv[1:]))}
     payload = {**results, "meta": meta, "nfe": nfe_table, "nfe_trellis": trellis_nfe(), "wall_time": wall,
                "notes": notes, "data_floor": floors, "protocol": protocol_rec, "gates": gates, "paired": paired,
-               "class_mean": class_mean}
+               "class_mean": class_mean, "image_only": img, "renoise": renoise}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
-    logs = [{k: v for k, v in r.items() if k != "metrics"} for r in done]
+    logs = [{k: v for k, v in r.items() if k not in ("metrics", "renoise")} for r in done]
     (out / "logs.json").write_text(json.dumps(logs, indent=1))
     plot(results, preset, floors, out / "results.png")
     if not args.keep_work:
@@ -675,7 +820,9 @@ def main(argv: list[str] | None = None) -> int:
     log(format_protocol(protocol_rec))
     log(format_gates(gates))
     log(format_paired(paired))
+    log(format_image_only(img))
     log(format_tables(results, preset, nfe_table, protocol_rec))
+    log(format_renoise(renoise, results))
     log(format_nfe(nfe_table, wall))
     log(format_trellis_nfe(payload["nfe_trellis"]))
     log("")
