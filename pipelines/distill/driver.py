@@ -1,5 +1,5 @@
 """The distillation / training driver on Ray Train: arguments checked before anything starts, the cluster's
-resources checked before training starts, then a `TorchTrainer` running `pipelines.distill_worker` on the shards,
+resources checked before training starts, then a `TorchTrainer` running `pipelines.distill.worker` on the shards,
 tracked in one MLflow run, with `result.json` beside the checkpoints.
 
     prepare(cfg)  -> cfg with local paths made absolute; ArgumentError (the job exits 2) for a missing dataset or
@@ -233,7 +233,7 @@ def check_data_teacher(cfg) -> dict:
 
 def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
     """Train to `train.max_steps` (resuming when the run exists). `prepare(cfg)` first unless already done.
-    `hooks`: callables run by every worker after every step (`pipelines.distill_worker`)."""
+    `hooks`: callables run by every worker after every step (`pipelines.distill.worker`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
