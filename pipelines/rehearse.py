@@ -3,6 +3,8 @@
     python -m pipelines.rehearse [--output outputs/rehearse] [--asset ../shared/assets/glb/kenney_tree.glb]
     python -m pipelines.rehearse --tiny      # the same driver on tiny models and few small views (tests)
     python -m pipelines.rehearse --plan      # print the stages, commands and overrides; run nothing
+    python -m pipelines.rehearse --from distill-slat   # rerun a stage and those after it (earlier results kept)
+    python -m pipelines.rehearse --stages preprocess   # rerun only the named stages
 
 Stages, each the user's command (`jobs/*.py --preset ...`) in its own process:
 
@@ -374,14 +376,23 @@ def check_export(distill: Path, students: Path) -> int:
 
 # ------------------------------------------------------------------------------------------------ report
 
+def status(report: dict) -> str:
+    if report.get("failed"):
+        return f"FAILED at {report['failed']}"
+    if report.get("not_run"):
+        return f"not run: {', '.join(report['not_run'])}"
+    return f"peak RSS over the {RSS_LIMIT_GB:g} GB limit"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Rehearsal of the trellis presets ({report['mode']})", "",
-             f"{report['machine']}; total {report['wall_s'] / 60:.1f} min; "
-             f"{'every stage ok' if report['ok'] else 'FAILED at ' + str(report.get('failed'))}; "
-             f"peak RSS {report['peak_rss_gb']:.1f} GB (limit {RSS_LIMIT_GB:g})", "",
+             (f"{report['machine']}; total {report['wall_s'] / 60:.1f} min; "
+              f"{'every stage ok' if report['ok'] else status(report)}; "
+              f"peak RSS {report['peak_rss_gb']:.1f} GB (limit {RSS_LIMIT_GB:g})"), "",
              "| stage | ok | wall s | peak RSS GB |", "|---|---|---:|---:|"]
     for s in report["stages"]:
-        lines.append(f"| {s['name']} | {'yes' if s['ok'] else 'NO'} | {s['wall_s']:.0f} | {s['peak_rss_gb']:.2f} |")
+        lines.append(f"| {s['name']}{' (earlier run)' if s.get('from_previous_run') else ''} | "
+                     f"{'yes' if s['ok'] else 'NO'} | {s['wall_s']:.0f} | {s['peak_rss_gb']:.2f} |")
     lines += ["", "## Overrides (forced by a CPU-only machine)", ""]
     for s in report["stages"]:
         for o in s.get("overrides", []):
@@ -409,7 +420,38 @@ def gpu_plan(report: dict) -> dict:
     return plan
 
 
-def rehearse(out: Path, asset: Path, tiny: bool) -> dict:
+STAGE_NAMES = ("models", "preprocess", "distill-ss", "distill-slat", "export", "generate", "evaluate")
+
+
+def select_stages(only: str | None, start: str | None) -> list[str]:
+    """The stages to run: all, `--stages a,b` (a subset, in pipeline order) or `--from STAGE` (it and the rest).
+    Raises ValueError on an unknown name."""
+    if only is not None and start is not None:
+        raise ValueError("--stages and --from exclude each other")
+    if start is not None:
+        if start not in STAGE_NAMES:
+            raise ValueError(f"--from {start}: not a stage ({', '.join(STAGE_NAMES)})")
+        return list(STAGE_NAMES[STAGE_NAMES.index(start):])
+    if only is not None:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        bad = [n for n in names if n not in STAGE_NAMES]
+        if bad or not names:
+            raise ValueError(f"--stages {only}: unknown {', '.join(bad) or 'empty list'} ({', '.join(STAGE_NAMES)})")
+        return [n for n in STAGE_NAMES if n in names]
+    return list(STAGE_NAMES)
+
+
+def merge_stages(previous: list[dict], new: list[dict]) -> list[dict]:
+    """One entry per stage in pipeline order: the new run's entries replace the previous report's, the previous
+    report's entries of stages not rerun are kept (marked `"from_previous_run": true`)."""
+    by_name = {s["name"]: {**s, "from_previous_run": True} for s in previous}
+    by_name.update({s["name"]: s for s in new})
+    return [by_name[n] for n in STAGE_NAMES if n in by_name]
+
+
+def rehearse(out: Path, asset: Path, tiny: bool, stages: list[str] | None = None) -> dict:
+    """Run `stages` (default all) in order, stop at the first failure, and write the report: the entries of
+    stages not run this time come from `<out>/report.json` of an earlier run, when there is one."""
     import platform
 
     out.mkdir(parents=True, exist_ok=True)
@@ -420,8 +462,12 @@ def rehearse(out: Path, asset: Path, tiny: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     report = {"mode": "tiny" if tiny else "full size", "asset": str(asset), "stages": [],
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
-    t0 = time.perf_counter()
+    previous = []
+    if stages is not None and (out / "report.json").exists():
+        previous = json.loads((out / "report.json").read_text()).get("stages", [])
     for stage in plan(out, asset, tiny):
+        if stages is not None and stage.name not in stages:
+            continue
         print(f"\n=== {stage.name} ===", flush=True)
         for o in stage.overrides:
             print(f"  override {o.key}={json.dumps(o.value)}  ({o.why})", flush=True)
@@ -445,9 +491,15 @@ def rehearse(out: Path, asset: Path, tiny: bool) -> dict:
         if not entry["ok"]:
             report["failed"] = stage.name
             break
-    report["wall_s"] = time.perf_counter() - t0
+    report["stages"] = merge_stages(previous, report["stages"])
+    report["wall_s"] = sum(s["wall_s"] for s in report["stages"])      # all stages, earlier runs' included
     report["peak_rss_gb"] = max(s["peak_rss_gb"] for s in report["stages"])
-    report["ok"] = "failed" not in report and report["peak_rss_gb"] < RSS_LIMIT_GB
+    if "failed" not in report and not all(s["ok"] for s in report["stages"]):
+        report["failed"] = next(s["name"] for s in report["stages"] if not s["ok"])
+    missing = [n for n in STAGE_NAMES if n not in {s["name"] for s in report["stages"]}]
+    if missing:
+        report["not_run"] = missing
+    report["ok"] = ("failed" not in report and not missing and report["peak_rss_gb"] < RSS_LIMIT_GB)
     report["gpu_plan"] = gpu_plan(report)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown(report))
@@ -460,6 +512,9 @@ def main(argv=None) -> int:
     p.add_argument("--asset", default=str(DEFAULT_ASSET), help="one GLB file")
     p.add_argument("--tiny", action="store_true", help="tiny models and few small views (tests)")
     p.add_argument("--plan", action="store_true", help="print the stages and overrides, run nothing")
+    p.add_argument("--stages", help=f"comma-separated subset to run ({','.join(STAGE_NAMES)}); the report keeps "
+                                    "the other stages' entries of the previous run in --output")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
     p.add_argument("--write-models", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--check-export", nargs=2, metavar=("DISTILL", "STUDENTS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -474,16 +529,23 @@ def main(argv=None) -> int:
     asset = Path(a.asset).resolve()
     if not asset.is_file() or asset.suffix.lower() != ".glb":
         p.error(f"--asset {a.asset}: not a GLB file")
+    try:
+        selected = select_stages(a.stages, a.start) if (a.stages, a.start) != (None, None) else None
+    except ValueError as e:
+        p.error(str(e))
     if a.plan:
         for stage in plan(out, asset, a.tiny):
+            if selected is not None and stage.name not in selected:
+                continue
             print(f"{stage.name}: {' '.join(stage.command()[1:])}")
             for o in stage.overrides:
                 print(f"    {o.key}={json.dumps(o.value)}  # {o.why}")
         return 0
-    report = rehearse(out, asset, a.tiny)
+    report = rehearse(out, asset, a.tiny, selected)
     print(f"\n-> {out / 'report.json'}, {out / 'report.md'}")
     if not report["ok"]:
         why = (f"stage {report['failed']} failed" if "failed" in report
+               else f"stages not run yet: {', '.join(report['not_run'])}" if report.get("not_run")
                else f"peak RSS {report['peak_rss_gb']:.1f} GB >= {RSS_LIMIT_GB:g}")
         print(f"rehearse: {why} (see {out / 'report.md'})", file=sys.stderr)
         return 1
