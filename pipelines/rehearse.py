@@ -137,6 +137,11 @@ def write_models(models: Path, tiny: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ plan
 
+# measured with the cached random-weight checkpoint, batch 1, 4096 tokens + 1374 condition tokens, one thread, on the
+# 2-core machine under load (load average 10): 61 s under bf16 autocast, 76 s in float32
+FORWARD_COST = "one full-size SS flow forward takes about 60 s on this CPU"
+
+
 def cpu_overrides(kind: str) -> list[Override]:
     """What a CPU-only single machine forces, per job kind, with the reason."""
     no_gpu = "no GPU on this machine"
@@ -147,9 +152,10 @@ def cpu_overrides(kind: str) -> list[Override]:
         ov = [Override(f"resources.{s}", {"concurrency": 1, "num_cpus": c, "num_gpus": 0},
                        f"{no_gpu}; {two}, CPUs adding up to 2") for s, c in cpus.items()]
         return ov + [Override("ray.num_cpus", 2, "local Ray instance on the 2-core machine"),
-                     Override("render.samples", 16, "time: Cycles on 2 CPU cores (128 spp: ~8x longer); "
-                                                     "views and resolution unchanged"),
-                     Override("cond.samples", 16, "time: as render.samples")]
+                     Override("render.samples", 4, "time: Cycles on 2 CPU cores; at 16 spp a 512-px view took "
+                                                    "~20 s under load (load average 10), 150 views + 24 at 1024 px "
+                                                    "~80 min; views and resolution unchanged"),
+                     Override("cond.samples", 4, "time: as render.samples")]
     if kind == "distill":
         return [Override("scaling.use_gpu", False, no_gpu),
                 Override("scaling.num_workers", 1, "one 2-core machine (FSDP is off in the preset)"),
@@ -165,6 +171,7 @@ def cpu_overrides(kind: str) -> list[Override]:
                 Override("train.precision", "bf16", "bf16 autocast as on GPU (the CPU supports it; 'auto' "
                                                     "means fp32 on CPU)"),
                 Override("snapshot.num_conditions", 1, "time: one asset"),
+                Override("snapshot.teacher_steps", 1, f"time: {FORWARD_COST} (25 steps with CFG: 50 forwards)"),
                 Override("snapshot.student_steps", [1], "time: the 1-step student")]
     if kind == "generate":
         return [Override("device", "cpu", no_gpu)]
@@ -174,10 +181,11 @@ def cpu_overrides(kind: str) -> list[Override]:
                          f"{no_gpu}; one actor on one of the 2 CPUs (the other reads the shards), 2 threads"),
                 Override("ray", {"num_cpus": 2}, "local Ray instance on the 2-core machine"),
                 Override("data.split", "all", "one asset: the hash split could leave the holdout empty"),
-                Override("samplers", [{"model": "teacher", "steps": 25}, {"model": "teacher", "steps": 1},
-                                      {"model": "student", "steps": 1}],
-                         "time: the reference (teacher 25) and the 1-step samplers only"),
-                Override("latency", {"repeats": 1, "warmup": 1}, "time"),
+                Override("samplers", [{"model": "teacher", "steps": 1}, {"model": "student", "steps": 1}],
+                         f"time: the 1-step samplers only; {FORWARD_COST} (TRELLIS's 25 + 25 steps with CFG in "
+                         "[0.5, 1]: about 37 SS and 37 SLat forwards per chain)"),
+                Override("sampling.reference", "teacher 1-step", "follows samplers (the 25-step teacher is not run)"),
+                Override("latency", {"repeats": 1, "warmup": 0}, "time: each timed call is one more full chain"),
                 Override("metrics.inception", "outputs/no-inception-weights.pt",
                          "no network: the feature nets fall back to named random networks"),
                 Override("metrics.dinov2", "outputs/no-dinov2-weights", "no network: as metrics.inception")]
@@ -449,6 +457,24 @@ def merge_stages(previous: list[dict], new: list[dict]) -> list[dict]:
     return [by_name[n] for n in STAGE_NAMES if n in by_name]
 
 
+def write_report(out: Path, report: dict, previous: list[dict], ran: list[dict]) -> dict:
+    """Merge this run's stage entries into the previous ones, derive the totals and write report.{json,md}."""
+    report = {k: v for k, v in report.items() if k not in ("failed", "not_run")}
+    report["stages"] = merge_stages(previous, ran)
+    report["wall_s"] = sum(s["wall_s"] for s in report["stages"])      # all stages, earlier runs' included
+    report["peak_rss_gb"] = max((s["peak_rss_gb"] for s in report["stages"]), default=0.0)
+    if not all(s["ok"] for s in report["stages"]):
+        report["failed"] = next(s["name"] for s in report["stages"] if not s["ok"])
+    missing = [n for n in STAGE_NAMES if n not in {s["name"] for s in report["stages"]}]
+    if missing:
+        report["not_run"] = missing
+    report["ok"] = "failed" not in report and not missing and report["peak_rss_gb"] < RSS_LIMIT_GB
+    report["gpu_plan"] = gpu_plan(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
 def rehearse(out: Path, asset: Path, tiny: bool, stages: list[str] | None = None) -> dict:
     """Run `stages` (default all) in order, stop at the first failure, and write the report: the entries of
     stages not run this time come from `<out>/report.json` of an earlier run, when there is one."""
@@ -465,6 +491,7 @@ def rehearse(out: Path, asset: Path, tiny: bool, stages: list[str] | None = None
     previous = []
     if stages is not None and (out / "report.json").exists():
         previous = json.loads((out / "report.json").read_text()).get("stages", [])
+    ran: list[dict] = []
     for stage in plan(out, asset, tiny):
         if stages is not None and stage.name not in stages:
             continue
@@ -485,25 +512,13 @@ def rehearse(out: Path, asset: Path, tiny: bool, stages: list[str] | None = None
         else:
             tail = (out / f"{stage.name}.log").read_text(errors="replace").strip().splitlines()[-1:]
             entry["error"] = f"exit {rc}: {tail[0] if tail else ''}"
-        report["stages"].append(entry)
+        ran.append(entry)
+        write_report(out, report, previous, ran)          # after each stage: an interrupted run keeps its figures
         print(f"=== {stage.name}: {'ok' if entry['ok'] else 'FAILED'} in {wall:.0f} s, peak RSS {peak:.2f} GB ===",
               flush=True)
         if not entry["ok"]:
-            report["failed"] = stage.name
             break
-    report["stages"] = merge_stages(previous, report["stages"])
-    report["wall_s"] = sum(s["wall_s"] for s in report["stages"])      # all stages, earlier runs' included
-    report["peak_rss_gb"] = max(s["peak_rss_gb"] for s in report["stages"])
-    if "failed" not in report and not all(s["ok"] for s in report["stages"]):
-        report["failed"] = next(s["name"] for s in report["stages"] if not s["ok"])
-    missing = [n for n in STAGE_NAMES if n not in {s["name"] for s in report["stages"]}]
-    if missing:
-        report["not_run"] = missing
-    report["ok"] = ("failed" not in report and not missing and report["peak_rss_gb"] < RSS_LIMIT_GB)
-    report["gpu_plan"] = gpu_plan(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "report.md").write_text(markdown(report))
-    return report
+    return write_report(out, report, previous, ran)
 
 
 def main(argv=None) -> int:

@@ -18,8 +18,8 @@ ALLOWED = {"resources.download", "resources.render", "resources.voxelize", "reso
            "encode.ss_encoder", "encode.slat_encoder", "scaling.use_gpu", "scaling.num_workers",
            "scaling.cpus_per_worker", "scaling.backend", "data.batch_size", "data.batch_split", "data.shuffle_buffer",
            "train.max_steps", "train.ckpt_every", "train.precision", "snapshot.num_conditions",
-           "snapshot.student_steps", "snapshot.decoder", "condition.model", "mlflow.tracking_uri", "device",
-           "models.pipeline", "models.dinov2", "compute", "ray", "data.split", "samplers", "latency",
+           "snapshot.teacher_steps", "snapshot.student_steps", "snapshot.decoder", "condition.model", "mlflow.tracking_uri", "device",
+           "models.pipeline", "models.dinov2", "compute", "ray", "data.split", "samplers", "sampling.reference", "latency",
            "metrics.inception", "metrics.dinov2"}
 
 
@@ -63,7 +63,8 @@ def test_full_size_plan_keeps_the_shipped_sizes(tmp_path):
         assert d.train.precision == "bf16"
     ev = cfg["evaluate"]
     assert ev.compute.num_gpus == 0 and ev.metrics.render_size == 256 and ev.condition.image_size == 518
-    assert [s.label for s in ev.samplers] == ["teacher 25-step", "teacher 1-step", "student 1-step"]
+    assert [s.label for s in ev.samplers] == ["teacher 1-step", "student 1-step"]
+    assert ev.sampling.reference == "teacher 1-step" and ev.latency.warmup == 0
 
 
 def test_tiny_plan_only_adds_labelled_test_sizes(tmp_path):
