@@ -152,10 +152,10 @@ def cpu_overrides(kind: str) -> list[Override]:
         ov = [Override(f"resources.{s}", {"concurrency": 1, "num_cpus": c, "num_gpus": 0},
                        f"{no_gpu}; {two}, CPUs adding up to 2") for s, c in cpus.items()]
         return ov + [Override("ray.num_cpus", 2, "local Ray instance on the 2-core machine"),
-                     Override("render.samples", 4, "time: Cycles on 2 CPU cores; at 16 spp a 512-px view took "
-                                                    "~20 s under load (load average 10), 150 views + 24 at 1024 px "
-                                                    "~80 min; views and resolution unchanged"),
-                     Override("cond.samples", 4, "time: as render.samples")]
+                     Override("render.samples", 16, "time: Cycles on 2 CPU cores (128 spp: ~8x the path tracing); "
+                                                     "at 16 spp a 512-px view took 20 s under load (load average "
+                                                     "10); views and resolution unchanged"),
+                     Override("cond.samples", 16, "time: as render.samples")]
     if kind == "distill":
         return [Override("scaling.use_gpu", False, no_gpu),
                 Override("scaling.num_workers", 1, "one 2-core machine (FSDP is off in the preset)"),
