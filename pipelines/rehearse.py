@@ -284,6 +284,19 @@ def tree_rss_bytes(root: int) -> int:
     return total
 
 
+def machine_state() -> dict:
+    """What else the machine is doing: 1-min load average and MemAvailable (GB), for the 'under load' notes."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = round(int(line.split()[1]) * 1024 / 1e9, 1)
+    except OSError:
+        pass
+    return {"load_average": round(os.getloadavg()[0], 1), "mem_available_gb": avail}
+
+
 def run_measured(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, float]:
     """(return code, wall s, peak GB of the process tree's resident memory, sampled every 0.5 s)."""
     start = time.perf_counter()
@@ -397,10 +410,13 @@ def markdown(report: dict) -> str:
              (f"{report['machine']}; total {report['wall_s'] / 60:.1f} min; "
               f"{'every stage ok' if report['ok'] else status(report)}; "
               f"peak RSS {report['peak_rss_gb']:.1f} GB (limit {RSS_LIMIT_GB:g})"), "",
-             "| stage | ok | wall s | peak RSS GB |", "|---|---|---:|---:|"]
+             "| stage | ok | wall s | peak RSS GB | load average (start, end) | GB available at start |",
+             "|---|---|---:|---:|---|---:|"]
     for s in report["stages"]:
+        m = s.get("machine_at_start") or {}
         lines.append(f"| {s['name']}{' (earlier run)' if s.get('from_previous_run') else ''} | "
-                     f"{'yes' if s['ok'] else 'NO'} | {s['wall_s']:.0f} | {s['peak_rss_gb']:.2f} |")
+                     f"{'yes' if s['ok'] else 'NO'} | {s['wall_s']:.0f} | {s['peak_rss_gb']:.2f} | "
+                     f"{m.get('load_average', '')}, {m.get('load_average_end', '')} | {m.get('mem_available_gb', '')} |")
     lines += ["", "## Overrides (forced by a CPU-only machine)", ""]
     for s in report["stages"]:
         for o in s.get("overrides", []):
@@ -500,8 +516,13 @@ def rehearse(out: Path, asset: Path, tiny: bool, stages: list[str] | None = None
             print(f"  override {o.key}={json.dumps(o.value)}  ({o.why})", flush=True)
         cmd = stage.command()
         print("  $ " + " ".join(cmd[1:]), flush=True)
+        machine = machine_state()
+        print(f"  machine at start: load average {machine['load_average']}, "
+              f"{machine['mem_available_gb']} GB available", flush=True)
         rc, wall, peak = run_measured(cmd, out / f"{stage.name}.log", env)
+        machine["load_average_end"] = round(os.getloadavg()[0], 1)
         entry = {"name": stage.name, "ok": rc == 0, "wall_s": round(wall, 1), "peak_rss_gb": round(peak, 3),
+                 "machine_at_start": machine,
                  "returncode": rc, "command": cmd[1:], "log": str(out / f"{stage.name}.log"),
                  "overrides": [{"key": o.key, "value": o.value, "why": o.why} for o in stage.overrides]}
         if rc == 0:

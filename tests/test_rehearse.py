@@ -228,3 +228,12 @@ def test_rerun_stages_replace_their_entries_and_keep_the_others(tmp_path, monkey
     report = rehearse.rehearse(tmp_path, asset, False, ["generate", "evaluate"])
     assert report["ok"] and [s["name"] for s in report["stages"]] == list(rehearse.STAGE_NAMES)
     assert "(earlier run)" in (tmp_path / "report.md").read_text()
+
+
+def test_machine_state_reads_load_and_available_memory():
+    m = rehearse.machine_state()
+    with open("/proc/meminfo") as f:
+        meminfo = dict(line.split(":", 1) for line in f)
+    expected = int(meminfo["MemAvailable"].split()[0]) * 1024 / 1e9
+    assert m["mem_available_gb"] == pytest.approx(expected, abs=1.0)
+    assert m["load_average"] >= 0
