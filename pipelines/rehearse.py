@@ -3,6 +3,8 @@
     python -m pipelines.rehearse [--output outputs/rehearse] [--asset ../shared/assets/glb/kenney_tree.glb]
     python -m pipelines.rehearse --tiny      # the same driver on tiny models and few small views (tests)
     python -m pipelines.rehearse --plan      # print the stages, commands and overrides; run nothing
+    python -m pipelines.rehearse --from distill-slat   # rerun a stage and those after it (earlier results kept)
+    python -m pipelines.rehearse --stages preprocess   # rerun only the named stages
 
 Stages, each the user's command (`jobs/*.py --preset ...`) in its own process:
 
@@ -135,6 +137,11 @@ def write_models(models: Path, tiny: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ plan
 
+# measured with the cached random-weight checkpoint, batch 1, 4096 tokens + 1374 condition tokens, one thread, on the
+# 2-core machine under load (load average 10): 61 s under bf16 autocast, 76 s in float32
+FORWARD_COST = "one full-size SS flow forward takes about 60 s on this CPU"
+
+
 def cpu_overrides(kind: str) -> list[Override]:
     """What a CPU-only single machine forces, per job kind, with the reason."""
     no_gpu = "no GPU on this machine"
@@ -145,8 +152,9 @@ def cpu_overrides(kind: str) -> list[Override]:
         ov = [Override(f"resources.{s}", {"concurrency": 1, "num_cpus": c, "num_gpus": 0},
                        f"{no_gpu}; {two}, CPUs adding up to 2") for s, c in cpus.items()]
         return ov + [Override("ray.num_cpus", 2, "local Ray instance on the 2-core machine"),
-                     Override("render.samples", 16, "time: Cycles on 2 CPU cores (128 spp: ~8x longer); "
-                                                     "views and resolution unchanged"),
+                     Override("render.samples", 16, "time: Cycles on 2 CPU cores (128 spp: ~8x the path tracing); "
+                                                     "at 16 spp a 512-px view took 20 s under load (load average "
+                                                     "10); views and resolution unchanged"),
                      Override("cond.samples", 16, "time: as render.samples")]
     if kind == "distill":
         return [Override("scaling.use_gpu", False, no_gpu),
@@ -163,6 +171,7 @@ def cpu_overrides(kind: str) -> list[Override]:
                 Override("train.precision", "bf16", "bf16 autocast as on GPU (the CPU supports it; 'auto' "
                                                     "means fp32 on CPU)"),
                 Override("snapshot.num_conditions", 1, "time: one asset"),
+                Override("snapshot.teacher_steps", 1, f"time: {FORWARD_COST} (25 steps with CFG: 50 forwards)"),
                 Override("snapshot.student_steps", [1], "time: the 1-step student")]
     if kind == "generate":
         return [Override("device", "cpu", no_gpu)]
@@ -172,10 +181,11 @@ def cpu_overrides(kind: str) -> list[Override]:
                          f"{no_gpu}; one actor on one of the 2 CPUs (the other reads the shards), 2 threads"),
                 Override("ray", {"num_cpus": 2}, "local Ray instance on the 2-core machine"),
                 Override("data.split", "all", "one asset: the hash split could leave the holdout empty"),
-                Override("samplers", [{"model": "teacher", "steps": 25}, {"model": "teacher", "steps": 1},
-                                      {"model": "student", "steps": 1}],
-                         "time: the reference (teacher 25) and the 1-step samplers only"),
-                Override("latency", {"repeats": 1, "warmup": 1}, "time"),
+                Override("samplers", [{"model": "teacher", "steps": 1}, {"model": "student", "steps": 1}],
+                         f"time: the 1-step samplers only; {FORWARD_COST} (TRELLIS's 25 + 25 steps with CFG in "
+                         "[0.5, 1]: about 37 SS and 37 SLat forwards per chain)"),
+                Override("sampling.reference", "teacher 1-step", "follows samplers (the 25-step teacher is not run)"),
+                Override("latency", {"repeats": 1, "warmup": 0}, "time: each timed call is one more full chain"),
                 Override("metrics.inception", "outputs/no-inception-weights.pt",
                          "no network: the feature nets fall back to named random networks"),
                 Override("metrics.dinov2", "outputs/no-dinov2-weights", "no network: as metrics.inception")]
@@ -272,6 +282,19 @@ def tree_rss_bytes(root: int) -> int:
         total += rss.get(pid, 0)
         todo.extend(children.get(pid, []))
     return total
+
+
+def machine_state() -> dict:
+    """What else the machine is doing: 1-min load average and MemAvailable (GB), for the 'under load' notes."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = round(int(line.split()[1]) * 1024 / 1e9, 1)
+    except OSError:
+        pass
+    return {"load_average": round(os.getloadavg()[0], 1), "mem_available_gb": avail}
 
 
 def run_measured(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, float]:
@@ -374,14 +397,26 @@ def check_export(distill: Path, students: Path) -> int:
 
 # ------------------------------------------------------------------------------------------------ report
 
+def status(report: dict) -> str:
+    if report.get("failed"):
+        return f"FAILED at {report['failed']}"
+    if report.get("not_run"):
+        return f"not run: {', '.join(report['not_run'])}"
+    return f"peak RSS over the {RSS_LIMIT_GB:g} GB limit"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Rehearsal of the trellis presets ({report['mode']})", "",
-             f"{report['machine']}; total {report['wall_s'] / 60:.1f} min; "
-             f"{'every stage ok' if report['ok'] else 'FAILED at ' + str(report.get('failed'))}; "
-             f"peak RSS {report['peak_rss_gb']:.1f} GB (limit {RSS_LIMIT_GB:g})", "",
-             "| stage | ok | wall s | peak RSS GB |", "|---|---|---:|---:|"]
+             (f"{report['machine']}; total {report['wall_s'] / 60:.1f} min; "
+              f"{'every stage ok' if report['ok'] else status(report)}; "
+              f"peak RSS {report['peak_rss_gb']:.1f} GB (limit {RSS_LIMIT_GB:g})"), "",
+             "| stage | ok | wall s | peak RSS GB | load average (start, end) | GB available at start |",
+             "|---|---|---:|---:|---|---:|"]
     for s in report["stages"]:
-        lines.append(f"| {s['name']} | {'yes' if s['ok'] else 'NO'} | {s['wall_s']:.0f} | {s['peak_rss_gb']:.2f} |")
+        m = s.get("machine_at_start") or {}
+        lines.append(f"| {s['name']}{' (earlier run)' if s.get('from_previous_run') else ''} | "
+                     f"{'yes' if s['ok'] else 'NO'} | {s['wall_s']:.0f} | {s['peak_rss_gb']:.2f} | "
+                     f"{m.get('load_average', '')}, {m.get('load_average_end', '')} | {m.get('mem_available_gb', '')} |")
     lines += ["", "## Overrides (forced by a CPU-only machine)", ""]
     for s in report["stages"]:
         for o in s.get("overrides", []):
@@ -409,7 +444,56 @@ def gpu_plan(report: dict) -> dict:
     return plan
 
 
-def rehearse(out: Path, asset: Path, tiny: bool) -> dict:
+STAGE_NAMES = ("models", "preprocess", "distill-ss", "distill-slat", "export", "generate", "evaluate")
+
+
+def select_stages(only: str | None, start: str | None) -> list[str]:
+    """The stages to run: all, `--stages a,b` (a subset, in pipeline order) or `--from STAGE` (it and the rest).
+    Raises ValueError on an unknown name."""
+    if only is not None and start is not None:
+        raise ValueError("--stages and --from exclude each other")
+    if start is not None:
+        if start not in STAGE_NAMES:
+            raise ValueError(f"--from {start}: not a stage ({', '.join(STAGE_NAMES)})")
+        return list(STAGE_NAMES[STAGE_NAMES.index(start):])
+    if only is not None:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        bad = [n for n in names if n not in STAGE_NAMES]
+        if bad or not names:
+            raise ValueError(f"--stages {only}: unknown {', '.join(bad) or 'empty list'} ({', '.join(STAGE_NAMES)})")
+        return [n for n in STAGE_NAMES if n in names]
+    return list(STAGE_NAMES)
+
+
+def merge_stages(previous: list[dict], new: list[dict]) -> list[dict]:
+    """One entry per stage in pipeline order: the new run's entries replace the previous report's, the previous
+    report's entries of stages not rerun are kept (marked `"from_previous_run": true`)."""
+    by_name = {s["name"]: {**s, "from_previous_run": True} for s in previous}
+    by_name.update({s["name"]: s for s in new})
+    return [by_name[n] for n in STAGE_NAMES if n in by_name]
+
+
+def write_report(out: Path, report: dict, previous: list[dict], ran: list[dict]) -> dict:
+    """Merge this run's stage entries into the previous ones, derive the totals and write report.{json,md}."""
+    report = {k: v for k, v in report.items() if k not in ("failed", "not_run")}
+    report["stages"] = merge_stages(previous, ran)
+    report["wall_s"] = sum(s["wall_s"] for s in report["stages"])      # all stages, earlier runs' included
+    report["peak_rss_gb"] = max((s["peak_rss_gb"] for s in report["stages"]), default=0.0)
+    if not all(s["ok"] for s in report["stages"]):
+        report["failed"] = next(s["name"] for s in report["stages"] if not s["ok"])
+    missing = [n for n in STAGE_NAMES if n not in {s["name"] for s in report["stages"]}]
+    if missing:
+        report["not_run"] = missing
+    report["ok"] = "failed" not in report and not missing and report["peak_rss_gb"] < RSS_LIMIT_GB
+    report["gpu_plan"] = gpu_plan(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def rehearse(out: Path, asset: Path, tiny: bool, stages: list[str] | None = None) -> dict:
+    """Run `stages` (default all) in order, stop at the first failure, and write the report: the entries of
+    stages not run this time come from `<out>/report.json` of an earlier run, when there is one."""
     import platform
 
     out.mkdir(parents=True, exist_ok=True)
@@ -420,15 +504,25 @@ def rehearse(out: Path, asset: Path, tiny: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     report = {"mode": "tiny" if tiny else "full size", "asset": str(asset), "stages": [],
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
-    t0 = time.perf_counter()
+    previous = []
+    if stages is not None and (out / "report.json").exists():
+        previous = json.loads((out / "report.json").read_text()).get("stages", [])
+    ran: list[dict] = []
     for stage in plan(out, asset, tiny):
+        if stages is not None and stage.name not in stages:
+            continue
         print(f"\n=== {stage.name} ===", flush=True)
         for o in stage.overrides:
             print(f"  override {o.key}={json.dumps(o.value)}  ({o.why})", flush=True)
         cmd = stage.command()
         print("  $ " + " ".join(cmd[1:]), flush=True)
+        machine = machine_state()
+        print(f"  machine at start: load average {machine['load_average']}, "
+              f"{machine['mem_available_gb']} GB available", flush=True)
         rc, wall, peak = run_measured(cmd, out / f"{stage.name}.log", env)
+        machine["load_average_end"] = round(os.getloadavg()[0], 1)
         entry = {"name": stage.name, "ok": rc == 0, "wall_s": round(wall, 1), "peak_rss_gb": round(peak, 3),
+                 "machine_at_start": machine,
                  "returncode": rc, "command": cmd[1:], "log": str(out / f"{stage.name}.log"),
                  "overrides": [{"key": o.key, "value": o.value, "why": o.why} for o in stage.overrides]}
         if rc == 0:
@@ -439,19 +533,13 @@ def rehearse(out: Path, asset: Path, tiny: bool) -> dict:
         else:
             tail = (out / f"{stage.name}.log").read_text(errors="replace").strip().splitlines()[-1:]
             entry["error"] = f"exit {rc}: {tail[0] if tail else ''}"
-        report["stages"].append(entry)
+        ran.append(entry)
+        write_report(out, report, previous, ran)          # after each stage: an interrupted run keeps its figures
         print(f"=== {stage.name}: {'ok' if entry['ok'] else 'FAILED'} in {wall:.0f} s, peak RSS {peak:.2f} GB ===",
               flush=True)
         if not entry["ok"]:
-            report["failed"] = stage.name
             break
-    report["wall_s"] = time.perf_counter() - t0
-    report["peak_rss_gb"] = max(s["peak_rss_gb"] for s in report["stages"])
-    report["ok"] = "failed" not in report and report["peak_rss_gb"] < RSS_LIMIT_GB
-    report["gpu_plan"] = gpu_plan(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "report.md").write_text(markdown(report))
-    return report
+    return write_report(out, report, previous, ran)
 
 
 def main(argv=None) -> int:
@@ -460,6 +548,9 @@ def main(argv=None) -> int:
     p.add_argument("--asset", default=str(DEFAULT_ASSET), help="one GLB file")
     p.add_argument("--tiny", action="store_true", help="tiny models and few small views (tests)")
     p.add_argument("--plan", action="store_true", help="print the stages and overrides, run nothing")
+    p.add_argument("--stages", help=f"comma-separated subset to run ({','.join(STAGE_NAMES)}); the report keeps "
+                                    "the other stages' entries of the previous run in --output")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
     p.add_argument("--write-models", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--check-export", nargs=2, metavar=("DISTILL", "STUDENTS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -474,16 +565,23 @@ def main(argv=None) -> int:
     asset = Path(a.asset).resolve()
     if not asset.is_file() or asset.suffix.lower() != ".glb":
         p.error(f"--asset {a.asset}: not a GLB file")
+    try:
+        selected = select_stages(a.stages, a.start) if (a.stages, a.start) != (None, None) else None
+    except ValueError as e:
+        p.error(str(e))
     if a.plan:
         for stage in plan(out, asset, a.tiny):
+            if selected is not None and stage.name not in selected:
+                continue
             print(f"{stage.name}: {' '.join(stage.command()[1:])}")
             for o in stage.overrides:
                 print(f"    {o.key}={json.dumps(o.value)}  # {o.why}")
         return 0
-    report = rehearse(out, asset, a.tiny)
+    report = rehearse(out, asset, a.tiny, selected)
     print(f"\n-> {out / 'report.json'}, {out / 'report.md'}")
     if not report["ok"]:
         why = (f"stage {report['failed']} failed" if "failed" in report
+               else f"stages not run yet: {', '.join(report['not_run'])}" if report.get("not_run")
                else f"peak RSS {report['peak_rss_gb']:.1f} GB >= {RSS_LIMIT_GB:g}")
         print(f"rehearse: {why} (see {out / 'report.md'})", file=sys.stderr)
         return 1

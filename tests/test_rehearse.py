@@ -18,8 +18,8 @@ ALLOWED = {"resources.download", "resources.render", "resources.voxelize", "reso
            "encode.ss_encoder", "encode.slat_encoder", "scaling.use_gpu", "scaling.num_workers",
            "scaling.cpus_per_worker", "scaling.backend", "data.batch_size", "data.batch_split", "data.shuffle_buffer",
            "train.max_steps", "train.ckpt_every", "train.precision", "snapshot.num_conditions",
-           "snapshot.student_steps", "snapshot.decoder", "condition.model", "mlflow.tracking_uri", "device",
-           "models.pipeline", "models.dinov2", "compute", "ray", "data.split", "samplers", "latency",
+           "snapshot.teacher_steps", "snapshot.student_steps", "snapshot.decoder", "condition.model", "mlflow.tracking_uri", "device",
+           "models.pipeline", "models.dinov2", "compute", "ray", "data.split", "samplers", "sampling.reference", "latency",
            "metrics.inception", "metrics.dinov2"}
 
 
@@ -63,7 +63,8 @@ def test_full_size_plan_keeps_the_shipped_sizes(tmp_path):
         assert d.train.precision == "bf16"
     ev = cfg["evaluate"]
     assert ev.compute.num_gpus == 0 and ev.metrics.render_size == 256 and ev.condition.image_size == 518
-    assert [s.label for s in ev.samplers] == ["teacher 25-step", "teacher 1-step", "student 1-step"]
+    assert [s.label for s in ev.samplers] == ["teacher 1-step", "student 1-step"]
+    assert ev.sampling.reference == "teacher 1-step" and ev.latency.warmup == 0
 
 
 def test_tiny_plan_only_adds_labelled_test_sizes(tmp_path):
@@ -175,3 +176,64 @@ def test_trellis_aesthetic_filter_reads_its_column_beside_the_stage_columns(tmp_
     ds = shards.read_shards(str(data), max_voxels=10 ** 6, min_aesthetic=4.5, columns=STAGE_COLUMNS["ss"])
     rows = ds.take_all()
     assert len(rows) == 3 and set(rows[0]) == set(STAGE_COLUMNS["ss"])
+
+
+def test_stage_selection_and_bad_names():
+    assert rehearse.select_stages(None, None) == list(rehearse.STAGE_NAMES)
+    assert rehearse.select_stages(None, "export") == ["export", "generate", "evaluate"]
+    assert rehearse.select_stages("evaluate,preprocess", None) == ["preprocess", "evaluate"]   # pipeline order
+    for only, start in (("distill", None), (None, "distil-ss"), ("", None), ("export", "export")):
+        with pytest.raises(ValueError):
+            rehearse.select_stages(only, start)
+    # the plan knows exactly these stages
+    assert tuple(s.name for s in rehearse.plan(__import__("pathlib").Path("o"), None, False)) == rehearse.STAGE_NAMES
+
+
+def test_bad_stage_name_exits_2_before_anything_runs(tmp_path):
+    asset = tmp_path / "a.glb"
+    asset.write_bytes(b"glTF")
+    with pytest.raises(SystemExit) as e:
+        rehearse.main(["--asset", str(asset), "--output", str(tmp_path / "o"), "--from", "distil"])
+    assert e.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_rerun_stages_replace_their_entries_and_keep_the_others(tmp_path, monkeypatch):
+    """--from / --stages: the report has one entry per stage in pipeline order, earlier entries kept and marked,
+    and it is ok only when every stage is present and ok."""
+    earlier = [{"name": n, "ok": n != "distill-slat", "wall_s": 10.0, "peak_rss_gb": 1.0}
+               for n in rehearse.STAGE_NAMES[:4]]
+    (tmp_path / "report.json").write_text(json.dumps({"stages": earlier}))
+    ran = []
+
+    def fake_run(cmd, log_path, env):
+        ran.append(cmd)
+        log_path.write_text("done\n")
+        return 0, 5.0, 2.5
+
+    monkeypatch.setattr(rehearse, "run_measured", fake_run)
+    monkeypatch.setattr(rehearse, "boundary", lambda stage, out, tiny: {"stage": stage})
+    monkeypatch.setattr(rehearse, "gpu_plan", lambda report: {})
+    asset = tmp_path / "a.glb"
+    asset.write_bytes(b"glTF")
+    report = rehearse.rehearse(tmp_path, asset, False, ["distill-slat", "export"])
+    assert len(ran) == 2
+    names = [s["name"] for s in report["stages"]]
+    assert names == list(rehearse.STAGE_NAMES[:5])
+    by = {s["name"]: s for s in report["stages"]}
+    assert by["distill-slat"]["ok"] and by["distill-slat"]["wall_s"] == 5.0 and "from_previous_run" not in by["export"]
+    assert by["preprocess"]["from_previous_run"] and by["preprocess"]["wall_s"] == 10.0
+    assert report["wall_s"] == 4 * 10.0 - 10.0 + 2 * 5.0 and report["peak_rss_gb"] == 2.5
+    assert not report["ok"] and report["not_run"] == ["generate", "evaluate"]
+    report = rehearse.rehearse(tmp_path, asset, False, ["generate", "evaluate"])
+    assert report["ok"] and [s["name"] for s in report["stages"]] == list(rehearse.STAGE_NAMES)
+    assert "(earlier run)" in (tmp_path / "report.md").read_text()
+
+
+def test_machine_state_reads_load_and_available_memory():
+    m = rehearse.machine_state()
+    with open("/proc/meminfo") as f:
+        meminfo = dict(line.split(":", 1) for line in f)
+    expected = int(meminfo["MemAvailable"].split()[0]) * 1024 / 1e9
+    assert m["mem_available_gb"] == pytest.approx(expected, abs=1.0)
+    assert m["load_average"] >= 0
