@@ -313,7 +313,7 @@ def test_lr_is_logged_so_that_an_mlflow_chart_shows_it():
 
     import mlflow
 
-    from pipelines import distill_worker
+    from pipelines.distill import worker as distill_worker
 
     bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
     constant_range = re.compile(r"if\((\w+)===\w+\)\{var \w+=\1-1,\w+=\1\+1")

@@ -127,7 +127,7 @@ def test_created_models_go_under_the_output_under_job_submit(tmp_path, monkeypat
     evaluate.absolutize_paths(ecfg)
     assert ecfg.condition.model == "/abs/eval/models/tiny-dinov2" and not ecfg.condition.model.startswith(
         str(tmp_path))
-    from pipelines import synthesize
+    from pipelines.synthesize import driver as synthesize
 
     scfg = load_config(synthesize.SynthesizeConfig, "ci", [("output", str(tmp_path / "abs-synth"))],
                        prefix="synthesize_")
