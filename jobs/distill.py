@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from mdt.training.config import DistillConfig
+    from mdt.training.config import DistillConfig  # heavy: numpy, torch
 
     ov = list(args.overrides)
     for flag, key in (("data", "data.uri"), ("teacher", "model.teacher"), ("student", "model.student"),
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = parse_args(argv)
-    from pipelines.distill import driver as distill
+    from pipelines.distill import driver as distill  # heavy: numpy, pyarrow
 
     try:
         cfg = build_config(args)

@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from pipelines.evaluate.driver import make_config
+    from pipelines.evaluate.driver import make_config  # heavy: PIL, numpy
 
     return make_config(args.preset, data=args.data, teacher=args.teacher, student=args.student,
                        decoder=args.decoder, output=args.output, distill_run_id=args.distill_run,
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from pipelines.evaluate import driver as evaluate
+    from pipelines.evaluate import driver as evaluate  # heavy: PIL, numpy
 
     try:
         cfg = build_config(args)

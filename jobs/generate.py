@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mdt.config import ConfigError, load_config, load_preset  # noqa: E402
+from pipelines.common.cluster import created_model_path, durable_output
 
 
 class ArgError(Exception):
@@ -53,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
+    # heavy: PIL, numpy
     from mdt.generate import GenerateConfig, Trellis2GenerateConfig, check_checkpoint_arg, check_image
-    from pipelines.common.cluster import created_model_path, durable_output
 
     trellis2 = load_preset(args.preset, prefix="generate_").get("family") == "trellis2"
     if trellis2 and (args.slat_model or args.slat_steps or args.cfg):  # its stages are set with --set shape.…
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     except (ArgError, ConfigError, ValueError) as e:
         print(f"argument error: {e}", file=sys.stderr)
         return 2
-    from mdt.generate import Trellis2GenerateConfig, generate, generate_trellis2
+    from mdt.generate import Trellis2GenerateConfig, generate, generate_trellis2  # heavy: PIL, numpy
 
     try:
         run = generate_trellis2 if isinstance(cfg, Trellis2GenerateConfig) else generate

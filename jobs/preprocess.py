@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # `python jobs/preprocess.py` and `ray job submit
     sys.path.insert(0, str(ROOT))
 
 from mdt.config import ConfigError, add_config_args, dump_yaml, load_config, to_dict  # noqa: E402
+from pipelines.preprocess.config import PreprocessConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from pipelines.preprocess.config import PreprocessConfig
 
     overrides = list(args.overrides)
     if args.source:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from pipelines.preprocess import driver as graph, report
+    from pipelines.preprocess import driver as graph, report  # heavy: numpy, pyarrow
 
     if not args.print_config:
         try:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     print(f"output: {cfg.output}\nmanifest: {cfg.output.rstrip('/')}/manifest.json\nreport: {report_md}", flush=True)
     rep = result.report or {}
     if rep.get("failed") and not rep.get("done"):
-        from pipelines.preprocess.ledger import Ledger
+        from pipelines.preprocess.ledger import Ledger  # heavy: numpy, pyarrow
 
         print(f"preprocess: 0 of {rep.get('processed')} assets succeeded ({rep['failed']} failed); reasons in "
               f"{report_md} and the ledger {Ledger(cfg.output, result.config_hash).dir}", file=sys.stderr)

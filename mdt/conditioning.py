@@ -53,7 +53,7 @@ COND_LAYERNORM_EPS = 1e-5
 def load_dinov2(name_or_path: str | os.PathLike = DINOV2_HUB_ID, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> nn.Module:
     """A frozen, eval-mode `Dinov2WithRegistersModel` from a local directory or a hub id."""
-    from transformers import Dinov2WithRegistersModel
+    from transformers import Dinov2WithRegistersModel  # heavy: transformers, huggingface_hub
 
     path = str(name_or_path)
     kwargs = {"local_files_only": True} if Path(path).is_dir() else {}
@@ -70,7 +70,7 @@ DEFAULT_IMAGE_SIZE = {"dinov2_with_registers": IMAGE_SIZE, "dinov3_vit": DINOV3_
 
 def encoder_type(name_or_path: str | os.PathLike) -> str:
     """The `model_type` of a local model directory or hub id, refused unless DINOv2-with-registers or DINOv3."""
-    import transformers
+    import transformers  # heavy: transformers, huggingface_hub
 
     path = str(name_or_path)
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir())
@@ -83,7 +83,7 @@ def encoder_type(name_or_path: str | os.PathLike) -> str:
 def load_image_encoder(name_or_path: str | os.PathLike = DINOV2_HUB_ID, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32) -> nn.Module:
     """A frozen, eval-mode DINOv2-with-registers or DINOv3 model, told apart by its config's model_type."""
-    import transformers
+    import transformers  # heavy: transformers, huggingface_hub
 
     path = str(name_or_path)
     cls = getattr(transformers, ENCODER_CLASSES[encoder_type(path)])

@@ -6,6 +6,7 @@ lazy import that goes the wrong way is caught as well as a top-level one.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,43 @@ def test_no_folder_cycle_in_the_ray_layer_and_common_imports_no_job():
     cycles = _cycles(edges)
     assert not cycles, "folder cycles in pipelines/:\n" + "\n".join(" -> ".join(c) for c in cycles)
     assert edges["pipelines.common"] <= {"pipelines"}, f"common/ imports a job: {sorted(edges['pipelines.common'])}"
+
+
+# A function-level import says why it is not at the top of its module: `# heavy: torch`, `# optional: bpy`,
+# `# cycle: <module>` or `# clash: <name>`, on its line or the line above.
+IMPORT_REASON = re.compile(r"#.*\b(heavy|optional|cycle|clash)\b")
+# Modules whose function-level imports are annotated separately.
+UNANNOTATED = {"pipelines/synthesize/driver.py", "pipelines/demo/driver.py", "pipelines/rehearse.py", "jobs/demo.py",
+               "jobs/synthesize.py"}
+
+
+def _unexplained_imports(path: Path) -> list[int]:
+    """Line numbers of imports nested in a function with no reason comment on their line or the line above."""
+    lines = path.read_text().splitlines()
+    out = []
+
+    def visit(node, in_func):
+        for child in ast.iter_child_nodes(node):
+            if in_func and isinstance(child, (ast.Import, ast.ImportFrom)):
+                here, above = lines[child.lineno - 1], lines[child.lineno - 2] if child.lineno > 1 else ""
+                if not IMPORT_REASON.search(here) and not (above.strip().startswith("#")
+                                                           and IMPORT_REASON.search(above)):
+                    out.append(child.lineno)
+            visit(child, in_func or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+    visit(ast.parse("\n".join(lines), str(path)), False)
+    return out
+
+
+def test_function_level_imports_say_why():
+    missing = [f"{p.relative_to(ROOT)}:{n}" for p in _modules().values()
+               if str(p.relative_to(ROOT)) not in UNANNOTATED for n in _unexplained_imports(p)]
+    assert not missing, "function-level imports without a reason comment (move them up, or say why):\n" + "\n".join(
+        missing)
+
+
+def test_the_reason_checker_sees_a_bare_import(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import os\n\ndef f():\n    import torch  # heavy: torch\n    # cycle: mdt.x\n"
+                   "    from mdt import x\n    import json\n")
+    assert _unexplained_imports(src) == [7]

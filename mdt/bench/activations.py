@@ -31,6 +31,7 @@ import torch
 from mdt.bench.models import shell_voxels
 from mdt.models import build_model
 from mdt.sparse import SparseTensor
+from torch.profiler import ProfilerActivity, profile
 
 COND_TOKENS_FULL = 1374
 # The fit of `python -m mdt.bench.activations` (all points; measured on the 2-core CPU machine, torch 2.13.0): every
@@ -41,7 +42,6 @@ ELEMENT_BYTES = 4
 
 def retained_forward_bytes(model: torch.nn.Module, inputs: tuple) -> int:
     """Bytes allocated during one forward (grad enabled) and still held when it returns."""
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = model(*inputs)

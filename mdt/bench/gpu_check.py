@@ -42,6 +42,7 @@ from mdt.training.build import build_student, build_teacher
 from mdt.training.config import DistillConfig
 from mdt.training.machinery import resolve_precision
 from mdt.training.step import Trainer
+import resource
 
 # Relative L2 error allowed against the float32 reference: fp16/bf16 carry 11/8 mantissa bits (2^-11 ≈ 5e-4,
 # 2^-8 ≈ 4e-3 per rounding); a deep network accumulates several roundings, so the tolerances are ~10x those.
@@ -216,7 +217,6 @@ def training_step(repo: Path, stage: str, device: str, size: str) -> dict:
     if device == "cuda":
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     else:
-        import resource
 
         out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     if stage == "slat":

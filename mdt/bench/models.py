@@ -31,6 +31,8 @@ import torch
 
 from mdt.models import build_model
 from mdt.sparse import SparseTensor
+from torch.utils import flop_counter as fc
+from torch.utils.flop_counter import FlopCounterMode
 
 FULL_SIZE = {
     "ss_flow": ("SparseStructureFlowModel", dict(
@@ -61,7 +63,6 @@ RATIO_FIELDS = ("flops_per_forward", "achieved_gflops", "peak_matmul_gflops", "f
 def _register_cpu_attention_flops() -> None:
     """torch's flop counter has no formula for the CPU flash-attention kernel that F.scaled_dot_product_attention
     dispatches to on CPU; it is the same computation as the CUDA flash kernel (2 matmuls)."""
-    from torch.utils import flop_counter as fc
 
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None or op in fc.flop_registry or op.default in fc.flop_registry:
@@ -123,7 +124,6 @@ def _nbytes(obj) -> int:
 
 def count_forward(model: torch.nn.Module, inputs: tuple) -> tuple[int, int]:
     """(FLOPs, largest input + output bytes of a leaf module) of one forward (no grad)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     _register_cpu_attention_flops()
     largest = [0]

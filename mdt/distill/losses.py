@@ -19,6 +19,7 @@ from torch import Tensor
 from mdt import flow
 from mdt.flow import batch_size, data, like
 from mdt.sparse import backends as sparse_backends
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NUM_BINS = 10
 
@@ -116,7 +117,6 @@ def _math_sdpa():
     """Forward-mode AD has no rule for fused attention kernels (torch's flash/efficient SDPA, flash-attn): inside
     this context torch SDPA uses its math backend (plain differentiable ops) and mdt.sparse's attention backend is
     temporarily "sdpa". Not thread-safe (the mdt.sparse backend choice is a module global)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     old = getattr(sparse_backends, "_attn", None)
     if old != "sdpa":

@@ -19,6 +19,7 @@ from mdt.flow import FlowEulerSampler
 from mdt.generate import decode_gaussians, denormalize_slat, sparse_noise
 from mdt.models import from_pretrained
 from mdt.training.build import build_conditioner
+from mdt.flow import FlowEulerGuidanceIntervalSampler, trellis2_strength
 
 
 class SamplingChain:
@@ -78,7 +79,6 @@ class SamplingChain:
         net = (self.nets if stage == "ss" else self.slat_nets)[kind]
         if kind == "teacher" and getattr(net, "GUIDANCE_FORM", "") == "trellis2":
             # TRELLIS.2 teacher: its guidance form (w' = 1 + w of the TRELLIS-convention weight) and rescale
-            from mdt.flow import FlowEulerGuidanceIntervalSampler, trellis2_strength
 
             return FlowEulerGuidanceIntervalSampler().sample(
                 net, noise, cond, torch.zeros_like(cond), steps=steps, rescale_t=s.teacher_rescale_t,

@@ -104,7 +104,7 @@ def dinov2_net(source: str | None = None, device: str = "cpu") -> FeatureNet:
     """DINOv2 CLS features from a local directory or a hub id already in the local cache."""
     src = source or DINOV2_FD_HUB_ID
     try:
-        from transformers import AutoModel
+        from transformers import AutoModel  # optional: transformers
 
         model = AutoModel.from_pretrained(src, local_files_only=True).to(device).eval().requires_grad_(False)
     except Exception as e:  # not on disk: fall back to a named random network
@@ -122,7 +122,7 @@ def _dinov2_forward(model: nn.Module, device: str = "cpu", size: int = 224):
 
 def tiny_random_dinov2(seed: int = 0, note: str = "") -> FeatureNet:
     """A 2-layer, 64-wide DINOv2 with fixed random weights (patch 14 at 224 px)."""
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model  # heavy: transformers, PIL
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -100,10 +100,10 @@ def plot_metrics(rows: Sequence[dict], path: str, metrics: Sequence[str] = (
         "fd_incep_asset", "fd_dinov2_asset", "chamfer_asset", "fd_incep", "fd_dinov2", "iou", "chamfer",
         "latency_ms")) -> str:
     """One panel per metric: value vs NFE, a line per sampler kind (teacher, student). Writes a PNG."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, PIL
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, PIL
 
     metrics = [m for m in metrics if any(np.isfinite(r.get(m, float("nan"))) for r in rows)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0), squeeze=False)

@@ -134,7 +134,7 @@ def chamfer_fscore(pa: Tensor, pb: Tensor, threshold: float) -> tuple[float, flo
     Chamfer: (mean_a min_b |a - b| + mean_b min_a |a - b|) / 2 (Euclidean, as `chamfer_matrix`); F-score:
     2 P R / (P + R) with precision P = fraction of pa within `threshold` of pb and recall R the converse.
     One empty set: (EMPTY_CHAMFER, 0); both empty: (0, 1)."""
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # heavy: scipy
 
     pa = torch.as_tensor(pa, dtype=torch.float64).reshape(-1, 3).cpu().numpy()
     pb = torch.as_tensor(pb, dtype=torch.float64).reshape(-1, 3).cpu().numpy()

@@ -123,10 +123,10 @@ def render_sparse_sample(coords: np.ndarray | Tensor, feats: np.ndarray | Tensor
 def image_grid(cells: list[list[np.ndarray]], row_titles: Sequence[str], col_titles: Sequence[str],
                title: str | None = None) -> bytes:
     """rows x cols of uint8 images -> PNG bytes (matplotlib, Agg)."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, PIL
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, PIL
 
     rows, cols = len(cells), max(len(r) for r in cells)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.6, 1.6 * rows + 0.5), squeeze=False)

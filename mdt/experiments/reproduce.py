@@ -51,6 +51,13 @@ from . import jobs, protocol
 from .methods import (CONSISTENCY_METHODS, IMAGE_ONLY_FIXED, METHODS, STUDENT_METHODS, DistillHP, base_method,
                       image_only, nfe, trellis_nfe)
 from .presets import get_preset
+from .methods import sample
+from mdt.sparse import sparse_cat, sparse_unbind
+from .gmm import GMMProblem
+from .mixture import MixtureProblem
+from .shapes import ShapesProblem, SparseShapesProblem
+from .jobs import TEACHER_STEPS, build_problem
+from .findings import FINDINGS
 
 PROBLEM_TITLES = {
     "gmm": "class-conditional Gaussian mixtures (8 modes per class), exact flow teacher, residual-MLP students",
@@ -296,7 +303,6 @@ def measure_wall_time(preset: dict, out: Path, threads: int) -> tuple[dict, dict
 
     Each configuration runs `timing_repeats` times, interleaved; the reported time is the best run (the median
     is kept too). The students are timed with the teacher's network (same architecture and size as theirs)."""
-    from .methods import sample
 
     torch.set_num_threads(threads)
     nfe_table, wall = {}, {}
@@ -308,7 +314,6 @@ def measure_wall_time(preset: dict, out: Path, threads: int) -> tuple[dict, dict
         n = pp["timing_batch"]
         es = problem.eval_set(max(1, math.ceil(n / problem_num_classes(problem))), 0)
         if pp["kind"] == "shapes_sparse":
-            from mdt.sparse import sparse_cat, sparse_unbind
             parts = sparse_unbind(es["data"])[:n]
             es = {"data": sparse_cat(parts, 0), "cond": es["cond"][:n], "labels": es["labels"][:n]}
         else:
@@ -348,9 +353,6 @@ def problem_num_classes(problem) -> int:
 
 # ---- notes ----------------------------------------------------------------------------------------------------
 def lower_is_better(problem_name: str, metric: str) -> bool:
-    from .gmm import GMMProblem
-    from .mixture import MixtureProblem
-    from .shapes import ShapesProblem, SparseShapesProblem
 
     table = {"mixture": MixtureProblem, "shapes": ShapesProblem, "shapes_sparse": SparseShapesProblem}
     cls = GMMProblem if problem_name.startswith("gmm") else table[problem_name]     # gmm, sweep's gmm_d*_w*
@@ -427,7 +429,6 @@ def image_only_summary(done: list[dict], preset: dict, protocol_rec: dict) -> di
     """results.json["image_only"][problem]: pool size K, its cost in network evaluations (conditions x K x the
     teacher's sampler NFE), the variants and the best baseline, and (problems with modes) the pool's mode coverage
     and off-mode mass at K and at other pool sizes, mean over the test seeds."""
-    from .jobs import TEACHER_STEPS, build_problem
 
     out = {}
     for pp in preset["problems"]:
@@ -672,10 +673,10 @@ def format_trellis_nfe(rows: dict) -> str:
 
 
 def plot(results: dict, preset: dict, floors: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, PIL
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, PIL
 
     probs = preset["problems"]
     fig, axes = plt.subplots(2, len(probs), figsize=(5.2 * len(probs), 8), squeeze=False)
@@ -795,7 +796,6 @@ def main(argv: list[str] | None = None) -> int:
     ab = ablation_notes(done, preset, results)
     if ab:
         notes["ablations"] = ab
-    from .findings import FINDINGS
     notes["findings"] = FINDINGS
 
     total = time.perf_counter() - t_start

@@ -37,7 +37,7 @@ def vertex_colors(mesh: MeshData) -> np.ndarray:
 
 def write_glb(path: str | os.PathLike, mesh: MeshData, colors: np.ndarray | None = None) -> Path:
     """Mesh in TRELLIS's Z-up frame -> GLB (Y-up, as glTF specifies) with per-vertex colours."""
-    import trimesh
+    import trimesh  # heavy: trimesh, scipy
 
     verts = (mesh.vertices.detach().float().cpu() @ Z_UP_TO_Y_UP.T).numpy()
     faces = mesh.faces.detach().cpu().numpy().astype(np.int64)

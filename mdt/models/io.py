@@ -71,6 +71,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     if len(parts) < 3 or path.startswith((".", "/")):
         raise FileNotFoundError(f"no checkpoint at {path!r}: expected {local_json} and {local_st}, "
                                 "or a hub path '<owner>/<repo>/<path/to/stem>'")
+    # heavy: huggingface_hub
     from huggingface_hub import hf_hub_download  # honours HF_HOME, HF_HUB_OFFLINE and the local cache
 
     repo_id, stem = "/".join(parts[:2]), "/".join(parts[2:])

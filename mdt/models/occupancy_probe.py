@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mdt.models.io import from_pretrained
+from safetensors.torch import save_file
+from safetensors.torch import load_file
 
 
 class OccupancyProbe(nn.Module):
@@ -35,7 +37,6 @@ class OccupancyProbe(nn.Module):
         return h
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,6 @@ def load_decoder(path: str | Path) -> nn.Module:
     meta_path = Path(stem + ".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if meta.get("name") == "OccupancyProbe":
-        from safetensors.torch import load_file
 
         probe = OccupancyProbe(**meta["args"])
         probe.load_state_dict(load_file(stem + ".safetensors"))

@@ -60,7 +60,7 @@ def _sdpa_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) ->
 
 
 def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> Tensor:
-    from flash_attn import flash_attn_varlen_func
+    from flash_attn import flash_attn_varlen_func  # optional: flash_attn
 
     len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     return flash_attn_varlen_func(q, k, v, cu_q.to(q.device, torch.int32), cu_k.to(q.device, torch.int32),
@@ -120,7 +120,7 @@ def sparse_cross_attention(x: SparseTensor, q: Tensor, k: Tensor, v: Tensor) -> 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q [B, L, H, D], k/v [B, S, H, D] -> [B, L, H, D]."""
     if attn_backend_for(q.is_cuda, q.dtype) == "flash_attn":
-        from flash_attn import flash_attn_func
+        from flash_attn import flash_attn_func  # optional: flash_attn
 
         return flash_attn_func(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from functools import lru_cache
+import torch
 
 CONV_BACKENDS = ("torch", "spconv", "auto")
 ATTN_BACKENDS = ("sdpa", "flash_attn", "auto")
@@ -50,7 +51,6 @@ def conv_backend_for(is_cuda: bool) -> str:
 
 
 def attn_backend_for(is_cuda: bool, dtype) -> str:
-    import torch
 
     if _attn == "sdpa" or not is_cuda or dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"

@@ -96,7 +96,7 @@ _SPCONV_LAYERS: dict = {}
 
 
 def _spconv_layer(cin: int, cout: int, k: int, has_bias: bool, device, dtype):
-    import spconv.pytorch as spconv
+    import spconv.pytorch as spconv  # optional: spconv
 
     key = (cin, cout, k, has_bias, str(device), dtype)
     if key not in _SPCONV_LAYERS:

@@ -21,6 +21,8 @@ import torch
 from .build import build_conditioner, build_student, build_teacher
 from .machinery import autocast, resolve_precision
 from .step import Trainer
+from mdt.sparse import SparseTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 STEP_VS_PARTS_GOAL_MAX = 1.1
 SPEEDUP_VS_NAIVE_GOAL_MIN = 1.5
@@ -60,7 +62,6 @@ def synthetic_batch(student: torch.nn.Module, cfg, cond_tokens: int, cond_channe
         r = a["resolution"]
         x0 = torch.randn(batch, a["in_channels"], r, r, r, generator=g)
     else:
-        from mdt.sparse import SparseTensor
 
         res = a["resolution"]
         coords = []
@@ -179,7 +180,6 @@ class _Unfused(torch.nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.MATH]):
             return self.model(*args, **kwargs)

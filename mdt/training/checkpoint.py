@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import distribute_tensor
 
 STATE_FILE = "state.json"
 
@@ -79,8 +82,6 @@ def _full(t: Tensor) -> Tensor:
 
 def collect_state(trainer, model_for_state: nn.Module | None = None) -> dict[str, Any]:
     """Full (gathered) student / EMA / optimizer state; a collective under FSDP. Returns CPU tensors."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
 
     model = model_for_state or trainer.student
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -164,8 +165,6 @@ def read_rng(directory: str | os.PathLike, rank: int) -> dict | None:
 
 def restore(trainer, directory: str | os.PathLike, model_for_state: nn.Module | None = None) -> dict:
     """Load student, EMA, optimizer and scalar state from a checkpoint directory (every rank calls this)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
 
     d = Path(directory)
     model = model_for_state or trainer.student
@@ -178,7 +177,6 @@ def restore(trainer, directory: str | os.PathLike, model_for_state: nn.Module | 
             for k, s in trainer.ema.shadow.items():
                 v = ema[k]
                 if hasattr(s, "device_mesh"):  # DTensor shard: take the local slice of the full tensor
-                    from torch.distributed.tensor import distribute_tensor
 
                     v = distribute_tensor(v.to(s.device_mesh.device_type), s.device_mesh, s.placements)
                     s.copy_(v)

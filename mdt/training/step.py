@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .machinery import EMA, AdaptiveGradClipper, autocast, objective_fn, warmup_factor
 from .wrappers import FrozenTeacher, StudentCalls
+import copy
 
 
 def is_sparse(x: Any) -> bool:
@@ -140,7 +141,6 @@ class Trainer:
         if not self.takes_target or self.cfg.objective.target != "ema" or self.ema is None:
             return None
         if self._ema_model is None:
-            import copy
 
             self._ema_model = copy.deepcopy(self.student).eval().requires_grad_(False)
         with torch.no_grad():

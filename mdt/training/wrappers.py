@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def _fp32(x):
@@ -73,18 +76,15 @@ def _device_type(m: nn.Module) -> str:
 def wrap_student(student: nn.Module, cfg, world: int) -> nn.Module:
     """The data-parallel student: DDP (default) or FSDP2 (`train.fsdp`, in place); the student itself when
     world == 1. Objectives get `StudentCalls(wrap_student(...), student)`."""
-    import torch.distributed as dist
 
     if world <= 1 or not dist.is_initialized():
         return student
     if cfg.train.fsdp:
-        from torch.distributed.fsdp import fully_shard
 
         for name in ("input_blocks", "blocks", "out_blocks"):
             for blk in getattr(student, name, None) or []:
                 fully_shard(blk)
         fully_shard(student)
         return student
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(student, device_ids=None, find_unused_parameters=cfg.train.find_unused_parameters)

@@ -28,7 +28,7 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, inclu
              object_store_memory: int | None = None, runtime_env: dict | None = None,
              log_to_driver: bool = True) -> bool:
     """Connect to / start Ray; True when this call did (False: this process was already connected)."""
-    import ray
+    import ray  # heavy: ray, psutil
 
     if ray.is_initialized():
         return False

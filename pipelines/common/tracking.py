@@ -112,7 +112,7 @@ def run_params(resolved: dict) -> dict[str, str]:
 
 def log_params(c, run_id: str, params: dict[str, str]) -> None:
     """Params in batches of 100; a key the run already has (a resumed run) is left as it is."""
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # heavy: mlflow, fastapi
 
     existing = c.get_run(run_id).data.params
     items = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
@@ -159,7 +159,7 @@ def log_eval_table(tracking_uri: str, run_id: str, eval_dir: str, headline: dict
 
 def client(tracking_uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy: mlflow, fastapi
 
     return MlflowClient(tracking_uri=tracking_uri)
 
@@ -180,7 +180,7 @@ class MetricLogger:
         self.alerted = 0
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: mlflow, fastapi
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()

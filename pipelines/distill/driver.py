@@ -24,6 +24,11 @@ from mdt.config import dump_yaml, to_dict
 from pipelines.common import storage
 from pipelines.distill import training_data
 from pipelines.common.cluster import created_model_path, durable_output, init_ray, resolve_local_path
+import shutil
+import tempfile
+from pipelines.common.tracking import log_eval_table
+from pipelines.common.tracking import start_training_run
+from pipelines.common.tracking import client
 
 log = logging.getLogger("distill")
 
@@ -129,7 +134,7 @@ def eval_config(cfg, tracking: dict | None = None):
     with the run's conditioner, the exported weights MLflow registers as the student against the run's teacher
     (a flow-matching run: as the teacher, teacher samplers only), results under `<output>/<name>/eval`, its
     MLflow run in the training run's store and linked to it."""
-    from pipelines.evaluate import driver as evaluate
+    from pipelines.evaluate import driver as evaluate  # heavy: PIL, safetensors
 
     e = cfg.eval
     if not e.output and "://" in cfg.output:
@@ -155,8 +160,7 @@ def eval_config(cfg, tracking: dict | None = None):
 def evaluate_export(cfg, tracking: dict | None) -> str:
     """Run the evaluation of `eval_config` (on the Ray instance this process is connected to) and log its table
     and headline metrics onto the training run; the evaluation's directory."""
-    from pipelines.evaluate import driver as evaluate
-    from pipelines.common.tracking import log_eval_table
+    from pipelines.evaluate import driver as evaluate  # heavy: PIL, safetensors
 
     ec = eval_config(cfg, tracking)
     evaluate.absolutize_paths(ec)
@@ -193,7 +197,7 @@ def start_ray(cfg, need: dict[str, float] | None = None) -> None:
 
 def check_cluster(cfg, need: dict[str, float] | None = None) -> None:
     """ArgumentError naming the shortfall when the cluster can never run the job (unless it autoscales)."""
-    import ray
+    import ray  # heavy: ray, psutil
 
     if cfg.ray.autoscaling:
         return
@@ -219,7 +223,7 @@ def check_cluster(cfg, need: dict[str, float] | None = None) -> None:
 def check_data_teacher(cfg) -> dict:
     """Teacher-generated shards (jobs/synthesize.py) must come from the run's teacher unless
     `data.allow_teacher_mismatch`; returns the data's provenance (pipelines.synthesize.data_teachers)."""
-    from pipelines.synthesize.driver import check_teacher, data_teachers
+    from pipelines.synthesize.driver import check_teacher, data_teachers  # heavy: PIL, safetensors
 
     data = data_teachers(cfg.data.uri, training_data.storage_config(cfg))
     # With teacher_data the run samples its own x0 from its teacher: only coordinates and conditions are read.
@@ -234,12 +238,11 @@ def check_data_teacher(cfg) -> dict:
 def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
     """Train to `train.max_steps` (resuming when the run exists). `prepare(cfg)` first unless already done.
     `hooks`: callables run by every worker after every step (`pipelines.distill.worker`)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import ray.train  # heavy: ray, pandas
+    from ray.train.torch import TorchConfig, TorchTrainer  # heavy: ray, pandas
 
-    from mdt.training.build import ensure_tiny_conditioner
-    from pipelines.distill.worker import train_loop_per_worker
-    from pipelines.common.tracking import start_training_run
+    from mdt.training.build import ensure_tiny_conditioner  # heavy: PIL, safetensors
+    from pipelines.distill.worker import train_loop_per_worker  # heavy: PIL, pandas
 
     t0 = time.time()
     cfg = prepare(cfg)
@@ -248,7 +251,7 @@ def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
     rdir = run_dir(cfg)
     start_ray(cfg)
     check_cluster(cfg)
-    import ray.data
+    import ray.data  # heavy: ray, pandas
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -259,7 +262,7 @@ def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
     snapshot_rows = training_data.first_rows(cfg, cfg.snapshot.num_conditions) \
         if cfg.snapshot.num_conditions > 0 else None
     storage.write_bytes_atomic(f"{rdir}/{RUN_IDENTITY_FILE}", json.dumps(run_identity(cfg), indent=2).encode(), st)
-    from pipelines.synthesize.driver import data_tags, data_teachers
+    from pipelines.synthesize.driver import data_tags, data_teachers  # heavy: PIL, safetensors
 
     tracking = start_training_run(cfg, rdir, resolved, dump_yaml(resolved), st,
                                   tags=data_tags(data_teachers(cfg.data.uri, st)))
@@ -300,7 +303,6 @@ def run(cfg, resolved: dict | None = None, hooks=()) -> DistillResult:
             log.exception("evaluation failed")
             error = f"evaluation failed: {type(e).__name__}: {e}"
     if tracking:
-        from pipelines.common.tracking import client
 
         client(tracking["tracking_uri"]).set_terminated(tracking["run_id"], "FAILED" if error else "FINISHED")
     res = DistillResult(cfg.name, rdir, ckpt, export, (tracking or {}).get("run_id"),
@@ -330,10 +332,8 @@ def latest_export(cfg, ckpt: str, st) -> str | None:
 def bench(cfg, workers: list[int], steps: int) -> dict:
     """`mdt.training.bench.bench_step` (no Ray: the step vs the sum of its parts and vs a naive step of the same
     maths) and the samples/s of short Ray Train runs with each worker count, measured in this one call."""
-    import shutil
-    import tempfile
 
-    from mdt.training.bench import bench_step, format_step
+    from mdt.training.bench import bench_step, format_step  # heavy: PIL, safetensors
 
     cfg = prepare(cfg)
     step = bench_step(cfg, threads=max(1, int(cfg.train.torch_threads or cfg.scaling.cpus_per_worker)))

@@ -12,6 +12,7 @@ import io
 from pipelines.preprocess import shards
 from pipelines.common import storage
 from pipelines.preprocess.config import StorageConfig
+import pyarrow.parquet as pq
 
 STAGE_COLUMNS = {"ss": ["sha256", "num_voxels", "ss_latent", "cond_images"],
                  "slat": ["sha256", "num_voxels", "slat_coords", "slat_feats", "cond_images"]}
@@ -43,7 +44,6 @@ def load_dataset(cfg):
 
 def first_rows(cfg, n: int) -> list[dict]:
     """The first `n` assets of the dataset (fixed snapshot conditions), read directly from the first shards."""
-    import pyarrow.parquet as pq
 
     st = storage_config(cfg)
     rows: list[dict] = []

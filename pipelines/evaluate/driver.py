@@ -55,6 +55,22 @@ import torch
 from mdt.eval.chain import SamplingChain
 from mdt.training.config import ConditionConfig
 from pipelines.preprocess.config import RayConfig
+from mdt.config import load_config
+from mdt.eval.features import load_feature_net
+from mdt.sparse import SparseTensor
+from mdt.eval.assets import asset_cloud, asset_points, render_asset_views
+from mdt.eval.shapes import chamfer_fscore, paired_iou, surface_points
+from mdt.eval.snapshots import occupancy_grid
+from mdt.eval.latency import warm_latency
+from mdt.eval import report
+from mdt.eval.snapshots import image_grid, render_voxels
+from mdt.export.html import write_orbit_viewer
+from mdt.export.preview import PointCloud, render_points
+from mdt.flow import count_nfe
+from mdt.config import to_dict
+from mdt.generate import checkpoint_exists, looks_like_hub_path
+from pipelines.common.cluster import durable_output
+from pipelines.common.cluster import created_model_path, resolve_local_path as fix
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +270,6 @@ def make_config(preset: str = "demo", *, data: str | None = None, teacher: str |
     """`jobs/configs/evaluate_<preset>.yaml` with the given paths (those left None keep the preset's) and
     further overrides ("a.b=c" strings or (key, value) pairs) — e.g. for a training job that evaluates its
     student at the end: `run(make_config("trellis", data=..., student=export, distill_run_id=run_id))`."""
-    from mdt.config import load_config
 
     given = {"data.uri": data, "models.teacher": teacher, "models.student": student, "models.ss_decoder": decoder,
              "output": output, "mlflow.distill_run_id": distill_run_id, "models.slat_teacher": slat_teacher,
@@ -292,7 +307,6 @@ def _device(cfg: EvaluateConfig) -> torch.device:
 
 def render_views(occ: torch.Tensor, views: int, size: int) -> np.ndarray:
     """`views` renders around the shape (azimuths evenly spaced, 30° above): uint8 [views, size, size, 3]."""
-    from mdt.eval.snapshots import render_voxels
 
     return np.stack([render_voxels(occ, size=size, azimuth=45.0 + 360.0 * k / views, elevation=-60.0)
                      for k in range(views)])
@@ -306,7 +320,6 @@ class SamplerActor:
     """Ray Data callable class: a batch of shard rows -> measurement rows (see the module docstring)."""
 
     def __init__(self, cfg: EvaluateConfig):
-        from mdt.eval.features import load_feature_net
 
         threads = cfg.compute.torch_threads or max(1, math.ceil(cfg.compute.num_cpus))
         torch.set_num_threads(threads)
@@ -327,8 +340,7 @@ class SamplerActor:
 
     def _ground_truth_assets(self, rows: list[dict]) -> list:
         """The shard rows' SLat latents (as encoded, i.e. in the decoder's space) -> their Gaussians."""
-        from mdt.sparse import SparseTensor
-        from pipelines.preprocess.shards import decode_slat
+        from pipelines.preprocess.shards import decode_slat  # heavy: pyarrow
 
         coords, feats = [], []
         for i, r in enumerate(rows):
@@ -344,8 +356,6 @@ class SamplerActor:
         """The full chain: per sampler the SLat stage on its decoded occupancy and the Gaussian decoder; Chamfer /
         F-score of Gaussian centres against the ground-truth asset and the renders' features, per output row
         (ground truth rows first, then the samplers', in the order `__call__` emitted them)."""
-        from mdt.eval.assets import asset_cloud, asset_points, render_asset_views
-        from mdt.eval.shapes import chamfer_fscore
 
         cfg, m = self.cfg, self.cfg.metrics
         n, k = len(rows), cfg.sampling.seeds
@@ -366,9 +376,7 @@ class SamplerActor:
         out.update(self._features([render_asset_views(g, m.views, m.render_size) for g in assets], "_asset"))
 
     def __call__(self, batch) -> dict[str, list]:
-        from mdt.eval.shapes import chamfer_fscore, paired_iou, surface_points
-        from mdt.eval.snapshots import occupancy_grid
-        from pipelines.preprocess.shards import _as_rows, collate_cond
+        from pipelines.preprocess.shards import _as_rows, collate_cond  # heavy: pyarrow
 
         cfg = self.cfg
         rows = _as_rows(batch)
@@ -428,7 +436,6 @@ class SamplerActor:
 def measure_latency(cfg: EvaluateConfig, cond_image: np.ndarray) -> dict[str, dict]:
     """Warm per-stage latency of every sampler for one asset (batch 1): {sampler: {stage: warm_latency}};
     stages condition, ss_sample, ss_decode and, for the full chain, slat_sample and slat_decode (Gaussians)."""
-    from mdt.eval.latency import warm_latency
 
     threads = cfg.compute.torch_threads or max(1, math.ceil(cfg.compute.num_cpus))
     torch.set_num_threads(threads)
@@ -476,7 +483,6 @@ class EvalResult:
 
 def summarize(cfg: EvaluateConfig, rows: dict[str, np.ndarray], latency: dict[str, dict],
               nfe: dict[str, dict[str, int]]) -> list[dict]:
-    from mdt.eval import report
 
     sampler = np.asarray(rows["sampler"])
 
@@ -513,9 +519,6 @@ def write_previews(cfg: EvaluateConfig, rows: dict[str, np.ndarray], directory: 
     artifact viewer) and `<label>.png`, a grid — the ground truth, the reference sampler and the sampler side by
     side for the first `previews` assets (first seed), as decoded occupied voxels; for the full chain the grid
     shows the decoded Gaussians (centres in DC colour, the points the asset metrics use) and the 3-D view both."""
-    from mdt.eval.snapshots import image_grid, render_voxels
-    from mdt.export.html import write_orbit_viewer
-    from mdt.export.preview import PointCloud, render_points
 
     directory.mkdir(parents=True, exist_ok=True)
     sampler, seed, sha = (np.asarray(rows[c]) for c in ("sampler", "seed", "sha256"))
@@ -579,13 +582,11 @@ def _collect(ds) -> dict[str, np.ndarray]:
 
 def run(cfg: EvaluateConfig) -> EvalResult:
     """Run the evaluation graph and write results.json, table.md, metrics.png, previews and the MLflow run."""
-    import ray
-    import ray.data
+    import ray  # heavy: ray, psutil
+    import ray.data  # heavy: ray, pandas
 
-    from mdt.eval import report
-    from mdt.eval.features import load_feature_net
-    from pipelines.preprocess import shards
-    from pipelines.preprocess.driver import init_ray
+    from pipelines.preprocess import shards  # heavy: pyarrow
+    from pipelines.preprocess.driver import init_ray  # heavy: pyarrow
 
     cfg.validate()
     t0 = time.time()
@@ -679,7 +680,6 @@ def headline_metrics(results: dict) -> dict[str, float]:
 
 def _nfe(cfg: EvaluateConfig, spec: SamplerSpec) -> dict[str, int]:
     """Network evaluations per sample and stage: {"ss": n} or, for the full chain, {"ss": n, "slat": m}."""
-    from mdt.flow import count_nfe
 
     s = cfg.sampling
 
@@ -715,7 +715,7 @@ def _table_md(results: dict, table: str) -> str:
 def log_mlflow(cfg: EvaluateConfig, results: dict, run_dir: Path, previews: list[str]) -> str | None:
     """One MLflow run per evaluation: params, per-sampler metrics, the files as artifacts, linked to the
     distillation run (tag/param `mdt.distill_run_id` here, tag `mdt.eval_run_id` there)."""
-    from pipelines.common import tracking
+    from pipelines.common import tracking  # heavy: pyarrow
 
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output)
     if uri is None:
@@ -727,7 +727,6 @@ def log_mlflow(cfg: EvaluateConfig, results: dict, run_dir: Path, previews: list
         tags["mdt.distill_run_id"] = cfg.mlflow.distill_run_id
     run = c.create_run(exp, run_name=cfg.mlflow.run_name or cfg.name, tags=tags)
     rid = run.info.run_id
-    from mdt.config import to_dict
 
     tracking.log_params(c, rid, tracking.flatten(to_dict(cfg)))
     for r in results["rows"]:
@@ -769,9 +768,7 @@ def distill_run_of(checkpoint: str | None) -> dict | None:
 def prepare(cfg: EvaluateConfig) -> EvaluateConfig:
     """The job's arguments checked before Ray starts or a model loads (one-line ValueError: the config, a relative
     output under `ray job submit`, shards or a checkpoint that are not there), then local paths made absolute."""
-    from mdt.generate import checkpoint_exists, looks_like_hub_path
-    from pipelines.preprocess import shards
-    from pipelines.common.cluster import durable_output
+    from pipelines.preprocess import shards  # heavy: pyarrow
 
     cfg.validate()
     durable_output(cfg.output, "--output")
@@ -795,7 +792,6 @@ def prepare(cfg: EvaluateConfig) -> EvaluateConfig:
 
 def absolutize_paths(cfg: EvaluateConfig) -> None:
     """Local paths made absolute: Ray workers do not share the driver's working directory."""
-    from pipelines.common.cluster import created_model_path, resolve_local_path as fix
 
     cfg.output = fix(cfg.output)
     cfg.data.uri = fix(cfg.data.uri)

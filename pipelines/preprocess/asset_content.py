@@ -19,6 +19,8 @@ import base64
 import json
 import re
 import struct
+from pipelines.preprocess.asset_refs import decompress_all
+from pipelines.preprocess.asset_refs import file_format, resolve_reference
 
 # Formats whose external references live in binary structures the checker does not parse.
 UNSCANNABLE = {"usdc": "binary USD", "usdz": "packaged USD", "abc": "Alembic"}
@@ -48,7 +50,6 @@ def sniff(data: bytes) -> str:
     if head[:7] == b"BLENDER":
         return "blend"
     if head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd":
-        from pipelines.preprocess.asset_refs import decompress_all
 
         try:
             inner = decompress_all(data, cap=1 << 31)
@@ -120,7 +121,6 @@ def check_bundle(files: dict[str, bytes], main: str, unscannable_ok: frozenset |
     """Every content rule over an asset bundle ({bundle-relative path: bytes}, ``main`` its main file):
     each file's content agrees with its name, images are within the pixel cap, a glTF's accessors, buffer
     views and images are sane."""
-    from pipelines.preprocess.asset_refs import file_format, resolve_reference
 
     for rel, data in files.items():
         check_content(file_format(rel), data, unscannable_ok, max_pixels)
@@ -407,7 +407,6 @@ def _sdna_struct_names(dna: bytes) -> list[str]:
 
 def check_blend(data: bytes) -> None:
     """Refuse a .blend that links other files or holds a block that reads files by itself (module doc)."""
-    from pipelines.preprocess.asset_refs import decompress_all
 
     try:
         raw = decompress_all(data)

@@ -31,6 +31,7 @@ import re
 import struct
 from pathlib import Path
 from urllib.parse import unquote
+import zstandard
 
 OUTSIDE = "external reference outside the asset"
 # Formats that may refer to other files (the download stage bundles what they refer to).
@@ -138,7 +139,6 @@ def decompress_all(data: bytes, cap: int = 1 << 31) -> bytes:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:  # reads every member
             out = _read_capped(f, cap)
     elif data[:4] == b"\x28\xb5\x2f\xfd":  # zstd (Blender >= 3.0 compressed files)
-        import zstandard
 
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True) as f:
             out = _read_capped(f, cap)
@@ -276,7 +276,7 @@ def bundle_sha256(files: dict[str, bytes], main: str) -> str:
 def confined_reader(root: str | os.PathLike, max_bytes: int | None = None):
     """``read_rel`` for :func:`bundle_files` over a local directory: a path that resolves outside ``root``
     (a symlink) or to anything but a regular file (``/dev/*``, a FIFO) fails the asset."""
-    from pipelines.common.storage import OutsideRootError, read_local_confined
+    from pipelines.common.storage import OutsideRootError, read_local_confined  # heavy: numpy, pyarrow
 
     def read_rel(rel: str) -> bytes | None:
         p = os.path.join(root, rel)

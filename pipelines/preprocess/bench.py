@@ -31,6 +31,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+import shutil
+from mdt.config import load_config
+from pipelines.preprocess.config import PreprocessConfig, StageResources
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPUTE_STAGES = ("render", "voxelize", "features", "encode")
@@ -74,10 +77,8 @@ def tree_cpu_seconds(root: int) -> float:
 
 def run_one(workers: int, assets: int, out: Path, tiny: Path, render_workers: str) -> dict:
     """One timed job run (called in a fresh, CPU-pinned process)."""
-    from mdt.config import load_config
-    from pipelines.preprocess import driver as graph
-    from pipelines.preprocess.config import PreprocessConfig, StageResources
-    from pipelines.preprocess.ledger import Ledger
+    from pipelines.preprocess import driver as graph  # heavy: numpy, pyarrow
+    from pipelines.preprocess.ledger import Ledger  # heavy: numpy, pyarrow
 
     pools = 2 + len(COMPUTE_STAGES) * workers  # download + writer + N actors per compute stage
     share = round(workers / pools - 1e-3, 4)  # every actor of every pool fits at once: the stages stream
@@ -191,14 +192,13 @@ def main(argv=None) -> int:
     if max(workers) > len(cores):
         p.error(f"{max(workers)} workers asked but this process may use {len(cores)} cores")
     out.mkdir(parents=True, exist_ok=True)
-    from mdt.models.zoo import ensure_tiny_preprocess_models
+    from mdt.models.zoo import ensure_tiny_preprocess_models  # heavy: PIL, numpy
 
     tiny = out / "tiny-models"
     ensure_tiny_preprocess_models(str(tiny))
     results = []
     for n in workers:
         with tempfile.TemporaryDirectory() as scratch:
-            import shutil
 
             shutil.rmtree(out / f"workers-{n}", ignore_errors=True)
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",

@@ -56,6 +56,18 @@ import resource
 import sys
 import time
 import traceback
+import ctypes
+import importlib.util
+import tempfile
+import errno
+import socket
+import re
+import struct
+import logging
+import base64
+import urllib.parse
+import zlib
+import select
 
 EXIT_HANDLED = 3
 MESH_TYPES = {"MESH", "CURVE", "SURFACE", "FONT", "META"}
@@ -97,7 +109,6 @@ SANDBOX_MODES = ("namespace", "userns")  # "none": only where the job allows run
 
 
 def _libc():
-    import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
 
@@ -110,7 +121,6 @@ def _mount(libc, src, target, fstype, flags, data=None) -> None:
 
 
 def ctypes_get_errno() -> int:
-    import ctypes
 
     return ctypes.get_errno()
 
@@ -158,8 +168,6 @@ def _new_root(libc, bundle_dir: str, out_dir: str, gpu: bool) -> None:
     """An empty tmpfs holding only the bundle and output directories (read-write), Python, bpy, the system
     library directories and a few devices (read-only), made the root with pivot_root; the old root is
     detached, so no path leads back to it. No /proc, /sys, /etc, /home or /tmp of the host."""
-    import importlib.util
-    import tempfile
 
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
     root = tempfile.mkdtemp(prefix="mdt-wall-", dir=os.path.dirname(out_dir))
@@ -203,7 +211,6 @@ def _new_root(libc, bundle_dir: str, out_dir: str, gpu: bool) -> None:
 def _drop_privileges(libc) -> None:
     """Every capability dropped (bounding set, ambient, effective / permitted / inheritable; securebits locked
     so uid 0 regains none on exec), then no_new_privs."""
-    import ctypes
 
     if libc.prctl(28, 0xEF, 0, 0, 0) != 0:  # PR_SET_SECUREBITS: NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE (+ locks)
         raise OSError(ctypes_get_errno(), "securebits")
@@ -229,8 +236,6 @@ def _seccomp(libc) -> None:
     """A seccomp filter: other architectures' (and x32) syscalls kill the process; the syscalls of
     SECCOMP_ARCH fail with EPERM; socket() only for AF_UNIX (no network, netlink or packet sockets); clone()
     without namespace flags."""
-    import ctypes
-    import errno
 
     arch = os.uname().machine
     if arch not in SECCOMP_ARCH:
@@ -286,7 +291,7 @@ def confine(bundle_dir: str, out_dir: str, allow_unsandboxed: bool = False, gpu:
         keep = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
         os.environ.clear()
         os.environ.update(keep, TMPDIR="/tmp", HOME="/tmp")
-        import tempfile as _t
+        import tempfile as _t  # optional: tempfile
 
         _t.tempdir = None
         _drop_privileges(libc)
@@ -298,9 +303,6 @@ def confine(bundle_dir: str, out_dir: str, allow_unsandboxed: bool = False, gpu:
 
 def sandbox_properties() -> dict:
     """What this process can reach, measured from inside (``--check-sandbox``; the worker's result.json)."""
-    import ctypes
-    import errno
-    import socket
 
     libc = _libc()
     out = {"uid": os.getuid(), "proc": os.path.exists("/proc/self"), "root_entries": sorted(os.listdir("/")),
@@ -324,7 +326,6 @@ def sandbox_properties() -> dict:
 def check_sandbox(allow_unsandboxed: bool = False) -> int:
     """``blender_worker.py --check-sandbox``: enter the sandbox as a render would, print its mode and what is
     reachable inside as one JSON line; exit 0 when the sandbox holds, 1 otherwise (the container check)."""
-    import tempfile
 
     work = tempfile.mkdtemp(prefix="mdt-sandbox-check-")
     bundle, out = os.path.join(work, "bundle"), os.path.join(work, "out")
@@ -366,7 +367,6 @@ def _reset_scene(bpy) -> None:
 def _stable_message(text: str) -> str:
     """The first meaningful line of an exception's text, without Blender's ``Location: <file>:<line>`` line,
     ``Error:`` prefixes or any absolute path (install or temp locations differ between machines)."""
-    import re
 
     lines = [ln.strip() for ln in text.strip().splitlines()
              if ln.strip() and not ln.strip().startswith(("Location:", "Traceback", "File "))]
@@ -378,7 +378,6 @@ def _stable_message(text: str) -> str:
 def _gltf_without_required_extensions(path: str, fmt: str) -> str | None:
     """A copy of a glTF/GLB file (same directory, so relative URIs still resolve) without the
     `extensionsRequired` list; None when there is nothing to drop."""
-    import struct
 
     with open(path, "rb") as f:
         data = f.read()
@@ -421,7 +420,6 @@ class _ImporterErrors:
     LOGGERS = ("glTFImporter", "glTFImporter_errors")
 
     def __enter__(self):
-        import logging
 
         errors = self.messages = []
 
@@ -436,7 +434,6 @@ class _ImporterErrors:
         return self
 
     def __exit__(self, *exc):
-        import logging
 
         for name in self.LOGGERS:
             logging.getLogger(name).removeHandler(self.handler)
@@ -450,7 +447,6 @@ class _ImporterErrors:
 
 def _read_gltf(path: str, fmt: str):
     """(JSON document, GLB binary chunk or None) of a glTF/GLB file."""
-    import struct
 
     with open(path, "rb") as f:
         data = f.read()
@@ -469,7 +465,6 @@ def _read_gltf(path: str, fmt: str):
 
 def _write_gltf(doc: dict, binary, path: str, fmt: str, tag: str) -> str:
     """``doc`` (+ the GLB binary chunk) written as ``<stem>.<tag>.<fmt>`` beside ``path``."""
-    import struct
 
     text = json.dumps(doc).encode()
     if fmt == "glb":
@@ -487,8 +482,6 @@ def _write_gltf(doc: dict, binary, path: str, fmt: str, tag: str) -> str:
 
 def _uri_bytes(uri: str, base_dir: str) -> bytes:
     """Bytes of a data: URI or of a relative file URI (which must stay inside the asset's directory tree)."""
-    import base64
-    import urllib.parse
 
     if uri.startswith("data:"):
         head, _, payload = uri.partition(",")
@@ -515,10 +508,8 @@ def _image_bytes(doc: dict, binary, index: int, base_dir: str) -> bytes:
 
 def _png_bytes(rgba) -> bytes:
     """An RGBA8 array [H, W, 4] as a PNG file (no filter, fast deflate)."""
-    import struct
-    import zlib
 
-    import numpy as np
+    import numpy as np  # heavy: numpy
 
     h, w = rgba.shape[:2]
     rows = np.concatenate([np.zeros((h, 1), np.uint8), rgba.reshape(h, w * 4)], axis=1)
@@ -533,7 +524,7 @@ def _png_bytes(rgba) -> bytes:
 def _decode_ktx2(data: bytes):
     """RGBA8 [H, W, 4] of a KTX2 (Basis Universal ETC1S / UASTC) texture: its largest mip level within
     MAX_TEXTURE_PIXELS. Raises AssetError with the decoder's reason."""
-    import opengl_basisu
+    import opengl_basisu  # heavy: numpy
 
     try:
         tex = opengl_basisu.Texture(data)
@@ -551,8 +542,6 @@ def _gltf_with_decoded_textures(path: str, fmt: str, work_dir: str) -> str | Non
     point to PNGs decoded here, inside the wall, as data: URIs (Blender's importer reads no KTX2; the bundle is
     left untouched); its other file URIs become absolute paths into the bundle. None when there is nothing to
     decode. A texture that cannot be decoded fails the asset: ``texture not loaded: <image> (<reason>)``."""
-    import base64
-    import urllib.parse
 
     try:
         doc, binary = _read_gltf(path, fmt)
@@ -884,9 +873,9 @@ def main(job_path: str) -> int:
     warnings: list[str] = []
     wall = None
     try:
-        import numpy as np
-        import bpy
-        from mathutils import Matrix
+        import numpy as np  # optional: numpy
+        import bpy  # optional: bpy
+        from mathutils import Matrix  # optional: mathutils
 
         timings["startup"] = time.time() - t0  # process start + `import bpy` (cold), fork (warm)
         bundle_dir = job.get("bundle_dir") or os.path.dirname(job["input"])
@@ -965,8 +954,11 @@ def serve() -> None:
     It exits when its stdin closes (the render stage went away).
     """
     t0 = time.time()
+    # heavy: numpy
     import numpy  # noqa: F401 - imported once here, inherited by every child
+    # heavy: bpy, numpy
     import bpy  # noqa: F401
+    # optional: mathutils
     import mathutils  # noqa: F401
 
     startup_s = time.time() - t0
@@ -974,7 +966,6 @@ def serve() -> None:
     # per-asset worker of the stage's process, and it ends on its own when the pipe closes.
     if os.fork():
         os._exit(0)
-    import select
 
     out = sys.stdout
     print(f"ready {os.getpid()} {startup_s:.3f}", file=out, flush=True)

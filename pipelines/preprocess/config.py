@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from mdt.config import ConfigError
 
 SCHEMA_VERSION = 1  # bumped whenever the shard schema changes (pipelines/preprocess/shards.py)
 
@@ -112,7 +113,6 @@ class RenderConfig:
     max_image_pixels: int = 8192 * 8192
 
     def __post_init__(self):
-        from mdt.config import ConfigError
 
         bad = set(self.unscannable_formats) - {"usdc", "usdz", "abc"}
         if bad:

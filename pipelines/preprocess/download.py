@@ -53,6 +53,8 @@ from pipelines.common import storage
 from pipelines.preprocess import asset_content, asset_refs
 from pipelines.preprocess.config import MESH_FORMATS, DownloadConfig, PreprocessConfig, StorageConfig
 from pipelines.preprocess.rows import fail
+import shutil
+import requests
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +292,6 @@ class ArchiveReader:
                 os.makedirs(tmp, exist_ok=True)
                 Path(tmp, ".mdt-members.json").write_text(json.dumps({"members": members, "unsafe": unsafe}))
                 if os.path.exists(dest):  # an incomplete earlier attempt
-                    import shutil
 
                     shutil.rmtree(dest, ignore_errors=True)
                 os.replace(tmp, dest)
@@ -542,7 +543,7 @@ class Download:
 
             return data, name, read_rel
         if uri.startswith("synthetic://"):
-            from pipelines.preprocess.synthetic_meshes import synthetic_mesh_glb
+            from pipelines.preprocess.synthetic_meshes import synthetic_mesh_glb  # heavy: PIL, scipy
 
             seed = int(uri[len("synthetic://"):])
             data = synthetic_mesh_glb(seed)
@@ -595,7 +596,7 @@ class Download:
         parts = uri[len("hf://"):].split("/")
         if len(parts) < 4 or parts[0] not in ("datasets", "models", "spaces"):
             raise DownloadError(f"bad hf uri {uri!r}; expected hf://datasets/<org>/<repo>/<path>")
-        from huggingface_hub import get_token, hf_hub_url
+        from huggingface_hub import get_token, hf_hub_url  # heavy: huggingface_hub
 
         repo_type = parts[0].rstrip("s")
         url = hf_hub_url(repo_id=f"{parts[1]}/{parts[2]}", filename="/".join(parts[3:]), repo_type=repo_type,
@@ -620,7 +621,6 @@ class Download:
         return buf.getvalue()
 
     def _http_stream(self, url: str, headers: dict, max_bytes: int, out) -> None:
-        import requests
 
         if self._session is None:
             self._session = requests.Session()
@@ -656,8 +656,8 @@ class Download:
 
     def _s3_client(self):
         if self._s3 is None:
-            import boto3
-            from botocore.config import Config
+            import boto3  # heavy: boto3, botocore
+            from botocore.config import Config  # heavy: botocore
 
             kw = {}
             endpoint = storage.s3_endpoint(self.storage_cfg.s3_endpoint_url)
@@ -666,14 +666,14 @@ class Download:
             conf = Config(retries={"max_attempts": max(1, self.cfg.attempts), "mode": "standard"},
                           connect_timeout=self.cfg.timeout_s, read_timeout=self.cfg.timeout_s)
             if self.storage_cfg.s3_anonymous:
-                from botocore import UNSIGNED
+                from botocore import UNSIGNED  # heavy: botocore
 
                 conf = conf.merge(Config(signature_version=UNSIGNED))
             self._s3 = boto3.client("s3", region_name=self.storage_cfg.s3_region, config=conf, **kw)
         return self._s3
 
     def _s3_get(self, uri: str, max_bytes: int, to_file: str | None = None) -> bytes | None:
-        from botocore.exceptions import ClientError, EndpointConnectionError
+        from botocore.exceptions import ClientError, EndpointConnectionError  # heavy: botocore
 
         bucket, key = uri[len("s3://"):].split("/", 1)
         s3 = self._s3_client()

@@ -19,6 +19,13 @@ from pipelines.common import cluster, storage
 from pipelines.preprocess.config import PreprocessConfig, config_hash, join_uri
 from pipelines.preprocess.rows import add_timing, fail
 from pipelines.preprocess.stages import resolve_stage, stage_keys, stage_resources
+import pyarrow as pa
+from pipelines.preprocess.shards import ShardWriter
+from pipelines.preprocess.shards import shard_dir
+import pyarrow.fs as pafs
+from pipelines.preprocess.ledger import Ledger
+from pipelines.preprocess import report as report_mod
+from pipelines.preprocess.shards import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,6 @@ class BatchStageRunner(StageRunner):
     one call per batch of rows, failures still per row; each row records its share of the batch's time."""
 
     def __call__(self, batch):
-        import pyarrow as pa
 
         rows = batch.to_pylist()
         live = [r for r in rows if not r.get("error")]
@@ -93,9 +99,8 @@ def init_ray(cfg: PreprocessConfig) -> bool:
 
 def build_dataset(cfg: PreprocessConfig, rows: list[dict], run_id: str, chash: str,
                   limiter: str | None = None, done_sha256=None, claims: str | None = None):
-    import ray.data
+    import ray.data  # heavy: ray, pandas
 
-    from pipelines.preprocess.shards import ShardWriter
 
     per_block = max(1, cfg.ray.rows_per_block)
     check_resources(cfg)
@@ -135,7 +140,7 @@ def check_batching(cfg: PreprocessConfig) -> None:
 def check_resources(cfg: PreprocessConfig) -> None:
     """Warn when the actor pools cannot all run at once: Ray Data then runs stages one after another
     instead of streaming (and keeps every row in the object store in between)."""
-    import ray
+    import ray  # heavy: ray, psutil
 
     need_cpu = need_gpu = 0.0
     for name in [*cfg.stages, "write"]:
@@ -153,12 +158,10 @@ def cleanup_orphans(cfg: PreprocessConfig, chash: str, committed: set[str]) -> i
     """Delete shard files no ledger record names (left by a killed run) and stray temp files.
 
     Assumes one job per output at a time."""
-    from pipelines.preprocess.shards import shard_dir
 
     d = shard_dir(cfg.output, chash)
     n = 0
     fs, path = storage.filesystem(d, cfg.storage)
-    import pyarrow.fs as pafs
 
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return 0
@@ -187,7 +190,7 @@ def prepare(cfg: PreprocessConfig) -> PreprocessConfig:
     """The job's arguments checked before Ray starts (one-line ValueError: a relative output under `ray job
     submit`, an unknown source kind, a local source path that does not exist), then local paths made absolute."""
     cluster.durable_output(cfg.output, "--output")
-    from pipelines.preprocess.sources import check_specs
+    from pipelines.preprocess.sources import check_specs  # heavy: psutil, ray
 
     check_specs(cfg)
     check_batching(cfg)
@@ -214,8 +217,7 @@ class Plan:
 def plan(cfg: PreprocessConfig, lister=None) -> Plan:
     """List the sources (``lister(cfg)``, default ``sources.list_rows``) and apply the resume filter (driver
     only; no Ray)."""
-    from pipelines.preprocess.ledger import Ledger
-    from pipelines.preprocess.sources import list_rows
+    from pipelines.preprocess.sources import list_rows  # heavy: psutil, ray
 
     run_id = new_run_id()
     chash = config_hash(cfg)
@@ -236,17 +238,14 @@ def run(cfg: PreprocessConfig, resolved_config: dict | None = None, progress_eve
         lister=None, unit: str = "assets") -> RunResult:
     """Run the whole job: list, filter, resume, process, write, compact, manifest, report (`unit`: what a row
     is, in the progress log)."""
-    import ray
+    import ray  # heavy: ray, psutil
 
-    from pipelines.preprocess import report as report_mod
-    from pipelines.preprocess.download import ContentClaimsActor, HostLimiterActor
-    from pipelines.preprocess.ledger import Ledger
-    from pipelines.preprocess.shards import write_manifest
+    from pipelines.preprocess.download import ContentClaimsActor, HostLimiterActor  # heavy: psutil, ray
 
     t_start = time.time()
     absolutize_paths(cfg)
     if cfg.tiny_models and any(s in cfg.stages for s in ("features", "encode")):
-        from pipelines.preprocess.tiny_models import apply_tiny_models
+        from pipelines.preprocess.tiny_models import apply_tiny_models  # heavy: PIL, safetensors
 
         apply_tiny_models(cfg)  # before planning: checkpoint paths are part of the config hash
     p = plan(cfg, lister)

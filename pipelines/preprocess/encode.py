@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from pipelines.preprocess.features import resolve_device
+from mdt.sparse import SparseTensor
+from pipelines.preprocess.rows import fail, pack_array, unpack_array
 
 
 def occupancy(indices, resolution: int = 64, device=None) -> Tensor:
@@ -40,7 +42,6 @@ def encode_ss(model, indices, resolution: int = 64) -> Tensor:
 @torch.no_grad()
 def encode_slat(model, indices, feats) -> Tensor:
     """SLat encoder posterior mean of one asset: float32 [N, L] on CPU, rows in the order of `indices`."""
-    from mdt.sparse import SparseTensor
 
     device = next(model.parameters()).device
     idx = torch.as_tensor(np.asarray(indices, np.int64)).reshape(-1, 3)
@@ -66,7 +67,7 @@ class Encode:
     resources = {"num_cpus": 1}
 
     def __init__(self, cfg: "PreprocessConfig", ss_model=None, slat_model=None):
-        from mdt.models import from_pretrained
+        from mdt.models import from_pretrained  # heavy: safetensors
 
         self.cfg = cfg.encode
         self.resolution = cfg.voxelize.resolution
@@ -78,7 +79,6 @@ class Encode:
         self.slat.eval()
 
     def __call__(self, row: dict) -> dict:
-        from pipelines.preprocess.rows import fail, pack_array, unpack_array
 
         coords = unpack_array(row.get("voxel_coords"))
         feats = unpack_array(row.get("voxel_feats"))

@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from mdt.conditioning import DINOV2_HUB_ID, IMAGE_SIZE, imagenet_normalize, load_dinov2, patch_token_maps
+from pipelines.preprocess.rows import fail, pack_array, unpack_array
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -102,7 +103,6 @@ class Features:
                                                                  device=self.device, dtype=dtype)
 
     def __call__(self, row: dict) -> dict:
-        from pipelines.preprocess.rows import fail, pack_array, unpack_array
 
         views = row.get("views")
         coords = unpack_array(row.get("voxel_coords"))

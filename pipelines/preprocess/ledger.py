@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common import storage
 from pipelines.preprocess.config import join_uri
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,6 @@ def slat_normalisation(stats: list[tuple[list[float], list[float]]]) -> dict | N
     x²] − mean²), per channel."""
     if not stats:
         return None
-    import numpy as np
 
     means = np.asarray([s[0] for s in stats], np.float64)
     sq = np.asarray([s[1] for s in stats], np.float64)

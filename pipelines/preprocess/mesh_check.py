@@ -166,7 +166,7 @@ def parse_mesh(path: str | os.PathLike, fmt: str) -> tuple[np.ndarray, np.ndarra
     """Raw vertices [N, 3] and triangles [F, 3] of a file (scene graph transforms applied), no processing.
 
     Raises MeshError when the file is not a mesh this parser understands."""
-    import trimesh
+    import trimesh  # heavy: trimesh, PIL
 
     fmt = fmt.lower()
     if fmt not in PARSED_FORMATS:

@@ -52,6 +52,8 @@ from pipelines.preprocess.asset_content import MAX_PIXELS, check_bundle
 from pipelines.preprocess.asset_refs import ExternalReferenceError, check_tree
 from pipelines.preprocess.mesh_check import (PARSED_FORMATS, CompressedGeometry, MeshError, asset_encoding,
                                              check_geometry, parse_mesh)
+from pipelines.preprocess.rows import fail, pack_array
+from pipelines.preprocess.voxelize import mesh_to_ply
 
 log = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("blender_worker.py")
@@ -471,14 +473,13 @@ class Render:
         return out
 
     def __call__(self, row: dict) -> dict:
-        from pipelines.preprocess.rows import fail, pack_array
 
         row.setdefault("sandbox", None)
         cams = self.cameras(row.get("sha256"))
         with tempfile.TemporaryDirectory(prefix="mdt-render-") as tmp:
             tmp = Path(tmp)
             try:
-                from pipelines.preprocess.download import materialize_mesh
+                from pipelines.preprocess.download import materialize_mesh  # optional: pipelines
 
                 path = Path(materialize_mesh(row, tmp / "asset", self.storage_cfg))
             except Exception as e:  # noqa: BLE001
@@ -504,14 +505,13 @@ class Render:
             return fail(row, self.name, "blank render (every view empty or black)")
         checks["warnings"] = list(res.info.get("warnings") or [])
         row["asset_checks"] = json.dumps(checks, sort_keys=True)
-        from pipelines.preprocess.voxelize import mesh_to_ply
 
         row["views"] = res.images["views"]
         row["views_c2w"] = pack_array(cams["views"][0])
         row["views_fov"] = pack_array(cams["views"][1])
         row["mesh_ply"] = mesh_to_ply(res.vertices, res.faces) if self.export_mesh else None
         if self.cond_enabled:
-            from mdt.conditioning import crop_condition_image, encode_image
+            from mdt.conditioning import crop_condition_image, encode_image  # heavy: PIL, torch
 
             images, boxes = [], []
             for png in res.images["cond"]:
@@ -557,7 +557,7 @@ def pre_import_checks(path: Path, root: Path, fmt: str, unscannable_ok=frozenset
 
 def is_blank(png: bytes) -> bool:
     """True for an image with nothing visible: fully transparent, or black wherever it is opaque."""
-    from PIL import Image
+    from PIL import Image  # heavy: PIL
 
     a = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
     visible = a[..., 3] > 0

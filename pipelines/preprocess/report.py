@@ -16,6 +16,7 @@ from collections import Counter
 from pipelines.common import storage
 from pipelines.preprocess.config import PreprocessConfig, join_uri
 from pipelines.preprocess.stages import stage_resources
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,6 @@ def to_markdown(rep: dict) -> str:
 
 
 def save_report(cfg: PreprocessConfig, result, resolved_config: dict | None = None) -> str:
-    import yaml
 
     d = join_uri(cfg.output, "runs", result.run_id)
     rep = result.report
@@ -208,7 +208,7 @@ def log_mlflow(cfg: PreprocessConfig, rep: dict, resolved_config: dict | None) -
         return False
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
-        import mlflow
+        import mlflow  # optional: mlflow
 
         mlflow.set_tracking_uri(uri)
         if cfg.mlflow.artifact_location and mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:

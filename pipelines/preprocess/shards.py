@@ -336,7 +336,7 @@ READ_NUM_CPUS = 0.25
 def read_shards(uri: str, *, storage_cfg=None, max_voxels: int | None = None, min_aesthetic: float | None = None,
                 columns: list[str] | None = None, **read_kwargs):
     """Committed shards as a Ray Dataset (one row per asset, columns of SHARD_SCHEMA)."""
-    import ray.data
+    import ray.data  # heavy: ray, pandas
 
     files = shard_files(uri, storage_cfg)
     if not files:
@@ -415,14 +415,14 @@ def filter_max_voxels(batch: Any, max_voxels: int | None) -> list[dict]:
 
 def collate_ss(batch: Any):
     """Rows -> dense SS latents float32 [B, 8, 16, 16, 16] (not normalised, as TRELLIS)."""
-    import torch
+    import torch  # heavy: torch
 
     rows = _as_rows(batch)
     return torch.from_numpy(np.stack([decode_ss(r) for r in rows]).copy()) if rows else torch.zeros((0, *SS_SHAPE))
 
 
 def _stats_tensors(stats):
-    import torch
+    import torch  # heavy: torch
 
     if stats is None:
         return None, None
@@ -438,9 +438,9 @@ def collate_slat(batch: Any, stats: dict | None = None, max_voxels: int | None =
     """Rows -> ``mdt.sparse.SparseTensor`` (feats normalised ``(z - mean) / std`` when ``stats`` is given,
     coords int32 ``(batch, x, y, z)``). Rows with more than ``max_voxels`` voxels are dropped; with
     ``return_index`` the indices of the kept rows are returned too."""
-    import torch
+    import torch  # heavy: torch
 
-    from mdt.sparse import SparseTensor
+    from mdt.sparse import SparseTensor  # heavy: torch
 
     rows = _as_rows(batch)
     keep = [i for i, r in enumerate(rows) if max_voxels is None or int(r["num_voxels"]) <= max_voxels]
@@ -463,7 +463,7 @@ def collate_slat(batch: Any, stats: dict | None = None, max_voxels: int | None =
 
 def decode_cond_image(data: bytes, image_size: int | None = None) -> np.ndarray:
     """Encoded condition view -> float32 [3, S, S] in [0, 1], RGB premultiplied by alpha (black background)."""
-    from PIL import Image
+    from PIL import Image  # heavy: PIL
 
     img = Image.open(io.BytesIO(bytes(data)))
     img = img.convert("RGBA")
@@ -478,7 +478,7 @@ def collate_cond(batch: Any, view: int | None = None, generator=None, image_size
 
     ``view=None`` picks a random view per row (``generator``: a ``torch.Generator`` for reproducibility);
     DINOv2 normalisation is the conditioner's job (mdt/conditioning.py)."""
-    import torch
+    import torch  # heavy: torch
 
     rows = _as_rows(batch)
     out = []

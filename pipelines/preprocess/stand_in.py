@@ -19,6 +19,7 @@ import numpy as np
 from pipelines.preprocess.asset_refs import ExternalReferenceError, check_tree
 from pipelines.preprocess.mesh_check import MeshError, check_geometry, parse_mesh
 from pipelines.preprocess.rows import fail, pack_array
+from pipelines.preprocess.voxelize import voxelize_mesh
 
 MAX_VIEWS, MAX_IMAGE_SIZE = 4, 64
 
@@ -46,7 +47,7 @@ class StandInCompute:
         self.storage_cfg = cfg.storage
 
     def _geometry(self, row: dict) -> tuple[np.ndarray, np.ndarray, dict, bytes]:
-        from pipelines.preprocess.download import materialize_mesh
+        from pipelines.preprocess.download import materialize_mesh  # heavy: psutil, pyarrow
 
         r = dict(row)
         with tempfile.TemporaryDirectory(prefix="mdt-stand-in-") as tmp:
@@ -60,7 +61,6 @@ class StandInCompute:
             return v, f, check_geometry(v, f), path.read_bytes()
 
     def __call__(self, row: dict) -> dict:
-        from pipelines.preprocess.voxelize import voxelize_mesh
 
         try:
             v, f, checks, data = self._geometry(row)
@@ -85,7 +85,7 @@ class StandInCompute:
         return row
 
     def _image(self, rng: np.random.Generator) -> bytes:
-        from PIL import Image
+        from PIL import Image  # heavy: PIL
 
         a = np.zeros((self.size, self.size, 4), np.uint8)
         a[..., :3] = rng.integers(0, 255, 3, dtype=np.uint8)

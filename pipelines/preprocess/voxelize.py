@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from pipelines.preprocess.rows import fail, pack_array
 
 RESOLUTION = 64
 CLAMP_EPS = 1e-6
@@ -144,7 +145,7 @@ def mesh_from_ply(data: bytes) -> tuple[np.ndarray, np.ndarray]:
         rec = np.frombuffer(body[nv * 12:nv * 12 + nf * 13], dtype=[("n", "u1"), ("i", "<i4", (3,))])
         if len(rec) == nf and (rec["n"] == 3).all():
             return v.astype(np.float32), rec["i"].astype(np.int64)
-    import trimesh
+    import trimesh  # heavy: trimesh, PIL
 
     mesh = trimesh.load(io.BytesIO(data), file_type="ply", force="mesh", process=False)
     return np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64)
@@ -166,7 +167,6 @@ class Voxelize:
         self.cfg = cfg.voxelize
 
     def __call__(self, row: dict) -> dict:
-        from pipelines.preprocess.rows import fail, pack_array
 
         data = row.get("mesh_ply")
         if not data:

@@ -32,14 +32,15 @@ log = logging.getLogger(__name__)
 
 
 def _registry():
-    from pipelines.preprocess.sources.abo import ABOSource
-    from pipelines.preprocess.sources.future3d import Future3DSource
-    from pipelines.preprocess.sources.hssd import HSSDSource
-    from pipelines.preprocess.sources.local import LocalSource
-    from pipelines.preprocess.sources.manifest import ManifestSource
+    from pipelines.preprocess.sources.abo import ABOSource  # cycle: pipelines.preprocess.sources.abo
+    from pipelines.preprocess.sources.future3d import Future3DSource  # cycle: pipelines.preprocess.sources.future3d
+    from pipelines.preprocess.sources.hssd import HSSDSource  # cycle: pipelines.preprocess.sources.hssd
+    from pipelines.preprocess.sources.local import LocalSource  # cycle: pipelines.preprocess.sources.local
+    from pipelines.preprocess.sources.manifest import ManifestSource  # cycle: pipelines.preprocess.sources.manifest
+    # cycle: pipelines.preprocess.sources.objaverse
     from pipelines.preprocess.sources.objaverse import ObjaverseSource, ObjaverseXLSource
-    from pipelines.preprocess.sources.synthetic import SyntheticSource
-    from pipelines.preprocess.sources.toys4k import Toys4kSource
+    from pipelines.preprocess.sources.synthetic import SyntheticSource  # cycle: pipelines.preprocess.sources.synthetic
+    from pipelines.preprocess.sources.toys4k import Toys4kSource  # cycle: pipelines.preprocess.sources.toys4k
 
     return {
         "local": LocalSource, "s3": LocalSource, "folder": LocalSource,
@@ -105,7 +106,7 @@ def _sha_list(cfg: PreprocessConfig) -> set[str] | None:
 
 def list_rows(cfg: PreprocessConfig, specs: list[str] | None = None) -> tuple[list[dict], dict]:
     """All source rows after filtering and de-duplication, plus listing statistics."""
-    from pipelines.preprocess.sources.trellis import TrellisMetadata
+    from pipelines.preprocess.sources.trellis import TrellisMetadata  # cycle: pipelines.preprocess.sources.trellis
 
     specs = list(specs if specs is not None else cfg.sources.specs)
     if not specs:

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Protocol
 from pipelines.common import storage
 from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.rows import SOURCE_KEYS
+import requests
 
 
 def make_row(*, source: str, file_identifier: str, uri: str, sha256: str | None = None,
@@ -62,13 +63,12 @@ class ListingHints:
 def read_uri_bytes(uri: str, cfg: PreprocessConfig) -> bytes:
     """Bytes of a (small) metadata file: local path, s3://, http(s)://, hf://."""
     if uri.startswith(("http://", "https://")):
-        import requests
 
         r = requests.get(uri, timeout=cfg.download.timeout_s)
         r.raise_for_status()
         return r.content
     if uri.startswith("hf://"):
-        from huggingface_hub import HfFileSystem
+        from huggingface_hub import HfFileSystem  # heavy: huggingface_hub
 
         with HfFileSystem(endpoint=cfg.sources.hf_endpoint).open(uri, "rb") as f:
             return f.read()
@@ -77,7 +77,7 @@ def read_uri_bytes(uri: str, cfg: PreprocessConfig) -> bytes:
 
 def read_table(uri: str, cfg: PreprocessConfig):
     """CSV or Parquet metadata file -> pandas DataFrame."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas
 
     data = read_uri_bytes(uri, cfg)
     if uri.lower().endswith((".parquet", ".pq")) or data[:4] == b"PAR1":
@@ -95,7 +95,7 @@ def to_uri(path_or_uri: str) -> str:
 def clean(v: Any) -> Any:
     """NaN/NA -> None; numpy scalars -> Python."""
     try:
-        import pandas as pd
+        import pandas as pd  # optional: pandas
 
         if v is None or (not isinstance(v, (list, dict, tuple)) and pd.isna(v)):
             return None

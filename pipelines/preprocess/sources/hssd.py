@@ -27,7 +27,7 @@ class HSSDSource:
         self.repo = cfg.sources.hssd_repo
 
     def _check_token(self) -> None:
-        from huggingface_hub import get_token
+        from huggingface_hub import get_token  # heavy: huggingface_hub
 
         if not get_token():
             raise PermissionError(
@@ -37,7 +37,7 @@ class HSSDSource:
     def rows(self) -> Iterator[dict]:
         self._check_token()
         if not self.arg:
-            from huggingface_hub import HfApi
+            from huggingface_hub import HfApi  # heavy: huggingface_hub
 
             files = HfApi(endpoint=self.cfg.sources.hf_endpoint).list_repo_files(
                 self.repo, repo_type="dataset", revision=self.cfg.sources.hssd_revision)

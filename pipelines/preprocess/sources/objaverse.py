@@ -23,6 +23,7 @@ from typing import Iterator
 
 from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.sources.base import ListingHints, SourceSpec, clean, make_row
+import objaverse
 
 SKETCHFAB_PREFIX = "https://sketchfab.com/3d-models/"
 _GITHUB = re.compile(r"^https?://github\.com/([^/]+)/([^/]+)/blob/([^/]+)/(.+)$")
@@ -31,7 +32,6 @@ _FILE_ID = re.compile(r"fileId=(\d+)")
 
 
 def _objaverse_module(cfg: PreprocessConfig):
-    import objaverse
 
     base = os.path.expanduser(cfg.sources.objaverse_dir)
     # The 1.0 API keeps its cache paths in module globals; point them at the configured folder.
@@ -91,7 +91,7 @@ class ObjaverseXLSource:
         self.alignment = spec.options.get("alignment", "false").lower() in ("1", "true", "yes")
 
     def annotations(self, subset: str):
-        import objaverse.xl as oxl
+        import objaverse.xl as oxl  # heavy: pandas
 
         d = os.path.expanduser(self.cfg.sources.objaverse_dir)
         dl = oxl.downloaders[subset]
