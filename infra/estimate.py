@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from mdt.config import load_config, to_dict
+from pipelines.preprocess.config import PreprocessConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,11 +86,10 @@ def distill_memory(stage: str, activation_coef: dict | None = None) -> dict:
     """Per-GPU memory of one `trellis-<stage>` training step at the preset's batch (module docstring)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from mdt.bench import activations
-    from mdt.config import load_config
-    from mdt.models.zoo import full_size_model_args
-    from mdt.models import build_model
-    from mdt.training.config import DistillConfig
+    from mdt.bench import activations  # heavy: torch, safetensors
+    from mdt.models.zoo import full_size_model_args  # heavy: torch, safetensors
+    from mdt.models import build_model  # heavy: torch, safetensors
+    from mdt.training.config import DistillConfig  # heavy: torch, numpy
 
     cfg = load_config(DistillConfig, f"trellis-{stage}", [("data.uri", "-")], prefix="distill_")
     name, args = full_size_model_args(f"{stage}_flow")
@@ -129,8 +130,6 @@ def render_memory(mem: dict[str, dict]) -> str:
 def preset_resources(preset: str = "trellis") -> dict[str, dict]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from mdt.config import load_config, to_dict
-    from pipelines.preprocess.config import PreprocessConfig
 
     cfg = load_config(PreprocessConfig, preset, [], prefix="preprocess_")
     return {k: to_dict(v) for k, v in cfg.resources.items()}
@@ -171,9 +170,8 @@ def synthesize_preset(preset: str = "trellis") -> dict:
     """The synthesis preset's samples per image, NFE per sample of each flow and its actor's resources."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from mdt.config import load_config, to_dict
-    from mdt.flow import count_nfe
-    from pipelines.synthesize.driver import SynthesizeConfig
+    from mdt.flow import count_nfe  # heavy: torch, numpy
+    from pipelines.synthesize.driver import SynthesizeConfig  # heavy: torch, pyarrow
 
     cfg = load_config(SynthesizeConfig, preset, [], prefix="synthesize_")
     s = cfg.synthesize

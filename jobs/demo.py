@@ -29,6 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")        # fully offline: every model
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from mdt.config import ConfigError, add_config_args, load_config  # noqa: E402
+from pipelines.demo.driver import DemoConfig, mlflow_ui_hint, run
+from mdt.config import dump_yaml
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +46,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from pipelines.demo.driver import DemoConfig, mlflow_ui_hint, run
 
     overrides: list = list(args.overrides)
     if args.out:
@@ -57,7 +58,6 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        from mdt.config import dump_yaml
 
         print(dump_yaml(cfg))
         return 0

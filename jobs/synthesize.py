@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from pipelines.synthesize.driver import SynthesizeConfig
+    from pipelines.synthesize.driver import SynthesizeConfig  # heavy: torch, pyarrow
 
     overrides = list(args.overrides)
     if args.source:
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from pipelines.synthesize import driver as synthesize
+    from pipelines.synthesize import driver as synthesize  # heavy: torch, pyarrow
 
     try:
         cfg = build_config(args)
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     print("# resolved config\n" + dump_yaml(cfg), flush=True)
     if args.print_config:
         return 0
-    from pipelines.preprocess import driver as graph, report
+    from pipelines.preprocess import driver as graph, report  # heavy: pyarrow, numpy
 
     try:
         result = synthesize.run(cfg, resolved_config=resolved)

@@ -36,6 +36,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+import io
+import platform
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ASSET = ROOT.parent / "shared" / "assets" / "glb" / "kenney_tree.glb"
@@ -77,7 +79,7 @@ ENCODER_ARGS = {   # the released ckpts/*.json (reference section 1)
 
 
 def model_paths(models: Path, tiny: bool) -> dict[str, str]:
-    from mdt.models.zoo import TRELLIS_STEMS
+    from mdt.models.zoo import TRELLIS_STEMS  # heavy: torch, safetensors
 
     repo = models / "TRELLIS-image-large"
     paths = {k: str(repo / "ckpts" / stem) for k, stem in TRELLIS_STEMS.items()}
@@ -93,12 +95,12 @@ def model_paths(models: Path, tiny: bool) -> dict[str, str]:
 
 def write_models(models: Path, tiny: bool) -> dict:
     """The random-weight cache (each part skipped when present). Returns paths, parameter counts, disk use."""
-    import torch
+    import torch  # heavy: torch, numpy
 
-    from mdt.models.zoo import save_tiny_dinov2
-    from mdt.models.zoo import write_trellis_repo
-    from mdt.models import build_model, save_pretrained
-    from mdt.models.zoo import save_tiny_encoders
+    from mdt.models.zoo import save_tiny_dinov2  # heavy: torch, safetensors
+    from mdt.models.zoo import write_trellis_repo  # heavy: torch, safetensors
+    from mdt.models import build_model, save_pretrained  # heavy: torch, safetensors
+    from mdt.models.zoo import save_tiny_encoders  # heavy: torch, safetensors
 
     paths = model_paths(models, tiny)
     repo = Path(paths["repo"])
@@ -320,16 +322,15 @@ def run_measured(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float,
 
 def boundary(stage: str, out: Path, tiny: bool) -> dict:
     """Shapes and figures at a stage's output (what the next stage receives)."""
-    import numpy as np
+    import numpy as np  # heavy: numpy
 
     if stage == "models":
         return json.loads((out / "models" / "models.json").read_text())
     if stage == "preprocess":
-        import io
 
-        from PIL import Image
+        from PIL import Image  # heavy: PIL
 
-        from pipelines.preprocess import shards
+        from pipelines.preprocess import shards  # heavy: pyarrow, numpy
 
         rows = list(shards.iter_rows(str(out / "preprocess")))
         if not rows:
@@ -373,7 +374,7 @@ STUDENT_STEMS = {"ss": "ss_flow_img_dit_L_16l8_fp16_mdt", "slat": "slat_flow_img
 def check_export(distill: Path, students: Path) -> int:
     """Find each run's exported EMA student (`<run>/checkpoint_*/export/ema/<stem>`, the latest), load it back
     in TRELLIS format, record class, parameters and dtypes, and copy it to `students/` for the next stages."""
-    from mdt.models import from_pretrained
+    from mdt.models import from_pretrained  # heavy: torch, safetensors
 
     found = {}
     students.mkdir(parents=True, exist_ok=True)
@@ -430,7 +431,7 @@ def markdown(report: dict) -> str:
 
 
 def gpu_plan(report: dict) -> dict:
-    from mdt.bench import activations
+    from mdt.bench import activations  # heavy: torch, safetensors
 
     plan = {"activation_memory_per_sample_float32": activations.full_size(activations.MEASURED)}
     for s in report["stages"]:
@@ -494,7 +495,6 @@ def write_report(out: Path, report: dict, previous: list[dict], ran: list[dict])
 def rehearse(out: Path, asset: Path, tiny: bool, stages: list[str] | None = None) -> dict:
     """Run `stages` (default all) in order, stop at the first failure, and write the report: the entries of
     stages not run this time come from `<out>/report.json` of an earlier run, when there is one."""
-    import platform
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "asset").mkdir(exist_ok=True)

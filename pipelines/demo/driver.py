@@ -26,6 +26,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+import sys
+from mdt.config import load_config
+from pipelines.preprocess.config import PreprocessConfig
+from pipelines.preprocess.config import PreprocessConfig, RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,21 +118,21 @@ class Clock:
 def distill_driver():
     """The Ray Train distillation driver: `run(DistillConfig) -> result` (.error, .export_dir, .run_dir,
     .mlflow_run_id)."""
-    from pipelines.distill.driver import run
+    from pipelines.distill.driver import run  # heavy: pyarrow, numpy
     return run
 
 
 def prepare_models(out: Path, structured_latents: bool = True) -> dict[str, str]:
     """Tiny random DINOv2 and SLat encoder; the SS encoder with occupancy-fraction weights (`structured_latents`,
     `mdt.eval.calibration.set_occupancy_fraction_weights`) or random ones, standardised on simple shapes."""
-    import numpy as np
-    import torch
+    import numpy as np  # heavy: numpy
+    import torch  # heavy: torch, numpy
 
-    from mdt.models.zoo import save_tiny_dinov2
-    from mdt.eval.calibration import set_occupancy_fraction_weights, standardize_latents
-    from mdt.models import from_pretrained, save_pretrained
-    from mdt.models.zoo import save_tiny_encoders
-    from pipelines.preprocess.synthetic_meshes import box_surface_voxels, sphere_surface_voxels
+    from mdt.models.zoo import save_tiny_dinov2  # heavy: torch, safetensors
+    from mdt.eval.calibration import set_occupancy_fraction_weights, standardize_latents  # heavy: torch, safetensors
+    from mdt.models import from_pretrained, save_pretrained  # heavy: torch, safetensors
+    from mdt.models.zoo import save_tiny_encoders  # heavy: torch, safetensors
+    from pipelines.preprocess.synthetic_meshes import box_surface_voxels, sphere_surface_voxels  # heavy: trimesh, scipy
 
     d = out / "models"
     paths = {"dinov2": str(d / "tiny-dinov2"), "ss_encoder": str(d / "ss_enc_tiny"),
@@ -150,7 +154,7 @@ def prepare_models(out: Path, structured_latents: bool = True) -> dict[str, str]
 
 def write_assets(directory: Path, cfg: DemoAssetsConfig) -> str:
     """`count` single primitives, one per GLB, families taken in turn, centred, upright, random sizes."""
-    import numpy as np
+    import numpy as np  # heavy: numpy
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -164,8 +168,8 @@ def write_assets(directory: Path, cfg: DemoAssetsConfig) -> str:
 
 def primitive_glb(family: str, rng) -> bytes:
     """One centred primitive filling most of the unit cube, a random size and a single random colour (GLB)."""
-    import numpy as np
-    import trimesh
+    import numpy as np  # heavy: numpy
+    import trimesh  # heavy: trimesh, scipy
 
     c = trimesh.creation
     s = rng.uniform(0.75, 1.0)
@@ -191,9 +195,7 @@ def primitive_glb(family: str, rng) -> bytes:
 
 
 def preprocess(out: Path, assets_dir: str, models: dict[str, str]) -> str:
-    from mdt.config import load_config
-    from pipelines.preprocess import driver as graph
-    from pipelines.preprocess.config import PreprocessConfig
+    from pipelines.preprocess import driver as graph  # heavy: pyarrow, numpy
 
     data = out / "preprocess"
     cfg = load_config(PreprocessConfig, "demo", [
@@ -209,12 +211,12 @@ def preprocess(out: Path, assets_dir: str, models: dict[str, str]) -> str:
 
 
 def fit_probe(out: Path, data: str, cfg: DemoProbeConfig) -> str:
-    import numpy as np
-    import torch
+    import numpy as np  # heavy: numpy
+    import torch  # heavy: torch, numpy
 
-    from mdt.eval.shapes import paired_iou
-    from mdt.eval.snapshots import fit_occupancy_probe, occupancy_grid
-    from pipelines.preprocess import shards
+    from mdt.eval.shapes import paired_iou  # heavy: torch, numpy
+    from mdt.eval.snapshots import fit_occupancy_probe, occupancy_grid  # heavy: torch, safetensors
+    from pipelines.preprocess import shards  # heavy: pyarrow, numpy
 
     path = out / "models" / "ss_occupancy_probe"
     rows = list(shards.iter_rows(data, columns=["ss_latent", "slat_coords"]))
@@ -231,8 +233,7 @@ def fit_probe(out: Path, data: str, cfg: DemoProbeConfig) -> str:
 
 def distill_config(name: str, out: Path, data: str, models: dict, probe: str, tracking_uri: str, objective: str,
                    teacher: str | None, steps: int | None, overrides: list[str]):
-    from mdt.config import load_config
-    from mdt.training.config import DistillConfig
+    from mdt.training.config import DistillConfig  # heavy: torch, numpy
 
     ov = [("name", name), ("output", str(out / "runs")), ("data.uri", data), ("condition.model", models["dinov2"]),
           ("snapshot.decoder", probe), ("mlflow.tracking_uri", tracking_uri), ("objective.name", objective),
@@ -255,10 +256,10 @@ def write_condition_images(directory: Path, data: str, n: int | None = None) -> 
     voxel coords [N, 3]). The view as training saw it (`shards.decode_cond_image`: the preprocessing's crop,
     premultiplied on black), as RGB so that the chain uses the whole frame: re-cropping the stored RGBA crop
     reframes soft-edged shapes (measured on the demo's assets: mean student IoU 0.38 re-cropped at alpha > 0)."""
-    import numpy as np
-    from PIL import Image
+    import numpy as np  # heavy: numpy
+    from PIL import Image  # heavy: PIL
 
-    from pipelines.preprocess import shards
+    from pipelines.preprocess import shards  # heavy: pyarrow, numpy
 
     images, voxels = [], []
     directory.mkdir(parents=True, exist_ok=True)
@@ -280,12 +281,11 @@ def generate_samples(out: Path, data: str, student: str, probe: str, models: dic
     SLat flow and decoders are random-weight tiny models (the demo trains only the SS stage), so the output that
     shows the student's shape is the SS occupancy (occupancy.glb, the previews' occupancy view); the chain's
     files, formats and timings are the real ones."""
-    import torch
+    import torch  # heavy: torch, numpy
 
-    from mdt.config import load_config
-    from mdt.eval.shapes import paired_iou
-    from mdt.eval.snapshots import occupancy_grid
-    from mdt.generate import GenerateConfig, ImageTo3D, generate, load_image
+    from mdt.eval.shapes import paired_iou  # heavy: torch, numpy
+    from mdt.eval.snapshots import occupancy_grid  # heavy: torch, safetensors
+    from mdt.generate import GenerateConfig, ImageTo3D, generate, load_image  # heavy: torch, safetensors
 
     images, voxels = write_condition_images(out / "generate" / "inputs", data, n)
     cfg = load_config(GenerateConfig, "demo", [
@@ -326,7 +326,7 @@ def generation_failures(summary: dict, min_iou: float) -> list[str]:
 
 def evaluate(out: Path, data: str, teacher: str, student: str, probe: str, models: dict, tracking_uri: str,
              distill_run: str | None, overrides: list, output: Path | None = None):
-    from pipelines.evaluate import driver as ev
+    from pipelines.evaluate import driver as ev  # heavy: torch, safetensors
 
     cfg = ev.make_config("demo", data=data, teacher=teacher, student=student, decoder=probe,
                          output=str(output or out / "eval"), distill_run_id=distill_run,
@@ -341,8 +341,7 @@ DATA_FREE = "data-free student"
 def synthesize(out: Path, data: str, teacher: str, probe: str, models: dict, overrides: list[str]) -> tuple[str, dict]:
     """The teacher's own samples for the demo's condition images (`jobs/synthesize.py --preset demo`: the
     synthesis job's Ray Data graph) -> (teacher-generated shards, the job's synthesis summary)."""
-    from mdt.config import load_config
-    from pipelines.synthesize import driver as syn
+    from pipelines.synthesize import driver as syn  # heavy: torch, pyarrow
 
     images = out / "condition-images"
     write_condition_images(images, data)
@@ -370,7 +369,7 @@ def evaluate_data_free(out: Path, data: str, teacher: str, student: str, probe: 
 
 def merged_table(rows: list[dict], data_free_rows: list[dict]) -> tuple[list[dict], str]:
     """The evaluation's rows followed by the data-free student's (its evaluation's reference row left out)."""
-    from mdt.eval import report
+    from mdt.eval import report  # heavy: torch, numpy
 
     merged = list(rows) + [r for r in data_free_rows if r["sampler"].startswith(DATA_FREE)]
     return merged, report.markdown_table(merged)
@@ -380,8 +379,7 @@ def merged_table(rows: list[dict], data_free_rows: list[dict]) -> tuple[list[dic
 
 
 def run(cfg: DemoConfig) -> DemoResult:
-    from pipelines.preprocess import driver as graph
-    from pipelines.preprocess.config import PreprocessConfig, RayConfig
+    from pipelines.preprocess import driver as graph  # heavy: pyarrow, numpy
 
     out = Path(cfg.output).resolve()
     if cfg.fresh and out.exists():
@@ -389,7 +387,7 @@ def run(cfg: DemoConfig) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
-    import ray
+    import ray  # heavy: ray, requests
 
     with clock.phase("start Ray (local, 2 CPUs, no dashboard)"):
         graph.init_ray(PreprocessConfig(ray=RayConfig(num_cpus=2)))
@@ -467,7 +465,6 @@ def run(cfg: DemoConfig) -> DemoResult:
 
 
 def mlflow_ui_hint(tracking_uri: str) -> str:
-    import sys
 
     return (f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 "
             f"--port 5000   then open http://127.0.0.1:5000 (experiment 'mdt-distill-demo': runs demo-teacher, "

@@ -22,6 +22,26 @@ from typing import ClassVar
 from mdt.generate import StageSampler
 from pipelines.common import storage
 from pipelines.preprocess.config import PreprocessConfig, StageResources, join_uri
+from types import SimpleNamespace
+import io
+from dataclasses import asdict
+from mdt.generate import looks_like_hub_path
+from mdt.generate import DecodeConfig, GenerateConfig, GenerateModels
+from mdt.generate import checkpoint_exists, ensure_tiny_models, looks_like_hub_path, resolve_model_paths
+from mdt.training.build import ensure_tiny_conditioner
+from pipelines.common import cluster
+from pipelines.preprocess import driver as graph
+import pyarrow.parquet as pq
+from pipelines.preprocess.shards import shard_files
+import torch
+from mdt.generate import ImageTo3D
+from mdt.conditioning import alpha_bbox
+from mdt.generate import load_image_bytes, preprocess_image
+import numpy as np
+from PIL import Image
+from mdt.conditioning import encode_image
+from pipelines.preprocess.rows import pack_array
+from pipelines.preprocess.ledger import WRITE_STAGE, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +109,10 @@ def checkpoint_sha256(stem: str) -> str:
     local = f"{stem}.safetensors"
     if os.path.isfile(local):
         return file_sha256(local)
-    from mdt.generate import looks_like_hub_path
 
     if not looks_like_hub_path(stem):
         raise FileNotFoundError(f"checkpoint {stem}: no {local}")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # heavy: huggingface_hub
 
     repo = "/".join(stem.split("/")[:2])
     return file_sha256(hf_hub_download(repo, "/".join(stem.split("/")[2:]) + ".safetensors"))
@@ -101,7 +120,6 @@ def checkpoint_sha256(stem: str) -> str:
 
 def generate_config(s: SynthesizeSection):
     """The image -> 3-D chain's config (mdt.generate) for the synthesis teachers."""
-    from mdt.generate import DecodeConfig, GenerateConfig, GenerateModels
 
     return GenerateConfig(
         models=GenerateModels(pipeline=s.pipeline, dinov2=s.dinov2, ss_flow=s.teacher, slat_flow=s.slat_teacher,
@@ -115,12 +133,7 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
     """Driver, before Ray: absolute paths, the sources checked, tiny models written, the teachers resolved and
     hashed. ValueError / FileNotFoundError for a bad argument (a relative output under `ray job submit`
     included); the tiny models it creates go under the output there, not into the job's temporary copy."""
-    from types import SimpleNamespace
 
-    from mdt.generate import checkpoint_exists, ensure_tiny_models, looks_like_hub_path, resolve_model_paths
-    from mdt.training.build import ensure_tiny_conditioner
-    from pipelines.common import cluster
-    from pipelines.preprocess import driver as graph
 
     s = cfg.synthesize
     cluster.durable_output(cfg.output, "--output")
@@ -162,7 +175,7 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
 
 def check_source_spec(text: str) -> None:
     """ValueError unless `text` is an image source this job reads (local:, s3:, manifest:, shards:)."""
-    from pipelines.preprocess.sources import parse_spec
+    from pipelines.preprocess.sources import parse_spec  # heavy: ray, requests
 
     if text.startswith(SHARDS_PREFIX):
         if not text[len(SHARDS_PREFIX):]:
@@ -177,8 +190,8 @@ def check_source_spec(text: str) -> None:
 
 def list_image_rows(cfg: SynthesizeConfig) -> tuple[list[dict], dict]:
     """K source rows per condition image (file_identifier `<image id>#<k>`), de-duplicated by uri."""
-    from pipelines.preprocess.download import mesh_format
-    from pipelines.preprocess.sources import ListingHints, build_source
+    from pipelines.preprocess.download import mesh_format  # heavy: ray, requests
+    from pipelines.preprocess.sources import ListingHints, build_source  # heavy: ray, requests
 
     stats: Counter = Counter()
     out, seen = [], set()
@@ -210,13 +223,10 @@ def list_image_rows(cfg: SynthesizeConfig) -> tuple[list[dict], dict]:
 
 def shard_image_rows(directory: str, cfg: SynthesizeConfig):
     """One source row per asset of committed shards (its first stored condition view)."""
-    import io
 
-    import pyarrow.parquet as pq
 
-    from pipelines.preprocess.shards import shard_files
-    from pipelines.preprocess.sources import make_row
-    from pipelines.preprocess.sources.base import to_uri
+    from pipelines.preprocess.sources import make_row  # heavy: ray, requests
+    from pipelines.preprocess.sources.base import to_uri  # heavy: ray, requests
 
     files = shard_files(to_uri(directory), cfg.storage)
     if not files:
@@ -241,7 +251,6 @@ def sample_seed(seed: int, source_sha256: str, k: int) -> int:
 
 
 def sampler_json(s: SynthesizeSection) -> str:
-    from dataclasses import asdict
 
     return json.dumps({"ss": {"teacher": s.teacher, "teacher_sha256": s.teacher_sha256, **asdict(s.ss)},
                        "slat": {"teacher": s.slat_teacher, "teacher_sha256": s.slat_teacher_sha256,
@@ -259,9 +268,7 @@ class Synthesize:
     resources = {"concurrency": 1, "num_cpus": 1}
 
     def __init__(self, cfg: SynthesizeConfig):
-        import torch
 
-        from mdt.generate import ImageTo3D
 
         self.cfg, self.s = cfg, cfg.synthesize
         if self.s.torch_threads:
@@ -273,9 +280,7 @@ class Synthesize:
         """Only the image's own bytes, at most `max_image_bytes` of them."""
         cap = self.s.max_image_bytes
         if uri.startswith(SHARD_IMAGE_URI):
-            import io
 
-            import pyarrow.parquet as pq
 
             f, sha = uri[len(SHARD_IMAGE_URI):].rsplit("#", 1)
             t = pq.read_table(io.BytesIO(storage.read_bytes(f, self.cfg.storage)), columns=["sha256", "cond_images"],
@@ -298,8 +303,6 @@ class Synthesize:
 
     def prepare_row(self, row: dict) -> dict:
         """Read and check one (image, k) row -> its preprocessed condition image, seed and notes."""
-        from mdt.conditioning import alpha_bbox
-        from mdt.generate import load_image_bytes, preprocess_image
 
         data = self.read_image_bytes(row["uri"])
         src_sha = hashlib.sha256(data).hexdigest()
@@ -331,12 +334,7 @@ class Synthesize:
         return out
 
     def sample(self, rows: list[dict], prep: dict[int, dict]) -> dict[int, object]:
-        import numpy as np
-        import torch
-        from PIL import Image
 
-        from mdt.conditioning import encode_image
-        from pipelines.preprocess.rows import pack_array
 
         pipe, idx = self.pipe, list(prep)
         images = {}                                                     # distinct images: one conditioner pass
@@ -384,7 +382,6 @@ class Synthesize:
 def run(cfg: SynthesizeConfig, resolved_config: dict | None = None):
     """The whole job (after `prepare`): the preprocessing graph with the image lister, then the synthesis
     summary (images/s, samples/s, images without alpha) in the report and `runs/<run_id>/synthesize.json`."""
-    from pipelines.preprocess import driver as graph
 
     result = graph.run(cfg, resolved_config=resolved_config, lister=list_image_rows, unit="samples")
     result.report = {**(result.report or {}), "synthesize": summary(cfg, result)}
@@ -394,7 +391,6 @@ def run(cfg: SynthesizeConfig, resolved_config: dict | None = None):
 
 
 def summary(cfg: SynthesizeConfig, result) -> dict:
-    from pipelines.preprocess.ledger import WRITE_STAGE, Ledger
 
     recs = Ledger(cfg.output, result.config_hash, cfg.storage).records(result.run_id)
     done = [r for r in recs if r["stage"] == WRITE_STAGE and r["status"] == "done"]
@@ -433,9 +429,7 @@ def to_markdown(syn: dict) -> str:
 def data_teachers(uri: str, storage_cfg=None) -> dict:
     """What a distillation dataset was made from: {"origin": "data-driven" | "teacher-generated" | "mixed",
     "ss": [sha256...], "slat": [sha256...]} from the shards' provenance columns."""
-    import pyarrow.parquet as pq
 
-    from pipelines.preprocess.shards import shard_files
 
     ss, slat, n_gen, n_data = set(), set(), 0, 0
     for f in shard_files(uri, storage_cfg):
