@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import sys
 from mdt.config import load_config
-from pipelines.preprocess.config import PreprocessConfig
 from pipelines.preprocess.config import PreprocessConfig, RayConfig
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ from pipelines.preprocess.config import PreprocessConfig, StageResources, join_u
 from types import SimpleNamespace
 import io
 from dataclasses import asdict
-from mdt.generate import looks_like_hub_path
 from mdt.generate import DecodeConfig, GenerateConfig, GenerateModels
 from mdt.generate import checkpoint_exists, ensure_tiny_models, looks_like_hub_path, resolve_model_paths
 from mdt.training.build import ensure_tiny_conditioner
