@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--render-nodes", type=int, default=24)
     ap.add_argument("--cpu-nodes", type=int, default=8)
     ap.add_argument("--efficiency", type=float, default=0.8, help="fraction of the ideal pipelined throughput")
-    ap.add_argument("--spot", action="store_true", help=f"spot prices ({SPOT_FACTOR:.0%%} of on-demand) for workers")
+    ap.add_argument("--spot", action="store_true", help=f"spot prices ({SPOT_FACTOR * 100:.0f}%% of on-demand) for workers")
     ap.add_argument("--train-steps", type=int, default=100_000, help="distillation steps (0: no training line)")
     ap.add_argument("--train-step-s", type=float, default=PLACEHOLDER_TRAIN_STEP_S)
     ap.add_argument("--train-nodes", type=int, default=2)
