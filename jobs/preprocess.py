@@ -41,7 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-
     overrides = list(args.overrides)
     if args.source:
         overrides.append(("sources.specs", list(args.source)))

@@ -353,7 +353,6 @@ def problem_num_classes(problem) -> int:
 
 # ---- notes ----------------------------------------------------------------------------------------------------
 def lower_is_better(problem_name: str, metric: str) -> bool:
-
     table = {"mixture": MixtureProblem, "shapes": ShapesProblem, "shapes_sparse": SparseShapesProblem}
     cls = GMMProblem if problem_name.startswith("gmm") else table[problem_name]     # gmm, sweep's gmm_d*_w*
     return cls.metrics_lower_is_better.get(metric, True)

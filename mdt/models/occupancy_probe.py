@@ -37,7 +37,6 @@ class OccupancyProbe(nn.Module):
         return h
 
     def save(self, path: str | Path) -> None:
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         Path(str(path) + ".json").write_text(json.dumps({"name": "OccupancyProbe", "args": self.args}))

@@ -51,7 +51,6 @@ def conv_backend_for(is_cuda: bool) -> str:
 
 
 def attn_backend_for(is_cuda: bool, dtype) -> str:
-
     if _attn == "sdpa" or not is_cuda or dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"
     if flash_attn_available():

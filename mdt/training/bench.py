@@ -180,7 +180,6 @@ class _Unfused(torch.nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-
         with sdpa_kernel([SDPBackend.MATH]):
             return self.model(*args, **kwargs)
 

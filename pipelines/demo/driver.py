@@ -464,7 +464,6 @@ def run(cfg: DemoConfig) -> DemoResult:
 
 
 def mlflow_ui_hint(tracking_uri: str) -> str:
-
     return (f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 "
             f"--port 5000   then open http://127.0.0.1:5000 (experiment 'mdt-distill-demo': runs demo-teacher, "
             f"demo-mdt and evaluate-demo; 3-D previews under the evaluation run's Artifacts/previews)")

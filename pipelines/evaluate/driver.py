@@ -320,7 +320,6 @@ class SamplerActor:
     """Ray Data callable class: a batch of shard rows -> measurement rows (see the module docstring)."""
 
     def __init__(self, cfg: EvaluateConfig):
-
         threads = cfg.compute.torch_threads or max(1, math.ceil(cfg.compute.num_cpus))
         torch.set_num_threads(threads)
         self.cfg = cfg

@@ -109,7 +109,6 @@ SANDBOX_MODES = ("namespace", "userns")  # "none": only where the job allows run
 
 
 def _libc():
-
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -121,7 +120,6 @@ def _mount(libc, src, target, fstype, flags, data=None) -> None:
 
 
 def ctypes_get_errno() -> int:
-
     return ctypes.get_errno()
 
 
@@ -420,7 +418,6 @@ class _ImporterErrors:
     LOGGERS = ("glTFImporter", "glTFImporter_errors")
 
     def __enter__(self):
-
         errors = self.messages = []
 
         class Collect(logging.Handler):
@@ -434,7 +431,6 @@ class _ImporterErrors:
         return self
 
     def __exit__(self, *exc):
-
         for name in self.LOGGERS:
             logging.getLogger(name).removeHandler(self.handler)
         return False

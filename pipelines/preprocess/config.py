@@ -113,7 +113,6 @@ class RenderConfig:
     max_image_pixels: int = 8192 * 8192
 
     def __post_init__(self):
-
         bad = set(self.unscannable_formats) - {"usdc", "usdz", "abc"}
         if bad:
             raise ConfigError(f"render.unscannable_formats: {sorted(bad)} are not unscannable formats "

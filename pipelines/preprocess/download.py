@@ -621,7 +621,6 @@ class Download:
         return buf.getvalue()
 
     def _http_stream(self, url: str, headers: dict, max_bytes: int, out) -> None:
-
         if self._session is None:
             self._session = requests.Session()
         host = urlparse(url).netloc

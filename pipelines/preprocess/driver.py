@@ -56,7 +56,6 @@ class BatchStageRunner(StageRunner):
     one call per batch of rows, failures still per row; each row records its share of the batch's time."""
 
     def __call__(self, batch):
-
         rows = batch.to_pylist()
         live = [r for r in rows if not r.get("error")]
         if live:

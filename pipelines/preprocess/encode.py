@@ -79,7 +79,6 @@ class Encode:
         self.slat.eval()
 
     def __call__(self, row: dict) -> dict:
-
         coords = unpack_array(row.get("voxel_coords"))
         feats = unpack_array(row.get("voxel_feats"))
         if coords is None or not len(coords):

@@ -103,7 +103,6 @@ class Features:
                                                                  device=self.device, dtype=dtype)
 
     def __call__(self, row: dict) -> dict:
-
         views = row.get("views")
         coords = unpack_array(row.get("voxel_coords"))
         if not views:

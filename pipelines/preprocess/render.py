@@ -473,7 +473,6 @@ class Render:
         return out
 
     def __call__(self, row: dict) -> dict:
-
         row.setdefault("sandbox", None)
         cams = self.cameras(row.get("sha256"))
         with tempfile.TemporaryDirectory(prefix="mdt-render-") as tmp:

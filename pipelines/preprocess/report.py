@@ -170,7 +170,6 @@ def to_markdown(rep: dict) -> str:
 
 
 def save_report(cfg: PreprocessConfig, result, resolved_config: dict | None = None) -> str:
-
     d = join_uri(cfg.output, "runs", result.run_id)
     rep = result.report
     storage.write_bytes_atomic(join_uri(d, "report.json"), json.dumps(rep, indent=2, default=str).encode(),

@@ -61,7 +61,6 @@ class StandInCompute:
             return v, f, check_geometry(v, f), path.read_bytes()
 
     def __call__(self, row: dict) -> dict:
-
         try:
             v, f, checks, data = self._geometry(row)
         except (ExternalReferenceError, MeshError, ValueError) as e:

@@ -167,7 +167,6 @@ class Voxelize:
         self.cfg = cfg.voxelize
 
     def __call__(self, row: dict) -> dict:
-
         data = row.get("mesh_ply")
         if not data:
             return fail(row, self.name, "no mesh from the render stage")

@@ -250,7 +250,6 @@ def sample_seed(seed: int, source_sha256: str, k: int) -> int:
 
 
 def sampler_json(s: SynthesizeSection) -> str:
-
     return json.dumps({"ss": {"teacher": s.teacher, "teacher_sha256": s.teacher_sha256, **asdict(s.ss)},
                        "slat": {"teacher": s.slat_teacher, "teacher_sha256": s.slat_teacher_sha256,
                                 **asdict(s.slat)},
@@ -390,7 +389,6 @@ def run(cfg: SynthesizeConfig, resolved_config: dict | None = None):
 
 
 def summary(cfg: SynthesizeConfig, result) -> dict:
-
     recs = Ledger(cfg.output, result.config_hash, cfg.storage).records(result.run_id)
     done = [r for r in recs if r["stage"] == WRITE_STAGE and r["status"] == "done"]
     images = {r["file_identifier"].rsplit("#", 1)[0] for r in recs if r["file_identifier"]}

@@ -32,7 +32,6 @@ _FILE_ID = re.compile(r"fileId=(\d+)")
 
 
 def _objaverse_module(cfg: PreprocessConfig):
-
     base = os.path.expanduser(cfg.sources.objaverse_dir)
     # The 1.0 API keeps its cache paths in module globals; point them at the configured folder.
     objaverse.BASE_PATH = base
