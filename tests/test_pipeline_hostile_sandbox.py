@@ -14,7 +14,7 @@ from _pipeline_helpers import PROJECT_ROOT
 
 pytestmark = pytest.mark.blender  # every test here runs the Blender worker in its sandbox
 
-WORKER = PROJECT_ROOT / "pipelines" / "blender_worker.py"
+WORKER = PROJECT_ROOT / "pipelines" / "preprocess" / "blender_worker.py"
 SETPRIV_NO_SYS_ADMIN = ["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"]
 # a parent that cannot make namespaces: the worker's own seccomp filter (it refuses unshare) installed first
 NO_NAMESPACES = [sys.executable, "-c", "import os, sys; sys.path.insert(0, os.path.dirname(sys.argv[2])); "
