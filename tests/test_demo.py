@@ -218,7 +218,7 @@ def test_demo_data_free_synthesis_and_evaluation_on_tiny_shards(tmp_path):
     import hashlib
 
     from _distill_helpers import TINY_SS_ARGS, perturbed_teacher, write_tiny_shards
-    from mdt.conditioning import save_tiny_dinov2
+    from mdt.models.zoo import save_tiny_dinov2
     from mdt.eval.snapshots import OccupancyProbe
     from pipelines.demo import driver as demo
     from pipelines.preprocess import shards

@@ -291,7 +291,7 @@ def write_demo_models(root: Path) -> str:
     probe), and a demo-width (64-channel condition) teacher; returns the teacher."""
     from _distill_helpers import TINY_SS_ARGS
 
-    from mdt.conditioning import save_tiny_dinov2
+    from mdt.models.zoo import save_tiny_dinov2
     from mdt.eval.snapshots import OccupancyProbe
 
     models = root / "outputs" / "demo" / "models"
@@ -407,7 +407,7 @@ def test_readme_data_free_ray_job_submit_commands_run_as_printed(tmp_path):
     cmds = [c for c in readme_data_free_commands() if c.startswith("ray job submit")]
     assert len(cmds) == 2 and all(" --working-dir . -- python jobs/" in c for c in cmds)
     out = tmp_path / "cluster"
-    perturbed_teacher(out / "distill" / "ss-flow_matching" / "export" / "ema" / "ss_flow_student")
+    perturbed_teacher(out / "distill" / "ss-flow_matching" / "export" / "ema" / "ss_flow_teacher")
     head = RayHead(dashboard=True, num_cpus=4, own_address=True)  # the cluster section's head: --num-cpus=4 and
     # RAY_ADDRESS in its environment
     try:
