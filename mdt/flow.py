@@ -93,10 +93,24 @@ def rand(shape: Sequence[int], generator: torch.Generator | None, device: Any = 
     return torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
-def randn_like(x: Any, generator: torch.Generator | None = None) -> Any:
-    """Standard normal noise with x's layout (for a SparseTensor: on x's coordinates)."""
+def randn_like(x: Any, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Any:
+    """Standard normal noise with x's layout (for a SparseTensor: on x's coordinates). A sequence of generators,
+    one per sample, draws sample i's noise from generator i alone, so it does not depend on how samples are
+    batched."""
     f = data(x)
-    return like(x, randn(f.shape, generator, f.device, f.dtype))
+    if generator is None or isinstance(generator, torch.Generator):
+        return like(x, randn(f.shape, generator, f.device, f.dtype))
+    gens = list(generator)
+    if len(gens) != batch_size(x):
+        raise ValueError(f"{len(gens)} generators for a batch of {batch_size(x)}")
+    if not is_sparse(x):
+        return torch.stack([randn(f.shape[1:], g, f.device, f.dtype) for g in gens])
+    idx = x.coords[:, 0].long()
+    out = torch.empty_like(f)
+    for b, g in enumerate(gens):
+        rows = (idx == b).nonzero().squeeze(1)
+        out[rows] = randn((rows.numel(), *f.shape[1:]), g, f.device, f.dtype)
+    return like(x, out)
 
 
 # ---- the path -----------------------------------------------------------------------------------------------------

@@ -59,7 +59,9 @@ def test_every_config_the_demo_builds_loads_and_validates(tmp_path):
                      prefix="evaluate_").validate()
     assert ev.data.cond_view == s.data.cond_view             # evaluated on the view it was trained on
     assert [x.label for x in ev.samplers] == ["teacher 25-step", "teacher 4-step", "teacher 2-step",
-                                              "teacher 1-step", "student 1-step", "student 2-step", "student 4-step"]
+                                              "teacher 1-step", "student 1-step", "student 2-step", "student 4-step",
+                                              "student 2-step re-noised", "student 4-step re-noised"]
+    assert [x.student_rule for x in ev.samplers[-2:]] == ["consistency"] * 2
     # the data-free student: the same MDT-dist budget, on the synthesize_demo preset's rows
     assert cfg.data_free.enabled
     f = demo.distill_config("demo-mdt-data-free", tmp_path, str(tmp_path / "synth"), models, "probe",

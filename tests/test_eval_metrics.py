@@ -173,3 +173,22 @@ def test_student_worse_with_more_steps_is_flagged_with_a_reason():
     assert "flag" not in rows[2] and rows[3]["flag"] == "worse than 2-step: IoU cond 0.75 -> 0.6"
     table = markdown_table(rows)
     assert table.count("⚠") == 1 and "| student 4-step | 4 |" in table
+
+
+def test_regressions_are_checked_within_each_student_sampling_rule():
+    """A re-noised row is compared with the 1-step sample and the re-noised rows below it, never with an Euler
+    row (with the rules mixed up, the Euler 4-step would be flagged against the re-noised 2-step and the re-noised
+    2-step against the Euler 2-step would pass for the wrong reason)."""
+    rows = [{"sampler": "student 1-step", "kind": "student", "steps": 1, "iou": 0.7},
+            {"sampler": "student 2-step", "kind": "student", "steps": 2, "iou": 0.6},
+            {"sampler": "student 4-step", "kind": "student", "steps": 4, "iou": 0.65},
+            {"sampler": "student 2-step re-noised", "kind": "student", "steps": 2, "iou": 0.72,
+             "student_rule": "consistency"},
+            {"sampler": "student 4-step re-noised", "kind": "student", "steps": 4, "iou": 0.5,
+             "student_rule": "consistency"}]
+    notes = flag_regressions(rows)
+    flagged = {r["sampler"]: r.get("flag") for r in rows}
+    assert flagged == {"student 1-step": None, "student 2-step": "worse than 1-step: IoU cond 0.7 -> 0.6",
+                       "student 4-step": None, "student 2-step re-noised": None,
+                       "student 4-step re-noised": "worse than 2-step: IoU cond 0.72 -> 0.5"}
+    assert [n.split(":")[0] for n in notes] == ["student 2-step", "student 4-step re-noised"]

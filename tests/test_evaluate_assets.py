@@ -169,3 +169,24 @@ def test_trellis_preset_configures_the_full_chain():
     with pytest.raises(ValueError, match="slat_student"):
         load_config(EvaluateConfig, "trellis", [("data.uri", "d"), ("models.teacher", "t"),
                                                 ("models.student", "s")], prefix="evaluate_").validate()
+
+
+def test_student_rule_is_checked_before_anything_starts():
+    """`student_rule` takes euler or consistency, and students only (teachers sample with TRELLIS's Euler
+    sampler); the re-noised rule has its own label and is recorded on its row."""
+    from mdt.config import load_config
+    from pipelines.evaluate.driver import EvaluateConfig
+
+    base = [("data.uri", "d"), ("models.teacher", "t"), ("models.student", "s"), ("models.ss_decoder", "p")]
+
+    def cfg(samplers):
+        return load_config(EvaluateConfig, "ci", base + [("samplers", samplers), ("sampling.reference",
+                                                                                  "teacher 4-step")],
+                           prefix="evaluate_").validate()
+
+    ok = cfg([{"model": "teacher", "steps": 4}, {"model": "student", "steps": 2, "student_rule": "consistency"}])
+    assert [s.label for s in ok.samplers] == ["teacher 4-step", "student 2-step re-noised"]
+    with pytest.raises(ValueError, match="student_rule must be euler or consistency"):
+        cfg([{"model": "teacher", "steps": 4}, {"model": "student", "steps": 2, "student_rule": "ddim"}])
+    with pytest.raises(ValueError, match="students only"):
+        cfg([{"model": "teacher", "steps": 4}, {"model": "teacher", "steps": 2, "student_rule": "consistency"}])

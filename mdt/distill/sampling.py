@@ -1,7 +1,7 @@
 """Few-step sampling of a distilled student."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -11,12 +11,14 @@ from mdt.flow import SIGMA_MIN, data, like
 
 def student_sample(student: Any, noise: Any, cond: Any, steps: int = 1, neg_cond: Any = None,
                    cfg_strength: float | torch.Tensor = 0.0, mode: str = "euler", sigma_min: float = SIGMA_MIN,
-                   generator: torch.Generator | None = None, cfg_batched: bool = True) -> Any:
+                   generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                   cfg_batched: bool = True) -> Any:
     """Sample a distilled student in `steps` steps on the uniform grid t_i = 1 - i / steps.
 
     mode "euler" (what the MDT-dist snapshots use): `mdt.flow.euler_sample` with rescale_t = 1, i.e.
     x <- x - (t - t_next) S(x, t, c); one step is x0 = eps - S(eps, 1, c). mode "consistency" (multi-step CM
-    sampling): x0_hat = x - t S(x, t), re-noised with fresh noise to t_next (`generator`) until t_next = 0.
+    sampling): x0_hat = x - t S(x, t), re-noised with fresh noise to t_next (`generator`: one, or one per sample
+    so that a sample's noise does not depend on its batch) until t_next = 0.
     cfg_strength (a float or per-sample [B]) uses the TRELLIS convention (1 + w) S(c) - w S(neg_cond) (neg_cond
     defaults to zeros), at every step; `cfg_batched` as in `mdt.flow.guided_velocity`. Works on dense tensors and
     SparseTensors (the result is on the noise's coordinates); a batch-1 condition is repeated. No grad.

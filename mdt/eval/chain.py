@@ -71,9 +71,10 @@ class SamplingChain:
         return self.conditioner(images.to(self.device))
 
     @torch.no_grad()
-    def sample(self, spec, noise, cond: torch.Tensor, stage: str = "ss"):
+    def sample(self, spec, noise, cond: torch.Tensor, stage: str = "ss", generators=None):
         """Dense SS noise or sparse SLat noise -> the sample of `spec`'s model for that stage (the flow
-        samplers of mdt.flow / mdt.distill work on both)."""
+        samplers of mdt.flow / mdt.distill work on both). `generators` (one per sample): the fresh noise of a
+        student that samples with `spec.student_rule` "consistency"."""
         s = self.cfg.sampling
         kind, steps = (spec.model, spec.steps) if stage == "ss" else (spec.slat_kind, spec.slat_step_count)
         net = (self.nets if stage == "ss" else self.slat_nets)[kind]
@@ -88,7 +89,9 @@ class SamplingChain:
             return FlowEulerSampler().sample(net, noise, cond, torch.zeros_like(cond), steps=steps,
                                              rescale_t=s.teacher_rescale_t, cfg_strength=s.cfg_strength(kind, stage),
                                              cfg_interval=tuple(s.teacher_cfg_interval))
-        return student_sample(net, noise, cond, steps=steps, cfg_strength=s.cfg_strength(kind, stage))
+        rule = getattr(spec, "student_rule", "euler")
+        return student_sample(net, noise, cond, steps=steps, cfg_strength=s.cfg_strength(kind, stage), mode=rule,
+                              generator=generators if rule == "consistency" else None)
 
     @torch.no_grad()
     def sample_slat(self, spec, coords: list[torch.Tensor], cond: torch.Tensor,
@@ -97,7 +100,8 @@ class SamplingChain:
         SLat (noise of sample i from `seeds[i]`, drawn on the CPU: independent of batching and device)."""
         channels = next(iter(self.slat_nets.values())).in_channels
         noise = sparse_noise(coords, channels, [torch.Generator().manual_seed(x) for x in seeds], self.device)
-        return denormalize_slat(self.sample(spec, noise, cond, "slat"), self.slat_mean, self.slat_std)
+        renoise = [torch.Generator().manual_seed(x ^ 0x5EED) for x in seeds]    # a stream apart from the noise's
+        return denormalize_slat(self.sample(spec, noise, cond, "slat", renoise), self.slat_mean, self.slat_std)
 
     @torch.no_grad()
     def decode_gaussians(self, slat) -> list:

@@ -99,6 +99,8 @@ class SamplerSpec:
     name: str = ""                      # default: "<model> <steps>-step" (+ the SLat part when it differs)
     slat_model: str | None = None       # teacher | student; None: `model`
     slat_steps: int | None = None       # None: `steps`
+    student_rule: str = "euler"         # students: euler (x <- x - dt S, the MDT-dist release's) | consistency (x0_hat
+                                        # re-noised with fresh noise at each step; mdt.distill.student_sample)
 
     @property
     def slat_kind(self) -> str:
@@ -112,7 +114,7 @@ class SamplerSpec:
     def label(self) -> str:
         if self.name:
             return self.name
-        ss = f"{self.model} {self.steps}-step"
+        ss = f"{self.model} {self.steps}-step" + (" re-noised" if self.student_rule == "consistency" else "")
         if (self.slat_kind, self.slat_step_count) == (self.model, self.steps):
             return ss
         return f"{ss} + SLat {self.slat_kind} {self.slat_step_count}-step"
@@ -242,6 +244,11 @@ class EvaluateConfig:
                 raise ValueError(f"sampler {s.label!r}: model must be teacher or student")
             if s.steps < 1:
                 raise ValueError(f"sampler {s.label!r}: steps must be >= 1")
+            if s.student_rule not in ("euler", "consistency"):
+                raise ValueError(f"sampler {s.label!r}: student_rule must be euler or consistency")
+            if s.student_rule != "euler" and "teacher" in (s.model, s.slat_kind):
+                raise ValueError(f"sampler {s.label!r}: student_rule applies to students only (teachers sample "
+                                 "with TRELLIS's Euler sampler)")
             if not getattr(self.models, s.model):
                 raise ValueError(f"sampler {s.label!r} needs models.{s.model} (--{s.model})")
             if s.slat_kind not in ("teacher", "student") or s.slat_step_count < 1:
@@ -401,8 +408,10 @@ class SamplerActor:
         shapes: list[torch.Tensor] = []
 
         samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        renoise = [torch.Generator().manual_seed(_noise_seed(cfg.sampling.seed, f"{r['sha256']}:renoise", j))
+                   for j in range(k) for r in rows]          # students' re-noising, per sample as the noise
         for spec in cfg.samplers:
-            x = self.models.sample(spec, noise.to(self.models.device), cond_k).float().cpu()
+            x = self.models.sample(spec, noise.to(self.models.device), cond_k, generators=renoise).float().cpu()
             samples[spec.label] = (x, self.models.decode(x))
         ref_x, ref_occ = samples[cfg.sampling.reference]
         res = ref_occ.shape[-1]
@@ -497,7 +506,7 @@ def summarize(cfg: EvaluateConfig, rows: dict[str, np.ndarray], latency: dict[st
     for spec in cfg.samplers:
         m = sampler == spec.label
         r = {"sampler": spec.label, "kind": spec.model, "steps": spec.steps, "nfe": sum(nfe[spec.label].values()),
-             "samples": int(m.sum())}
+             "samples": int(m.sum()), "student_rule": spec.student_rule}
         if cfg.models.full_chain:
             r.update(slat_kind=spec.slat_kind, slat_steps=spec.slat_step_count, nfe_stages=nfe[spec.label])
         for k in kinds:
