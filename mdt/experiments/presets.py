@@ -124,8 +124,13 @@ def _ci() -> dict:
 
 
 def _small() -> dict:
+    # sized for <= 45 min on 2 idle cores: with gmm 400 / shapes 120 student updates, 16 evaluation shapes per class
+    # and a 16-sample image-only pool per shapes class it took 59 min (12 of them under load; 5,930 CPU-s of jobs)
     gmm, shp, spr = copy.deepcopy(GMM), copy.deepcopy(SHAPES), copy.deepcopy(SHAPES_SPARSE)
-    shp["distill"].update(steps=120)
+    gmm["distill"].update(steps=300)
+    shp["distill"].update(steps=80)
+    shp["eval_per_class"] = 12
+    shp["imageonly_k"] = 8
     problems = [with_protocol(pp, [pp["distill"]["lr"], pp["distill"]["lr"] / 5]) for pp in (gmm, shp, spr)]
     return {"name": "small", "problems": problems, "workers": 2, "timing_repeats": 5}
 
