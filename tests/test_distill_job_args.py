@@ -35,10 +35,10 @@ def test_argument_errors_exit_2_with_one_line_before_anything_starts(inputs, cap
 
 def test_default_run_name_says_stage_and_objective():
     from mdt.config import load_config
-    from mdt.training.config import DistillConfig
+    from pipelines.distill.config import DistillJobConfig
 
     for objective in ("flow_matching", "mdt"):
-        cfg = load_config(DistillConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t"),
+        cfg = load_config(DistillJobConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t"),
                                                 ("objective.name", objective)], prefix="distill_").validate()
         assert cfg.name == f"ss-{objective}"
 
@@ -47,10 +47,11 @@ def test_export_names_say_teacher_or_student_and_stage(capsys, monkeypatch, inpu
     """A flow-matching run exports a teacher and every distillation objective a student, named so per stage; a
     preset's `{role}` is filled in the same way; a literal name that says the other role is refused (exit 2)."""
     from mdt.config import load_config
-    from mdt.training.config import DistillConfig, OBJECTIVES
+    from mdt.training.config import OBJECTIVES
+    from pipelines.distill.config import DistillJobConfig
 
     def stem(preset, *ov):
-        return load_config(DistillConfig, preset, [("data.uri", "/d"), ("model.teacher", "/t"), *ov],
+        return load_config(DistillJobConfig, preset, [("data.uri", "/d"), ("model.teacher", "/t"), *ov],
                            prefix="distill_").validate().model.export_stem
 
     for objective in OBJECTIVES:
@@ -79,18 +80,18 @@ def test_export_names_say_teacher_or_student_and_stage(capsys, monkeypatch, inpu
 def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path, monkeypatch):
     """The README's teacher line, then the MDT line under the teacher run's name: refused, not 'resumed'."""
     from mdt.config import load_config
-    from mdt.training.config import DistillConfig
+    from pipelines.distill.config import DistillJobConfig
     from pipelines.distill import driver as distill
 
     tmp, data, teacher = inputs
     base = [("data.uri", str(data)), ("output", str(tmp_path / "runs")), ("name", "shared")]
-    fm = load_config(DistillConfig, "ci", base + [("objective.name", "flow_matching")], prefix="distill_").validate()
+    fm = load_config(DistillJobConfig, "ci", base + [("objective.name", "flow_matching")], prefix="distill_").validate()
     distill.prepare(fm)
     rdir = tmp_path / "runs" / "shared"
     rdir.mkdir(parents=True)
     (rdir / distill.RUN_IDENTITY_FILE).write_text(json.dumps(distill.run_identity(fm)))
     distill.prepare(fm)                                    # the same run: resumes
-    more = load_config(DistillConfig, "ci", base + [("objective.name", "flow_matching"), ("train.max_steps", 60)],
+    more = load_config(DistillJobConfig, "ci", base + [("objective.name", "flow_matching"), ("train.max_steps", 60)],
                        prefix="distill_").validate()
     distill.prepare(more)                                  # more steps of the same run: fine
     rc, err = run_cli_without_ray(["--preset", "ci", "--data", str(data), "--teacher", teacher, "--output", str(tmp_path / "runs"),
@@ -101,12 +102,12 @@ def test_rerun_under_a_name_must_match_the_stored_run(inputs, capsys, tmp_path, 
 
 def test_relative_output_refused_under_job_submit(inputs, monkeypatch):
     from mdt.config import load_config
-    from mdt.training.config import DistillConfig
+    from pipelines.distill.config import DistillJobConfig
     from pipelines.distill import driver as distill
 
     tmp, data, teacher = inputs
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}}))
-    cfg = load_config(DistillConfig, "ci", [("data.uri", str(data)), ("objective.name", "flow_matching")],
+    cfg = load_config(DistillJobConfig, "ci", [("data.uri", str(data)), ("objective.name", "flow_matching")],
                       prefix="distill_").validate()
     with pytest.raises(distill.ArgumentError, match="relative"):
         distill.prepare(cfg)
@@ -118,10 +119,10 @@ def test_cluster_check_names_the_shortfall(monkeypatch):
     import ray
 
     from mdt.config import load_config
-    from mdt.training.config import DistillConfig
+    from pipelines.distill.config import DistillJobConfig
     from pipelines.distill import driver as distill
 
-    cfg = load_config(DistillConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")], prefix="distill_").validate()
+    cfg = load_config(DistillJobConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")], prefix="distill_").validate()
     assert distill.required_resources(cfg) == {"CPU": 3.0}
     for cpus, ok in ((2, False), (3, True)):
         monkeypatch.setattr(ray, "cluster_resources", lambda c=cpus: {"CPU": float(c)})
@@ -132,7 +133,7 @@ def test_cluster_check_names_the_shortfall(monkeypatch):
             with pytest.raises(distill.ArgumentError, match=r"needs 3 CPU \(cluster has 2\)"):
                 distill.check_cluster(cfg)
     # the GPU presets ask for one GPU per worker; an autoscaling cluster is not checked
-    big = load_config(DistillConfig, "trellis-image-large", [("data.uri", "/d")], prefix="distill_").validate()
+    big = load_config(DistillJobConfig, "trellis-image-large", [("data.uri", "/d")], prefix="distill_").validate()
     assert distill.required_resources(big) == {"CPU": 8 * 8 + 1.0, "GPU": 8.0}
     with pytest.raises(distill.ArgumentError, match=r"65 CPU \(cluster has 3\) and 8 GPU \(cluster has 0\)"):
         distill.check_cluster(big)
