@@ -27,10 +27,50 @@ def test_argument_errors_exit_2_with_one_line_before_anything_starts(inputs, cap
         (["--preset", "ci", "--data", str(data), "--objective", "nope", *out], "objective"),
         (["--preset", "ci", "--data", str(data), "--teacher", teacher, "--objective", "scm",
           "--set", "objective.scm.adaptive_weighting=true", *out], "adaptive_weighting"),
+        # checks across the job's sections (pipelines.distill.config) and the trainer's
+        (["--preset", "ci", "--data", str(data), "--teacher", teacher, "--set", "train.fsdp=true",
+          "--set", "scaling.num_workers=1", *out], "train.fsdp needs scaling.num_workers >= 2"),
+        (["--preset", "ci", "--data", str(data), "--teacher", teacher, "--set", "mlflow.register_weights=both",
+          *out], "mlflow.register_weights"),
+        (["--preset", "ci", "--data", str(data), "--teacher", teacher, "--set", "eval.enabled=true", *out],
+         "needs eval.decoder"),
+        (["--preset", "ci", "--data", str(data), "--teacher", teacher, "--stage", "slat", "--set", "eval.enabled=true",
+          "--set", "eval.decoder=/x", *out], "SS stage only"),
+        (["--preset", "ci", "--data", str(data), "--teacher", teacher, "--set", "scalng.num_workers=2", *out],
+         "unknown config key 'scalng'"),
     ]
     for argv, needle in cases:
         rc, err = run_cli_without_ray(argv, capsys, monkeypatch)
         assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_one_preset_holds_the_trainer_config_and_the_job_around_it():
+    """The job's config is the trainer's tree plus the sections `JOB_SECTIONS` names; the library reads a shipped
+    preset's trainer settings alone (the same values as the job's), and a key that neither layer has is an error."""
+    from dataclasses import fields
+
+    from mdt.config import CONFIGS_DIR, ConfigError, load_config, to_dict
+    from mdt.training.config import JOB_SECTIONS, DistillConfig, load_trainer_config
+    from pipelines.distill.config import DistillJobConfig
+
+    trainer_fields = [f.name for f in fields(DistillConfig)]
+    assert [f.name for f in fields(DistillJobConfig)] == trainer_fields + list(JOB_SECTIONS)
+    presets = sorted(p.stem.removeprefix("distill_") for p in CONFIGS_DIR.glob("distill_*.yaml"))
+    assert len(presets) >= 5, presets
+    ov = [("data.uri", "/d"), ("model.teacher", "/t")]
+    for preset in presets:
+        job = to_dict(load_config(DistillJobConfig, preset, ov, prefix="distill_"))
+        trainer = load_trainer_config(preset, ov)
+        assert type(trainer) is DistillConfig
+        assert to_dict(trainer) == {k: job[k] for k in trainer_fields}, preset
+    assert load_trainer_config("ci", ["scaling.num_workers=8"]) == load_trainer_config("ci")  # the job's section
+    for bad, key in (("scalng.num_workers=8", "scalng"), ("train.fsdpp=true", "train.fsdpp"), ("rayy={}", "rayy")):
+        with pytest.raises(ConfigError, match=f"unknown config key '{re.escape(key)}'"):
+            load_trainer_config("ci", [bad])
+        with pytest.raises(ConfigError, match=f"unknown config key '{re.escape(key)}'"):
+            load_config(DistillJobConfig, "ci", [bad], prefix="distill_")
+    with pytest.raises(ValueError, match="fields of DistillConfig"):   # a section the class has is not another's
+        load_config(DistillConfig, "ci", prefix="distill_", other_layers=("train",))
 
 
 def test_default_run_name_says_stage_and_objective():
@@ -39,7 +79,7 @@ def test_default_run_name_says_stage_and_objective():
 
     for objective in ("flow_matching", "mdt"):
         cfg = load_config(DistillJobConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t"),
-                                                ("objective.name", objective)], prefix="distill_").validate()
+                                                   ("objective.name", objective)], prefix="distill_").validate()
         assert cfg.name == f"ss-{objective}"
 
 
@@ -122,7 +162,8 @@ def test_cluster_check_names_the_shortfall(monkeypatch):
     from pipelines.distill.config import DistillJobConfig
     from pipelines.distill import driver as distill
 
-    cfg = load_config(DistillJobConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")], prefix="distill_").validate()
+    cfg = load_config(DistillJobConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")],
+                      prefix="distill_").validate()
     assert distill.required_resources(cfg) == {"CPU": 3.0}
     for cpus, ok in ((2, False), (3, True)):
         monkeypatch.setattr(ray, "cluster_resources", lambda c=cpus: {"CPU": float(c)})

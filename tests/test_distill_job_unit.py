@@ -319,7 +319,8 @@ def test_lr_is_logged_so_that_an_mlflow_chart_shows_it():
     constant_range = re.compile(r"if\((\w+)===\w+\)\{var \w+=\1-1,\w+=\1\+1")
     assert any(constant_range.search(p.read_text(errors="ignore")) for p in bundle.glob("*.js"))
 
-    cfg = load_config(DistillJobConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")], prefix="distill_").validate()
+    cfg = load_config(DistillJobConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")],
+                      prefix="distill_").validate()
     assert cfg.optim.lr == 1e-3 and cfg.optim.warmup_steps == 0
     logged: dict[int, dict] = {}
     loop = object.__new__(distill_worker.WorkerLoop)

@@ -8,6 +8,7 @@ from .step import StepResult, Trainer, split_batch
 
 __all__ = [
     "JOB_SECTIONS", "OBJECTIVES", "STAGES", "ClipConfig", "ConditionConfig", "DataConfig", "DistillConfig",
-    "EMAConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig", "load_trainer_config", "EMA", "AdaptiveGradClipper", "objective_fn", "resolve_precision",
+    "EMAConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig", "load_trainer_config", "EMA",
+    "AdaptiveGradClipper", "objective_fn", "resolve_precision",
     "StepResult", "Trainer", "split_batch",
 ]

@@ -150,7 +150,7 @@ class TrainConfig:
     export: bool = True                 # export student (+ EMA) in TRELLIS format at the end
     wait_for_commit: bool = True        # block after each checkpoint until Ray Train has registered it
     commit_timeout_s: float = 600.0
-    torch_threads: int | None = None    # per worker; None: the job's CPUs per worker (scaling.cpus_per_worker)
+    torch_threads: int | None = None    # per worker; None: the job's CPUs per worker (its scaling.cpus_per_worker)
 
 
 @dataclass
