@@ -89,9 +89,9 @@ def distill_memory(stage: str, activation_coef: dict | None = None) -> dict:
     from mdt.bench import activations  # heavy: torch, safetensors
     from mdt.models.zoo import full_size_model_args  # heavy: torch, safetensors
     from mdt.models import build_model  # heavy: torch, safetensors
-    from mdt.training.config import DistillConfig  # heavy: torch, numpy
+    from pipelines.distill.config import DistillJobConfig  # heavy: torch, numpy
 
-    cfg = load_config(DistillConfig, f"trellis-{stage}", [("data.uri", "-")], prefix="distill_")
+    cfg = load_config(DistillJobConfig, f"trellis-{stage}", [("data.uri", "-")], prefix="distill_")
     name, args = full_size_model_args(f"{stage}_flow")
     params = sum(p.numel() for p in build_model(name, args, device="meta").parameters())
     coef = activation_coef or activations.MEASURED

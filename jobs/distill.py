@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from mdt.training.config import DistillConfig  # heavy: numpy, torch
+    from pipelines.distill.config import DistillJobConfig  # heavy: numpy, torch
 
     ov = list(args.overrides)
     for flag, key in (("data", "data.uri"), ("teacher", "model.teacher"), ("student", "model.student"),
@@ -64,7 +64,7 @@ def build_config(args: argparse.Namespace):
                       ("steps", "train.max_steps")):
         if getattr(args, flag) is not None:
             ov.append((key, getattr(args, flag)))
-    return load_config(DistillConfig, args.preset, ov, prefix="distill_").validate()
+    return load_config(DistillJobConfig, args.preset, ov, prefix="distill_").validate()
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,8 @@
   ``{x: 1}``), or ``(dotted.key, value)`` pairs whose value is used as given (no quoting needed for code
   that builds overrides); either way the value is then checked against the dataclass field's type. ``dict[str, Dataclass]`` fields take new
   keys (``resources.render.num_gpus=1``).
-- Unknown keys are errors that list the valid ones: a typo never silently falls back to a default.
+- Unknown keys are errors that list the valid ones: a typo never silently falls back to a default. A caller
+  that reads only its own part of a shared preset names the other parts' top-level sections (``other_layers``).
 """
 from __future__ import annotations
 
@@ -44,14 +45,24 @@ def load_config(
     *,
     presets_dir: str | Path = CONFIGS_DIR,
     prefix: str = "",
+    other_layers: Sequence[str] = (),
 ) -> T:
-    """Defaults of ``cls`` <- preset YAML <- overrides, type-checked."""
+    """Defaults of ``cls`` <- preset YAML <- overrides, type-checked.
+
+    ``other_layers`` names top-level sections that a preset may hold for another layer of the same job (a trainer's
+    config read from a preset that also configures the Ray job around it): they are left out unread. Every other
+    key that is not a field of ``cls`` is still an error."""
+    clash = sorted(set(other_layers) & {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    if clash:
+        raise ValueError(f"other_layers {clash} are fields of {cls.__name__}")
     data: dict[str, Any] = {}
     if preset:
         data = load_preset(preset, presets_dir=presets_dir, prefix=prefix)
     for ov in overrides:
         key, value = ov if isinstance(ov, tuple) else parse_override(ov)
         set_dotted(data, key, value)
+    for name in other_layers:
+        data.pop(name, None)
     return from_dict(cls, data)
 
 

@@ -116,10 +116,10 @@ def ci_overrides(tmp: Path, data: Path, teacher: str | None, tracking_uri: str |
 
 def ci_config(tmp: Path, data: Path, teacher: str | None, tracking_uri: str | None, overrides=(), **extra):
     from mdt.config import load_config
-    from mdt.training.config import DistillConfig
+    from pipelines.distill.config import DistillJobConfig
 
     ov = ci_overrides(tmp, data, teacher, tracking_uri, **extra) + list(overrides)
-    return load_config(DistillConfig, "ci", ov, prefix="distill_").validate()
+    return load_config(DistillJobConfig, "ci", ov, prefix="distill_").validate()
 
 
 class MlflowServer:

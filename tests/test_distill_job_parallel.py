@@ -51,14 +51,14 @@ def _worker(rank: int, port: int, q) -> None:
         from mdt.config import load_config
         from mdt.models import build_model
         from mdt.training import Trainer
-        from mdt.training.config import DistillConfig
+        from pipelines.distill.config import DistillJobConfig
         from mdt.training.wrappers import wrap_student
 
         for stage, name, args in (("ss", "SparseStructureFlowModel", TINY_SS_ARGS),
                                   ("slat", "SLatFlowModel", TINY_SLAT_ARGS)):
             for objective in ("scm", "mdt") + (("flow_matching",) if stage == "slat" else ()):
                 for fsdp in (False, True):
-                    cfg = load_config(DistillConfig, "ci", [
+                    cfg = load_config(DistillJobConfig, "ci", [
                         ("data.uri", "/unused"), ("stage", stage), ("objective.name", objective),
                         ("objective.mdt.mode", "continuous"), ("objective.mdt.jvp", "func"),
                         ("objective.scm.jvp", "func"), ("train.fsdp", fsdp), ("data.batch_split", 1),
@@ -125,9 +125,9 @@ def test_teacher_outside_autocast_and_student_targets_in_fp32():
     from mdt.config import load_config
     from mdt.models import build_model
     from mdt.training import Trainer
-    from mdt.training.config import DistillConfig
+    from pipelines.distill.config import DistillJobConfig
 
-    cfg = load_config(DistillConfig, "ci", [("data.uri", "/unused"), ("model.teacher", "/unused"),
+    cfg = load_config(DistillJobConfig, "ci", [("data.uri", "/unused"), ("model.teacher", "/unused"),
                                             ("objective.name", "mdt"), ("data.batch_split", 1)], prefix="distill_")
     torch.manual_seed(0)
     teacher = build_model("SparseStructureFlowModel", dict(TINY_SS_ARGS)).eval().requires_grad_(False)

@@ -16,7 +16,7 @@ from mdt.config import load_config
 from mdt.training import EMA, AdaptiveGradClipper, Trainer, split_batch
 from mdt.training import checkpoint as ckpt_io
 from mdt.training.build import build_student, build_teacher
-from mdt.training.config import DistillConfig
+from pipelines.distill.config import DistillJobConfig
 
 
 @pytest.fixture(scope="module")
@@ -170,15 +170,15 @@ def test_presets_resolve():
     from mdt.distill import MDTConfig
 
     for name in ("demo", "ci", "trellis-ss", "trellis-slat", "trellis-image-large"):
-        cfg = load_config(DistillConfig, name, ["data.uri=/x", "model.teacher=/t"], prefix="distill_").validate()
+        cfg = load_config(DistillJobConfig, name, ["data.uri=/x", "model.teacher=/t"], prefix="distill_").validate()
         assert cfg.objective.name in ("mdt", "flow_matching")
     # the trellis presets carry MDT-dist's released objective (reference 5.2) until the benchmark selects otherwise
     released = MDTConfig(mode="discrete", delta=0.01, w_vm=40.0, w_vd=100.0, lambda_vm=1.0, lambda_vd=1.0,
                          d_norm=True, d_norm_c=0.1, t_schedule="logit_normal", t_mean=1.0, t_std=1.0,
                          sigma_min=1e-5, multiphase=1, vd_weighting="released", vd_noise="shared")
     for name in ("trellis-ss", "trellis-slat", "trellis-image-large"):
-        assert load_config(DistillConfig, name, [], prefix="distill_").objective.mdt == released, name
-    slat = load_config(DistillConfig, "trellis-slat", [], prefix="distill_")
+        assert load_config(DistillJobConfig, name, [], prefix="distill_").objective.mdt == released, name
+    slat = load_config(DistillJobConfig, "trellis-slat", [], prefix="distill_")
     assert slat.stage == "slat" and slat.optim.lr == 1e-8 and slat.scaling.use_gpu and slat.objective.mdt.w_vd == 100
     assert "slat_flow_img_dit_L_64l8p2_fp16" in slat.model.teacher
 
@@ -319,7 +319,8 @@ def test_lr_is_logged_so_that_an_mlflow_chart_shows_it():
     constant_range = re.compile(r"if\((\w+)===\w+\)\{var \w+=\1-1,\w+=\1\+1")
     assert any(constant_range.search(p.read_text(errors="ignore")) for p in bundle.glob("*.js"))
 
-    cfg = load_config(DistillConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")], prefix="distill_").validate()
+    cfg = load_config(DistillJobConfig, "ci", [("data.uri", "/d"), ("model.teacher", "/t")],
+                      prefix="distill_").validate()
     assert cfg.optim.lr == 1e-3 and cfg.optim.warmup_steps == 0
     logged: dict[int, dict] = {}
     loop = object.__new__(distill_worker.WorkerLoop)
@@ -355,7 +356,7 @@ def test_readme_snapshot_table_matches_every_preset():
     shipped = {p.stem.removeprefix("distill_") for p in (root / "jobs" / "configs").glob("distill_*.yaml")}
     assert set(claimed) == shipped
     for preset, (steps, drawn) in claimed.items():
-        s = load_config(DistillConfig, preset, [("data.uri", "/d"), ("model.teacher", "/t")],
+        s = load_config(DistillJobConfig, preset, [("data.uri", "/d"), ("model.teacher", "/t")],
                         prefix="distill_").validate().snapshot
         if s.num_conditions == 0:
             assert (steps, drawn) == ("—", "none"), preset

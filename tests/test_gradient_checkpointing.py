@@ -80,10 +80,9 @@ def test_build_student_honours_gradient_checkpointing(tmp_path):
 
 @pytest.mark.parametrize("preset", ["trellis-ss", "trellis-slat", "trellis-image-large"])
 def test_trellis_presets_checkpoint_the_student(preset):
-    from mdt.config import load_config
-    from mdt.training.config import DistillConfig
+    from mdt.training.config import load_trainer_config
 
-    cfg = load_config(DistillConfig, preset, [("data.uri", "x")], prefix="distill_")
+    cfg = load_trainer_config(preset, [("data.uri", "x")])
     assert cfg.model.gradient_checkpointing is True
 
 

@@ -159,6 +159,50 @@ def test_the_library_knows_no_ray_or_mlflow():
     assert not bad, "\n".join(bad)
 
 
+# Settings of a Ray job (its workers, cluster and tracking): the names of their fields in pipelines/*/config.py.
+RAY_JOB_FIELDS = {"num_workers", "use_gpu", "cpus_per_worker", "num_cpus", "num_gpus", "placement_strategy",
+                  "tracking_uri", "ray", "mlflow"}
+
+
+def _dataclass_fields(path: Path) -> dict[str, set[str]]:
+    """`{class name: its annotated field names}` of every dataclass defined in `path`."""
+
+    def is_dataclass(d: ast.expr) -> bool:
+        d = d.func if isinstance(d, ast.Call) else d
+        return (isinstance(d, ast.Name) and d.id == "dataclass") or (isinstance(d, ast.Attribute)
+                                                                      and d.attr == "dataclass")
+
+    return {node.name: {s.target.id for s in node.body
+                        if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.ClassDef) and any(is_dataclass(d) for d in node.decorator_list)}
+
+
+def _ray_job_settings(path: Path) -> list[str]:
+    return [f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}: {cls}.{name}"
+            for cls, names in _dataclass_fields(path).items() for name in sorted(names & RAY_JOB_FIELDS)]
+
+
+def test_the_library_configures_no_ray_job():
+    """A config dataclass of mdt/ holds what the library itself uses: the workers, cluster and tracking of a job
+    are sections of that job's config in pipelines/ (e.g. pipelines/distill/config.py around the trainer's)."""
+    bad = [b for p in sorted((ROOT / "mdt").rglob("*.py")) for b in _ray_job_settings(p)]
+    assert not bad, "Ray job settings in the library:\n" + "\n".join(bad)
+
+
+def test_the_ray_settings_checker_sees_them(tmp_path):
+    """The checker reads every dataclass form (a checker that sees nothing passes everything); the job's own
+    config, which must hold them, is seen too."""
+    src = tmp_path / "c.py"
+    src.write_text("import dataclasses\nfrom dataclasses import dataclass\n\n@dataclass\nclass A:\n"
+                   "    num_workers: int = 1\n    lr: float = 0.1\n\n@dataclasses.dataclass(frozen=True)\n"
+                   "class B:\n    tracking_uri: str = ''\n\nclass C:\n    use_gpu: bool = False\n")
+    assert _ray_job_settings(src) == ["c.py: A.num_workers", "c.py: B.tracking_uri"]
+    job = _ray_job_settings(ROOT / "pipelines" / "distill" / "config.py")
+    assert {"pipelines/distill/config.py: ScalingConfig.num_workers",
+            "pipelines/distill/config.py: DistillJobConfig.ray"} <= set(job), job
+
+
 @pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
 def test_jobs_are_thin(job):
     lines = (ROOT / "jobs" / job).read_text().count("\n")

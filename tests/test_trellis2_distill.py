@@ -155,16 +155,16 @@ def test_gpu_presets_name_the_released_flows():
     the five released layouts), the conditioner is DINOv3 at 512 px and the student is sharded."""
     from conftest import shared_path
     from mdt.config import load_config
-    from mdt.training.config import DistillConfig
+    from pipelines.distill.config import DistillJobConfig
 
     released = set(json.loads(shared_path("reference", "trellis2-flow-state-dict-shapes.json").read_text()))
     for preset, stage in (("trellis2-ss", "ss"), ("trellis2-shape", "slat"), ("trellis2-tex", "slat")):
-        cfg = load_config(DistillConfig, preset, [("data.uri", "s3://bucket/shards")], prefix="distill_").validate()
+        cfg = load_config(DistillJobConfig, preset, [("data.uri", "s3://bucket/shards")], prefix="distill_").validate()
         assert cfg.stage == stage and cfg.train.fsdp and cfg.condition.image_size == 512
         assert cfg.condition.model == "facebook/dinov3-vitl16-pretrain-lvd1689m"
         for path in filter(None, (cfg.model.teacher, cfg.model.shape_teacher)):
             assert path.startswith("microsoft/TRELLIS.2-4B/ckpts/") and path.rsplit("/", 1)[1] in released
         assert cfg.teacher_data.enabled == (stage == "slat")
-    tex = load_config(DistillConfig, "trellis2-tex", [("data.uri", "x")], prefix="distill_")
+    tex = load_config(DistillJobConfig, "trellis2-tex", [("data.uri", "x")], prefix="distill_")
     assert (tex.teacher_data.sampler.guidance_strength, tex.teacher_data.sampler.guidance_interval) == (1.0, [0.6, 0.9])
     assert tex.model.shape_teacher.endswith("img2shape_dit_1_3B_512_bf16")

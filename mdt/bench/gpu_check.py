@@ -30,7 +30,6 @@ import torch
 
 from mdt.bench import generate as bench_generate
 from mdt.bench.models import shell_voxels
-from mdt.config import load_config
 from mdt.distill.mdt_dist import MDTConfig, vm_target
 from mdt.models import from_pretrained
 from mdt.models.zoo import TRELLIS_STEMS, save_tiny_dinov2, write_trellis_repo
@@ -39,7 +38,7 @@ from mdt.sparse.attention import varlen_attention
 from mdt.sparse.backends import flash_attn_available, spconv_available
 from mdt.training.bench import synthetic_batch
 from mdt.training.build import build_student, build_teacher
-from mdt.training.config import DistillConfig
+from mdt.training.config import load_trainer_config
 from mdt.training.machinery import resolve_precision
 from mdt.training.step import Trainer
 import resource
@@ -190,9 +189,9 @@ def chain_latency(repo: Path, device: str, size: str, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ 4. training
 
 def training_step(repo: Path, stage: str, device: str, size: str) -> dict:
-    cfg = load_config(DistillConfig, f"trellis-{stage}", [
+    cfg = load_trainer_config(f"trellis-{stage}", [
         ("data.uri", "-"), ("model.teacher", str(repo / "ckpts" / TRELLIS_STEMS[f"{stage}_flow"])),
-        ("condition.model", str(repo / "dinov2"))], prefix="distill_").validate()
+        ("condition.model", str(repo / "dinov2"))]).validate()
     dev = torch.device(device)
     amp = resolve_precision(cfg.train.precision, dev)
     teacher = build_teacher(cfg.model, dev)

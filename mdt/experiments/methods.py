@@ -132,7 +132,7 @@ def sample_cfg(method: str, cfg: float) -> float:
 
 def trainer_config(name: str, ocfg: Any, lr: float, warmup: int, grad_clip: float, ema: float,
                    target: str = "student") -> DistillConfig:
-    """The distillation job's config with the benchmark's optimiser settings (AdamW betas 0.9/0.99, no weight decay,
+    """The trainer's config with the benchmark's optimiser settings (AdamW betas 0.9/0.99, no weight decay,
     linear warm-up, TRELLIS's adaptive clipper at `grad_clip`, one micro-batch, NaN guard on)."""
     cfg = DistillConfig()
     section = {"flow_matching": "flow_matching", "mdt": "mdt", "vm": "mdt"}.get(name, name)

@@ -73,10 +73,11 @@ def synthetic_batch(student: torch.nn.Module, cfg, cond_tokens: int, cond_channe
     return {"x0": x0, "cond": torch.randn(batch, cond_tokens, cond_channels, generator=g)}
 
 
-def bench_step(cfg, batch: int | None = None, repeat: int = 5, threads: int | None = None) -> dict:
+def bench_step(cfg, use_gpu: bool, batch: int | None = None, repeat: int = 5, threads: int | None = None) -> dict:
+    """One step of trainer config `cfg`, on the GPU where `use_gpu` and one is visible, else on the CPU."""
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    dev = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
     amp = resolve_precision(cfg.train.precision, dev)
     teacher = build_teacher(cfg.model, dev)

@@ -1,19 +1,27 @@
-"""Typed configuration of the distillation / training job (defaults here, presets in jobs/configs/distill_*.yaml).
+"""Typed configuration of the trainer (`Trainer`, the networks it builds, the data it reads): defaults here, presets in
+jobs/configs/distill_*.yaml.
 
-One dataclass tree, loaded by ``mdt.config.load_config(DistillConfig, preset, overrides, prefix="distill_")``.
-The objective sections embed ``mdt.distill``'s own config dataclasses, so every hyper-parameter of an objective
-is settable with ``--set objective.mdt.w_vm=3.0``. Defaults follow the released MDT-dist configs (reference
-section 5.2) where one exists; the CPU presets shrink everything.
+One dataclass tree. The distillation job's configuration (`pipelines.distill.config.DistillJobConfig`) is this tree
+plus the sections of the Ray job around the trainer (`JOB_SECTIONS`: workers, cluster, tracking, snapshots,
+evaluation after training), so a preset holds both; library code reads a preset's trainer settings with
+``load_trainer_config(preset, overrides)``, which leaves those sections out. The objective sections embed
+``mdt.distill``'s own config dataclasses, so every hyper-parameter of an objective is settable with
+``--set objective.mdt.w_vm=3.0``. Defaults follow the released MDT-dist configs (reference section 5.2) where one
+exists; the CPU presets shrink everything.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from mdt.config import load_config
 from mdt.distill import CMConfig, FlowMatchingConfig, MDTConfig, PCMConfig, SCMConfig
 
 OBJECTIVES = ("flow_matching", "mdt", "vm", "cm", "pcm", "scm")
 STAGES = ("ss", "slat")
+# Top-level sections of a distill_*.yaml preset that configure the Ray job around the trainer
+# (`pipelines.distill.config.DistillJobConfig`), not the trainer.
+JOB_SECTIONS = ("scaling", "ray", "mlflow", "snapshot", "eval")
 
 
 @dataclass
@@ -142,67 +150,7 @@ class TrainConfig:
     export: bool = True                 # export student (+ EMA) in TRELLIS format at the end
     wait_for_commit: bool = True        # block after each checkpoint until Ray Train has registered it
     commit_timeout_s: float = 600.0
-    torch_threads: int | None = None    # per worker; None: cpus_per_worker
-
-
-@dataclass
-class ScalingConfig:
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    data_cpus: float = 1.0              # logical CPUs kept free for Ray Data's read tasks beside the workers
-    placement_strategy: str = "PACK"    # PACK | SPREAD | STRICT_SPREAD
-    backend: str = "auto"               # auto (nccl on GPU, gloo on CPU) | gloo | nccl
-    max_failures: int = 3               # worker failures recovered from the last checkpoint
-
-
-@dataclass
-class RayConfig:
-    address: str | None = None          # None: $RAY_ADDRESS (ray job submit) or a new local instance
-    num_cpus: int | None = None         # local instance: at least the workers' CPUs + scaling.data_cpus
-    autoscaling: bool = False           # the cluster grows on demand: no up-front check of its resources
-    include_dashboard: bool = False     # local instance only
-
-
-@dataclass
-class MlflowConfig:
-    enabled: bool = True
-    tracking_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db (local output)
-    experiment: str = "mdt-distill"
-    run_name: str | None = None         # default: the run name
-    register_model: str | None = None   # registered-model name (None: <name>-teacher for flow_matching, else -student)
-    register_weights: str = "ema"       # which exported weights are registered: ema (what evaluation uses) | student
-    log_every: int | None = None        # None: train.log_every
-
-
-@dataclass
-class SnapshotConfig:
-    """Teacher (many steps) vs student (1/2/4 steps) samples for fixed seeds and conditions -> PNG grid."""
-
-    every: int = 0                      # steps; 0: only at the end
-    num_conditions: int = 4             # first assets of the dataset
-    seed: int = 3407
-    teacher_steps: int = 25
-    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
-    cfg_strength: float = 3.0           # MDT snapshots: 3.0 (SS), 0.1 (SLat)
-    decoder: str | None = None          # SS decoder checkpoint (TRELLIS) or occupancy probe; None: latent view
-    image_size: int = 96                # pixels per cell
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation of the run's exported weights after training succeeds (`pipelines.evaluate`; SS stage only):
-    the exported EMA student (`mlflow.register_weights`) against the run's teacher, or, for a flow-matching
-    run, the trained model as the teacher. Its table lands on the run's MLflow run as one artifact (`eval/`)
-    with a few headline metrics (`eval/FD_dinov2_student_1step`, ...)."""
-
-    enabled: bool = False
-    preset: str = "demo"                # jobs/configs/evaluate_<preset>.yaml: ci | demo | trellis
-    decoder: str | None = None          # SS decoder checkpoint or occupancy probe (required when enabled)
-    data: str | None = None             # shards evaluated on; None: data.uri
-    split: str | None = None            # holdout | train | all; None: the preset's
-    output: str | None = None           # results under <output>/eval; None: <output>/<name> (needs a local output)
-    overrides: list[str] = field(default_factory=list)  # further evaluation settings, e.g. [sampling.seeds=2]
+    torch_threads: int | None = None    # per worker; None: the job's CPUs per worker (its scaling.cpus_per_worker)
 
 
 @dataclass
@@ -219,11 +167,6 @@ class DistillConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def role(self) -> str:
@@ -233,8 +176,6 @@ class DistillConfig:
     def validate(self) -> "DistillConfig":
         if not self.name:
             self.name = f"{self.stage}-{self.objective.name}"
-        if self.mlflow.register_weights not in ("ema", "student"):
-            raise ValueError("mlflow.register_weights must be 'ema' or 'student'")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.objective.name not in OBJECTIVES:
@@ -253,8 +194,6 @@ class DistillConfig:
             raise ValueError("data.uri (--data) is required")
         if self.train.precision not in ("auto", "fp32", "bf16"):
             raise ValueError("train.precision must be auto, fp32 or bf16")
-        if self.train.fsdp and self.scaling.num_workers < 2:
-            raise ValueError("train.fsdp needs scaling.num_workers >= 2")
         if self.condition.tiny_kind not in ("dinov2", "dinov3"):
             raise ValueError("condition.tiny_kind must be 'dinov2' or 'dinov3'")
         if self.teacher_data.enabled and (self.stage != "slat" or not self.model.teacher):
@@ -262,10 +201,6 @@ class DistillConfig:
                              "and model.teacher")
         if self.model.shape_teacher and not self.teacher_data.enabled:
             raise ValueError("model.shape_teacher (texture stage) needs teacher_data.enabled")
-        if self.eval.enabled and self.stage != "ss":
-            raise ValueError(f"eval.enabled: the evaluation covers the SS stage only (stage is {self.stage!r})")
-        if self.eval.enabled and not self.eval.decoder:
-            raise ValueError("eval.enabled needs eval.decoder (an SS decoder checkpoint or occupancy probe)")
         try:
             self.model.export_stem = self.model.export_stem.format(stage=self.stage, role=self.role)
         except (KeyError, IndexError, ValueError):
@@ -280,3 +215,9 @@ class DistillConfig:
                              f"trains a {self.role}: give --set model.export_stem=<name> (e.g. "
                              f"{self.stage}_flow_{{role}})")
         return self
+
+
+def load_trainer_config(preset: str | None, overrides=()) -> DistillConfig:
+    """The trainer's settings of a distill_*.yaml preset (+ ``--set`` style overrides), not validated. The job's
+    sections (`JOB_SECTIONS`) are left out unread; any other key that is not a trainer setting is an error."""
+    return load_config(DistillConfig, preset, overrides, prefix="distill_", other_layers=JOB_SECTIONS)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import sys
 from mdt.config import load_config
-from pipelines.preprocess.config import PreprocessConfig, RayConfig
+from pipelines.common.config import RayConfig
+from pipelines.preprocess.config import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class Clock:
 
 
 def distill_driver():
-    """The Ray Train distillation driver: `run(DistillConfig) -> result` (.error, .export_dir, .run_dir,
+    """The Ray Train distillation driver: `run(DistillJobConfig) -> result` (.error, .export_dir, .run_dir,
     .mlflow_run_id)."""
     from pipelines.distill.driver import run  # heavy: pyarrow, numpy
     return run
@@ -232,14 +233,14 @@ def fit_probe(out: Path, data: str, cfg: DemoProbeConfig) -> str:
 
 def distill_config(name: str, out: Path, data: str, models: dict, probe: str, tracking_uri: str, objective: str,
                    teacher: str | None, steps: int | None, overrides: list[str]):
-    from mdt.training.config import DistillConfig  # heavy: torch, numpy
+    from pipelines.distill.config import DistillJobConfig  # heavy: torch, numpy
 
     ov = [("name", name), ("output", str(out / "runs")), ("data.uri", data), ("condition.model", models["dinov2"]),
           ("snapshot.decoder", probe), ("mlflow.tracking_uri", tracking_uri), ("objective.name", objective),
           ("model.teacher", teacher)]
     if steps:
         ov.append(("train.max_steps", steps))
-    return load_config(DistillConfig, "demo", ov + list(overrides), prefix="distill_").validate()
+    return load_config(DistillJobConfig, "demo", ov + list(overrides), prefix="distill_").validate()
 
 
 def train(cfg) -> tuple[str, str | None, str]:

@@ -336,7 +336,8 @@ def bench(cfg, workers: list[int], steps: int) -> dict:
     from mdt.training.bench import bench_step, format_step  # heavy: PIL, safetensors
 
     cfg = prepare(cfg)
-    step = bench_step(cfg, threads=max(1, int(cfg.train.torch_threads or cfg.scaling.cpus_per_worker)))
+    step = bench_step(cfg, cfg.scaling.use_gpu,
+                      threads=max(1, int(cfg.train.torch_threads or cfg.scaling.cpus_per_worker)))
     print(format_step(step), flush=True)
     cores = os.cpu_count() or 1
     scratch = tempfile.mkdtemp(prefix="mdt-distill-bench-")   # throw-away checkpoints of the throughput runs

@@ -11,7 +11,7 @@ import io
 
 from pipelines.preprocess import shards
 from pipelines.common import storage
-from pipelines.preprocess.config import StorageConfig
+from pipelines.common.config import StorageConfig
 import pyarrow.parquet as pq
 
 STAGE_COLUMNS = {"ss": ["sha256", "num_voxels", "ss_latent", "cond_images"],

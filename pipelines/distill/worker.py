@@ -4,7 +4,7 @@ checkpoints (`ray.train.report`), resume (`ray.train.get_checkpoint`), export at
 `train_loop_per_worker(config)` is what `pipelines.distill` hands to `TorchTrainer`; it runs a `WorkerLoop`.
 `config` holds:
 
-* ``cfg``: the `DistillConfig`;
+* ``cfg``: the `DistillJobConfig` (pipelines.distill.config);
 * ``collate``: ``collate(rows, generator=None, cond_view=...) -> {"x0": dense [B, 8, 16³] | SparseTensor,
   "cond": images [B, 3, S, S], ...}`` (the driver binds `pipelines.preprocess.shards.collate` to the stage, SLat statistics
   and max-voxels filter; mdt does not import pipelines);

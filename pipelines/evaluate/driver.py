@@ -54,7 +54,7 @@ import torch
 
 from mdt.eval.chain import SamplingChain
 from mdt.training.config import ConditionConfig
-from pipelines.preprocess.config import RayConfig
+from pipelines.common.config import RayConfig
 from mdt.config import load_config
 from mdt.eval.features import load_feature_net
 from mdt.sparse import SparseTensor

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+
 from mdt.config import ConfigError
+from pipelines.common.config import RayConfig, StorageConfig
 
 SCHEMA_VERSION = 1  # bumped whenever the shard schema changes (pipelines/preprocess/shards.py)
 
@@ -24,15 +26,6 @@ class StageResources:
     num_gpus: float = 0.0
     memory_gb: float | None = None  # Ray logical memory per actor (scheduling only)
     batch_size: int = 1  # rows per call for a stage that processes batches (`call_batch`: synthesize)
-
-
-@dataclass
-class StorageConfig:
-    """Object-store access shared by sources, cache and output."""
-
-    s3_endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000; AWS_ENDPOINT_URL is honoured too
-    s3_region: str = "us-east-1"
-    s3_anonymous: bool = False
 
 
 @dataclass
@@ -171,15 +164,6 @@ class WriteConfig:
 class ResumeConfig:
     enabled: bool = True  # skip assets already done for this config hash
     retry_failed: bool = False  # also redo assets whose last record is "failed"
-
-
-@dataclass
-class RayConfig:
-    address: str | None = None  # None: $RAY_ADDRESS (ray job submit) or start a local instance
-    num_cpus: int | None = None  # local instance only
-    include_dashboard: bool = False  # local instance only (the dashboard probes cloud metadata at start)
-    object_store_memory_gb: float | None = None  # local instance only
-    rows_per_block: int = 4  # input granularity: rows per Ray Data block fed to the first stage
 
 
 @dataclass

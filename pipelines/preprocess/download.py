@@ -51,7 +51,8 @@ import tenacity
 
 from pipelines.common import storage
 from pipelines.preprocess import asset_content, asset_refs
-from pipelines.preprocess.config import MESH_FORMATS, DownloadConfig, PreprocessConfig, StorageConfig
+from pipelines.common.config import StorageConfig
+from pipelines.preprocess.config import MESH_FORMATS, DownloadConfig, PreprocessConfig
 from pipelines.preprocess.rows import fail
 import shutil
 import requests
