@@ -214,7 +214,7 @@ def test_trellis2_preset_loads_the_released_teacher_by_hub_id(tmp_path):
 @pytest.mark.parametrize("extra, needle", [
     (["--slat-teacher", "x/slat_flow"], "the trellis2 family samples no SLat"),
     (["--set", "synthesize.family=trellis3"], "synthesize.family must be one of trellis, trellis2"),
-    (["--set", "synthesize.ss_guidance.steps=0"], "ss.steps must be >= 1"),
+    (["--set", "synthesize.ss_guidance.steps=0"], "synthesize.ss_guidance: ss.steps must be >= 1"),
 ])
 def test_trellis2_argument_errors_exit_2_before_ray(tmp_path, extra, needle, capsys):
     import ray

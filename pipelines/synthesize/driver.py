@@ -22,6 +22,7 @@ from typing import ClassVar
 
 from mdt.generate import SLOTS_STRUCTURE, GuidanceSampler, StageSampler, Trellis2GenerateConfig, Trellis2ImageTo3D
 from mdt.generate import Trellis2Models, ensure_tiny_trellis2, resolve_trellis2_paths
+from mdt.config import ConfigError
 from mdt.models.zoo import ensure_tiny_dino
 from mdt.training.teacher_data import SHARD_RESOLUTION
 from pipelines.common import storage
@@ -162,7 +163,10 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
     if s.family not in FAMILIES:
         raise ValueError(f"synthesize.family must be one of {', '.join(FAMILIES)}, got {s.family!r}")
     if s.family == "trellis2":
-        trellis2_config(s).validate(SLOTS_STRUCTURE)
+        try:
+            trellis2_config(s).validate(SLOTS_STRUCTURE)
+        except ConfigError as e:
+            raise ValueError(f"synthesize.ss_guidance: {e}") from e
         if s.slat_teacher:
             raise ValueError("--slat-teacher: the trellis2 family samples no SLat (its shape and texture stages "
                              "sample their latents in the distillation job)")
