@@ -2,12 +2,14 @@
 
     python jobs/synthesize.py --preset ci --source local:images --teacher T --output outputs/synth
     python jobs/synthesize.py --preset trellis --source s3://bucket/images --output s3://bucket/synth
+    python jobs/synthesize.py --preset trellis2 --source s3://bucket/images --output s3://bucket/synth2
     ray job submit --working-dir . -- python jobs/synthesize.py --preset trellis --source s3://bucket/images \\
         --output s3://bucket/synth
 
 Per image: TRELLIS's condition preprocessing, the conditioner, then `synthesize.samples_per_image` samples of the
 teacher chain at the teacher's own sampler settings, one shard row per (image, sample); `jobs/distill.py --data
-<output>` trains on them. Ledger, resume, manifest and report are the preprocessing job's.
+<output>` trains on them. TRELLIS.2 (`--preset trellis2 | trellis2-ci`): the SS flow's sample and the SS decoder's
+occupied voxels, no SLat (docs/trellis2.md). Ledger, resume, manifest and report are the preprocessing job's.
 
 Exit status: 0 when at least one sample was written; 2 for a bad preset/override/argument (before Ray starts or
 any model loads); 1 when the job could not run or every image it processed failed.

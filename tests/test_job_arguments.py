@@ -136,6 +136,12 @@ def test_created_models_go_under_the_output_under_job_submit(tmp_path, monkeypat
     synthesize.prepare(scfg)
     for created in (scfg.synthesize.tiny_models, scfg.synthesize.dinov2):
         assert created.startswith(str(tmp_path / "abs-synth" / "models")), created
+    t2 = load_config(synthesize.SynthesizeConfig, "trellis2-ci", [("output", str(tmp_path / "abs-synth2"))],
+                     prefix="synthesize_")
+    t2.sources.specs = [f"local:{tmp_path}"]
+    synthesize.prepare(t2)
+    for created in (t2.synthesize.tiny_models, t2.synthesize.dinov3, t2.synthesize.teacher, t2.synthesize.ss_decoder):
+        assert created.startswith(str(tmp_path / "abs-synth2" / "models")), created
     assert not (tmp_path / "outputs").exists()
 
 

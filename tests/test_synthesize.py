@@ -356,7 +356,7 @@ def test_readme_data_free_trellis_command_resolves(tmp_path):
     itself runs in test_trellis_preset_loads_teacher_by_hub_id)."""
     from jobs import synthesize as job
 
-    cmds = [c for c in readme_data_free_commands() if "--preset trellis" in c]
+    cmds = [c for c in readme_data_free_commands() if "--preset trellis " in c]
     assert len(cmds) == 1
     argv = cmds[0].split()
     assert argv[:2] == ["python", "jobs/synthesize.py"]

@@ -27,7 +27,8 @@ Functions and classes (stable API):
   architectures (TRELLIS's five slots and TRELLIS.2's flows); they live in `mdt.models.zoo`, re-exported here.
 * TRELLIS.2 (docs/trellis2.md): `Trellis2GenerateConfig` (presets `generate_trellis2*.yaml`, `family: trellis2`),
   `Trellis2ImageTo3D` (image -> SS latent -> occupancy -> shape latent -> texture latent; the latents are not
-  decoded: TRELLIS.2's VAEs need CUDA-only extensions), `generate_trellis2(cfg, images, output)`.
+  decoded: TRELLIS.2's VAEs need CUDA-only extensions; `from_config(cfg, slots=SLOTS_STRUCTURE)` loads the chain up
+  to the occupancy only), `generate_trellis2(cfg, images, output)`.
 
 Modules: `config` (the config tree), `sources` (model-source resolution), `images` (image I/O), `chain`
 (`ImageTo3D`), `job` (`generate`: the file-writing driver), `trellis2` (TRELLIS.2's chain); random-weight
@@ -43,9 +44,10 @@ from mdt.generate.images import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, check_image,
 from mdt.generate.job import generate, safe_name, sample_point_clouds, write_previews, write_sample_files
 from mdt.generate.sources import (TINY_EARLIER, TINY_NOW, ModelSource, check_checkpoint_arg, checkpoint_exists,
                                   ensure_tiny_models, looks_like_hub_path, read_pipeline_json, resolve_model_paths)
-from mdt.generate.trellis2 import (GuidanceSampler, Trellis2GenerateConfig, Trellis2Generation, Trellis2ImageTo3D,
-                                   Trellis2Models, Trellis2Sample, ensure_tiny_trellis2, generate_trellis2,
-                                   max_pool_occupancy, resolve_trellis2_paths, write_trellis2_latents)
+from mdt.generate.trellis2 import (SLOTS_STRUCTURE, GuidanceSampler, Trellis2GenerateConfig, Trellis2Generation,
+                                   Trellis2ImageTo3D, Trellis2Models, Trellis2Sample, ensure_tiny_trellis2,
+                                   generate_trellis2, max_pool_occupancy, resolve_trellis2_paths,
+                                   write_trellis2_latents)
 from mdt.models.zoo import (PIPELINE_KEYS, SLOTS, TINY_OCCUPANCY, TRELLIS2_LATENT_CHANNELS, TRELLIS2_SLOTS,
                             TRELLIS_SLAT_MEAN, TRELLIS_SLAT_STD, TRELLIS_STEMS, full_size_model_args, save_tiny_model,
                             tiny_model_args, tiny_trellis2_args, write_trellis2_repo, write_trellis_repo)
@@ -56,9 +58,9 @@ __all__ = ['FORMATS', 'StageSampler', 'GenerateModels', 'DecodeConfig', 'Preview
            'load_image', 'load_image_bytes', 'check_image', 'preprocess_image', 'GeneratedSample', 'Generation',
            'StageTimer', 'pick_device', 'ImageTo3D', 'sparse_noise', 'denormalize_slat', 'sample_groups',
            'decode_gaussians', 'check_compatible', 'sample_point_clouds', 'write_sample_files', 'write_previews',
-           'safe_name', 'generate', 'GuidanceSampler', 'Trellis2Models', 'Trellis2GenerateConfig',
-           'resolve_trellis2_paths', 'ensure_tiny_trellis2', 'Trellis2Sample', 'Trellis2Generation',
-           'max_pool_occupancy', 'Trellis2ImageTo3D', 'write_trellis2_latents', 'generate_trellis2', 'SLOTS',
+           'safe_name', 'generate', 'SLOTS_STRUCTURE', 'GuidanceSampler', 'Trellis2Models',
+           'Trellis2GenerateConfig', 'resolve_trellis2_paths', 'ensure_tiny_trellis2', 'Trellis2Sample',
+           'Trellis2Generation', 'max_pool_occupancy', 'Trellis2ImageTo3D', 'write_trellis2_latents', 'generate_trellis2', 'SLOTS',
            'PIPELINE_KEYS', 'TRELLIS2_SLOTS', 'TRELLIS2_LATENT_CHANNELS', 'TINY_OCCUPANCY', 'TRELLIS_STEMS',
            'TRELLIS_SLAT_MEAN', 'TRELLIS_SLAT_STD', 'tiny_model_args', 'full_size_model_args', 'save_tiny_model',
            'write_trellis_repo', 'tiny_trellis2_args', 'write_trellis2_repo']

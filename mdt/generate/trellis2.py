@@ -25,6 +25,9 @@ from mdt.models.zoo import TRELLIS2_LATENT_CHANNELS, save_tiny_dinov3, save_tiny
 
 log = logging.getLogger(__name__)
 
+SLOTS_ALL = ("ss_flow", "ss_decoder", "shape_flow", "tex_flow")
+SLOTS_STRUCTURE = ("ss_flow", "ss_decoder")   # image -> SS latent -> occupancy (no shape or texture stage)
+
 
 # ------------------------------------------------------------------------------------------------------------
 # TRELLIS.2: image -> DINOv3 tokens -> SS latent -> occupancy -> shape latent -> texture latent
@@ -90,7 +93,8 @@ class Trellis2GenerateConfig:
     occupancy_mesh: bool = True
     output: str = "outputs/generate-trellis2"
 
-    def validate(self) -> None:
+    def validate(self, slots: tuple[str, ...] = SLOTS_ALL) -> None:
+        """ConfigError for bad settings of the stages whose models `slots` name."""
         for name, s in (("ss", self.ss), ("shape", self.shape), ("tex", self.tex)):
             if s.steps < 1:
                 raise ConfigError(f"{name}.steps must be >= 1, got {s.steps}")
@@ -104,6 +108,8 @@ class Trellis2GenerateConfig:
             raise ConfigError("structure_resolution must be >= 1")
         for name, norm in (("shape_normalization", self.shape_normalization),
                            ("tex_normalization", self.tex_normalization)):
+            if f"{name.split('_')[0]}_flow" not in slots:
+                continue
             if norm is None and not self.models.pipeline:
                 raise ConfigError(f"{name} is required ({{mean, std}} of the {TRELLIS2_LATENT_CHANNELS} channels) "
                                   "unless models.pipeline gives it")
@@ -112,10 +118,11 @@ class Trellis2GenerateConfig:
                 raise ConfigError(f"{name} must be {{mean, std}} with {TRELLIS2_LATENT_CHANNELS} values each")
 
 
-def resolve_trellis2_paths(cfg: Trellis2GenerateConfig) -> dict[str, ModelSource]:
-    """slot -> ModelSource for dinov3, ss_flow, ss_decoder, shape_flow, tex_flow (tiny ones where configured)."""
+def resolve_trellis2_paths(cfg: Trellis2GenerateConfig,
+                           slots: tuple[str, ...] = SLOTS_ALL) -> dict[str, ModelSource]:
+    """slot -> ModelSource for dinov3 and `slots` (all four flows/decoder by default; tiny ones where configured)."""
     m, sources = cfg.models, {}
-    for slot in ("ss_flow", "ss_decoder", "shape_flow", "tex_flow"):
+    for slot in slots:
         path = getattr(m, slot)
         if path is not None and m.tiny_models and not checkpoint_exists(path) and not looks_like_hub_path(path):
             path = None
@@ -147,8 +154,8 @@ def ensure_tiny_trellis2(sources: dict[str, ModelSource], cfg: Trellis2GenerateC
         save_tiny_dinov3(dino.path, hidden_size=64, image_size=cfg.image_size)
     cond_channels = int(json.loads((Path(dino.path) / "config.json").read_text()).get("hidden_size", 64)) \
         if (Path(dino.path) / "config.json").exists() else 64
-    for i, slot in enumerate(("ss_flow", "ss_decoder", "shape_flow", "tex_flow")):
-        if sources[slot].origin == TINY_NOW:
+    for i, slot in enumerate(SLOTS_ALL):
+        if slot in sources and sources[slot].origin == TINY_NOW:
             tiny = slot if slot == "ss_decoder" else f"t2_{slot}"
             save_tiny_model(tiny, sources[slot].path, cond_channels=cond_channels, seed=i + 1)
 
@@ -184,7 +191,9 @@ def max_pool_occupancy(logits: Tensor, resolution: int) -> Tensor:
 
 class Trellis2ImageTo3D:
     """TRELLIS.2's chain up to its latents: DINOv3 tokens -> SS flow -> TRELLIS's SS decoder -> occupied voxels
-    -> shape flow on them -> texture flow with the normalised shape latent as `concat_cond`."""
+    -> shape flow on them -> texture flow with the normalised shape latent as `concat_cond`. Built with
+    `slots=SLOTS_STRUCTURE` it holds the conditioner, SS flow and SS decoder only (`condition`,
+    `sample_structure`, `occupied`; data-free synthesis)."""
 
     def __init__(self, models: dict[str, nn.Module], conditioner: ImageConditioner, cfg: Trellis2GenerateConfig,
                  sources: dict[str, ModelSource] | None = None):
@@ -192,9 +201,12 @@ class Trellis2ImageTo3D:
         self.device = pick_device(cfg.device)
         self.sources = sources or {}
         self.sampler = FlowEulerGuidanceIntervalSampler()
-        pipe_args = read_pipeline_json(cfg.models.pipeline).get("args", {}) if cfg.models.pipeline else {}
+        stages = [(stage, given) for stage, given in (("shape", cfg.shape_normalization),
+                                                      ("tex", cfg.tex_normalization)) if f"{stage}_flow" in models]
+        pipe_args = read_pipeline_json(cfg.models.pipeline).get("args", {}) \
+            if cfg.models.pipeline and any(given is None for _, given in stages) else {}
         self.norm = {}
-        for stage, given in (("shape", cfg.shape_normalization), ("tex", cfg.tex_normalization)):
+        for stage, given in stages:
             norm = given or pipe_args.get(f"{stage}_slat_normalization")
             if norm is None:
                 raise ValueError(f"no {stage} latent normalisation: set {stage}_normalization")
@@ -202,24 +214,62 @@ class Trellis2ImageTo3D:
                                 for k in ("mean", "std")}
 
     @classmethod
-    def from_config(cls, cfg: Trellis2GenerateConfig) -> "Trellis2ImageTo3D":
-        cfg.validate()
-        sources = resolve_trellis2_paths(cfg)
+    def from_config(cls, cfg: Trellis2GenerateConfig, slots: tuple[str, ...] = SLOTS_ALL) -> "Trellis2ImageTo3D":
+        """Load (or create tiny) the conditioner and `slots`' models and check that they fit together."""
+        cfg.validate(slots)
+        sources = resolve_trellis2_paths(cfg, slots)
         ensure_tiny_trellis2(sources, cfg)
         device = pick_device(cfg.device)
-        models = {slot: from_pretrained(sources[slot].path, device=device).float().eval()
-                  for slot in ("ss_flow", "ss_decoder", "shape_flow", "tex_flow")}
+        models = {slot: from_pretrained(sources[slot].path, device=device).float().eval() for slot in slots}
         conditioner = ImageConditioner(sources["dinov3"].path, image_size=cfg.image_size, device=device)
         problems = [f"{slot} expects {m.blocks[0].cross_attn.to_kv.in_features}-channel condition tokens, DINOv3 "
-                    f"gives {conditioner.channels}" for slot in ("ss_flow", "shape_flow", "tex_flow")
+                    f"gives {conditioner.channels}" for slot in ("ss_flow", "shape_flow", "tex_flow") if slot in models
                     for m in [models[slot]] if m.blocks[0].cross_attn.to_kv.in_features != conditioner.channels]
         if models["ss_flow"].out_channels != models["ss_decoder"].latent_channels:
             problems.append("ss_flow and ss_decoder disagree on the SS latent channels")
-        if models["tex_flow"].in_channels != models["tex_flow"].out_channels + models["shape_flow"].out_channels:
+        if "tex_flow" in models and \
+                models["tex_flow"].in_channels != models["tex_flow"].out_channels + models["shape_flow"].out_channels:
             problems.append("tex_flow input is not its latent plus the shape latent (concat_cond)")
         if problems:
             raise ValueError("incompatible models: " + "; ".join(problems))
         return cls(models, conditioner, cfg, sources)
+
+    @torch.no_grad()
+    def condition(self, images: Tensor) -> Tensor:
+        """Preprocessed images [B, 3, S, S] -> DINOv3 condition tokens [B, T, C]."""
+        return self.conditioner(images.to(self.device))
+
+    @torch.no_grad()
+    def sample_structure(self, cond: Tensor, generator: "torch.Generator | list[torch.Generator]",
+                         sampler: GuidanceSampler | None = None) -> Tensor:
+        """cond [K, T, C] -> SS latents [K, 8, 16, 16, 16] in one batch at the SS sampler's settings (`neg_cond`
+        zeros); noise from `generator`, or sample i's from `generator[i]` (then a sample does not depend on which
+        samples share its batch)."""
+        ssf = self.models["ss_flow"]
+        shape = (ssf.in_channels,) + (ssf.resolution,) * 3
+        if isinstance(generator, torch.Generator):
+            noise = torch.randn((cond.shape[0],) + shape, generator=generator, device=self.device)
+        else:
+            noise = torch.cat([torch.randn((1,) + shape, generator=g, device=self.device) for g in generator])
+        return self.sampler.sample(ssf, noise, cond, torch.zeros_like(cond), **(sampler or self.cfg.ss).kwargs())
+
+    @torch.no_grad()
+    def occupied(self, z: Tensor, resolution: int | None = None) -> tuple[list[Tensor], list[str]]:
+        """SS latents -> per sample the occupied voxels [N, 3] of TRELLIS's SS decoder (logits > 0) max-pooled to
+        `resolution`³ (default `structure_resolution`; the decoder's own grid side keeps them as decoded), the
+        first `max_structure_voxels` of them, and a note (capped / empty)."""
+        occ = max_pool_occupancy(self.models["ss_decoder"](z).float(), resolution or self.cfg.structure_resolution)
+        cap, coords, notes = self.cfg.max_structure_voxels, [], []
+        for grid in occ:
+            c, note = torch.nonzero(grid).int(), ""
+            if cap is not None and c.shape[0] > cap:
+                note = f"occupancy capped from {c.shape[0]} to {cap} voxels"
+                c = c[:cap]
+            if c.shape[0] == 0:
+                note = "empty occupancy (no SS decoder logit > 0): no shape or texture latent"
+            coords.append(c.cpu())
+            notes.append(note)
+        return coords, notes
 
     @torch.no_grad()
     def run(self, image, num_samples: int | None = None, seed: int | None = None,
@@ -231,26 +281,14 @@ class Trellis2ImageTo3D:
         with timer("preprocess"):
             img = preprocess_image(image, cfg.image_size, cfg.alpha_threshold)
         with timer("condition"):
-            cond = self.conditioner(img.unsqueeze(0).to(self.device))
+            cond = self.condition(img.unsqueeze(0))
         cond_k = cond.expand(k, *cond.shape[1:])
         neg_k = torch.zeros_like(cond_k)
         generator = torch.Generator(self.device).manual_seed(cfg.seed if seed is None else seed)
-        ssf = self.models["ss_flow"]
         with timer("ss_flow"):
-            noise = torch.randn((k, ssf.in_channels) + (ssf.resolution,) * 3, generator=generator,
-                                device=self.device)
-            z = self.sampler.sample(ssf, noise, cond_k, neg_k, **s["ss"].kwargs())
+            z = self.sample_structure(cond_k, generator, s["ss"])
         with timer("ss_decode"):
-            occ = max_pool_occupancy(self.models["ss_decoder"](z).float(), cfg.structure_resolution)
-        samples = []
-        for grid in occ:
-            coords, note = torch.nonzero(grid).int(), ""
-            if cfg.max_structure_voxels is not None and coords.shape[0] > cfg.max_structure_voxels:
-                note = f"occupancy capped from {coords.shape[0]} to {cfg.max_structure_voxels} voxels"
-                coords = coords[:cfg.max_structure_voxels]
-            if coords.shape[0] == 0:
-                note = "empty occupancy (no SS decoder logit > 0): no shape or texture latent"
-            samples.append(Trellis2Sample(coords=coords.cpu(), note=note))
+            samples = [Trellis2Sample(coords=c, note=note) for c, note in zip(*self.occupied(z))]
         if cfg.occupancy_mesh:
             with timer("occupancy_mesh"):
                 for smp in samples:

@@ -3,6 +3,7 @@
     images (local:/s3:/manifest: folders, shards:<dir>) -> K rows per image (driver) -> resume filter
     -> map(StageRunner(Synthesize)): read + check the image, TRELLIS's condition preprocessing, conditioner,
        SS teacher (its own sampler settings) -> SS decoder -> occupied voxels -> SLat teacher
+       (family trellis2: DINOv3, TRELLIS.2's SS flow -> TRELLIS's SS decoder -> occupied 64³ voxels, no SLat)
     -> map_batches(ShardWriter): one shard row per (image, sample) in the shard schema + provenance columns
 
 The graph, ledger, resume, failures-as-data, manifest and report are the preprocessing job's
@@ -19,7 +20,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from mdt.generate import StageSampler
+from mdt.generate import SLOTS_STRUCTURE, GuidanceSampler, StageSampler, Trellis2GenerateConfig, Trellis2ImageTo3D
+from mdt.generate import Trellis2Models, ensure_tiny_trellis2, resolve_trellis2_paths
+from mdt.config import ConfigError
+from mdt.models.zoo import ensure_tiny_dino
+from mdt.training.teacher_data import SHARD_RESOLUTION
 from pipelines.common import storage
 from pipelines.preprocess.config import PreprocessConfig, StageResources, join_uri
 from types import SimpleNamespace
@@ -31,7 +36,7 @@ from mdt.training.build import ensure_tiny_conditioner
 from pipelines.common import cluster
 from pipelines.preprocess import driver as graph
 import pyarrow.parquet as pq
-from pipelines.preprocess.shards import shard_files
+from pipelines.preprocess.shards import SLAT_CHANNELS, shard_files
 import torch
 from mdt.generate import ImageTo3D
 from mdt.conditioning import alpha_bbox
@@ -49,24 +54,34 @@ BLANK_CONDITION = "blank condition"
 NO_ALPHA_NOTE = "no alpha channel: the whole image is the condition (no background removal is shipped)"
 SHARDS_PREFIX = "shards:"
 SHARD_IMAGE_URI = "shard-image://"  # shard-image://<shard file>#<sha256> : the asset's first condition view
+FAMILIES = ("trellis", "trellis2")
 
 
 @dataclass
 class SynthesizeSection:
     """The teacher chain and how it samples. Sampler defaults: TRELLIS-image-large's pipeline.json (25 Euler steps,
-    CFG 5.0 on t in [0.5, 1], rescale_t 3, both stages; /work/shared/docs/trellis-reference.md §2)."""
+    CFG 5.0 on t in [0.5, 1], rescale_t 3, both stages; /work/shared/docs/trellis-reference.md §2).
 
+    `family: trellis2`: TRELLIS.2's SS flow (`teacher`, conditioned on DINOv3 `dinov3`) sampled with
+    `ss_guidance` (default: TRELLIS.2's released SS settings, docs/trellis2.md), TRELLIS's SS decoder
+    (`ss_decoder`) -> the occupied voxels of its 64³ grid. No SLat stage: `slat_feats` are zeros and `slat`,
+    `slat_teacher`, `pipeline`, `dinov2`, `slat_normalization` are not used; TRELLIS.2's shape and texture stages
+    sample their own latents on the rows' coordinates (`jobs/distill.py --preset trellis2-shape`)."""
+
+    family: str = "trellis"                  # trellis | trellis2
     teacher: str | None = None               # SS flow `<dir>/<stem>` (None: the pipeline's)
     slat_teacher: str | None = None          # SLat flow (None: the pipeline's, or a tiny one with tiny_models)
     ss_decoder: str | None = None            # SS decoder or occupancy probe (None: the pipeline's, or a tiny one)
     pipeline: str | None = None              # TRELLIS repo (HF id / dir): decoders, DINOv2, SLat normalisation
     dinov2: str | None = None
+    dinov3: str | None = None                # trellis2: the conditioner (HF id / dir)
     tiny_models: str | None = None           # CPU presets: missing slots become random-weight tiny models here
     tiny_hidden_size: int = 32               # width of a tiny DINOv2 created at `dinov2` (the teacher's cond width)
     samples_per_image: int = 1               # K teacher samples (rows) per condition image
     seed: int = 0                            # sample k of image h draws its noise from sha256(seed:h:k)
     ss: StageSampler = field(default_factory=StageSampler)
     slat: StageSampler = field(default_factory=StageSampler)
+    ss_guidance: GuidanceSampler = field(default_factory=lambda: Trellis2GenerateConfig().ss)  # trellis2
     image_size: int = 518                    # conditioner input side; also the stored condition image
     alpha_threshold: float = 204.0           # TRELLIS inference crop: bbox of alpha > 0.8·255
     slat_normalization: dict | None = None   # {mean, std}; None: the pipeline's
@@ -128,6 +143,15 @@ def generate_config(s: SynthesizeSection):
         decode=DecodeConfig(formats=[], max_structure_voxels=s.max_structure_voxels))
 
 
+def trellis2_config(s: SynthesizeSection) -> Trellis2GenerateConfig:
+    """TRELLIS.2's chain config (mdt.generate.trellis2) up to the occupancy, for the trellis2 family."""
+    return Trellis2GenerateConfig(
+        models=Trellis2Models(dinov3=s.dinov3, ss_flow=s.teacher, ss_decoder=s.ss_decoder, tiny_models=s.tiny_models),
+        ss=s.ss_guidance, image_size=s.image_size, alpha_threshold=s.alpha_threshold,
+        max_structure_voxels=s.max_structure_voxels, device=s.device, torch_threads=s.torch_threads,
+        occupancy_mesh=False, warmup=False)
+
+
 def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
     """Driver, before Ray: absolute paths, the sources checked, tiny models written, the teachers resolved and
     hashed. ValueError / FileNotFoundError for a bad argument (a relative output under `ray job submit`
@@ -136,7 +160,18 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
 
     s = cfg.synthesize
     cluster.durable_output(cfg.output, "--output")
-    generate_config(s).validate()
+    if s.family not in FAMILIES:
+        raise ValueError(f"synthesize.family must be one of {', '.join(FAMILIES)}, got {s.family!r}")
+    if s.family == "trellis2":
+        try:
+            trellis2_config(s).validate(SLOTS_STRUCTURE)
+        except ConfigError as e:
+            raise ValueError(f"synthesize.ss_guidance: {e}") from e
+        if s.slat_teacher:
+            raise ValueError("--slat-teacher: the trellis2 family samples no SLat (its shape and texture stages "
+                             "sample their latents in the distillation job)")
+    else:
+        generate_config(s).validate()
     if s.samples_per_image < 1:
         raise ValueError(f"synthesize.samples_per_image must be >= 1, got {s.samples_per_image}")
     if cfg.stages != ["synthesize"]:
@@ -159,6 +194,8 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
     for name, stem in (("--teacher", s.teacher), ("--slat-teacher", s.slat_teacher)):
         if stem and "://" not in stem and os.path.isabs(stem) and not os.path.isfile(f"{stem}.safetensors"):
             raise FileNotFoundError(f"{name} {stem}: no {stem}.safetensors")
+    if s.family == "trellis2":
+        return prepare_trellis2(cfg)
     if s.tiny_models and s.dinov2:  # CPU presets name a local directory, created here when missing
         s.dinov2 = cluster.created_model_path(s.dinov2, cfg.output)
         ensure_tiny_conditioner(SimpleNamespace(tiny=True, model=s.dinov2, tiny_hidden_size=s.tiny_hidden_size))
@@ -169,6 +206,23 @@ def prepare(cfg: SynthesizeConfig) -> SynthesizeConfig:
     s.dinov2 = sources["dinov2"].path
     s.teacher_sha256 = checkpoint_sha256(s.teacher)
     s.slat_teacher_sha256 = checkpoint_sha256(s.slat_teacher)
+    return cfg
+
+
+def prepare_trellis2(cfg: SynthesizeConfig) -> SynthesizeConfig:
+    """`prepare`'s model part for the trellis2 family: DINOv3 (a tiny one created at `dinov3` on CPU presets), the
+    SS flow and SS decoder resolved (tiny ones written once under `tiny_models`), the SS teacher hashed."""
+    s = cfg.synthesize
+    s.dinov3 = cluster.resolve_local_path(s.dinov3, must_exist=True)  # a name not on disk stays: a hub id
+    if s.tiny_models and s.dinov3:
+        s.dinov3 = cluster.created_model_path(s.dinov3, cfg.output)
+        ensure_tiny_dino(s.dinov3, "dinov3", s.tiny_hidden_size)
+    tcfg = trellis2_config(s)
+    sources = resolve_trellis2_paths(tcfg, SLOTS_STRUCTURE)
+    ensure_tiny_trellis2(sources, tcfg)  # once, here: every actor then loads the same files
+    s.teacher, s.ss_decoder, s.dinov3 = (sources[k].path for k in ("ss_flow", "ss_decoder", "dinov3"))
+    s.teacher_sha256 = checkpoint_sha256(s.teacher)
+    s.slat_teacher = s.slat_teacher_sha256 = None
     return cfg
 
 
@@ -250,6 +304,14 @@ def sample_seed(seed: int, source_sha256: str, k: int) -> int:
 
 
 def sampler_json(s: SynthesizeSection) -> str:
+    if s.family == "trellis2":
+        return json.dumps({"family": "trellis2",
+                           "ss": {"teacher": s.teacher, "teacher_sha256": s.teacher_sha256, **asdict(s.ss_guidance)},
+                           "ss_decoder": s.ss_decoder, "conditioner": s.dinov3,
+                           "coordinates": f"SS decoder logits > 0 on its {SHARD_RESOLUTION}^3 grid",
+                           "max_structure_voxels": s.max_structure_voxels,
+                           "image_size": s.image_size, "alpha_threshold": s.alpha_threshold,
+                           "samples_per_image": s.samples_per_image}, sort_keys=True)
     return json.dumps({"ss": {"teacher": s.teacher, "teacher_sha256": s.teacher_sha256, **asdict(s.ss)},
                        "slat": {"teacher": s.slat_teacher, "teacher_sha256": s.slat_teacher_sha256,
                                 **asdict(s.slat)},
@@ -271,7 +333,9 @@ class Synthesize:
         self.cfg, self.s = cfg, cfg.synthesize
         if self.s.torch_threads:
             torch.set_num_threads(self.s.torch_threads)
-        self.pipe = ImageTo3D.from_config(generate_config(self.s))
+        self.trellis2 = self.s.family == "trellis2"
+        self.pipe = Trellis2ImageTo3D.from_config(trellis2_config(self.s), SLOTS_STRUCTURE) if self.trellis2 \
+            else ImageTo3D.from_config(generate_config(self.s))
         self.sampler = sampler_json(self.s)
 
     def read_image_bytes(self, uri: str) -> bytes:
@@ -343,8 +407,12 @@ class Synthesize:
         cond_u = pipe.condition(x)                                                      # [U, T, C]
         cond = cond_u[torch.tensor([images[prep[i]["src_sha"]] for i in idx], device=cond_u.device)]
         gens = [torch.Generator(pipe.device).manual_seed(prep[i]["seed"]) for i in idx]
-        z = pipe.sample_structure(cond, len(idx), gens)                                # [B, 8, 16, 16, 16]
-        coords, notes = pipe.decode_structure(z)
+        if self.trellis2:
+            z = pipe.sample_structure(cond, gens)                                      # [B, 8, 16, 16, 16]
+            coords, notes = pipe.occupied(z, SHARD_RESOLUTION)                         # the decoder's 64³ grid
+        else:
+            z = pipe.sample_structure(cond, len(idx), gens)
+            coords, notes = pipe.decode_structure(z)
         res: dict[int, object] = {}
         live = []
         for j, i in enumerate(idx):
@@ -356,22 +424,29 @@ class Synthesize:
                     prep[i]["checks"]["structure"] = notes[j]
         if not live:
             return res
+        if self.trellis2:  # no SLat stage: the coordinates, and zero features in the schema's SLat channels
+            for j in live:
+                c = coords[j].cpu().numpy().astype(np.int64)
+                res[idx[j]] = self.shard_row(prep[idx[j]], z[j], c, np.zeros((len(c), SLAT_CHANNELS), np.float32))
+            return res
         slat = pipe.sample_latent(cond[live], [pipe.to_slat_grid(coords[j]) for j in live], [gens[j] for j in live])
         for n, j in enumerate(live):
-            i, p = idx[j], prep[idx[j]]
             sl = slat.layout[n]
-            rgb = (p["x"].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-            res[i] = dict(
-                sha256=hashlib.sha256(f"{p['src_sha']}:{self.s.teacher_sha256}:{self.s.slat_teacher_sha256}:"
-                                      f"{p['seed']}".encode()).hexdigest(),
-                ss_latent=pack_array(z[j].float().cpu().numpy()),
-                slat_coords=pack_array(slat.coords[sl, 1:].cpu().numpy().astype(np.int64)),
-                slat_feats=pack_array(slat.feats[sl].float().cpu().numpy()),
-                cond_images=[encode_image(Image.fromarray(rgb, "RGB"), "png")],
-                asset_checks=json.dumps(p["checks"]) if p["checks"] else None,
-                teacher_sha256=self.s.teacher_sha256, sampler=self.sampler, seed=p["seed"],
-                source_sha256=p["src_sha"])
+            res[idx[j]] = self.shard_row(prep[idx[j]], z[j], slat.coords[sl, 1:].cpu().numpy().astype(np.int64),
+                                         slat.feats[sl].float().cpu().numpy())
         return res
+
+    def shard_row(self, p: dict, z, coords: np.ndarray, feats: np.ndarray) -> dict:
+        """One sample's stage outputs: its SS latent, voxel coordinates and SLat features, condition image and
+        provenance."""
+        rgb = (p["x"].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+        return dict(
+            sha256=hashlib.sha256(f"{p['src_sha']}:{self.s.teacher_sha256}:{self.s.slat_teacher_sha256}:"
+                                  f"{p['seed']}".encode()).hexdigest(),
+            ss_latent=pack_array(z.float().cpu().numpy()), slat_coords=pack_array(coords),
+            slat_feats=pack_array(feats), cond_images=[encode_image(Image.fromarray(rgb, "RGB"), "png")],
+            asset_checks=json.dumps(p["checks"]) if p["checks"] else None,
+            teacher_sha256=self.s.teacher_sha256, sampler=self.sampler, seed=p["seed"], source_sha256=p["src_sha"])
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -397,7 +472,8 @@ def summary(cfg: SynthesizeConfig, result) -> dict:
                 if r["stats"] and json.loads(r["stats"]).get("asset_checks", {}).get("alpha") == NO_ALPHA_NOTE}
     wall = max(result.wall_s, 1e-9)
     synth_s = [r["seconds"] for r in recs if r["stage"] == "synthesize" and r["status"] == "done"]
-    return {"teacher": cfg.synthesize.teacher, "teacher_sha256": cfg.synthesize.teacher_sha256,
+    return {"family": cfg.synthesize.family, "teacher": cfg.synthesize.teacher,
+            "teacher_sha256": cfg.synthesize.teacher_sha256,
             "slat_teacher": cfg.synthesize.slat_teacher, "slat_teacher_sha256": cfg.synthesize.slat_teacher_sha256,
             "samples_per_image": cfg.synthesize.samples_per_image,
             "images_processed": len(images), "images_done": len(done_images), "samples_done": len(done),
@@ -407,9 +483,11 @@ def summary(cfg: SynthesizeConfig, result) -> dict:
 
 
 def to_markdown(syn: dict) -> str:
+    slat = f"SLat teacher {syn['slat_teacher']} (sha256 {syn['slat_teacher_sha256']})" if syn["slat_teacher"] \
+        else "no SLat stage (voxel coordinates only)"
     lines = ["## synthesis",
-             f"- teacher {syn['teacher']} (sha256 {syn['teacher_sha256']}), SLat teacher {syn['slat_teacher']} "
-             f"(sha256 {syn['slat_teacher_sha256']}), {syn['samples_per_image']} sample(s) per image",
+             f"- teacher {syn['teacher']} (sha256 {syn['teacher_sha256']}), {slat}, "
+             f"{syn['samples_per_image']} sample(s) per image",
              f"- images done {syn['images_done']} of {syn['images_processed']}, samples done {syn['samples_done']}; "
              f"{syn['images_per_s']:.4f} images/s, {syn['samples_per_s']:.4f} samples/s (wall clock of this run)"]
     if syn["seconds_per_sample_mean"] is not None:
@@ -453,6 +531,10 @@ def check_teacher(stage: str, teacher: str | None, data: dict) -> str | None:
     if data["origin"] == "data-driven" or not teacher:
         return None
     made_by = data["ss" if stage == "ss" else "slat"]
+    if not made_by:
+        return (f"the data holds no {stage} teacher's samples (TRELLIS.2 shards: SS latents and voxel coordinates "
+                "only; the shape and texture stages sample their own with teacher_data.enabled); set "
+                "data.allow_teacher_mismatch=true to distil anyway")
     try:
         mine = checkpoint_sha256(teacher)
     except (OSError, ValueError) as e:
