@@ -186,9 +186,14 @@ def test_regressions_are_checked_within_each_student_sampling_rule():
              "student_rule": "consistency"},
             {"sampler": "student 4-step re-noised", "kind": "student", "steps": 4, "iou": 0.5,
              "student_rule": "consistency"}]
+    for r, mse in zip(rows, (0.1, 0.2, 0.3, 0.25, 0.5)):     # paired: worse with every step, under both rules
+        r["mse_ref"] = mse
     notes = flag_regressions(rows)
     flagged = {r["sampler"]: r.get("flag") for r in rows}
-    assert flagged == {"student 1-step": None, "student 2-step": "worse than 1-step: IoU cond 0.7 -> 0.6",
-                       "student 4-step": None, "student 2-step re-noised": None,
+    assert flagged == {"student 1-step": None,
+                       "student 2-step": "worse than 1-step: IoU cond 0.7 -> 0.6, MSE to ref 0.1 -> 0.2",
+                       "student 4-step": "worse than 2-step: MSE to ref 0.2 -> 0.3",
+                       "student 2-step re-noised": None,          # its MSE to ref is paired: not checked
                        "student 4-step re-noised": "worse than 2-step: IoU cond 0.72 -> 0.5"}
-    assert [n.split(":")[0] for n in notes] == ["student 2-step", "student 4-step re-noised"]
+    assert [n.split(":")[0] for n in notes] == ["student 2-step", "student 4-step", "student 4-step re-noised"]
+    assert "Euler" in notes[0] and "re-noised rule trades" in notes[2]

@@ -12,7 +12,7 @@ evaluate, on one private local Ray instance and a local MLflow store (`<output>/
 4. a small SS-stage teacher trained with flow matching, then distilled with MDT-dist (VM + VD) into a student
    (the distillation driver, presets `distill_demo`);
 5. image -> 3-D with the student for a few condition images (the generation chain, `generate_demo`);
-6. the evaluation job (`evaluate_demo`): teacher 25/4/2/1 and student 1/2/4 steps -> the final table;
+6. the evaluation job (`evaluate_demo`): teacher 25/4/2/1 and student 1/2/4 steps (+ 2/4 re-noised) -> the final table;
 7. data-free (`data_free.enabled`): the synthesis job (`synthesize_demo`) turns the condition images into the
    teacher's own samples, a second student is distilled from them with the same MDT-dist budget and evaluated on
    the same assets and seeds; its rows ("data-free student N-step") join the final table.
@@ -415,7 +415,7 @@ def run(cfg: DemoConfig) -> DemoResult:
             student, student_run, student_dir = train(scfg)
         with clock.phase("generate: image -> 3-D with the 1-step student"):
             generated = generate_samples(out, data, student, probe, models, cfg.generate_images)
-        with clock.phase("evaluate: teacher 25/4/2/1 and student 1/2/4 steps (Ray Data)"):
+        with clock.phase("evaluate: teacher 25/4/2/1, student 1/2/4 (Euler) and 2/4 (re-noised) steps (Ray Data)"):
             ev = evaluate(out, data, teacher, student, probe, models, tracking_uri, student_run,
                           cfg.evaluate_overrides)
         free = None
