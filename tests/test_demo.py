@@ -153,8 +153,14 @@ def test_demo_evaluation_stage_with_its_preset(tmp_path, monkeypatch, ray_connec
                "--decoder", str(tmp_path / "probe")])
     assert rc == 0
     res = json.loads((tmp_path / "outputs" / "demo" / "eval" / "evaluate-demo" / "results.json").read_text())
-    assert res["assets"] == 3 and res["seeds"] == 2 and len(res["rows"]) == 7
+    assert res["assets"] == 3 and res["seeds"] == 2 and len(res["rows"]) == 9
     assert all(r["samples"] == 6 for r in res["rows"])
+    rules = {r["sampler"]: r["student_rule"] for r in res["rows"] if r["kind"] == "student"}
+    assert rules == {"student 1-step": "euler", "student 2-step": "euler", "student 4-step": "euler",
+                     "student 2-step re-noised": "consistency", "student 4-step re-noised": "consistency"}
+    rows = {r["sampler"]: r for r in res["rows"]}
+    # the re-noised 2-step sample differs from the Euler one (its fresh noise is really drawn)
+    assert rows["student 2-step re-noised"]["mse_ref"] != rows["student 2-step"]["mse_ref"]
 
 
 @pytest.mark.slow
