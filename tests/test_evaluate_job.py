@@ -185,7 +185,7 @@ def test_readme_evaluation_line_after_the_demo(tmp_path, monkeypatch, ray_connec
     OccupancyProbe(8, hidden=8).save(tmp_path / opt["--decoder"])
     assert main(argv[2:]) == 0
     res = json.loads((tmp_path / opt["--output"] / "evaluate-demo" / "results.json").read_text())
-    assert res["assets"] == 3 and len(res["rows"]) == 9 and res["distill_run_id"] == runs["--student"]   # demo: 9 samplers
+    assert res["assets"] == 3 and len(res["rows"]) == 9 and res["distill_run_id"] == runs["--student"]
     evals = [r for r in c.search_runs([exp]) if r.data.tags.get("mdt.kind") == "evaluation"]
     assert len(evals) == 1 and evals[0].data.tags["mdt.distill_run_id"] == runs["--student"]
     assert c.get_run(runs["--student"]).data.tags["mdt.eval_run_id"] == evals[0].info.run_id
