@@ -251,6 +251,24 @@ print(json.dumps({"res": cfg.resources["synthesize"].num_gpus, "s": {k: v for k,
 """
 
 
+def run_stage_offline(tmp_path, write_hub, script: str) -> tuple[dict, Path]:
+    """One image through a preset's synthesis stage in a subprocess (`script`), offline, against a local hub cache
+    that `write_hub(cache)` fills with tiny checkpoints in the released formats; returns (its JSON, the cache)."""
+    cache = tmp_path / "hf"
+    write_hub(cache)
+    write_images(tmp_path / "imgs")
+    for name in ("corrupt.png", "transparent.png", "photo.jpg"):  # one image: the stage, not the failures
+        (tmp_path / "imgs" / name).unlink()
+    e = {**env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+         "HF_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", script], env=e, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=540)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["res"] == 1
+    return res, cache
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_trellis_preset_loads_teacher_by_hub_id(tmp_path):
@@ -259,18 +277,7 @@ def test_trellis_preset_loads_teacher_by_hub_id(tmp_path):
     actors ask for GPUs)."""
     from test_generate import write_fake_hub
 
-    cache = tmp_path / "hf"
-    write_fake_hub(cache)
-    write_images(tmp_path / "imgs")
-    for name in ("corrupt.png", "transparent.png", "photo.jpg"):  # one image: the stage, not the failures
-        (tmp_path / "imgs" / name).unlink()
-    e = {**env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
-         "HF_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", TRELLIS_STAGE], env=e, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=540)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["res"] == 1
+    res, cache = run_stage_offline(tmp_path, write_fake_hub, TRELLIS_STAGE)
     s = res["s"]
     snap = next((cache / "models--microsoft--TRELLIS-image-large" / "snapshots").iterdir())
     assert s["teacher"].endswith("ckpts/ss_flow_img_dit_L_16l8_fp16")

@@ -177,20 +177,10 @@ def test_trellis2_preset_loads_the_released_teacher_by_hub_id(tmp_path):
     DINOv3 by HF id (a local hub cache of tiny checkpoints in their formats, offline), the teacher hashed, one image
     through the stage at the released SS settings (no Ray: this preset's actors ask for GPUs; like `generate
     --preset trellis2`, it runs on the CPU when there is no GPU)."""
+    from test_synthesize import run_stage_offline
     from test_trellis2_generate import write_fake_trellis2_hub
 
-    cache = tmp_path / "hf"
-    write_fake_trellis2_hub(cache)
-    write_images(tmp_path / "imgs")
-    for name in ("corrupt.png", "transparent.png", "photo.jpg"):  # one image: the stage, not the failures
-        (tmp_path / "imgs" / name).unlink()
-    e = {**env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
-         "HF_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", TRELLIS2_STAGE], env=e, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=540)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["res"] == 1
+    res, cache = run_stage_offline(tmp_path, write_fake_trellis2_hub, TRELLIS2_STAGE)
     s = res["s"]
     snap = next((cache / "models--microsoft--TRELLIS.2-4B" / "snapshots").iterdir())
     assert s["family"] == "trellis2" and s["slat_teacher"] is None and s["slat_teacher_sha256"] is None
