@@ -235,25 +235,27 @@ def test_teacher_mismatch_refused(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- the trellis preset
 
 
-TRELLIS_STAGE = """
+STAGE_SCRIPT = """
 import json, sys
 from jobs import synthesize as job
 from pipelines.synthesize import driver as S
 from pipelines.preprocess.stages import stage_keys
 from pipelines.preprocess.driver import StageRunner
-cfg = S.prepare(job.build_config(job.parse_args(["--preset", "trellis", "--source", "local:imgs", "--output", "out"])))
+cfg = S.prepare(job.build_config(job.parse_args(["--preset", PRESET, "--source", "local:imgs", "--output", "out"])))
 rows, _ = S.list_image_rows(cfg)
 runner = StageRunner("synthesize", cfg, dict(stage_keys(cfg.stages))["synthesize"])
 out = [runner(dict(r)) for r in rows]
 print(json.dumps({"res": cfg.resources["synthesize"].num_gpus, "s": {k: v for k, v in vars(cfg.synthesize).items()
-                  if k.endswith("sha256") or k in ("teacher", "slat_teacher", "dinov2")},
+                  if k.endswith("sha256") or k in ("family", "teacher", "slat_teacher", "ss_decoder", "dinov2",
+                                                   "dinov3")},
                   "rows": [{k: r[k] for k in ("file_identifier", "error", "sampler")} for r in out]}))
 """
 
 
-def run_stage_offline(tmp_path, write_hub, script: str) -> tuple[dict, Path]:
-    """One image through a preset's synthesis stage in a subprocess (`script`), offline, against a local hub cache
-    that `write_hub(cache)` fills with tiny checkpoints in the released formats; returns (its JSON, the cache)."""
+def run_stage_offline(tmp_path, write_hub, preset: str) -> tuple[dict, Path]:
+    """One image through a shipped preset's synthesis stage in a subprocess (STAGE_SCRIPT), offline, against a
+    local hub cache that `write_hub(cache)` fills with tiny checkpoints in the released formats; returns (its
+    JSON, the cache)."""
     cache = tmp_path / "hf"
     write_hub(cache)
     write_images(tmp_path / "imgs")
@@ -261,6 +263,7 @@ def run_stage_offline(tmp_path, write_hub, script: str) -> tuple[dict, Path]:
         (tmp_path / "imgs" / name).unlink()
     e = {**env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
          "HF_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    script = STAGE_SCRIPT.replace("PRESET", json.dumps(preset))
     r = subprocess.run([sys.executable, "-c", script], env=e, cwd=tmp_path, capture_output=True, text=True,
                        timeout=540)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -277,7 +280,7 @@ def test_trellis_preset_loads_teacher_by_hub_id(tmp_path):
     actors ask for GPUs)."""
     from test_generate import write_fake_hub
 
-    res, cache = run_stage_offline(tmp_path, write_fake_hub, TRELLIS_STAGE)
+    res, cache = run_stage_offline(tmp_path, write_fake_hub, "trellis")
     s = res["s"]
     snap = next((cache / "models--microsoft--TRELLIS-image-large" / "snapshots").iterdir())
     assert s["teacher"].endswith("ckpts/ss_flow_img_dit_L_16l8_fp16")

@@ -154,22 +154,6 @@ def test_trellis2_stage_rows_are_the_decoders_voxels_batched_or_not(tmp_path):
 # ------------------------------------------------------------------------------------------- the GPU preset
 
 
-TRELLIS2_STAGE = """
-import json
-from jobs import synthesize as job
-from pipelines.synthesize import driver as S
-from pipelines.preprocess.stages import stage_keys
-from pipelines.preprocess.driver import StageRunner
-cfg = S.prepare(job.build_config(job.parse_args(["--preset", "trellis2", "--source", "local:imgs", "--output", "out"])))
-rows, _ = S.list_image_rows(cfg)
-runner = StageRunner("synthesize", cfg, dict(stage_keys(cfg.stages))["synthesize"])
-out = [runner(dict(r)) for r in rows]
-print(json.dumps({"res": cfg.resources["synthesize"].num_gpus, "s": {k: v for k, v in vars(cfg.synthesize).items()
-                  if k.endswith("sha256") or k in ("family", "teacher", "ss_decoder", "dinov3", "slat_teacher")},
-                  "rows": [{k: r[k] for k in ("file_identifier", "error", "sampler")} for r in out]}))
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_trellis2_preset_loads_the_released_teacher_by_hub_id(tmp_path):
@@ -180,7 +164,7 @@ def test_trellis2_preset_loads_the_released_teacher_by_hub_id(tmp_path):
     from test_synthesize import run_stage_offline
     from test_trellis2_generate import write_fake_trellis2_hub
 
-    res, cache = run_stage_offline(tmp_path, write_fake_trellis2_hub, TRELLIS2_STAGE)
+    res, cache = run_stage_offline(tmp_path, write_fake_trellis2_hub, "trellis2")
     s = res["s"]
     snap = next((cache / "models--microsoft--TRELLIS.2-4B" / "snapshots").iterdir())
     assert s["family"] == "trellis2" and s["slat_teacher"] is None and s["slat_teacher_sha256"] is None
