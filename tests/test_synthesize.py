@@ -272,6 +272,17 @@ def run_stage_offline(tmp_path, write_hub, preset: str) -> tuple[dict, Path]:
     return res, cache
 
 
+def rows_one_by_one(stage, rows: list[dict]) -> list:
+    """The stage called on each row alone: its output row, or the exception it raised (compared with batching)."""
+    out = []
+    for r in rows:
+        try:
+            out.append(stage(dict(r)))
+        except Exception as e:  # noqa: BLE001 - the row's failure, compared by the caller
+            out.append(e)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_trellis_preset_loads_teacher_by_hub_id(tmp_path):
@@ -487,12 +498,7 @@ def test_batched_rows_equal_unbatched_rows_with_one_forward_per_step(tmp_path):
     calls = []
     flow = stage.pipe.models["ss_flow"]
     hook = flow.register_forward_hook(lambda m, i, o: calls.append(int(i[0].shape[0])))
-    single = []
-    for r in rows:
-        try:
-            single.append(stage(dict(r)))
-        except Exception as e:  # noqa: BLE001 - the row's failure, compared below
-            single.append(e)
+    single = rows_one_by_one(stage, rows)
     n_single = len(calls)
     calls.clear()
     batched = stage.call_batch([dict(r) for r in rows])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_synthesize import DISTILL, SYNTH, env, readme_data_free_commands, sha, write_images
+from test_synthesize import DISTILL, SYNTH, env, readme_data_free_commands, rows_one_by_one, sha, write_images
 
 RELEASED_SS = {"steps": 12, "guidance_strength": 7.5, "guidance_rescale": 0.7, "guidance_interval": [0.6, 1.0],
                "rescale_t": 5.0}   # /work/shared/docs/trellis2-reference.md, sampler table
@@ -124,12 +124,7 @@ def test_trellis2_stage_rows_are_the_decoders_voxels_batched_or_not(tmp_path):
                                                      "--output", str(tmp_path / "out")])))
     stage = S.Synthesize(cfg)
     rows, _ = S.list_image_rows(cfg)
-    single = []
-    for r in rows:
-        try:
-            single.append(stage(dict(r)))
-        except Exception as e:  # noqa: BLE001 - the row's failure, compared below
-            single.append(e)
+    single = rows_one_by_one(stage, rows)
     batched = stage.call_batch([dict(r) for r in rows])
     decoder = stage.pipe.models["ss_decoder"]
     live = 0
