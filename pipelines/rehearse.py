@@ -144,6 +144,15 @@ def write_models(models: Path, tiny: bool) -> dict:
 FORWARD_COST = "one full-size SS flow forward takes about 60 s on this CPU"
 
 
+# Ray gives an actor or train worker floor(num_cpus) >= 1 threads (OMP_NUM_THREADS) unless the variable is set.
+# The stages run one after another and one asset moves through a stage's actors one at a time, so each may use all
+# the cores: the DINOv2 ViT-L/14 features of one 518-px view took 7.0 s on 2 threads (idle machine, float32), i.e.
+# 150 views in 17.5 min, twice that on one thread.
+THREAD_ENV = {"OMP_NUM_THREADS": (str(len(os.sched_getaffinity(0))),
+                                  "the stages run one at a time: each may use every core (Ray would give a "
+                                  "fractional-CPU actor one thread)")}
+
+
 def cpu_overrides(kind: str) -> list[Override]:
     """What a CPU-only single machine forces, per job kind, with the reason."""
     no_gpu = "no GPU on this machine"
@@ -157,7 +166,11 @@ def cpu_overrides(kind: str) -> list[Override]:
                      Override("render.samples", 16, "time: Cycles on 2 CPU cores (128 spp: ~8x the path tracing); "
                                                      "at 16 spp a 512-px view took 20 s under load (load average "
                                                      "10); views and resolution unchanged"),
-                     Override("cond.samples", 16, "time: as render.samples")]
+                     Override("cond.samples", 16, "time: as render.samples"),
+                     Override("render.denoise", False, "time: the denoiser runs on one CPU thread in the forked "
+                                                       "Blender worker; measured on an idle machine, one 512-px "
+                                                       "view at 16 spp: 7.5 s with it, 2.3 s without (24 "
+                                                       "condition views at 1024 px: 4x that)")]
     if kind == "distill":
         return [Override("scaling.use_gpu", False, no_gpu),
                 Override("scaling.num_workers", 1, "one 2-core machine (FSDP is off in the preset)"),
@@ -422,6 +435,8 @@ def markdown(report: dict) -> str:
     for s in report["stages"]:
         for o in s.get("overrides", []):
             lines.append(f"- {s['name']}: `{o['key']}={json.dumps(o['value'])}`: {o['why']}")
+    for k, e in report.get("environment", {}).items():
+        lines.append(f"- every stage: environment `{k}={e['value']}`: {e['why']}")
     if report.get("gpu_plan"):
         lines += ["", "## Figures for a GPU plan", "", "```", json.dumps(report["gpu_plan"], indent=2), "```"]
     for s in report["stages"]:
@@ -501,8 +516,11 @@ def rehearse(out: Path, asset: Path, tiny: bool, stages: list[str] | None = None
     target = out / "asset" / asset.name
     if not target.exists():
         shutil.copy(asset, target)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    report = {"mode": "tiny" if tiny else "full size", "asset": str(asset), "stages": [],
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           **{k: v for k, (v, _) in THREAD_ENV.items()}}
+    for k, (v, why) in THREAD_ENV.items():
+        print(f"  environment {k}={v}  ({why})", flush=True)
+    report = {"environment": {k: {"value": v, "why": why} for k, (v, why) in THREAD_ENV.items()},"mode": "tiny" if tiny else "full size", "asset": str(asset), "stages": [],
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
     previous = []
     if stages is not None and (out / "report.json").exists():
@@ -570,6 +588,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     if a.plan:
+        for k, (v, why) in THREAD_ENV.items():
+            print(f"environment of every stage: {k}={v}  # {why}")
         for stage in plan(out, asset, a.tiny):
             if selected is not None and stage.name not in selected:
                 continue
