@@ -19,6 +19,7 @@ ALLOWED = {"resources.download", "resources.render", "resources.voxelize", "reso
            "scaling.cpus_per_worker", "scaling.backend", "data.batch_size", "data.batch_split", "data.shuffle_buffer",
            "train.max_steps", "train.ckpt_every", "train.precision", "snapshot.num_conditions",
            "snapshot.teacher_steps", "snapshot.student_steps", "snapshot.decoder", "condition.model", "mlflow.tracking_uri", "device",
+           "warmup",
            "models.pipeline", "models.dinov2", "compute", "ray", "data.split", "samplers", "sampling.reference", "latency",
            "metrics.inception", "metrics.dinov2"}
 
@@ -112,7 +113,7 @@ def test_tiny_rehearsal_end_to_end(tmp_path):
     asset = shared_path("assets", "glb", "kenney_tree.glb")
     rc = rehearse.main(["--tiny", "--asset", str(asset), "--output", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text())
-    assert rc == 0, report
+    assert rc == 0 and report["ok"] and report["rss_unit"] == "GiB", report
     names = [s["name"] for s in report["stages"]]
     assert names == ["models", "preprocess", "distill-ss", "distill-slat", "export", "generate", "evaluate"]
     for s in report["stages"]:
