@@ -19,9 +19,10 @@ Stages, each the user's command (`jobs/*.py --preset ...`) in its own process:
 6. evaluate --preset trellis on that asset: the whole chain, the 1-step samplers.
 
 Only what a single CPU-only machine forces is overridden (device, worker and actor counts, GPU resources, batch,
-steps, Cycles samples, which samplers run, no network for feature nets); each override is printed with its
-reason. Per stage: wall time, peak resident memory of its whole process tree, shapes at its output boundary ->
-`<output>/report.json` (`{"stages": [{"name", "ok", "wall_s", "peak_rss_gb", ...}], ...}`) and `report.md`.
+steps, Cycles samples and denoiser, generate's warm-up, which samplers run, no network for feature nets, the
+stages' thread count); each override is printed with its reason. Per stage: wall time, peak resident memory of
+its whole process tree (GiB), shapes at its output boundary -> `<output>/report.json` (`{"stages": [{"name",
+"ok", "wall_s", "peak_rss_gb", ...}], ...}`) and `report.md`.
 Exit 1 when a stage fails (the following stages are not run), 2 for bad arguments.
 """
 from __future__ import annotations
@@ -148,9 +149,9 @@ FORWARD_COST = "one full-size SS flow forward takes about 60 s on this CPU"
 # The stages run one after another and one asset moves through a stage's actors one at a time, so each may use all
 # the cores: the DINOv2 ViT-L/14 features of one 518-px view took 7.0 s on 2 threads (idle machine, float32), i.e.
 # 150 views in 17.5 min, twice that on one thread.
-THREAD_ENV = {"OMP_NUM_THREADS": (str(len(os.sched_getaffinity(0))),
-                                  "the stages run one at a time: each may use every core (Ray would give a "
-                                  "fractional-CPU actor one thread)")}
+THREAD_ENV = [Override("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))),
+                       "the stages run one at a time: each may use every core (Ray would give a fractional-CPU "
+                       "actor one thread)")]
 
 
 def cpu_overrides(kind: str) -> list[Override]:
@@ -520,10 +521,11 @@ def rehearse(out: Path, asset: Path, tiny: bool, stages: list[str] | None = None
     if not target.exists():
         shutil.copy(asset, target)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           **{k: v for k, (v, _) in THREAD_ENV.items()}}
-    for k, (v, why) in THREAD_ENV.items():
-        print(f"  environment {k}={v}  ({why})", flush=True)
-    report = {"environment": {k: {"value": v, "why": why} for k, (v, why) in THREAD_ENV.items()},"mode": "tiny" if tiny else "full size", "asset": str(asset), "stages": [],
+           **{o.key: o.value for o in THREAD_ENV}}
+    for o in THREAD_ENV:
+        print(f"  environment {o.key}={o.value}  ({o.why})", flush=True)
+    report = {"mode": "tiny" if tiny else "full size", "asset": str(asset), "stages": [],
+              "environment": {o.key: {"value": o.value, "why": o.why} for o in THREAD_ENV},
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
     previous = []
     if stages is not None and (out / "report.json").exists():
@@ -591,8 +593,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     if a.plan:
-        for k, (v, why) in THREAD_ENV.items():
-            print(f"environment of every stage: {k}={v}  # {why}")
+        for o in THREAD_ENV:
+            print(f"environment of every stage: {o.key}={o.value}  # {o.why}")
         for stage in plan(out, asset, a.tiny):
             if selected is not None and stage.name not in selected:
                 continue

@@ -14,7 +14,8 @@ from pipelines import rehearse
 # keys the full-size rehearsal may override: devices, workers, resources, batch, steps, samples, samplers,
 # feature-net and model locations (never a model size, view count, image or latent resolution)
 ALLOWED = {"resources.download", "resources.render", "resources.voxelize", "resources.features", "resources.encode",
-           "resources.write", "ray.num_cpus", "render.samples", "cond.samples", "render.denoise", "features.checkpoint",
+           "resources.write", "ray.num_cpus", "render.samples", "cond.samples", "render.denoise",
+           "features.checkpoint",
            "encode.ss_encoder", "encode.slat_encoder", "scaling.use_gpu", "scaling.num_workers",
            "scaling.cpus_per_worker", "scaling.backend", "data.batch_size", "data.batch_split", "data.shuffle_buffer",
            "train.max_steps", "train.ckpt_every", "train.precision", "snapshot.num_conditions",
