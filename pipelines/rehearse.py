@@ -19,8 +19,9 @@ Stages, each the user's command (`jobs/*.py --preset ...`) in its own process:
 6. evaluate --preset trellis on that asset: the whole chain, the 1-step samplers.
 
 Only what a single CPU-only machine forces is overridden (device, worker and actor counts, GPU resources, batch,
-steps, Cycles samples and denoiser, generate's warm-up, which samplers run, no network for feature nets, the
-stages' thread count); each override is printed with its reason. Per stage: wall time, peak resident memory of
+steps, Cycles samples and denoiser, bf16 where a preset's fp16 is for GPUs, generate's warm-up, which samplers
+run, the measurements that only repeat work at one step (fixed-batch loss, snapshots, latency rows), no network
+for feature nets, the stages' thread count); each override is printed with its reason. Per stage: wall time, peak resident memory of
 its whole process tree (GiB), shapes at its output boundary -> `<output>/report.json` (`{"stages": [{"name",
 "ok", "wall_s", "peak_rss_gb", ...}], ...}`) and `report.md`.
 Exit 1 when a stage fails (the following stages are not run), 2 for bad arguments.
@@ -143,6 +144,9 @@ def write_models(models: Path, tiny: bool) -> dict:
 # measured with the cached random-weight checkpoint, batch 1, 4096 tokens + 1374 condition tokens, one thread, on the
 # 2-core machine under load (load average 10): 61 s under bf16 autocast, 76 s in float32
 FORWARD_COST = "one full-size SS flow forward takes about 60 s on this CPU"
+# `python -m mdt.bench.cpu_gemm` on the 2-core machine (AMD EPYC with AVX512-BF16, no AVX512-FP16), 4096x1024x4096:
+# float32 168, bfloat16 351, float16 42 GFLOPS
+HALF_CPU = "this CPU has no fast fp16 (GEMM: fp16 42, fp32 168, bf16 351 GFLOPS, python -m mdt.bench.cpu_gemm)"
 
 
 # Ray gives an actor or train worker floor(num_cpus) >= 1 threads (OMP_NUM_THREADS) unless the variable is set.
@@ -168,6 +172,9 @@ def cpu_overrides(kind: str) -> list[Override]:
                                                      "at 16 spp a 512-px view took 20 s under load (load average "
                                                      "10); views and resolution unchanged"),
                      Override("cond.samples", 16, "time: as render.samples"),
+                     Override("features.dtype", "bfloat16",
+                              f"hardware: the preset's float16 is for GPUs; {HALF_CPU} (the features actor "
+                              "runs float16 as float32 on a CPU); bf16 is this CPU's half precision"),
                      Override("render.denoise", False, "time: the denoiser runs on one CPU thread in the forked "
                                                        "Blender worker; measured on an idle machine, one 512-px "
                                                        "view at 16 spp: 7.5 s with it, 2.3 s without (24 "
@@ -186,24 +193,34 @@ def cpu_overrides(kind: str) -> list[Override]:
                 Override("train.ckpt_every", 1, "follows max_steps 1"),
                 Override("train.precision", "bf16", "bf16 autocast as on GPU (the CPU supports it; 'auto' "
                                                     "means fp32 on CPU)"),
-                Override("snapshot.num_conditions", 1, "time: one asset"),
-                Override("snapshot.teacher_steps", 1, f"time: {FORWARD_COST} (25 steps with CFG: 50 forwards)"),
-                Override("snapshot.student_steps", [1], "time: the 1-step student")]
+                Override("train.fixed_batch_loss", False,
+                         "time: a progress curve compared between logs, and one step has one log; it repeats the "
+                         f"step's objective without grad in float32 (both teacher CFG calls, three student calls: "
+                         f"about 9 full-size forwards; {FORWARD_COST})"),
+                Override("snapshot.num_conditions", 0,
+                         "time: a snapshot samples the teacher and the student at full size, at step 0 and at the "
+                         "end (about 5 + 2.5 min for the SS stage, 2 + 1 min for SLat, measured in a full-size "
+                         "run); the generate and evaluate stages sample both students")]
     if kind == "generate":
         return [Override("device", "cpu", no_gpu),
+                Override("precision", "bf16", f"hardware: the preset's fp16 torso is for GPUs; {HALF_CPU}"),
                 Override("warmup", False, "time: the untimed warm-up is one more whole chain (full-size mesh decoder "
                                           "included); CPU latencies are not the GPU plan's")]
     if kind == "evaluate":
         return [Override("compute", {"num_actors": 1, "num_gpus": 0, "num_cpus": 1, "batch_size": 1,
-                                     "max_voxels_per_chunk": 100000, "torch_threads": 2},
-                         f"{no_gpu}; one actor on one of the 2 CPUs (the other reads the shards), 2 threads"),
+                                     "max_voxels_per_chunk": 100000, "torch_threads": 2, "precision": "bf16"},
+                         f"{no_gpu}; one actor on one of the 2 CPUs (the other reads the shards), 2 threads; "
+                         f"bf16 torso: the preset's fp16 is for GPUs, {HALF_CPU}"),
                 Override("ray", {"num_cpus": 2}, "local Ray instance on the 2-core machine"),
                 Override("data.split", "all", "one asset: the hash split could leave the holdout empty"),
                 Override("samplers", [{"model": "teacher", "steps": 1}, {"model": "student", "steps": 1}],
                          f"time: the 1-step samplers only; {FORWARD_COST} (TRELLIS's 25 + 25 steps with CFG in "
                          "[0.5, 1]: about 37 SS and 37 SLat forwards per chain)"),
                 Override("sampling.reference", "teacher 1-step", "follows samplers (the 25-step teacher is not run)"),
-                Override("latency", {"repeats": 1, "warmup": 0}, "time: each timed call is one more full chain"),
+                Override("latency", {"enabled": False},
+                         "time: each latency row is one more whole chain per sampler (the SLat flow on the decoded "
+                         "voxels: minutes per call on this CPU); generate's timings measure the students' 1+1 "
+                         "chain at full size"),
                 Override("metrics.inception", "outputs/no-inception-weights.pt",
                          "no network: the feature nets fall back to named random networks"),
                 Override("metrics.dinov2", "outputs/no-dinov2-weights", "no network: as metrics.inception")]
@@ -219,8 +236,7 @@ def tiny_overrides(kind: str) -> list[Override]:
                 Override("cond.render_resolution", 64, why), Override("cond.samples", 2, why),
                 Override("cond.image_size", 56, why), Override("features.image_size", 56, why)]
     if kind == "distill":
-        return [Override("condition.image_size", 56, why), Override("snapshot.teacher_steps", 2, why),
-                Override("snapshot.image_size", 32, why)]
+        return [Override("condition.image_size", 56, why)]
     if kind == "generate":
         return [Override("image_size", 56, why), Override("decode.formats", ["gaussians"], why),
                 Override("preview", {"png": False, "html": False}, why)]

@@ -197,3 +197,57 @@ def test_regressions_are_checked_within_each_student_sampling_rule():
                        "student 4-step re-noised": "worse than 2-step: IoU cond 0.72 -> 0.5"}
     assert [n.split(":")[0] for n in notes] == ["student 2-step", "student 4-step", "student 4-step re-noised"]
     assert "Euler" in notes[0] and "re-noised rule trades" in notes[2]
+
+
+def test_latency_task_runs_each_stage_repeats_plus_warmup_times(monkeypatch):
+    """The latency task feeds each stage the output of the previous stage's last timed call: with repeats r and
+    warm-up w every stage runs exactly r + w times (at full size one more SLat call is minutes on a CPU)."""
+    from collections import Counter
+
+    from pipelines.evaluate import driver
+
+    calls = Counter()
+
+    class CountingChain:
+        slat_nets = {"teacher": object()}
+        device = torch.device("cpu")
+
+        def __init__(self, cfg, device):
+            pass
+
+        def latent_shape(self):
+            return (2, 4, 4, 4)
+
+        def condition(self, image):
+            calls["condition"] += 1
+            return torch.zeros(1, 3, 5)
+
+        def sample(self, spec, noise, cond):
+            calls["ss_sample"] += 1
+            return noise
+
+        def decode(self, x):
+            calls["ss_decode"] += 1
+            return torch.ones(1, 4, 4, 4, dtype=torch.bool)
+
+        def sample_slat(self, spec, coords, cond, seeds):
+            calls["slat_sample"] += 1
+            assert coords[0].shape == (64, 3)     # the decoded occupancy of the timed call
+            return "z"
+
+        def decode_gaussians(self, z):
+            assert z == "z"
+            calls["slat_decode"] += 1
+            return []
+
+    monkeypatch.setattr(driver, "SamplingChain", CountingChain)
+    cfg = driver.EvaluateConfig()
+    cfg.samplers = cfg.samplers[:2]
+    for repeats, warmup in ((1, 0), (3, 2)):
+        calls.clear()
+        cfg.latency = driver.EvalLatencyConfig(repeats=repeats, warmup=warmup)
+        lat = driver.measure_latency(cfg, np.zeros((8, 8, 3), np.float32))
+        assert set(lat) == {s.label for s in cfg.samplers}
+        assert dict(calls) == {k: len(cfg.samplers) * (repeats + warmup) for k in
+                               ("condition", "ss_sample", "ss_decode", "slat_sample", "slat_decode")}
+        assert all(v["repeats"] == repeats for st in lat.values() for v in st.values())

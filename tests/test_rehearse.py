@@ -14,7 +14,8 @@ from pipelines import rehearse
 # keys the full-size rehearsal may override: devices, workers, resources, batch, steps, samples, samplers,
 # feature-net and model locations (never a model size, view count, image or latent resolution)
 ALLOWED = {"resources.download", "resources.render", "resources.voxelize", "resources.features", "resources.encode",
-           "resources.write", "ray.num_cpus", "render.samples", "cond.samples", "render.denoise",
+           "resources.write", "ray.num_cpus", "render.samples", "cond.samples", "render.denoise", "features.dtype",
+           "train.fixed_batch_loss", "precision",
            "features.checkpoint",
            "encode.ss_encoder", "encode.slat_encoder", "scaling.use_gpu", "scaling.num_workers",
            "scaling.cpus_per_worker", "scaling.backend", "data.batch_size", "data.batch_split", "data.shuffle_buffer",
@@ -66,7 +67,9 @@ def test_full_size_plan_keeps_the_shipped_sizes(tmp_path):
     ev = cfg["evaluate"]
     assert ev.compute.num_gpus == 0 and ev.metrics.render_size == 256 and ev.condition.image_size == 518
     assert [s.label for s in ev.samplers] == ["teacher 1-step", "student 1-step"]
-    assert ev.sampling.reference == "teacher 1-step" and ev.latency.warmup == 0
+    assert ev.sampling.reference == "teacher 1-step" and not ev.latency.enabled
+    # half precision where the presets' fp16 is for GPUs: bf16, the CPU's fast half type
+    assert pre.features.dtype == "bfloat16" and ev.compute.precision == "bf16"
 
 
 def test_tiny_plan_only_adds_labelled_test_sizes(tmp_path):

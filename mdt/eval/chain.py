@@ -27,8 +27,9 @@ class SamplingChain:
     the full chain, SLat teacher/student, the Gaussian decoder and the SLat statistics."""
 
     def __init__(self, cfg, device: torch.device):
-        def load(path):
-            return from_pretrained(path, device=device).eval().requires_grad_(False)
+        def load(path):   # compute.precision: the torso dtype of the flows and the Gaussian decoder
+            net = from_pretrained(path, device=device).set_precision(cfg.compute.precision, device)
+            return net.eval().requires_grad_(False)
 
         self.cfg, self.device = cfg, device
         self.conditioner = build_conditioner(cfg.condition, device)

@@ -63,19 +63,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _set_precision(model: TrellisModule, precision: str, device: torch.device) -> TrellisModule:
-    if precision == "fp32" or device.type != "cuda":
-        return model.float()
-    if precision == "bf16":
-        model.float()
-        for _, module in model.torso_primitives():
-            module.to(torch.bfloat16)
-    elif precision == "fp16":
-        model.float()
-        model.convert_to_fp16()
-    return model  # auto: the published mixed layout from_pretrained keeps on CUDA
-
-
 class ImageTo3D:
     """The loaded chain. Flow models of either stage may be a teacher or a student (any TRELLIS-format
     checkpoint of the right class)."""
@@ -101,7 +88,7 @@ class ImageTo3D:
             else:
                 model = from_pretrained(sources[slot].path, device=device)
             if isinstance(model, TrellisModule):
-                model = _set_precision(model, cfg.precision, device)
+                model = model.set_precision(cfg.precision, device)
             models[slot] = model.eval()
         dino_dtype = torch.float16 if device.type == "cuda" and cfg.precision != "fp32" else torch.float32
         conditioner = ImageConditioner(sources["dinov2"].path, image_size=cfg.image_size, device=device,
@@ -123,8 +110,8 @@ class ImageTo3D:
                 continue
             if not isinstance(new, nn.Module):
                 sources[slot] = ModelSource(str(new), "config")
-                new = _set_precision(from_pretrained(str(new), device=self.device), self.cfg.precision,
-                                     self.device).eval()
+                new = from_pretrained(str(new), device=self.device).set_precision(self.cfg.precision,
+                                                                                 self.device).eval()
             models[slot] = new
         check_compatible(models, self.conditioner, self.slat_mean)
         return ImageTo3D(models, self.conditioner, self.cfg, self.slat_mean, self.slat_std, sources)

@@ -71,7 +71,7 @@ class GenerateConfig:
     num_samples: int = 1
     seed: int = 42
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"               # auto (fp16 torso on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    precision: str = "auto"               # auto (fp16 torso on CUDA, fp32 on CPU) | fp32 | fp16 | bf16 (any device)
     warmup: bool = True                   # one untimed pass first, so timings.json holds warm figures
     torch_threads: int | None = None      # intra-op CPU threads for generate() (None: torch's default)
     decode: DecodeConfig = field(default_factory=DecodeConfig)

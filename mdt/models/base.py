@@ -12,6 +12,7 @@ from mdt.sparse.conv import _ConvParams
 # Layer types TRELLIS converts to half inside a torso (norms, RMS gammas and buffers always stay fp32).
 FP16_PRIMITIVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                    nn.ConvTranspose3d, _ConvParams)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 class TrellisModule(nn.Module):
@@ -60,6 +61,23 @@ class TrellisModule(nn.Module):
     def convert_to_fp32(self) -> None:
         for _, module in self.torso_primitives():
             module.float()
+
+    def set_precision(self, precision: str, device: torch.device) -> "TrellisModule":
+        """The torso's compute dtype for inference: "auto" keeps what `from_pretrained` loaded on CUDA (the
+        published fp16 torso) and is float32 elsewhere; "fp32"; "fp16" / "bf16" (torso primitives only, on any
+        device). Half precision is honoured on a CPU too: with AVX512-BF16 a bf16 GEMM runs about 2x a float32
+        one there, while fp16 has no fast CPU path (4096x1024x4096 on 2 threads: fp32 168, bf16 351, fp16 42
+        GFLOPS, `python -m mdt.bench.cpu_gemm`)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "auto":
+            return self if device.type == "cuda" else self.float()
+        self.float()
+        if precision != "fp32":
+            half = torch.bfloat16 if precision == "bf16" else torch.float16
+            for _, module in self.torso_primitives():
+                module.to(half)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:

@@ -139,6 +139,9 @@ class EMAConfig:
 class TrainConfig:
     max_steps: int = 1000
     log_every: int = 10                 # MLflow metrics interval (steps)
+    # at each log (not under FSDP): the objective on this (re)start's first batch with fixed draws, without grad,
+    # a low-noise progress curve; it costs one more objective evaluation (every teacher call) per log
+    fixed_batch_loss: bool = True
     ckpt_every: int = 100               # checkpoint interval (steps); also at the end
     keep_checkpoints: int | None = 3
     seed: int = 0

@@ -314,7 +314,7 @@ class WorkerLoop:
             self.window.reset()
             return
         m = self.window.metrics(self.world)
-        if not cfg.train.fsdp:
+        if cfg.train.fixed_batch_loss and not cfg.train.fsdp:
             m["loss_fixed_batch"] = fixed_batch_loss(tr, self.fixed, cfg.train.seed)
         if ddp:
             m["ddp_param_mismatch"] = mismatch

@@ -62,6 +62,7 @@ from mdt.eval.assets import asset_cloud, asset_points, render_asset_views
 from mdt.eval.shapes import chamfer_fscore, paired_iou, surface_points
 from mdt.eval.snapshots import occupancy_grid
 from mdt.eval.latency import warm_latency
+from mdt.models.base import PRECISIONS
 from mdt.eval import report
 from mdt.eval.snapshots import image_grid, render_voxels
 from mdt.export.html import write_orbit_viewer
@@ -187,6 +188,7 @@ class EvalMetricsConfig:
 
 @dataclass
 class EvalLatencyConfig:
+    enabled: bool = True                # false: no latency task (no latency / speed-up columns)
     repeats: int = 5
     warmup: int = 2
 
@@ -199,6 +201,7 @@ class EvalComputeConfig:
     batch_size: int = 4                 # assets per actor call
     max_voxels_per_chunk: int = 100_000  # SLat voxels decoded to Gaussians together (whole samples, >= 1)
     torch_threads: int | None = None    # None: num_cpus rounded up
+    precision: str = "auto"             # flows and SLat decoder: auto (fp16 torso on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
 
 
 @dataclass
@@ -265,6 +268,9 @@ class EvaluateConfig:
             raise ValueError("models.ss_decoder (--decoder) is required: the metrics are on decoded occupancy")
         if self.sampling.reference not in labels:
             raise ValueError(f"sampling.reference {self.sampling.reference!r} is not one of the samplers {labels}")
+        if self.compute.precision not in PRECISIONS:
+            raise ValueError(f"compute.precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.compute.precision!r}")
         if self.sampling.seeds < 1 or self.latency.repeats < 1 or self.metrics.views < 1:
             raise ValueError("sampling.seeds, latency.repeats and metrics.views must be >= 1")
         return self
@@ -451,27 +457,26 @@ def measure_latency(cfg: EvaluateConfig, cond_image: np.ndarray) -> dict[str, di
     image = torch.from_numpy(np.array(cond_image, np.float32))[None]
     noise = torch.randn((1, *models.latent_shape()), generator=torch.Generator().manual_seed(cfg.sampling.seed),
                         device="cpu").to(models.device)
+    rep, warm = cfg.latency.repeats, cfg.latency.warmup
+
+    def timed(fn):
+        """(warm latency of fn, the output of its last timed call): the next stage runs on that output instead
+        of one more untimed call (at full size each SLat call is minutes on a CPU)."""
+        box = {}
+        stats = warm_latency(lambda: box.__setitem__("out", fn()), rep, warm)
+        return stats, box["out"]
+
     out = {}
     for spec in cfg.samplers:
-        lat = {"condition": warm_latency(lambda: models.condition(image), cfg.latency.repeats, cfg.latency.warmup)}
-        cond = models.condition(image)
-        lat["ss_sample"] = warm_latency(lambda: models.sample(spec, noise, cond), cfg.latency.repeats,
-                                        cfg.latency.warmup)
-        x = models.sample(spec, noise, cond)
-        decoded = {}
-
-        def decode():
-            decoded["occ"] = models.decode(x)
-
-        lat["ss_decode"] = warm_latency(decode, cfg.latency.repeats, cfg.latency.warmup)
+        lat = {}
+        lat["condition"], cond = timed(lambda: models.condition(image))
+        lat["ss_sample"], x = timed(lambda: models.sample(spec, noise, cond))
+        lat["ss_decode"], occ = timed(lambda: models.decode(x))
         if models.slat_nets:
-            coords = [decoded["occ"][0].nonzero().int()]
+            coords = [occ[0].nonzero().int()]
             if coords[0].shape[0]:
-                lat["slat_sample"] = warm_latency(lambda: models.sample_slat(spec, coords, cond, [cfg.sampling.seed]),
-                                                  cfg.latency.repeats, cfg.latency.warmup)
-                z = models.sample_slat(spec, coords, cond, [cfg.sampling.seed])
-                lat["slat_decode"] = warm_latency(lambda: models.decode_gaussians(z), cfg.latency.repeats,
-                                                  cfg.latency.warmup)
+                lat["slat_sample"], z = timed(lambda: models.sample_slat(spec, coords, cond, [cfg.sampling.seed]))
+                lat["slat_decode"], _ = timed(lambda: models.decode_gaussians(z))
             else:   # nothing to run the SLat stage on: the chain ends after the SS decoder
                 lat["slat_sample"] = lat["slat_decode"] = {"median_s": 0.0, "note": "empty occupancy"}
         out[spec.label] = lat
@@ -624,9 +629,11 @@ def run(cfg: EvaluateConfig) -> EvalResult:
         first = next(shards.iter_rows(data.uri, columns=["sha256", "cond_images"]))
         image = shards.decode_cond_image(first["cond_images"][data.cond_view % len(first["cond_images"])],
                                          cfg.condition.image_size)
-        latency_task = ray.remote(measure_latency).options(num_cpus=cfg.compute.num_cpus,
-                                                          num_gpus=cfg.compute.num_gpus or None)
-        latency = ray.get(latency_task.remote(cfg, image))
+        latency = {}
+        if cfg.latency.enabled:
+            latency_task = ray.remote(measure_latency).options(num_cpus=cfg.compute.num_cpus,
+                                                              num_gpus=cfg.compute.num_gpus or None)
+            latency = ray.get(latency_task.remote(cfg, image))
     finally:
         if started:
             ray.shutdown()
@@ -644,9 +651,10 @@ def run(cfg: EvaluateConfig) -> EvalResult:
                    f"at {cfg.metrics.render_size} px, drawn by mdt.eval.snapshots.render_voxels",
         "geometry": f"voxel IoU, Chamfer distance and F-score (threshold {cfg.metrics.fscore_voxels} voxel) of "
                     f"boundary-voxel centres in [-1, 1]^3, against the conditioning asset's voxels",
-        "latency": f"warm median of {cfg.latency.repeats} calls after {cfg.latency.warmup} warm-up calls, batch 1, "
-                   f"per stage ({', '.join(STAGES[:5 if cfg.models.full_chain else 3])}), device "
-                   f"{_device(cfg).type}",
+        "latency": (f"warm median of {cfg.latency.repeats} calls after {cfg.latency.warmup} warm-up calls, batch 1, "
+                    f"per stage ({', '.join(STAGES[:5 if cfg.models.full_chain else 3])}), device "
+                    f"{_device(cfg).type}, precision {cfg.compute.precision}") if cfg.latency.enabled
+                   else "not measured (latency.enabled false)",
         "rows": table_rows, "notes": notes, "models": dataclasses.asdict(cfg.models),
         "distill_run_id": cfg.mlflow.distill_run_id, "wall_s": round(time.time() - t0, 1),
     }

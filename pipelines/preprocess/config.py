@@ -141,7 +141,11 @@ class FeaturesConfig:
     image_size: int = 518
     batch_size: int = 16
     device: str = "auto"  # auto | cpu | cuda[:i]
-    dtype: str = "float32"  # DINOv2 compute dtype on GPU (float16 / bfloat16 are faster)
+    dtype: str = "float32"  # DINOv2 compute dtype: float32 | float16 (float32 on a CPU) | bfloat16
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"features.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass

@@ -98,7 +98,9 @@ class Features:
         self.cfg = cfg.features
         self.resolution = cfg.voxelize.resolution
         self.device = resolve_device(self.cfg.device)
-        dtype = getattr(torch, self.cfg.dtype) if self.device.type != "cpu" else torch.float32
+        dtype = getattr(torch, self.cfg.dtype)
+        if self.device.type == "cpu" and dtype == torch.float16:
+            dtype = torch.float32   # no fast fp16 path on CPUs (4x slower than float32: mdt.bench.cpu_gemm)
         self.model = model if model is not None else load_dinov2(self.cfg.checkpoint or DINOV2_HUB_ID,
                                                                  device=self.device, dtype=dtype)
 
