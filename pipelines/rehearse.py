@@ -168,17 +168,17 @@ def cpu_overrides(kind: str) -> list[Override]:
         ov = [Override(f"resources.{s}", {"concurrency": 1, "num_cpus": c, "num_gpus": 0},
                        f"{no_gpu}; {two}, CPUs adding up to 2") for s, c in cpus.items()]
         return ov + [Override("ray.num_cpus", 2, "local Ray instance on the 2-core machine"),
-                     Override("render.samples", 16, "time: Cycles on 2 CPU cores (128 spp: ~8x the path tracing); "
-                                                     "at 16 spp a 512-px view took 20 s under load (load average "
-                                                     "10); views and resolution unchanged"),
+                     Override("render.samples", 16, "time: Cycles on 2 CPU cores, one 512-px view 7.0 s at 128 "
+                                                     "spp, 1.0 s at 16 (idle, without the denoiser): 150 views + 24 "
+                                                     "at 1024 px in about 4 min instead of 29; views and resolution "
+                                                     "unchanged"),
                      Override("cond.samples", 16, "time: as render.samples"),
                      Override("features.dtype", "bfloat16",
                               f"hardware: the preset's float16 is for GPUs; {HALF_CPU} (the features actor "
                               "runs float16 as float32 on a CPU); bf16 is this CPU's half precision"),
-                     Override("render.denoise", False, "time: the denoiser runs on one CPU thread in the forked "
-                                                       "Blender worker; measured on an idle machine, one 512-px "
-                                                       "view at 16 spp: 7.5 s with it, 2.3 s without (24 "
-                                                       "condition views at 1024 px: 4x that)")]
+                     Override("render.denoise", False, "time: the denoiser adds 2.5 s to each 512-px view at 16 "
+                                                       "spp (3.5 vs 1.0 s, idle, 2 cores), about 10 min for the "
+                                                       "asset's 150 + 24 views")]
     if kind == "distill":
         return [Override("scaling.use_gpu", False, no_gpu),
                 Override("scaling.num_workers", 1, "one 2-core machine (FSDP is off in the preset)"),

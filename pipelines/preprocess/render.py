@@ -6,8 +6,9 @@ can kill: a per-asset timeout (the child's whole process group is SIGKILLed), an
 the child with `resource.setrlimit`, the mandatory sandbox (`blender_worker.confine`; `render: no sandbox: <why>`
 where it cannot be set up, unless `render.allow_unsandboxed`), an environment without credentials, a factory-reset scene,
 and Python auto-execution in .blend files switched off. With `render.warm_workers` (default) the child is
-forked from a warm worker that imported bpy once (`WarmWorker`, one per concurrent render), so Blender's
-start-up is paid once per actor instead of once per asset; the warm worker itself never opens an asset.
+forked from a warm worker, a started interpreter (`WarmWorker`, one per concurrent render), instead of a new
+Python process per asset; the child imports bpy inside its sandbox (a fork after that import would leave Cycles
+one thread), and the warm worker itself never opens an asset.
 A worker that fails, crashes, hangs or runs out of memory gives a failed row (`"render: <reason>"`), never an
 exception that kills the job.
 
@@ -196,7 +197,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 class WarmWorker:
-    """A warm Blender worker (``blender_worker.py --serve``): bpy imported once, one forked child per asset.
+    """A warm Blender worker (``blender_worker.py --serve``): a started interpreter, one forked child per asset.
 
     ``run(job_path, timeout_s)`` returns the child's exit code (negative: killed by that signal), or None when
     the child ran past the timeout (its process group is then SIGKILLed; the warm worker itself lives on).
@@ -204,7 +205,7 @@ class WarmWorker:
     answer a job within ``REPLY_TIMEOUT_S`` or has exited raises ``WarmWorkerError`` after being killed; the
     caller renders with a fresh process instead and starts a new warm worker for the next asset."""
 
-    STARTUP_TIMEOUT_S = 180.0  # importing bpy takes 2-10 s
+    STARTUP_TIMEOUT_S = 180.0  # an interpreter start on a loaded machine (the child imports bpy, not it)
     REPLY_TIMEOUT_S = 60.0     # a fork and a line on a pipe
 
     def __init__(self, env: dict | None = None):
