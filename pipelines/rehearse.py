@@ -475,7 +475,8 @@ def gpu_plan(report: dict) -> dict:
         if s["name"] == "preprocess" and s["ok"]:
             b = s["boundary"]
             plan["asset"] = {k: b[k] for k in ("voxels", "slat_transformer_tokens", "ss_transformer_tokens")}
-            plan["activation_memory_per_sample_float32"] = activations.full_size(activations.MEASURED, b["voxels"])
+            plan["activation_memory_per_sample_float32"] = activations.full_size(
+                activations.MEASURED, b["voxels"], b["slat_transformer_tokens"])      # the asset's own tokens
     return plan
 
 

@@ -72,9 +72,11 @@ def test_generate_chain_honours_bf16_on_cpu(tmp_path):
     pipe32, pipe16 = ImageTo3D.from_config(fp32), ImageTo3D.from_config(bf16)
     for slot in ("ss_flow", "slat_flow", "slat_decoder_gs"):
         assert pipe32.models[slot].dtype == torch.float32 and pipe16.models[slot].dtype == torch.bfloat16, slot
-    gen = pipe16.run(load_image(example), num_samples=1, seed=3, formats=["gaussians"])
+    gen = pipe16.run(load_image(example), num_samples=1, seed=3, formats=["gaussians", "mesh"])
     g = gen.samples[0].gaussians
     assert g.xyz.dtype == torch.float32 and g.xyz.shape[0] > 0 and torch.isfinite(g.xyz).all()
+    mesh = gen.samples[0].mesh
+    assert mesh is not None and len(mesh.faces) > 0 and torch.isfinite(torch.as_tensor(mesh.vertices)).all()
 
 
 def test_features_dtype_on_cpu(tmp_path):

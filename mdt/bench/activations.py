@@ -156,11 +156,12 @@ def predict(point: dict, coef: dict, blocks: int = 2, checkpoint: bool = False) 
     return total
 
 
-def full_size(coef: dict, voxels: int = 21_000) -> dict:
+def full_size(coef: dict, voxels: int = 21_000, tokens: int | None = None) -> dict:
     """Per-sample activation GiB of the released flows (24 blocks, width 1024, 1374 condition tokens), float32,
-    with and without gradient checkpointing; SLat at `voxels` voxels (a typical TRELLIS structure, ~8% of 64³)."""
+    with and without gradient checkpointing; SLat at `voxels` voxels (a typical TRELLIS structure, ~8% of 64³)
+    and `tokens` transformer tokens (None: those of a spherical shell of that many voxels, `slat_tokens`)."""
     ss = {"width": 1024, "tokens": 16 ** 3, "cond_tokens": COND_TOKENS_FULL}
-    slat = {"width": 1024, "tokens": slat_tokens(voxels), "cond_tokens": COND_TOKENS_FULL, "voxels": voxels,
+    slat = {"width": 1024, "tokens": tokens or slat_tokens(voxels), "cond_tokens": COND_TOKENS_FULL, "voxels": voxels,
             "io_width": 128}
     gib = 2 ** 30
     return {"ss_flow": {"tokens": ss["tokens"], "gib": predict(ss, coef, 24) / gib,

@@ -926,8 +926,9 @@ def main(job_path: str) -> int:
                 scene.render.filepath = os.path.join(pass_dir, f"{i:03d}.png")
                 bpy.ops.render.render(write_still=True)
             timings[f"render_{p['name']}"] = time.time() - t
-        # CPU seconds of all this process's threads per wall second of rendering: about the cores Cycles used
-        timings["render_cores_used"] = (_cpu_seconds() - cpu0) / max(time.time() - wall0, 1e-9)
+        # CPU seconds of all this process's threads per wall second of rendering (1.0 at most when Cycles has
+        # one thread and no idle oneTBB workers; its workers spin while they wait, so it is not a speed-up)
+        timings["render_busy_cores"] = (_cpu_seconds() - cpu0) / max(time.time() - wall0, 1e-9)
         timings["total"] = time.time() - t0
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump({"scale": scale, "offset": offset, "device": device, "timings": timings, "warnings": warnings,
