@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mdt.config import load_config
 from mdt.generate import GenerateConfig, ImageTo3D, StageSampler, load_image
+from mdt.models.base import PRECISIONS
 from mdt.models.zoo import save_tiny_dinov2, write_trellis_repo
 
 STAGES = ("condition", "ss_flow", "ss_decode", "slat_flow", "decode_gaussians", "decode_mesh")
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--repo", default="outputs/bench-generate/trellis-random", help="model repository (written once)")
     p.add_argument("--full-size", action="store_true", help="the released model sizes (default: tiny)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS))
     p.add_argument("--steps", type=int, nargs="+", default=[1, 25])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-samples", type=int, default=1)

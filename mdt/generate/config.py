@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from mdt.config import ConfigError
 from mdt.flow import count_nfe
+from mdt.models.base import PRECISIONS
 
 FORMATS = ("gaussians", "mesh")
 
@@ -91,8 +92,8 @@ class GenerateConfig:
         bad = [f for f in self.decode.formats if f not in FORMATS]
         if bad:
             raise ConfigError(f"decode.formats: unknown {bad}; known: {list(FORMATS)}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.decode.max_voxels_per_chunk < 1:
             raise ConfigError("decode.max_voxels_per_chunk must be >= 1")
         if self.slat_normalization is not None and set(self.slat_normalization) != {"mean", "std"}:

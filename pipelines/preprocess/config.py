@@ -93,8 +93,8 @@ class RenderConfig:
     bottom_light_up: bool = False
     seed: int = 0  # mixed into the per-asset camera offsets
     export_mesh: bool = True  # normalised mesh for the voxelizer
-    # Keep `import bpy` out of the per-asset cost: a warm worker per concurrent render forks one child per
-    # asset (same timeout, memory cap, wall and fresh scene). False: a new Python process per asset.
+    # A warm worker (a started interpreter) per concurrent render forks one child per asset (same timeout,
+    # memory cap, wall and fresh scene; the child imports bpy). False: a new Python process per asset.
     warm_workers: bool = True
     # The worker's sandbox (pipelines/README.md, "The render sandbox") is required: an asset fails with
     # "no sandbox: <why>" where it cannot be set up. True renders without it (logged, recorded per row).
